@@ -1,0 +1,134 @@
+"""Structured-config dataclasses: the schema behind every YAML in ``configs/``.
+
+Precedence is CLI > YAML > these defaults (Hydra merges the YAML and the command line
+onto the schema). The schema is *closed*: a key that is not declared here is an error
+that names the key, except under ``model.optim`` / ``model.optim.sched`` whose keys
+depend on the chosen optimizer/scheduler and are checked against that class's
+parameters when it is built (see ``megatron_ext.training.optim``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class TrainerConfig:
+    devices: int = 1  # processes per node
+    num_nodes: int = 1
+    accelerator: str = "auto"  # auto | cpu | gpu
+    precision: str = "32"  # 32 | bf16 | 16 (also accepts bf16-mixed / 16-mixed)
+    max_steps: int = 100
+    val_check_interval: int = 50  # run validation every N optimizer steps (0 = never)
+    limit_val_batches: int = 4  # global batches per validation
+    limit_train_batches: Optional[int] = None  # 0 = evaluation only (needs model.ckpt_path)
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: Optional[int] = None  # derived from batch sizes; if set, must agree
+    gradient_clip_val: float = 1.0  # 0 disables clipping
+    seed: int = 1234
+    dist_timeout_minutes: float = 10.0
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointCallbackParams:
+    every_n_train_steps: int = 100  # 0 = only at the end of training
+    save_last: bool = True  # also save when training ends
+    save_top_k: int = -1  # keep this many newest checkpoints (-1 = keep all)
+
+
+@dataclass
+class WandbLoggerKwargs:
+    project: str = "megatron_ext"
+    name: Optional[str] = None
+    offline: bool = True
+    entity: Optional[str] = None
+
+
+@dataclass
+class ExpManagerConfig:
+    exp_dir: str = "experiments"
+    name: str = "megatron_gpt"
+    version: Optional[str] = None  # default: a timestamp
+    create_tensorboard_logger: bool = True
+    create_wandb_logger: bool = False
+    wandb_logger_kwargs: WandbLoggerKwargs = field(default_factory=WandbLoggerKwargs)
+    create_checkpoint_callback: bool = True
+    checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
+    resume_if_exists: bool = False
+    resume_ignore_no_checkpoint: bool = True
+
+
+@dataclass
+class TokenizerConfig:
+    library: str = "byte"  # byte | sentencepiece
+    model: Optional[str] = None  # sentencepiece .model path
+
+
+@dataclass
+class DataConfig:
+    # [w1, prefix1, w2, prefix2, ...] or [prefix]; empty = built-in default corpus
+    data_prefix: List[Any] = field(default_factory=list)
+    data_impl: str = "mmap"
+    splits_string: str = "949,50,1"
+    index_mapping_dir: Optional[str] = None  # sample-index cache dir (default: <prefix dir>/cache)
+    default_corpus_dir: Optional[str] = None  # where the built-in corpus is cached
+    num_workers: int = 0
+    seed: Optional[int] = None  # default: trainer.seed
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+
+
+def _default_optim() -> Dict[str, Any]:
+    return {
+        "name": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.95],
+        "sched": {"name": "CosineAnnealing", "warmup_steps": 10, "min_lr": 1e-4},
+    }
+
+
+@dataclass
+class ModelConfig:
+    # batch
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_length: int = 128
+    # architecture
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: Optional[int] = None  # default 4*hidden (SwiGLU: 8/3*hidden rounded to 64)
+    num_attention_heads: int = 4
+    max_position_embeddings: Optional[int] = None  # default seq_length
+    normalization: str = "layernorm"  # layernorm | rmsnorm
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"  # gelu | swiglu
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    rotary_base: float = 10000.0
+    share_embeddings_and_output_weights: bool = True
+    bias: bool = True
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    activations_checkpoint_granularity: Optional[str] = None  # null | full
+    # parallelism
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 0
+    deepspeed_config: Optional[str] = None  # path to a DeepSpeed JSON (overrides zero_stage etc.)
+    # checkpoint to start from (weights+optimizer), e.g. for evaluation with limit_train_batches=0
+    ckpt_path: Optional[str] = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: Dict[str, Any] = field(default_factory=_default_optim)
+
+
+@dataclass
+class GPTConfig:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)

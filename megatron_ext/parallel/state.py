@@ -1,0 +1,181 @@
+"""Distributed initialisation and the megatron-core parallel groups.
+
+``initialize_parallel`` works the same in a plain single process (it creates a world of one
+on a free localhost port), under torchrun / the deepspeed launcher (reads RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), and under SLURM (SLURM_PROCID / SLURM_NTASKS).
+Backend: nccl when CUDA is used, gloo otherwise.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.errors import ConfigError
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launched: bool  # True when a launcher (torchrun/deepspeed/SLURM) set the environment
+
+
+def read_dist_env() -> DistEnv:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), True)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), True)
+    return DistEnv(0, 1, 0, False)
+
+
+def use_cuda(accelerator: str = "auto") -> bool:
+    if accelerator == "cpu":
+        return False
+    if accelerator == "gpu":
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.accelerator=gpu but no CUDA device is available; use trainer.accelerator=cpu or auto")
+        return True
+    if accelerator != "auto":
+        raise ConfigError(f"trainer.accelerator={accelerator!r}: expected one of auto, cpu, gpu")
+    return torch.cuda.is_available()
+
+
+def init_distributed(accelerator: str = "auto", timeout_minutes: float = 10.0) -> DistEnv:
+    """Create the default process group (idempotent)."""
+    denv = read_dist_env()
+    cuda = use_cuda(accelerator)
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if dist.is_initialized():
+        return denv
+    if not denv.launched:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ["RANK"] = str(denv.rank)
+    os.environ["WORLD_SIZE"] = str(denv.world_size)
+    os.environ["LOCAL_RANK"] = str(denv.local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if cuda:
+        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+    dist.init_process_group(
+        backend="nccl" if cuda else "gloo",
+        rank=denv.rank,
+        world_size=denv.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return denv
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    accelerator: str = "auto",
+    timeout_minutes: float = 10.0,
+) -> DistEnv:
+    """Init the process group and megatron-core's TP/PP/DP groups. Checks the sizes first."""
+    from megatron.core import parallel_state as ps
+
+    denv = init_distributed(accelerator, timeout_minutes)
+    world = dist.get_world_size()
+    tp, pp = int(tensor_model_parallel_size), int(pipeline_model_parallel_size)
+    if tp < 1 or pp < 1:
+        raise ConfigError(
+            f"model.tensor_model_parallel_size={tp} and model.pipeline_model_parallel_size={pp} must be >= 1"
+        )
+    if world % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world} is not divisible by model.tensor_model_parallel_size ({tp}) x "
+            f"model.pipeline_model_parallel_size ({pp})"
+        )
+    if ps.model_parallel_is_initialized():
+        if ps.get_tensor_model_parallel_world_size() == tp and ps.get_pipeline_model_parallel_world_size() == pp:
+            return denv
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=int(max(1, round(timeout_minutes))),
+    )
+    return denv
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MPUAdapter:
+    """What DeepSpeed's ``mpu=`` expects (old Megatron names), backed by megatron-core's parallel_state."""
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self._ps = ps
+
+    # model (tensor) parallel
+    def get_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    # data parallel
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    # pipeline parallel
+    def get_pipeline_model_parallel_world_size(self):
+        return self._ps.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_rank(self):
+        return self._ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return self._ps.get_pipeline_model_parallel_group()
+
+
+def data_parallel_info() -> tuple[int, int]:
+    """(dp_rank, dp_size) after initialize_parallel."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def is_rank_zero() -> bool:
+    return (not dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier(group: Optional[object] = None) -> None:
+    if dist.is_initialized():
+        dist.barrier(group=group)
