@@ -1,0 +1,187 @@
+"""Atomic, resumable checkpoints over DeepSpeed's engine.save_checkpoint / load_checkpoint.
+
+Layout::
+
+    checkpoints/
+        step_0000010/                 one complete checkpoint (DeepSpeed files + ours)
+            mp_rank_00_model_states.pt    (DeepSpeed: module, scheduler, client state)
+            *_optim_states.pt              (DeepSpeed: optimizer / ZeRO partitions)
+            rng_state_rank00000.pt         every rank's python/numpy/torch/CUDA/tracker RNG states
+            meta.json                      step, consumed samples, layout, written LAST (completeness marker)
+        latest                         text file naming the newest complete checkpoint, replaced atomically
+
+A save goes to ``.tmp-step_N/``, which is renamed to ``step_N/`` only after every rank finished writing and
+``meta.json`` is in place; ``latest`` is then replaced with ``os.replace``. A crash at any point leaves either the
+previous checkpoint as "latest" or the new one, never a half-written one. On load, a ``latest`` pointing at a
+missing/incomplete directory falls back to the newest complete one (with a warning).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+META = "meta.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(ckpt_path: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_path, META))
+
+
+def list_complete(ckpt_dir: str) -> list[tuple[int, str]]:
+    out = []
+    if os.path.isdir(ckpt_dir):
+        for d in os.listdir(ckpt_dir):
+            m = _STEP_RE.match(d)
+            if m and is_complete(os.path.join(ckpt_dir, d)):
+                out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def find_latest(ckpt_dir: str) -> Optional[str]:
+    """Tag of the newest complete checkpoint in ``ckpt_dir`` (None if there is none)."""
+    latest_file = os.path.join(ckpt_dir, "latest")
+    if os.path.isfile(latest_file):
+        with open(latest_file) as f:
+            tag = f.read().strip()
+        if tag and is_complete(os.path.join(ckpt_dir, tag)):
+            return tag
+        log.warning("%s names %r which is missing or incomplete; using the newest complete checkpoint", latest_file, tag)
+    done = list_complete(ckpt_dir)
+    return done[-1][1] if done else None
+
+
+@dataclass
+class LoadedState:
+    step: int
+    consumed_samples: int
+    meta: Dict[str, Any]
+
+
+def resolve_ckpt_path(path: str) -> tuple[str, str]:
+    """``path`` is a checkpoints dir (uses its latest) or one checkpoint dir. Returns (ckpt_dir, tag)."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"model.ckpt_path: {path} does not exist")
+    if is_complete(path):
+        return os.path.dirname(path), os.path.basename(path)
+    for cand in (path, os.path.join(path, "checkpoints")):
+        if os.path.isdir(cand):
+            tag = find_latest(cand)
+            if tag is not None:
+                return cand, tag
+    raise CheckpointError(
+        f"model.ckpt_path: no complete checkpoint in {path} (expected a step_N directory with {META}, or a "
+        f"directory holding such directories and a 'latest' file)"
+    )
+
+
+class Checkpointer:
+    def __init__(self, ckpt_dir: str, save_top_k: int = -1):
+        self.ckpt_dir = ckpt_dir
+        self.save_top_k = save_top_k
+
+    def save(self, engine, step: int, consumed_samples: int, rng_states: Dict[str, Any], meta_extra: Dict[str, Any]):
+        from megatron_ext.parallel.random import get_all_rng_states  # noqa: F401  (import check)
+
+        tag = tag_for(step)
+        tmp_tag = ".tmp-" + tag
+        tmp_path = os.path.join(self.ckpt_dir, tmp_tag)
+        final_path = os.path.join(self.ckpt_dir, tag)
+        rank = _rank()
+        if rank == 0:
+            if os.path.exists(tmp_path):
+                shutil.rmtree(tmp_path)
+            os.makedirs(tmp_path)
+        _barrier()
+        client_state = {"step": step, "consumed_samples": consumed_samples}
+        engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+        torch.save(rng_states, os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt"))
+        _barrier()
+        if rank == 0:
+            meta = {
+                "step": step,
+                "consumed_samples": consumed_samples,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                **meta_extra,
+            }
+            _atomic_write_text(os.path.join(tmp_path, META), json.dumps(meta, indent=2))
+            if os.path.exists(final_path):
+                shutil.rmtree(final_path)
+            os.rename(tmp_path, final_path)
+            _atomic_write_text(os.path.join(self.ckpt_dir, "latest"), tag)
+            self._prune()
+            log.info("saved checkpoint %s", final_path)
+        _barrier()
+        return final_path
+
+    def _prune(self) -> None:
+        if self.save_top_k is None or self.save_top_k < 0:
+            return
+        done = list_complete(self.ckpt_dir)
+        for _, d in done[: max(0, len(done) - max(1, self.save_top_k))]:
+            shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
+
+    @staticmethod
+    def load(engine, ckpt_dir: str, tag: str, load_optimizer: bool = True) -> LoadedState:
+        path = os.path.join(ckpt_dir, tag)
+        with open(os.path.join(path, META)) as f:
+            meta = json.load(f)
+        try:
+            load_path, client = engine.load_checkpoint(
+                ckpt_dir,
+                tag=tag,
+                load_optimizer_states=load_optimizer,
+                load_lr_scheduler_states=load_optimizer,
+                load_module_only=not load_optimizer,
+            )
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint {path} does not match this model/layout (saved with tp={meta.get('tp')}, "
+                f"pp={meta.get('pp')}, dp={meta.get('dp')}): {str(e).splitlines()[0]}"
+            ) from None
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint at {path}")
+        return LoadedState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]), meta=meta)
+
+    @staticmethod
+    def load_rng(ckpt_dir: str, tag: str) -> Optional[Dict[str, Any]]:
+        path = os.path.join(ckpt_dir, tag, f"rng_state_rank{_rank():05d}.pt")
+        if not os.path.exists(path):
+            log.warning("no RNG state for this rank in %s (different world size?); RNG not restored", path)
+            return None
+        return torch.load(path, weights_only=False)

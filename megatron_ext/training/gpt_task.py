@@ -1,0 +1,55 @@
+"""GPT pretraining task: tokenizer -> datasets -> model -> masked LM loss, for ``Trainer``."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict
+
+import torch
+from omegaconf import DictConfig
+
+log = logging.getLogger("megatron_ext")
+
+
+class GPTTask:
+    def __init__(self, cfg: DictConfig, device: torch.device):
+        from megatron_ext.tokenizers import build_tokenizer
+
+        self.cfg = cfg
+        self.device = device
+        tok = cfg.model.tokenizer
+        self.tokenizer = build_tokenizer(tok.library, tok.model)
+        self.model = None
+
+    # --------------------------------------------------------------- building
+    def build_model(self) -> torch.nn.Module:
+        from megatron_ext.models.gpt import GPTModel
+
+        self.model = GPTModel(self.cfg.model, self.tokenizer.vocab_size)
+        return self.model
+
+    def build_datasets(self, num_samples: tuple[int, int, int]):
+        from megatron_ext.data.gpt_data import build_gpt_datasets
+
+        d = self.cfg.model.data
+        seed = d.seed if d.seed is not None else self.cfg.trainer.seed
+        return build_gpt_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
+
+    # --------------------------------------------------------------- stepping
+    def loss(self, model, batch: Dict[str, torch.Tensor]):
+        tokens, labels = batch["tokens"], batch["labels"]
+        per_token = model(tokens, position_ids=batch.get("position_ids"), labels=labels)
+        mask = batch["loss_mask"].to(per_token.dtype)
+        ntok = mask.sum()
+        loss = (per_token.float() * mask.float()).sum() / ntok.float().clamp(min=1.0)
+        return loss, ntok, {}
+
+    def tokens_per_sample(self) -> int:
+        return int(self.cfg.model.seq_length)
+
+    def flops_per_iteration(self, global_batch_size: int) -> float:
+        from megatron_ext.models.flops import gpt_flops_per_iteration
+
+        return float(gpt_flops_per_iteration(self.cfg.model, self.tokenizer.vocab_size, global_batch_size))
+
+    def describe(self) -> Dict[str, Any]:
+        return {"tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size}

@@ -1,0 +1,332 @@
+"""The training loop: a task (what to build, how to compute the loss) driven over a DeepSpeed engine.
+
+One optimizer step consumes one *global batch* = micro_batch_size x data_parallel_size x accumulation
+micro-batches; DeepSpeed accumulates gradients over the micro-batches (scaling each backward by
+1/accumulation), clips, and steps the optimizer and LR scheduler at the boundary.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Dict, Iterator, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from megatron_ext.config.loader import Derived, check_schema, validate_config
+from megatron_ext.errors import CheckpointError, MegatronExtError
+from megatron_ext.parallel import state as pstate
+from megatron_ext.training.checkpointing import Checkpointer, find_latest, resolve_ckpt_path
+from megatron_ext.training.engine import build_ds_config, build_engine
+from megatron_ext.training.exp_manager import ExpManager
+from megatron_ext.training.throughput import peak_tflops
+
+log = logging.getLogger("megatron_ext")
+
+
+class Task(Protocol):
+    """What a model family provides to the trainer (GPT, BART, ...)."""
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def build_datasets(self, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]: ...
+
+    def loss(self, model, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """(mean loss to backprop, number of loss tokens, extra scalars to log)."""
+        ...
+
+    def flops_per_iteration(self, global_batch_size: int) -> float: ...
+
+    def tokens_per_sample(self) -> int: ...
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    root = logging.getLogger()
+    if not any(getattr(h, "_megatron_ext", False) for h in root.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
+        h._megatron_ext = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    root.setLevel(level)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "megatron", "megatron.core"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # DeepSpeed installs its own logger at INFO
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except Exception:
+        pass
+
+
+def seed_everything(seed: int) -> None:
+    from megatron_ext.parallel.random import model_parallel_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    model_parallel_manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, task_factory, schema=None):
+        from megatron_ext.config.schema import GPTConfig
+
+        cfg = check_schema(cfg, schema or GPTConfig)
+        self.cfg = cfg
+        t = cfg.trainer
+        denv = pstate.initialize_parallel(
+            cfg.model.tensor_model_parallel_size,
+            cfg.model.pipeline_model_parallel_size,
+            accelerator=t.accelerator,
+            timeout_minutes=t.dist_timeout_minutes,
+        )
+        self.rank = denv.rank
+        setup_logging(self.rank)
+        self.on_cuda = pstate.use_cuda(t.accelerator)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
+        self.derived: Derived = validate_config(cfg, dist.get_world_size(), self.on_cuda)
+        self.dp_rank, self.dp_size = pstate.data_parallel_info()
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(t.seed)
+        self.task = task_factory(cfg, self.device)
+        self.exp = ExpManager(cfg, self.rank)
+
+    # ------------------------------------------------------------------ helpers
+    def _num_samples(self) -> tuple[int, int, int]:
+        t, m = self.cfg.trainer, self.cfg.model
+        val = t.limit_val_batches * m.global_batch_size
+        return t.max_steps * m.global_batch_size, val, val
+
+    def _dataloader(self, dataset, consumed: int):
+        from megatron_ext.data.samplers import build_pretraining_dataloader
+
+        return build_pretraining_dataloader(
+            dataset,
+            consumed_samples=consumed,
+            micro_batch_size=self.cfg.model.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            num_workers=self.cfg.model.data.num_workers,
+        )
+
+    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def _dp_mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            x = x.clone()
+            dist.all_reduce(x, group=ps.get_data_parallel_group())
+            x /= self.dp_size
+        return x
+
+    def _rng_states(self) -> Dict[str, Any]:
+        from megatron_ext.parallel.random import get_all_rng_states
+
+        return get_all_rng_states()
+
+    # ------------------------------------------------------------------ build
+    def _build(self):
+        from megatron_ext.training.lr_schedulers import build_scheduler
+        from megatron_ext.training.optim import build_optimizer
+
+        cfg = self.cfg
+        model = self.task.build_model().to(self.device)
+        optim_cfg = cfg.model.optim
+        optimizer = build_optimizer(model, optim_cfg)
+        sched_cfg = optim_cfg.get("sched", None)
+        scheduler = build_scheduler(optimizer, sched_cfg, max_steps=cfg.trainer.max_steps) if sched_cfg else None
+        ds_config = build_ds_config(
+            micro_batch_size=cfg.model.micro_batch_size,
+            global_batch_size=cfg.model.global_batch_size,
+            accumulate_grad_batches=self.derived.accumulate_grad_batches,
+            precision=self.derived.precision,
+            zero_stage=cfg.model.zero_stage,
+            gradient_clip_val=cfg.trainer.gradient_clip_val,
+            deepspeed_config=cfg.model.deepspeed_config,
+        )
+        self.engine, self.optimizer, self.scheduler = build_engine(model, optimizer, scheduler, ds_config)
+        self.ds_config = ds_config
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info(
+            "model: %.2fM parameters on this rank | world %d = tp %d x pp %d x dp %d | micro-batch %d, "
+            "accumulation %d, global batch %d | precision %s | ZeRO stage %d",
+            n_params / 1e6, self.derived.world_size, cfg.model.tensor_model_parallel_size,
+            cfg.model.pipeline_model_parallel_size, self.dp_size, cfg.model.micro_batch_size,
+            self.derived.accumulate_grad_batches, cfg.model.global_batch_size, self.derived.precision,
+            ds_config["zero_optimization"]["stage"],
+        )
+
+    def _layout(self) -> Dict[str, Any]:
+        m = self.cfg.model
+        return {"tp": m.tensor_model_parallel_size, "pp": m.pipeline_model_parallel_size, "dp": self.dp_size}
+
+    def _check_layout(self, meta: Dict[str, Any], where: str) -> None:
+        mine = self._layout()
+        if meta.get("tp") != mine["tp"] or meta.get("pp") != mine["pp"]:
+            raise CheckpointError(
+                f"{where} was saved with tensor_model_parallel_size={meta.get('tp')}, "
+                f"pipeline_model_parallel_size={meta.get('pp')} but this run uses {mine['tp']} and {mine['pp']}; "
+                f"run with the saved layout, or convert the checkpoint to the new layout first"
+            )
+
+    def _restore(self) -> tuple[int, int]:
+        """Resume (exp_manager.resume_if_exists) or start from model.ckpt_path. Returns (step, consumed)."""
+        from megatron_ext.parallel.random import set_all_rng_states
+
+        em, m = self.cfg.exp_manager, self.cfg.model
+        if em.resume_if_exists:
+            tag = find_latest(self.exp.ckpt_dir)
+            if tag is not None:
+                with open(os.path.join(self.exp.ckpt_dir, tag, "meta.json")) as f:
+                    import json
+
+                    self._check_layout(json.load(f), os.path.join(self.exp.ckpt_dir, tag))
+                st = Checkpointer.load(self.engine, self.exp.ckpt_dir, tag, load_optimizer=True)
+                rng = Checkpointer.load_rng(self.exp.ckpt_dir, tag)
+                if rng is not None:
+                    set_all_rng_states(rng)
+                log.info("resumed from %s at step %d (%d samples consumed)",
+                         os.path.join(self.exp.ckpt_dir, tag), st.step, st.consumed_samples)
+                return st.step, st.consumed_samples
+            if not em.resume_ignore_no_checkpoint:
+                raise CheckpointError(
+                    f"exp_manager.resume_if_exists=true but {self.exp.ckpt_dir} holds no complete checkpoint "
+                    f"(set exp_manager.resume_ignore_no_checkpoint=true to start fresh)"
+                )
+            log.info("no checkpoint in %s; starting fresh", self.exp.ckpt_dir)
+        if m.ckpt_path:
+            ckpt_dir, tag = resolve_ckpt_path(m.ckpt_path)
+            import json
+
+            with open(os.path.join(ckpt_dir, tag, "meta.json")) as f:
+                self._check_layout(json.load(f), os.path.join(ckpt_dir, tag))
+            st = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=False)
+            log.info("loaded model weights from %s (step %d)", os.path.join(ckpt_dir, tag), st.step)
+            self._loaded_step = st.step
+        return 0, 0
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def validate(self, dataset, num_global_batches: int) -> Optional[float]:
+        if dataset is None or num_global_batches <= 0:
+            return None
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        it = iter(self._dataloader(dataset, 0))
+        for _ in range(num_global_batches * self.derived.accumulate_grad_batches):
+            batch = self._to_device(next(it))
+            loss, ntok, _ = self.task.loss(self.engine, batch)
+            total += torch.tensor([loss.item() * float(ntok), float(ntok)], dtype=torch.float64)
+        if self.dp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        self.engine.train()
+        return (total[0] / total[1]).item()
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> Dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.trainer
+        self._loaded_step = 0
+        train_ds, val_ds, test_ds = self.task.build_datasets(self._num_samples())
+        self._build()
+        step, consumed = self._restore()
+        self.exp.start(resumed_step=step if step > 0 else None)
+        result: Dict[str, Any] = {"run_dir": self.exp.run_dir}
+        try:
+            if t.limit_train_batches == 0:
+                val = self.validate(val_ds, max(1, t.limit_val_batches))
+                self.exp.log_metrics(self._loaded_step, {"val/loss": val, "val/ppl": math.exp(min(val, 50))})
+                log.info("evaluation only: step %d | val/loss %.6f | val/ppl %.3f", self._loaded_step, val,
+                         math.exp(min(val, 50)))
+                result.update(step=self._loaded_step, val_loss=val)
+                return result
+            result.update(self._train_loop(train_ds, val_ds, step, consumed))
+            return result
+        finally:
+            self.exp.close()
+
+    def _train_loop(self, train_ds, val_ds, step: int, consumed: int) -> Dict[str, Any]:
+        cfg, t, m = self.cfg, self.cfg.trainer, self.cfg.model
+        gbs, accum = m.global_batch_size, self.derived.accumulate_grad_batches
+        last_step = t.max_steps if t.limit_train_batches is None else min(t.max_steps, step + t.limit_train_batches)
+        ckpt_every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
+        ckpt = (Checkpointer(self.exp.ckpt_dir, cfg.exp_manager.checkpoint_callback_params.save_top_k)
+                if cfg.exp_manager.create_checkpoint_callback else None)
+        flops_iter = self.task.flops_per_iteration(gbs)
+        peak, peak_src = peak_tflops(self.device.type, self.derived.precision)
+        log.info("MFU peak: %.2f TFLOP/s per process (%s); model FLOPs per iteration %.3e", peak, peak_src, flops_iter)
+        it: Iterator = iter(self._dataloader(train_ds, consumed))
+        self.engine.train()
+        last_val, last_loss, saved_at = None, None, None
+        tokens_per_iter = gbs * self.task.tokens_per_sample()
+        world = self.derived.world_size
+        t_start = time.perf_counter()
+        first_step = step
+        while step < last_step:
+            t0 = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            loss_sum = torch.zeros((), dtype=torch.float32)
+            extras_sum: Dict[str, torch.Tensor] = {}
+            for _ in range(accum):
+                batch = self._to_device(next(it))
+                loss, _, extras = self.task.loss(self.engine, batch)
+                self.engine.backward(loss)
+                self.engine.step()
+                loss_sum += loss.detach().float().cpu()
+                for k, v in extras.items():
+                    extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float().cpu()
+            step += 1
+            consumed += gbs
+            loss_avg = self._dp_mean(loss_sum / accum).item()
+            if not math.isfinite(loss_avg) and self.derived.precision != "16":
+                raise MegatronExtError(
+                    f"training loss is {loss_avg} at step {step} (lr {lr:.3e}); lower model.optim.lr, keep "
+                    f"trainer.gradient_clip_val > 0, or use trainer.precision=32 to find the cause"
+                )
+            step_time = time.perf_counter() - t0
+            last_loss = loss_avg
+            if step % t.log_every_n_steps == 0 or step == last_step or step == first_step + 1:
+                gn = self.engine.get_global_grad_norm()
+                gn = float(gn) if gn is not None else float("nan")
+                tflops = flops_iter / step_time / world / 1e12
+                metrics = {
+                    "train/loss": loss_avg,
+                    "train/lr": lr,
+                    "train/grad_norm": gn,
+                    "train/tokens_per_sec": tokens_per_iter / step_time,
+                    "train/tflops": tflops,
+                    "train/mfu": tflops / peak if peak > 0 else float("nan"),
+                    "train/step_time": step_time,
+                    "train/consumed_samples": consumed,
+                }
+                for k, v in extras_sum.items():
+                    metrics[k] = self._dp_mean(v / accum).item()
+                self.exp.log_metrics(step, metrics)
+                log.info(
+                    "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %.0f tokens/s | %.3f TFLOP/s | MFU %.1f%%",
+                    step, last_step, loss_avg, lr, gn, metrics["train/tokens_per_sec"], tflops,
+                    100 * metrics["train/mfu"],
+                )
+            if t.val_check_interval and step % t.val_check_interval == 0 and t.limit_val_batches > 0:
+                last_val = self.validate(val_ds, t.limit_val_batches)
+                if last_val is not None:
+                    self.exp.log_metrics(step, {"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50))})
+                    log.info("step %d | val/loss %.4f | val/ppl %.3f", step, last_val, math.exp(min(last_val, 50)))
+            if ckpt is not None and ckpt_every and step % ckpt_every == 0:
+                ckpt.save(self.engine, step, consumed, self._rng_states(), self._layout())
+                saved_at = step
+        if ckpt is not None and cfg.exp_manager.checkpoint_callback_params.save_last and saved_at != step and step > first_step:
+            ckpt.save(self.engine, step, consumed, self._rng_states(), self._layout())
+        elapsed = time.perf_counter() - t_start
+        log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
+        return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}

@@ -1,0 +1,38 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cache_home(tmp_path_factory):
+    """One XDG cache for the whole session (the built-in corpus is built once), never the user's ~/.cache."""
+    return str(tmp_path_factory.mktemp("xdg_cache"))
+
+
+@pytest.fixture
+def run_env(cache_home):
+    env = dict(os.environ)
+    env["XDG_CACHE_HOME"] = cache_home
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def run_script(args, env, timeout=600, cwd=REPO):
+    """Run a repo script in a subprocess; returns CompletedProcess with text output."""
+    return subprocess.run([sys.executable] + list(args), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

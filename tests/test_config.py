@@ -1,0 +1,135 @@
+"""Config loading: schema closure, precedence (CLI > YAML > dataclass), experiments, cross-key validation."""
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from megatron_ext.config.loader import check_schema, load_config, register_schemas, validate_config
+from megatron_ext.config.schema import GPTConfig
+from megatron_ext.errors import ConfigError
+from megatron_ext.training.engine import build_ds_config
+
+from conftest import REPO
+
+GPT_DIR = os.path.join(REPO, "configs", "gpt")
+register_schemas()
+
+
+def _compose(overrides=(), name="megatron_gpt_config"):
+    with initialize_config_dir(config_dir=GPT_DIR, version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_precedence_cli_over_yaml_over_dataclass():
+    assert GPTConfig().model.hidden_size == 128  # dataclass default
+    cfg = _compose()
+    assert cfg.model.hidden_size == 192  # YAML beats dataclass
+    assert cfg.model.layernorm_epsilon == GPTConfig().model.layernorm_epsilon  # not in YAML -> dataclass
+    cfg = _compose(["model.hidden_size=96"])
+    assert cfg.model.hidden_size == 96  # CLI beats YAML
+
+
+def test_experiment_group_and_cli_on_top():
+    cfg = _compose(["+experiment=gpt_125m"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.trainer.precision) == (12, 768, "bf16")
+    cfg = _compose(["+experiment=gpt_125m", "model.num_layers=3"])
+    assert cfg.model.num_layers == 3
+    for name in ("gpt_350m", "gpt_1p3b", "cpu_smoke"):
+        c = _compose([f"+experiment={name}"])
+        OmegaConf.to_container(c, resolve=True)
+
+
+@pytest.mark.parametrize("override", ["model.hiden_size=64", "trainer.max_step=3"])
+def test_unknown_key_is_error_naming_it(override):
+    with pytest.raises(ConfigCompositionException) as ei:
+        _compose([override])
+    key = override.split("=")[0].split(".")[-1]
+    assert key in str(ei.value) + str(ei.value.__cause__)
+
+
+def test_plus_override_of_unknown_key_is_caught_by_schema_check():
+    cfg = _compose(["+model.hiden_size=64"])  # Hydra lets '+' add keys ...
+    with pytest.raises(ConfigError, match="hiden_size"):  # ... the schema check does not
+        check_schema(cfg)
+    check_schema(_compose(["++model.optim.momentum=0.9"]))  # optim keys are open (checked by the registry)
+
+
+def test_unknown_key_in_yaml_is_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  num_layer: 3\n")
+    with pytest.raises(ConfigError, match="num_layer"):
+        load_config(yaml_path=str(p))
+
+
+def test_wrong_type_is_error():
+    with pytest.raises(ConfigError, match="model.num_layers"):
+        load_config(overrides=["model.num_layers=abc"])
+
+
+def test_unknown_key_from_cli_message(run_env):
+    from conftest import run_script
+
+    r = run_script(["pretrain_gpt.py", "model.hiden_size=64"], run_env, timeout=120)
+    assert r.returncode != 0
+    assert "hiden_size" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def _cfg(**over):
+    return load_config(overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+def test_global_batch_divisibility_message():
+    cfg = _cfg(**{"model.global_batch_size": 10, "model.micro_batch_size": 4})
+    with pytest.raises(ConfigError) as ei:
+        validate_config(cfg, world_size=1, on_cuda=False)
+    msg = str(ei.value)
+    assert "model.global_batch_size (10)" in msg and "model.micro_batch_size (4)" in msg and "data_parallel_size (1)" in msg
+
+
+def test_global_batch_divisibility_with_dp():
+    cfg = _cfg(**{"model.global_batch_size": 12, "model.micro_batch_size": 4, "trainer.devices": 2})
+    with pytest.raises(ConfigError, match="data_parallel_size \\(2\\)"):
+        validate_config(cfg, world_size=2, on_cuda=False)
+    cfg = _cfg(**{"model.global_batch_size": 16, "model.micro_batch_size": 4, "trainer.devices": 2})
+    d = validate_config(cfg, world_size=2, on_cuda=False)
+    assert (d.data_parallel_size, d.accumulate_grad_batches) == (2, 2)
+
+
+def test_accumulate_grad_batches_must_agree():
+    cfg = _cfg(**{"model.global_batch_size": 16, "model.micro_batch_size": 4, "trainer.accumulate_grad_batches": 2})
+    with pytest.raises(ConfigError, match="set it to 4"):
+        validate_config(cfg, world_size=1, on_cuda=False)
+
+
+def test_other_validation_errors():
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        validate_config(_cfg(**{"trainer.precision": "fp8"}), 1, False)
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        validate_config(_cfg(**{"trainer.precision": 16}), 1, False)
+    with pytest.raises(ConfigError, match="model.ckpt_path"):
+        validate_config(_cfg(**{"trainer.limit_train_batches": 0}), 1, False)
+    with pytest.raises(ConfigError, match="trainer.devices"):
+        validate_config(_cfg(**{"trainer.devices": 2}), 1, False)
+    with pytest.raises(ConfigError, match="model.zero_stage"):
+        validate_config(_cfg(**{"model.zero_stage": 4}), 1, False)
+
+
+def test_deepspeed_json_merge_and_conflicts(tmp_path):
+    base = dict(micro_batch_size=2, global_batch_size=8, accumulate_grad_batches=4, precision="32")
+    p = tmp_path / "ds.json"
+    p.write_text('{"zero_optimization": {"stage": 2, "overlap_comm": true}, "train_micro_batch_size_per_gpu": 2}')
+    ds = build_ds_config(**base, deepspeed_config=str(p))
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 4
+    p.write_text('{"train_batch_size": 16}')
+    with pytest.raises(ConfigError, match="train_batch_size=16"):
+        build_ds_config(**base, deepspeed_config=str(p))
+    p.write_text('{"optimizer": {"type": "Adam"}}')
+    with pytest.raises(ConfigError, match="model.optim"):
+        build_ds_config(**base, deepspeed_config=str(p))
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        build_ds_config(**base, deepspeed_config=str(p))
