@@ -1,0 +1,21 @@
+"""Datasets and data loading.
+
+* :mod:`.default_corpus` -- the built-in English corpus (stdlib help topics + docstrings);
+* :mod:`.gpt_data` -- GPT train/valid/test datasets over Megatron ``.bin``/``.idx`` (blends, splits,
+  sample-index cache that also works on node-local disks);
+* :mod:`.validation` -- one clear ``DataError`` for every bad data file;
+* :mod:`.samplers` -- resumable, deterministic pretraining data loader and sample counts.
+"""
+from megatron_ext.data.default_corpus import ensure_default_corpus
+from megatron_ext.data.gpt_data import build_gpt_datasets, parse_data_prefix
+from megatron_ext.data.samplers import build_pretraining_dataloader, compute_num_samples
+from megatron_ext.data.validation import validate_indexed_dataset
+
+__all__ = [
+    "build_gpt_datasets",
+    "build_pretraining_dataloader",
+    "compute_num_samples",
+    "ensure_default_corpus",
+    "parse_data_prefix",
+    "validate_indexed_dataset",
+]

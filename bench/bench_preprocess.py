@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Throughput of tools/preprocess_data.py vs. sentencepiece's own batch encoder, same run.
+
+Builds a JSONL corpus of >= 40 MB (``--quick``: 8 MB) by repeating the paragraphs of
+../shared/data/tinyshakespeare.txt (one paragraph = one document), trains a sentencepiece
+unigram model with vocab 8000 (cached under $XDG_CACHE_HOME/megatron_ext/bench_preprocess,
+keyed by the corpus hash), then alternately
+
+  ours      runs ``tools/preprocess_data.py --workers 2`` as a subprocess (JSONL -> .bin/.idx);
+  baseline  ``SentencePieceProcessor.encode(all_texts)`` -- one batched, multithreaded call on
+            texts already in memory: no reading, JSON parsing or writing.
+
+and keeps the best of ``--reps`` runs of each (the machine may be shared). Metrics:
+
+  tokens_per_sec       tokens / the tool's own run time (from argument checks to the renamed
+                       .idx; includes importing megatron-core, reading, JSON, tokenizing, writing)
+  tokens_per_sec_wall  tokens / subprocess wall time (adds interpreter start and the torch import)
+  docs_per_sec, mb_per_sec
+  spm_encode_only_tokens_per_sec
+  speedup_vs_spm_encode_only = tokens_per_sec / spm_encode_only_tokens_per_sec
+
+    python bench/bench_preprocess.py            # 40 MB
+    python bench/bench_preprocess.py --quick    # 8 MB, under a minute
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHAKESPEARE = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
+SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")
+BENCH = "preprocess"
+
+
+def emit(metric, value, unit, config):
+    print(json.dumps({"bench": BENCH, "metric": metric, "value": value, "unit": unit,
+                      "config": config}), flush=True)
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "megatron_ext", "bench_preprocess")
+
+
+def paragraphs(text: str):
+    return [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def build_jsonl(path: str, paras, target_bytes: int):
+    docs, size = 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < target_bytes:
+            for p in paras:
+                line = json.dumps({"text": p}, ensure_ascii=False) + "\n"
+                f.write(line)
+                size += len(line.encode("utf-8"))
+                docs += 1
+    return docs, size
+
+
+def get_model(corpus_path: str, corpus_hash: str, vocab: int, model_type: str) -> str:
+    from megatron_ext.tokenizers import train_sentencepiece
+
+    d = cache_dir()
+    os.makedirs(d, exist_ok=True)
+    prefix = os.path.join(d, f"spm_{model_type}_{vocab}_{corpus_hash[:12]}")
+    if not os.path.isfile(prefix + ".model"):
+        tmp = f"{prefix}.tmp{os.getpid()}"
+        train_sentencepiece(tmp, vocab, input_files=[corpus_path], model_type=model_type,
+                            character_coverage=1.0)
+        for ext in (".model", ".vocab"):
+            os.replace(tmp + ext, prefix + ext)
+    return prefix + ".model"
+
+
+def run_ours(jsonl: str, model: str, workers: int, work: str, env):
+    out = os.path.join(work, "out", "bench")
+    stats_path = os.path.join(work, "stats.json")
+    cmd = [sys.executable, SCRIPT, "--input", jsonl, "--output-prefix", out,
+           "--tokenizer-library", "sentencepiece", "--tokenizer-model", model,
+           "--workers", str(workers), "--no-progress", "--stats-json", stats_path]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_preprocess: preprocess_data.py failed:\n{proc.stderr[-2000:]}")
+    with open(stats_path, encoding="utf-8") as f:
+        stats = json.load(f)
+    shutil.rmtree(os.path.join(work, "out"), ignore_errors=True)
+    return stats, wall
+
+
+def run_baseline(texts, model: str):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model)
+    t0 = time.perf_counter()
+    ids = sp.encode(texts, out_type=int)  # batch call, num_threads=-1: all cores
+    dt = time.perf_counter() - t0
+    return sum(map(len, ids)), dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="8 MB corpus, 1 rep (under a minute)")
+    ap.add_argument("--mb", type=float, default=None, help="corpus size in MB (default 40; quick 8)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=None, help="runs of each side (default 3; quick 1)")
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
+    args = ap.parse_args()
+    env = dict(os.environ)  # the user's environment, before importing megatron_ext changes it
+    if not os.path.isfile(SHAKESPEARE):
+        print(f"bench_preprocess: {SHAKESPEARE} not found (../shared is missing); nothing to "
+              f"measure, skipping", file=sys.stderr)
+        return 0
+    mb = args.mb if args.mb is not None else (8.0 if args.quick else 40.0)
+    reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+
+    with open(SHAKESPEARE, "rb") as f:
+        raw = f.read()
+    corpus_hash = hashlib.sha256(raw).hexdigest()
+    paras = paragraphs(raw.decode("utf-8"))
+    model = get_model(SHAKESPEARE, corpus_hash, args.vocab, args.model_type)
+
+    work = tempfile.mkdtemp(prefix="bench_preprocess_")
+    try:
+        jsonl = os.path.join(work, "corpus.jsonl")
+        n_docs, n_bytes = build_jsonl(jsonl, paras, int(mb * 1e6))
+        with open(jsonl, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
+
+        best_ours, best_wall, best_base = None, None, None
+        runs = []
+        for _ in range(reps):
+            stats, wall = run_ours(jsonl, model, args.workers, work, env)
+            if best_ours is None or stats["seconds"] < best_ours["seconds"]:
+                best_ours = stats
+            best_wall = wall if best_wall is None else min(best_wall, wall)
+            base_tokens, base_dt = run_baseline(texts, model)
+            best_base = base_dt if best_base is None else min(best_base, base_dt)
+            runs.append([round(stats["seconds"], 3), round(wall, 3), round(base_dt, 3)])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    tokens = best_ours["tokens"]
+    config = {
+        "input": "tinyshakespeare paragraphs repeated, JSONL",
+        "input_mb": round(n_bytes / 1e6, 2),
+        "documents": n_docs,
+        "tokens": tokens,
+        "baseline_tokens": base_tokens,
+        "workers": args.workers,
+        "cpu_count": os.cpu_count(),
+        "tokenizer": f"sentencepiece {args.model_type} vocab {args.vocab}",
+        "reps": reps,
+        "best_seconds": round(best_ours["seconds"], 3),
+        "best_wall_seconds": round(best_wall, 3),
+        "baseline_seconds": round(best_base, 3),
+        "runs_seconds_wall_baseline": runs,
+    }
+    ours = tokens / best_ours["seconds"]
+    base = base_tokens / best_base
+    emit("tokens_per_sec", ours, "tokens/s", config)
+    emit("tokens_per_sec_wall", tokens / best_wall, "tokens/s", config)
+    emit("docs_per_sec", n_docs / best_ours["seconds"], "docs/s", config)
+    emit("mb_per_sec", n_bytes / 1e6 / best_ours["seconds"], "MB/s", config)
+    emit("spm_encode_only_tokens_per_sec", base, "tokens/s", config)
+    emit("speedup_vs_spm_encode_only", ours / base, "x", config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""GPT train/valid/test datasets over Megatron ``.bin``/``.idx`` files (megatron-core underneath).
+
+``build_gpt_datasets`` turns ``model.data`` into megatron-core's ``GPTDatasetConfig`` and lets
+``BlendedMegatronDatasetBuilder`` do the work: the train/valid/test split of each dataset's
+documents by ``splits_string`` ("949,50,1"), the weighted blend across datasets, and the
+shuffled document/sample/shuffle indices, cached as ``.npy`` files and reused by later runs
+with the same data, sequence length, seed, split and sizes.
+
+``model.data.data_prefix`` forms:
+
+* ``[]`` -- the built-in corpus (:mod:`megatron_ext.data.default_corpus`);
+* ``"/p/x"`` or ``["/p/x"]`` (or ``[w, "/p/x"]``) -- one dataset, ``/p/x.bin`` + ``/p/x.idx``;
+* ``[w1, "/p/a", w2, "/p/b", ...]`` -- a blend; samples are drawn in proportion to the
+  (positive) weights.
+
+A trailing ``.bin``/``.idx`` on a prefix is accepted and removed; ``~`` is expanded and the
+prefix made absolute (so the cache key does not depend on the working directory).
+
+Every file is checked first (:mod:`megatron_ext.data.validation`), so a bad input is one
+``DataError``/``ConfigError`` naming the file or key, never an assert from megatron-core.
+
+Sample-index cache (``model.data.index_mapping_dir``, default ``<dir of first prefix>/cache``)
+------------------------------------------------------------------------------------------
+megatron-core builds the indices on *global rank 0* and lets the other ranks load them after a
+barrier, which assumes the cache directory is shared by all ranks: on node-local disks the
+other nodes find no files. Here, before megatron-core runs, every rank checks whether it can see
+a probe file that rank 0 wrote into the cache directory:
+
+* ranks that see it share rank 0's filesystem and load what rank 0 builds (megatron-core's
+  usual path);
+* of the ranks that do not, the lowest rank on each host builds the indices into its own
+  (node-local) cache directory first, in a short-lived child process that has a world of one
+  (megatron-core only builds on rank 0), and the other ranks of that host load them.
+
+Cache files are only read after every builder has finished (megatron-core's barrier), and
+builders of the same directory produce byte-identical files. Every rank then holds the full
+datasets (``is_built_on_rank`` is always true): datasets are memory-mapped, so this is cheap,
+and the training loop does not depend on which ranks have data.
+
+Batches (via :mod:`megatron_ext.data.samplers`) hold ``tokens``/``labels`` (int64, ``[b, s]``),
+``loss_mask`` (float32) and ``position_ids`` (int64). No attention mask is built
+(``create_attention_mask=False``): the model uses causal SDPA. ``reset_position_ids`` and
+``eod_mask_loss`` act on the batch; ``reset_attention_mask`` is passed through but, without an
+attention mask, it only has an effect if the model itself masks across ``eod``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+from megatron_ext.errors import ConfigError, DataError, MegatronExtError
+
+logger = logging.getLogger(__name__)
+
+PREFIX_KEY = "model.data.data_prefix"
+SPLITS_KEY = "model.data.splits_string"
+
+
+# ------------------------------------------------------------------------ config parsing
+def _as_list(value: Any) -> Any:
+    try:
+        from omegaconf import ListConfig, OmegaConf
+
+        if isinstance(value, ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return value
+
+
+def _parse_weight(value: Any, index: int) -> float:
+    bad = ConfigError(
+        f"{PREFIX_KEY}[{index}]={value!r}: expected a positive number (the weight of the prefix that "
+        f"follows), as in [w1, prefix1, w2, prefix2, ...]"
+    )
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, (int, float)):
+        weight = float(value)
+    elif isinstance(value, str):
+        try:
+            weight = float(value.strip())
+        except ValueError:
+            raise bad from None
+    else:
+        raise bad
+    if not math.isfinite(weight) or weight <= 0:
+        raise bad
+    return weight
+
+
+def _normalize_prefix(value: Any, index: Optional[int]) -> str:
+    where = PREFIX_KEY if index is None else f"{PREFIX_KEY}[{index}]"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"{where}={value!r}: expected a dataset prefix (a path string, without .bin/.idx)"
+        )
+    prefix = value.strip()
+    for ext in (".bin", ".idx"):
+        if prefix.endswith(ext):
+            prefix = prefix[: -len(ext)]
+    return os.path.abspath(os.path.expanduser(prefix))
+
+
+def parse_data_prefix(data_prefix: Any) -> Tuple[List[str], Optional[List[float]]]:
+    """``model.data.data_prefix`` -> ``(prefixes, weights or None)``. ``([], None)`` = default corpus.
+
+    Raises ConfigError naming ``model.data.data_prefix`` for any other shape.
+    """
+    data_prefix = _as_list(data_prefix)
+    if data_prefix is None:
+        return [], None
+    if isinstance(data_prefix, str):
+        return [_normalize_prefix(data_prefix, None)], None
+    if not isinstance(data_prefix, (list, tuple)):
+        raise ConfigError(
+            f"{PREFIX_KEY}={data_prefix!r}: expected a list: [] (built-in corpus), [prefix], or "
+            f"[w1, prefix1, w2, prefix2, ...]"
+        )
+    items = list(data_prefix)
+    if not items:
+        return [], None
+    if len(items) == 1:
+        return [_normalize_prefix(items[0], 0)], None
+    if len(items) % 2 != 0:
+        raise ConfigError(
+            f"{PREFIX_KEY} has {len(items)} entries: {items!r}; expected one prefix, or weight/prefix "
+            f"pairs [w1, prefix1, w2, prefix2, ...] (an even number of entries)"
+        )
+    weights = [_parse_weight(items[i], i) for i in range(0, len(items), 2)]
+    prefixes = [_normalize_prefix(items[i], i) for i in range(1, len(items), 2)]
+    if len(prefixes) == 1:
+        return prefixes, None  # [w, prefix]: a blend of one is just that dataset
+    return prefixes, weights
+
+
+def parse_splits_string(splits: Any) -> str:
+    """Validate ``model.data.splits_string`` ("949,50,1"); return it normalised ("949,50,1")."""
+    text = str(splits).strip().strip("'\"").strip()
+    parts = [p.strip() for p in text.replace("/", ",").split(",")]
+    bad = ConfigError(
+        f"{SPLITS_KEY}={splits!r}: expected 1 to 3 non-negative numbers separated by commas "
+        f"(train,valid,test weights), e.g. \"949,50,1\", with a positive sum"
+    )
+    if not 1 <= len(parts) <= 3:
+        raise bad
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise bad from None
+    if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise bad
+    values += [0.0] * (3 - len(values))
+    return ",".join(f"{v:g}" for v in values)
+
+
+# ------------------------------------------------------------------------ tokenizer proxy
+@dataclass
+class TokenizerInfo:
+    """The part of a tokenizer megatron-core's GPT datasets read; small and picklable.
+
+    The datasets (and DataLoader workers, and the index-building child process) carry this
+    instead of the tokenizer itself. ``unique_identifiers`` goes into the cache key.
+    """
+
+    vocab_size: int
+    eod: int
+    pad: int
+    unique_identifiers: "OrderedDict[str, Any]"
+
+    @property
+    def eos(self) -> int:
+        return self.eod
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "TokenizerInfo":
+        pad = getattr(tokenizer, "pad", None)
+        return cls(
+            vocab_size=int(tokenizer.vocab_size),
+            eod=int(tokenizer.eod),
+            pad=-1 if pad is None else int(pad),
+            unique_identifiers=OrderedDict(tokenizer.unique_identifiers),
+        )
+
+
+# ------------------------------------------------------------------------ distributed help
+def _world() -> Tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj: Any) -> List[Any]:
+    import torch.distributed as dist
+
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _collective_check(fn, *args, **kwargs):
+    """Run ``fn`` on every rank; if it raises a user error on any rank, raise it on all ranks
+    (so no rank is left waiting in a barrier)."""
+    rank, world = _world()
+    if world == 1:
+        return fn(*args, **kwargs)
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except MegatronExtError as err:
+        error = (type(err).__name__, str(err))
+    errors = _all_gather(error)
+    for r, e in enumerate(errors):
+        if e is not None:
+            cls = ConfigError if e[0] == "ConfigError" else DataError
+            raise cls(e[1] if r == rank else f"{e[1]} (reported by rank {r})")
+    return result
+
+
+def plan_index_builders(cache_dir: str) -> bool:
+    """Decide who builds the sample-index cache. Returns True if this rank (not rank 0) must
+    build it locally before megatron-core runs. Collective: call on every rank."""
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if world == 1:
+        return False
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = os.path.join(cache_dir, f".shared-probe-{token[0]}")
+    if rank == 0:
+        with open(probe, "w") as f:
+            f.write("probe\n")
+    dist.barrier()
+    sees = os.path.exists(probe)
+    if not sees:  # refresh possibly stale negative lookups on network filesystems
+        try:
+            sees = os.path.basename(probe) in os.listdir(cache_dir)
+        except OSError:
+            sees = False
+    host = socket.gethostname()
+    table = _all_gather((host, sees))
+    dist.barrier()
+    if rank == 0:
+        try:
+            os.remove(probe)
+        except OSError:
+            pass
+    if sees:
+        return False
+    local_builder = min(r for r, (h, s) in enumerate(table) if h == host and not s)
+    if rank == local_builder:
+        logger.info(
+            "rank %d: the index cache %s is not shared with rank 0; building it on this node", rank, cache_dir
+        )
+    return rank == local_builder
+
+
+# ------------------------------------------------------------------------ building
+def _dataset_config(
+    prefixes: List[str],
+    weights: Optional[List[float]],
+    split: str,
+    seq_length: int,
+    seed: int,
+    cache_dir: str,
+    tok: TokenizerInfo,
+    data_cfg,
+    sizes: Sequence[int],
+):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    cfg = GPTDatasetConfig(
+        random_seed=int(seed),
+        sequence_length=int(seq_length),
+        blend=(list(prefixes), None if weights is None else list(weights)),
+        split=split,
+        path_to_cache=cache_dir,
+        mmap_bin_files=True,
+        tokenizer=tok,
+        reset_position_ids=bool(data_cfg.reset_position_ids),
+        reset_attention_mask=bool(data_cfg.reset_attention_mask),
+        eod_mask_loss=bool(data_cfg.eod_mask_loss),
+        create_attention_mask=False,
+        num_dataset_builder_threads=1,
+    )
+    # splits nobody asks samples from are not built at all (returned as None)
+    cfg.split_matrix = [m if sizes[i] else None for i, m in enumerate(cfg.split_matrix)]
+    return cfg
+
+
+class _SingleProcessGroup:
+    """A world of one for megatron-core code that calls ``torch.distributed.get_rank()``
+    unguarded (``BlendedDataset`` on a cache miss). No-op when a group already exists."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.created = not dist.is_initialized()
+        if self.created:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        if self.created and dist.is_initialized():
+            dist.destroy_process_group()
+        return False
+
+
+def _run_builder(cfg, sizes: Sequence[int]):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, [int(s) for s in sizes], lambda: True, cfg)
+    return builder.build()
+
+
+def _child_main(payload_path: str) -> int:
+    """Entry point of the index-building child process (see :func:`_prebuild_in_child`)."""
+    import pickle
+
+    with open(payload_path, "rb") as f:
+        cfg, sizes = pickle.load(f)
+    with _SingleProcessGroup():
+        _run_builder(cfg, sizes)
+    return 0
+
+
+def _prebuild_in_child(cfg, sizes) -> None:
+    """Build the sample-index cache in a fresh interpreter with a world of one.
+
+    A plain subprocess (not ``multiprocessing``'s spawn, which re-imports the user's main
+    script and would re-run an unguarded training script).
+    """
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    fd, payload = tempfile.mkstemp(prefix="megatron_ext_index_", suffix=".pkl")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump((cfg, [int(s) for s in sizes]), f)
+        code = (
+            "import sys; sys.path[:0] = {path!r}; "
+            "from megatron_ext.data.gpt_data import _child_main; sys.exit(_child_main({payload!r}))"
+        ).format(path=[p for p in sys.path if p], payload=payload)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    finally:
+        os.remove(payload)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+        raise DataError(
+            f"building the sample-index cache in {cfg.path_to_cache} failed (exit code {proc.returncode}): {tail}"
+        )
+
+
+def _resolve_cache_dir(data_cfg, first_prefix: str) -> str:
+    if data_cfg.index_mapping_dir:
+        cache_dir = os.path.abspath(os.path.expanduser(str(data_cfg.index_mapping_dir)))
+        key = "model.data.index_mapping_dir"
+    else:
+        cache_dir = os.path.join(os.path.dirname(first_prefix), "cache")
+        key = f"the default sample-index cache next to {first_prefix} (set model.data.index_mapping_dir)"
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create the sample-index cache directory {cache_dir} ({key}): {err}") from err
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise DataError(
+            f"the sample-index cache directory {cache_dir} is not writable; set model.data.index_mapping_dir "
+            f"to a writable directory"
+        )
+    return cache_dir
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def _validate_inputs(prefixes, weighted, tokenizer, cache_dir, split_matrix, sizes, splits_string):
+    from megatron_ext.data.validation import check_splits, validate_indexed_dataset
+
+    name = getattr(tokenizer, "name", None)
+    infos = []
+    for i, prefix in enumerate(prefixes):
+        key = f"{PREFIX_KEY}[{2 * i + 1}]" if weighted else PREFIX_KEY
+        info = validate_indexed_dataset(prefix, int(tokenizer.vocab_size), cache_dir, name, key)
+        check_splits(info, split_matrix, sizes, SPLITS_KEY, splits_string)
+        infos.append(info)
+    return infos
+
+
+def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[int, int, int], seed: int):
+    """Build ``(train, valid, test)`` GPT datasets from ``model.data`` (a ``DataConfig``).
+
+    ``num_samples`` is the number of samples each split must provide (see
+    :func:`megatron_ext.data.samplers.compute_num_samples`); a split with 0 samples, or a 0 share
+    in ``splits_string``, is not built and comes back as ``None``. ``seed`` is used unless
+    ``data_cfg.seed`` is set. Call on every rank when ``torch.distributed`` is initialized.
+    """
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
+        raise ConfigError(f"model.seq_length={seq_length!r}: expected a positive integer")
+    sizes = list(num_samples)
+    if len(sizes) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes):
+        raise ConfigError(f"num_samples={num_samples!r}: expected three non-negative integers (train, valid, test)")
+    if str(getattr(data_cfg, "data_impl", "mmap")) not in ("mmap", "lazy", "cached"):
+        raise ConfigError(
+            f"model.data.data_impl={data_cfg.data_impl!r}: GPT pretraining reads Megatron .bin/.idx files; "
+            f"expected 'mmap' (make them with tools/preprocess_data.py)"
+        )
+    split = parse_splits_string(data_cfg.splits_string)
+    prefixes, weights = parse_data_prefix(data_cfg.data_prefix)
+    data_seed = seed if getattr(data_cfg, "seed", None) is None else data_cfg.seed
+    rank, world = _world()
+
+    if not prefixes:
+        from megatron_ext.data.default_corpus import ensure_default_corpus
+
+        prefixes = [_collective_check(ensure_default_corpus, tokenizer, data_cfg.default_corpus_dir)]
+    cache_dir = _collective_check(_resolve_cache_dir, data_cfg, prefixes[0])
+
+    tok = TokenizerInfo.from_tokenizer(tokenizer)
+    cfg = _dataset_config(prefixes, weights, split, seq_length, data_seed, cache_dir, tok, data_cfg, sizes)
+
+    check = (prefixes, weights is not None, tokenizer, cache_dir, cfg.split_matrix, sizes, data_cfg.splits_string)
+    if world == 1:
+        infos = _validate_inputs(*check)
+    else:
+        local_builder = plan_index_builders(cache_dir)
+        is_builder = rank == 0 or local_builder
+        # builders check first (filling the data-stats cache), then the others; an error on any
+        # rank is raised on every rank, so none is left waiting in a barrier
+        infos = _collective_check(_validate_inputs if is_builder else _noop, *check)
+        infos = _collective_check(_noop if is_builder else _validate_inputs, *check) or infos
+        # ranks that cannot see rank 0's cache fill their own (rank 0 builds inside megatron-core)
+        _collective_check(_prebuild_in_child if local_builder else _noop, cfg, sizes)
+
+    if data_cfg.reset_attention_mask:
+        logger.warning(
+            "model.data.reset_attention_mask=True: no attention mask is built (causal SDPA); attention is "
+            "only kept within documents if the model masks at eod itself"
+        )
+    for info in infos or []:
+        logger.info(
+            "dataset %s: %d documents, %d tokens (%s)", info.prefix, info.num_sequences, info.num_tokens, info.dtype
+        )
+
+    try:
+        with _SingleProcessGroup():
+            train, valid, test = _run_builder(cfg, sizes)
+    except OSError as err:
+        raise DataError(f"reading the datasets or the sample-index cache in {cache_dir} failed: {err}") from err
+    for name, ds, n in (("train", train, sizes[0]), ("valid", valid, sizes[1]), ("test", test, sizes[2])):
+        if ds is not None:
+            logger.info("%s dataset: %d samples of %d tokens (%d requested)", name, len(ds), seq_length, n)
+    return train, valid, test

@@ -1,0 +1,337 @@
+"""Decoder-only GPT on megatron-core tensor-parallel layers (CPU and GPU).
+
+``GPTModel(cfg, vocab_size)`` takes the typed ``ModelConfig`` (it never reads files)::
+
+    tokens [b, s] -> VocabParallelEmbedding (+ learned positions) -> dropout
+                  -> num_layers x pre-norm TransformerLayer (rope applied to q/k if configured)
+                  -> final norm -> output layer (tied embedding weight or own ColumnParallelLinear)
+                  -> vocab-parallel logits [b, s, padded_vocab / tp]
+                  -> (with labels) megatron-core vocab_parallel_cross_entropy -> loss [b, s] fp32
+
+Parameter names follow megatron-core: ``embedding.word_embeddings``,
+``embedding.position_embeddings``, ``decoder.layers.N.{input_layernorm, self_attention.linear_qkv,
+self_attention.linear_proj, pre_mlp_layernorm, mlp.linear_fc1, mlp.linear_fc2}``,
+``decoder.final_layernorm``, ``output_layer`` (weight only when untied).
+
+TP shard layouts (for checkpoint conversion): word embeddings / output layer / QKV / fc1 are
+split on dim 0, ``linear_proj`` / ``linear_fc2`` on dim 1, everything else is replicated. The
+fused QKV rows are ordered ``[heads, (q, k, v), head_dim]``; SwiGLU fc1 rows are
+``[gate; up]`` and rank r holds ``[gate_r; up_r]``.
+
+Initialisation: every weight matrix and embedding ~ normal(0, init_method_std); the projections
+that write into the residual stream (``linear_proj``, ``linear_fc2``) ~ normal(0, init_method_std /
+sqrt(2 * num_layers)) (Megatron's scaled init); biases 0; norm weights 1. Master weights are drawn
+at full size from the default CPU generator, so the same seed gives the same model at any TP size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ext.config.schema import ModelConfig
+from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.modules.common import (
+    dropout,
+    ensure_model_parallel,
+    init_method_normal,
+    make_parallel_config,
+    scaled_init_method_normal,
+    tp_group,
+    tp_world_size,
+)
+from megatron_ext.modules.mlp import ACTIVATIONS
+from megatron_ext.modules.norms import NORMALIZATIONS
+from megatron_ext.modules.rotary import RotaryEmbedding
+from megatron_ext.modules.transformer import TransformerBlock
+
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
+
+
+def resolve_ffn_hidden_size(cfg: ModelConfig) -> int:
+    """``model.ffn_hidden_size``, or its default: 4*hidden (GELU) / 8/3*hidden rounded up to a
+    multiple of 64 (SwiGLU, so the gated MLP has about the parameters of a 4*hidden one)."""
+    if cfg.ffn_hidden_size is not None:
+        return int(cfg.ffn_hidden_size)
+    h = int(cfg.hidden_size)
+    if str(cfg.activation).lower() == "swiglu":
+        return int(math.ceil(8 * h / 3 / 64) * 64)
+    return 4 * h
+
+
+def resolve_max_position_embeddings(cfg: ModelConfig) -> int:
+    return int(cfg.max_position_embeddings if cfg.max_position_embeddings is not None else cfg.seq_length)
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Round ``vocab_size`` up to a multiple of ``make_vocab_size_divisible_by * tp``."""
+    multiple = int(make_vocab_size_divisible_by) * int(tensor_model_parallel_size)
+    return int(math.ceil(int(vocab_size) / multiple) * multiple)
+
+
+def _fail(key: str, value, expected: str) -> None:
+    raise ConfigError(f"model.{key}={value!r}: {expected}")
+
+
+def validate_model_config(cfg: ModelConfig, vocab_size: int, *, use_cuda: Optional[bool] = None) -> None:
+    """Check the architecture keys of ``cfg``; raises ``ConfigError`` naming the first bad key."""
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available()
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise ConfigError(f"vocab_size={vocab_size!r} (from the tokenizer, model.tokenizer): expected a positive integer")
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                "make_vocab_size_divisible_by", "tensor_model_parallel_size"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            _fail(key, value, "expected a positive integer")
+    if cfg.ffn_hidden_size is not None and (not isinstance(cfg.ffn_hidden_size, int) or cfg.ffn_hidden_size < 1):
+        _fail("ffn_hidden_size", cfg.ffn_hidden_size, "expected a positive integer or null")
+    tp = cfg.tensor_model_parallel_size
+    if cfg.hidden_size % cfg.num_attention_heads != 0:
+        _fail("hidden_size", cfg.hidden_size,
+              f"must be divisible by model.num_attention_heads={cfg.num_attention_heads}")
+    if cfg.num_attention_heads % tp != 0:
+        _fail("num_attention_heads", cfg.num_attention_heads,
+              f"must be divisible by model.tensor_model_parallel_size={tp}")
+    ffn = resolve_ffn_hidden_size(cfg)
+    if ffn % tp != 0:
+        _fail("ffn_hidden_size", cfg.ffn_hidden_size if cfg.ffn_hidden_size is not None else ffn,
+              f"(resolved {ffn}) must be divisible by model.tensor_model_parallel_size={tp}")
+    if str(cfg.activation).lower() not in ACTIVATIONS:
+        _fail("activation", cfg.activation, f"expected one of {', '.join(ACTIVATIONS)}")
+    if str(cfg.normalization).lower() not in NORMALIZATIONS:
+        _fail("normalization", cfg.normalization, f"expected one of {', '.join(NORMALIZATIONS)}")
+    pos_type = str(cfg.position_embedding_type).lower()
+    if pos_type not in POSITION_EMBEDDING_TYPES:
+        _fail("position_embedding_type", cfg.position_embedding_type,
+              f"expected one of {', '.join(POSITION_EMBEDDING_TYPES)}")
+    mpe = cfg.max_position_embeddings
+    if mpe is not None and (not isinstance(mpe, int) or isinstance(mpe, bool) or mpe < 1):
+        _fail("max_position_embeddings", mpe, "expected a positive integer or null (null = model.seq_length)")
+    max_pos = resolve_max_position_embeddings(cfg)
+    if cfg.seq_length > max_pos:
+        _fail("seq_length", cfg.seq_length, f"must be <= model.max_position_embeddings={max_pos}")
+    if pos_type == "rope":
+        if (cfg.hidden_size // cfg.num_attention_heads) % 2 != 0:
+            _fail("hidden_size", cfg.hidden_size,
+                  "rope needs an even head dimension (hidden_size / num_attention_heads)")
+        if not float(cfg.rotary_base) > 0:
+            _fail("rotary_base", cfg.rotary_base, "expected a positive number")
+    for key in ("hidden_dropout", "attention_dropout"):
+        p = getattr(cfg, key)
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) < 1.0:
+            _fail(key, p, "expected a probability in [0, 1)")
+    if not isinstance(cfg.init_method_std, (int, float)) or not float(cfg.init_method_std) > 0:
+        _fail("init_method_std", cfg.init_method_std, "expected a positive number")
+    if not isinstance(cfg.layernorm_epsilon, (int, float)) or not float(cfg.layernorm_epsilon) > 0:
+        _fail("layernorm_epsilon", cfg.layernorm_epsilon, "expected a positive number")
+    gran = cfg.activations_checkpoint_granularity
+    if gran is not None and str(gran).lower() not in ("full", "none", "null"):
+        _fail("activations_checkpoint_granularity", gran, "expected null or 'full'")
+    if cfg.sequence_parallel:
+        if not use_cuda:
+            raise ConfigError(
+                "model.sequence_parallel=true needs CUDA (megatron-core's sequence-parallel collectives "
+                "allocate CUDA buffers); set model.sequence_parallel=false on CPU"
+            )
+        if tp > 1:
+            raise ConfigError(
+                "model.sequence_parallel=true with model.tensor_model_parallel_size>1 is not supported by "
+                "megatron_ext's GPTModel yet; set model.sequence_parallel=false"
+            )
+
+
+class GPTEmbedding(nn.Module):
+    """Vocab-parallel word embeddings + optional learned absolute positions + dropout."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, parallel_config, init_method):
+        super().__init__()
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        self.hidden_dropout = float(cfg.hidden_dropout)
+        self.word_embeddings = VocabParallelEmbedding(
+            padded_vocab, cfg.hidden_size, init_method=init_method, config=parallel_config, tp_group=tp_group()
+        )
+        if str(cfg.position_embedding_type).lower() == "learned_absolute":
+            self.max_position_embeddings = resolve_max_position_embeddings(cfg)
+            self.position_embeddings = nn.Embedding(
+                self.max_position_embeddings, cfg.hidden_size, dtype=parallel_config.params_dtype
+            )
+            with torch.no_grad():
+                init_method(self.position_embeddings.weight)
+        else:
+            self.max_position_embeddings = None
+            self.position_embeddings = None
+
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            s = tokens.shape[1]
+            if position_ids is None:
+                if s > self.max_position_embeddings:
+                    raise DataError(
+                        f"input sequence length {s} exceeds model.max_position_embeddings="
+                        f"{self.max_position_embeddings}"
+                    )
+                x = x + self.position_embeddings.weight[:s]
+            else:
+                x = x + F.embedding(position_ids, self.position_embeddings.weight)
+        return dropout(x, self.hidden_dropout, self.training)
+
+
+class GPTModel(nn.Module):
+    """GPT language model. See the module docstring for layout, names and init.
+
+    ``forward(tokens, position_ids=None, labels=None, attention_mask=None)``:
+
+    * with ``labels`` ``[b, s]``: per-token cross-entropy ``[b, s]`` (fp32), computed on the
+      vocab-parallel logits with megatron-core's ``vocab_parallel_cross_entropy``;
+    * without: vocab-parallel logits ``[b, s, padded_vocab_size / tp]``; ``gather_logits`` turns
+      them into full-vocabulary logits for generation.
+
+    ``attention_mask`` (optional, megatron convention: bool, ``True`` = may not attend,
+    broadcastable to ``[b, 1, s, s]``, already causal) replaces the built-in causal mask, e.g.
+    for ``reset_attention_mask`` documents. Activations are ``[b, s, h]``.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        *,
+        params_dtype: torch.dtype = torch.float32,
+        use_cuda: Optional[bool] = None,
+    ):
+        super().__init__()
+        validate_model_config(cfg, vocab_size, use_cuda=use_cuda)
+        tp = int(cfg.tensor_model_parallel_size)
+        ensure_model_parallel(tp)
+        self.config = cfg
+        self.vocab_size = int(vocab_size)
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tp)
+        self.hidden_size = int(cfg.hidden_size)
+        self.ffn_hidden_size = resolve_ffn_hidden_size(cfg)
+        self.share_embeddings_and_output_weights = bool(cfg.share_embeddings_and_output_weights)
+        self.position_embedding_type = str(cfg.position_embedding_type).lower()
+
+        # sequence_parallel with TP=1 on CUDA is a no-op (megatron-core disables it too).
+        parallel_config = make_parallel_config(tp, params_dtype=params_dtype, sequence_parallel=False)
+        init_method = init_method_normal(cfg.init_method_std)
+        output_init_method = scaled_init_method_normal(cfg.init_method_std, cfg.num_layers)
+
+        self.embedding = GPTEmbedding(cfg, self.padded_vocab_size, parallel_config, init_method)
+        if self.position_embedding_type == "rope":
+            self.rotary_pos_emb = RotaryEmbedding(
+                cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base, resolve_max_position_embeddings(cfg)
+            )
+        else:
+            self.rotary_pos_emb = None
+        self.decoder = TransformerBlock(
+            cfg.num_layers,
+            activations_checkpoint_granularity=cfg.activations_checkpoint_granularity,
+            final_norm=True,
+            hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            ffn_hidden_size=self.ffn_hidden_size,
+            parallel_config=parallel_config,
+            init_method=init_method,
+            output_init_method=output_init_method,
+            normalization=str(cfg.normalization).lower(),
+            layernorm_epsilon=float(cfg.layernorm_epsilon),
+            activation=str(cfg.activation).lower(),
+            bias=bool(cfg.bias),
+            hidden_dropout=float(cfg.hidden_dropout),
+            attention_dropout=float(cfg.attention_dropout),
+            causal=True,
+        )
+        from megatron_ext.modules.linear import ColumnParallelLinear
+
+        self.output_layer = ColumnParallelLinear(
+            cfg.hidden_size,
+            self.padded_vocab_size,
+            config=parallel_config,
+            init_method=init_method,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=self.share_embeddings_and_output_weights,
+            tp_group=tp_group(),
+        )
+
+    # -- pieces (also usable by a pipeline wrapper) --------------------------------------
+    def embed(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.embedding(tokens, position_ids)
+
+    def rotary_cos_sin(self, hidden_states: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+        if self.rotary_pos_emb is None:
+            return None
+        return self.rotary_pos_emb.cos_sin(
+            hidden_states.shape[1], hidden_states.device, hidden_states.dtype, position_ids
+        )
+
+    def output_weight(self) -> torch.Tensor:
+        if self.share_embeddings_and_output_weights:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[b, s, h]`` -> vocab-parallel logits ``[b, s, padded_vocab/tp]``."""
+        weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=weight)
+        return logits
+
+    @staticmethod
+    def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token CE ``[b, s]`` (fp32) from vocab-parallel logits. fp32 logits are
+        overwritten in place (megatron-core's kernel reuses them for the softmax)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits, labels)
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        hidden = self.embedding(tokens, position_ids)
+        hidden = self.decoder(hidden, attention_mask, self.rotary_cos_sin(hidden, position_ids))
+        logits = self.compute_logits(hidden)
+        if labels is None:
+            return logits
+        return self.loss_from_logits(logits, labels)
+
+    @torch.no_grad()
+    def gather_logits(self, logits: torch.Tensor, trim: bool = True) -> torch.Tensor:
+        """All-gather vocab-parallel logits over TP -> ``[..., padded_vocab]`` (inference only,
+        no autograd). With ``trim`` (default) the padding columns are dropped, giving
+        ``[..., vocab_size]`` so sampling can never pick a padding id."""
+        world = tp_world_size()
+        if world > 1:
+            local = logits.detach().contiguous()
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local, group=tp_group())
+            full = torch.cat(parts, dim=-1)
+        else:
+            full = logits.detach()
+        return full[..., : self.vocab_size] if trim else full
+
+    def num_parameters(self) -> int:
+        """Parameters held by this rank (a tied embedding/output weight counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+__all__ = [
+    "GPTModel",
+    "GPTEmbedding",
+    "validate_model_config",
+    "resolve_ffn_hidden_size",
+    "resolve_max_position_embeddings",
+    "padded_vocab_size",
+    "POSITION_EMBEDDING_TYPES",
+]

@@ -1,0 +1,165 @@
+"""Pre-norm transformer layer and block with optional full activation checkpointing.
+
+Layer::
+
+    x = x + dropout(attention(input_layernorm(x)))
+    x = x + dropout(mlp(pre_mlp_layernorm(x)))
+
+Block: ``num_layers`` layers, then (optionally) a final norm. With
+``activations_checkpoint_granularity="full"`` each layer is wrapped in
+``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` while training: only the layer
+input is kept and the layer is recomputed in backward. ``preserve_rng_state`` replays the
+default generators; the RNG tracker's streams (attention dropout in TP regions) are replayed
+too, by restoring the tracker snapshot taken at forward time during the recompute.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_ext.errors import ConfigError
+from megatron_ext.modules.attention import ParallelSelfAttention
+from megatron_ext.modules.common import InitMethod, dropout
+from megatron_ext.modules.mlp import ParallelMLP
+from megatron_ext.modules.norms import build_norm
+from megatron_ext.parallel.random import get_rng_tracker
+
+CHECKPOINT_GRANULARITIES = (None, "full")
+
+
+class TransformerLayer(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_attention_heads: int,
+        ffn_hidden_size: int,
+        *,
+        parallel_config,
+        init_method: InitMethod,
+        output_init_method: InitMethod,
+        normalization: str = "layernorm",
+        layernorm_epsilon: float = 1e-5,
+        activation: str = "gelu",
+        bias: bool = True,
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        causal: bool = True,
+    ):
+        super().__init__()
+        self.hidden_dropout = float(hidden_dropout)
+        self.input_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
+        self.self_attention = ParallelSelfAttention(
+            hidden_size,
+            num_attention_heads,
+            parallel_config=parallel_config,
+            init_method=init_method,
+            output_init_method=output_init_method,
+            bias=bias,
+            attention_dropout=attention_dropout,
+            causal=causal,
+        )
+        self.pre_mlp_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
+        self.mlp = ParallelMLP(
+            hidden_size,
+            ffn_hidden_size,
+            parallel_config=parallel_config,
+            init_method=init_method,
+            output_init_method=output_init_method,
+            activation=activation,
+            bias=bias,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_cos_sin)
+        hidden_states = hidden_states + dropout(attn, self.hidden_dropout, self.training)
+        mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        return hidden_states + dropout(mlp, self.hidden_dropout, self.training)
+
+
+def _tracker_replay_context():
+    """``context_fn`` for torch.utils.checkpoint: snapshot the tracker at forward time and
+    run the recompute from that snapshot, then put the advanced streams back."""
+    tracker = get_rng_tracker()
+    snapshot = tracker.get_states()
+
+    @contextlib.contextmanager
+    def recompute():
+        current = tracker.get_states()
+        tracker.set_states(snapshot)
+        try:
+            yield
+        finally:
+            tracker.set_states(current)
+
+    return contextlib.nullcontext(), recompute()
+
+
+class TransformerBlock(nn.Module):
+    """A stack of ``TransformerLayer`` (attribute ``layers``) plus an optional final norm
+    (``final_layernorm``). Layer kwargs are those of ``TransformerLayer``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        *,
+        activations_checkpoint_granularity: Optional[str] = None,
+        final_norm: bool = True,
+        **layer_kwargs,
+    ):
+        super().__init__()
+        gran = activations_checkpoint_granularity
+        if isinstance(gran, str) and gran.lower() in ("none", "null", ""):
+            gran = None
+        if gran is not None:
+            gran = str(gran).lower()
+        if gran not in CHECKPOINT_GRANULARITIES:
+            raise ConfigError(
+                f"model.activations_checkpoint_granularity={activations_checkpoint_granularity!r}: "
+                f"expected null or 'full'"
+            )
+        self.checkpoint_granularity = gran
+        self.layers = nn.ModuleList([TransformerLayer(**layer_kwargs) for _ in range(num_layers)])
+        if final_norm:
+            self.final_layernorm = build_norm(
+                layer_kwargs.get("normalization", "layernorm"),
+                layer_kwargs["hidden_size"],
+                layer_kwargs.get("layernorm_epsilon", 1e-5),
+                layer_kwargs.get("bias", True),
+            )
+        else:
+            self.final_layernorm = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        recompute = self.checkpoint_granularity == "full" and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if recompute:
+                hidden_states = checkpoint(
+                    layer,
+                    hidden_states,
+                    attention_mask,
+                    rotary_cos_sin,
+                    use_reentrant=False,
+                    context_fn=_tracker_replay_context,
+                )
+            else:
+                hidden_states = layer(hidden_states, attention_mask, rotary_cos_sin)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states
+
+
+__all__ = ["TransformerLayer", "TransformerBlock", "CHECKPOINT_GRANULARITIES"]

@@ -1,0 +1,296 @@
+"""GPTModel (TP=1 in-process): shapes, training signal, variants, checkpointing, dropout, config errors, FLOPs."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_ext.config.schema import ModelConfig
+from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.models.flops import gpt_flops_per_iteration, gpt_flops_per_token
+from megatron_ext.models.gpt import GPTModel, padded_vocab_size, resolve_ffn_hidden_size
+from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
+from megatron_ext.parallel.state import initialize_parallel
+
+VOCAB = 61
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tp1():
+    initialize_parallel(1, 1, accelerator="cpu")
+    yield
+
+
+def small_cfg(**kw):
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def build(seed=0, **kw):
+    torch.manual_seed(seed)
+    model_parallel_manual_seed(seed, tp_rank=0, pp_rank=0)
+    return GPTModel(small_cfg(**kw), VOCAB)
+
+
+def batch(b=2, s=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (b, s + 1), generator=g)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def test_shapes_padding_and_loss_matches_reference_ce():
+    m = build()
+    assert m.padded_vocab_size == padded_vocab_size(VOCAB, 8, 1) == 64
+    x, y = batch()
+    logits = m(x)
+    assert logits.shape == (2, 16, 64)
+    loss = m(x, labels=y)
+    assert loss.shape == (2, 16) and loss.dtype == torch.float32
+    ref = F.cross_entropy(logits.reshape(-1, 64), y.reshape(-1), reduction="none").view(2, 16)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    full = m.gather_logits(logits)
+    assert full.shape == (2, 16, VOCAB)
+    assert m.gather_logits(logits, trim=False).shape == (2, 16, 64)
+
+
+def test_causal():
+    m = build().eval()
+    x, _ = batch()
+    x2 = x.clone()
+    x2[:, 10:] = (x2[:, 10:] + 1) % VOCAB
+    a, b = m(x), m(x2)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_explicit_positions_and_mask_match_defaults():
+    for pos in ("learned_absolute", "rope"):
+        m = build(position_embedding_type=pos).eval()
+        x, _ = batch()
+        pid = torch.arange(16).unsqueeze(0).expand(2, 16)
+        mask = ~torch.tril(torch.ones(16, 16, dtype=torch.bool)).view(1, 1, 16, 16)  # True = masked
+        ref = m(x)
+        torch.testing.assert_close(m(x, position_ids=pid), ref)
+        torch.testing.assert_close(m(x, attention_mask=mask), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_overfits_one_batch():
+    m = build(hidden_size=64, num_attention_heads=4)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x, y = batch(b=4)
+    losses = []
+    for _ in range(30):
+        loss = m(x, labels=y).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > math.log(VOCAB) - 0.5
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_tied_vs_untied_parameter_count():
+    tied = build(share_embeddings_and_output_weights=True)
+    untied = build(share_embeddings_and_output_weights=False)
+    assert untied.num_parameters() - tied.num_parameters() == 64 * 32
+    assert sum(p.numel() for p in tied.parameters()) == tied.num_parameters()
+    assert tied.output_weight() is tied.embedding.word_embeddings.weight
+    assert untied.output_weight() is untied.output_layer.weight
+    # tied: the output-layer gradient flows into the embedding
+    x, y = batch()
+    tied(x, labels=y).mean().backward()
+    g = tied.embedding.word_embeddings.weight.grad
+    unused = sorted(set(range(VOCAB)) - set(x.flatten().tolist()))
+    assert g[unused].abs().sum() > 0  # only reachable through the output projection
+
+
+def test_rope_rmsnorm_swiglu_variant():
+    m = build(position_embedding_type="rope", normalization="rmsnorm", activation="swiglu", bias=False,
+              hidden_size=48, num_attention_heads=4)
+    assert m.ffn_hidden_size == resolve_ffn_hidden_size(m.config) == 128  # 8/3*48 = 128 -> multiple of 64
+    assert m.embedding.position_embeddings is None
+    assert isinstance(m.decoder.layers[0].input_layernorm, torch.nn.RMSNorm)
+    assert m.decoder.layers[0].mlp.linear_fc1.weight.shape == (256, 48)
+    assert all(n.endswith("weight") for n, _ in m.named_parameters())  # bias=False everywhere
+    x, y = batch()
+    loss = m(x, labels=y).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in m.parameters())
+    # rope is relative: shifting all positions by a constant leaves the logits unchanged
+    m.eval()
+    pid = torch.arange(16).unsqueeze(0).expand(2, 16)
+    torch.testing.assert_close(m(x, position_ids=pid + 7), m(x, position_ids=pid), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_activation_checkpointing_same_loss_and_grads(dropout):
+    kw = dict(hidden_dropout=dropout, attention_dropout=dropout)
+    a = build(seed=3, **kw)
+    b = build(seed=3, activations_checkpoint_granularity="full", **kw)
+    b.load_state_dict(a.state_dict())
+    x, y = batch()
+    out = []
+    for m in (a, b):
+        model_parallel_manual_seed(5, tp_rank=0, pp_rank=0)  # same dropout masks for both runs
+        loss = m(x, labels=y).mean()
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)
+    for n in out[0][1]:
+        torch.testing.assert_close(out[0][1][n], out[1][1][n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_dropout_determinism_through_tracker():
+    m = build(hidden_dropout=0.2, attention_dropout=0.2)
+    x, y = batch()
+    model_parallel_manual_seed(11, tp_rank=0, pp_rank=0)
+    first = m(x, labels=y)
+    model_parallel_manual_seed(11, tp_rank=0, pp_rank=0)
+    again = m(x, labels=y)
+    assert torch.equal(first, again)
+    states = get_all_rng_states()
+    third = m(x, labels=y)
+    assert not torch.equal(third, first)  # streams advanced -> new masks
+    set_all_rng_states(states)
+    assert torch.equal(m(x, labels=y), third)
+    # the attention dropout really draws from the tracker's model-parallel stream
+    model_parallel_manual_seed(11, tp_rank=0, pp_rank=0)
+    set_states = get_all_rng_states()
+    set_states["tracker"]["states"]["model-parallel-rng"]["cpu"] = torch.Generator().manual_seed(1).get_state()
+    set_all_rng_states(set_states)
+    assert not torch.equal(m(x, labels=y), first)
+    m.eval()
+    torch.testing.assert_close(m(x, labels=y), m(x, labels=y))
+
+
+def test_scaled_init():
+    m = build(num_layers=8, hidden_size=128, num_attention_heads=4, init_method_std=0.05)
+    layer = m.decoder.layers[0]
+    assert abs(layer.self_attention.linear_qkv.weight.std().item() - 0.05) < 0.003
+    scaled = 0.05 / math.sqrt(16)
+    assert abs(layer.self_attention.linear_proj.weight.std().item() - scaled) < 0.001
+    assert abs(layer.mlp.linear_fc2.weight.std().item() - scaled) < 0.001
+    assert abs(m.embedding.word_embeddings.weight.std().item() - 0.05) < 0.005
+    assert torch.count_nonzero(layer.self_attention.linear_qkv.bias) == 0
+
+
+def test_bf16_params_forward_backward():
+    m = build().to(torch.bfloat16)
+    x, y = batch()
+    loss = m(x, labels=y)
+    assert loss.dtype == torch.float32
+    loss.mean().backward()
+    assert m.embedding.word_embeddings.weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dropout_recompute_and_rng_resume(dtype):
+    kw = dict(hidden_dropout=0.1, attention_dropout=0.1)
+    a = build(seed=3, **kw).cuda().to(dtype)
+    b = build(seed=3, activations_checkpoint_granularity="full", **kw).cuda().to(dtype)
+    b.load_state_dict(a.state_dict())
+    x, y = (t.cuda() for t in batch())
+    out = []
+    for m in (a, b):
+        model_parallel_manual_seed(5, tp_rank=0, pp_rank=0)
+        loss = m(x, labels=y)
+        loss.mean().backward()
+        out.append((loss.detach(), {n: p.grad.float() for n, p in m.named_parameters()}))
+    assert loss.dtype == torch.float32 and loss.is_cuda
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for n in out[0][1]:
+        torch.testing.assert_close(out[0][1][n], out[1][1][n], msg=n, **tol)
+    states = get_all_rng_states()
+    assert states["torch_cuda"] is not None
+    first = a(x, labels=y)
+    assert not torch.equal(first, a(x, labels=y))
+    set_all_rng_states(states)
+    assert torch.equal(a(x, labels=y), first)
+
+
+def test_sequence_too_long_for_learned_positions():
+    m = build()
+    with pytest.raises(DataError, match="max_position_embeddings"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "model.hidden_size"),
+        (dict(hidden_size=96, num_attention_heads=6, tensor_model_parallel_size=4), "model.num_attention_heads"),
+        (dict(ffn_hidden_size=130, tensor_model_parallel_size=4), "model.ffn_hidden_size"),
+        (dict(activation="relu"), "model.activation"),
+        (dict(normalization="batchnorm"), "model.normalization"),
+        (dict(position_embedding_type="alibi"), "model.position_embedding_type"),
+        (dict(seq_length=32, max_position_embeddings=16), "model.seq_length"),
+        (dict(max_position_embeddings=0), "model.max_position_embeddings"),
+        (dict(ffn_hidden_size=0), "model.ffn_hidden_size"),
+        (dict(init_method_std=0.0), "model.init_method_std"),
+        (dict(sequence_parallel=True), "model.sequence_parallel"),
+        (dict(activations_checkpoint_granularity="selective"), "model.activations_checkpoint_granularity"),
+        (dict(hidden_dropout=1.5), "model.hidden_dropout"),
+        (dict(num_layers=0), "model.num_layers"),
+        (dict(position_embedding_type="rope", hidden_size=36, num_attention_heads=4), "model.hidden_size"),
+        (dict(tensor_model_parallel_size=2), "model.tensor_model_parallel_size"),  # groups are TP=1
+    ],
+)
+def test_config_errors_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        GPTModel(small_cfg(**overrides), VOCAB, use_cuda=False)
+
+
+def test_bad_vocab_size():
+    with pytest.raises(ConfigError, match="vocab_size"):
+        GPTModel(small_cfg(), 0)
+
+
+def test_accepts_omegaconf_config():
+    OmegaConf = pytest.importorskip("omegaconf").OmegaConf
+
+    cfg = OmegaConf.structured(small_cfg())
+    m = GPTModel(cfg, VOCAB)
+    x, y = batch()
+    assert m(x, labels=y).shape == (2, 16)
+
+
+def test_cross_attention_matches_manual():
+    from megatron_ext.modules import ParallelCrossAttention, init_method_normal, make_parallel_config
+
+    torch.manual_seed(0)
+    att = ParallelCrossAttention(32, 4, kv_hidden_size=24, parallel_config=make_parallel_config(1),
+                                 init_method=init_method_normal(0.1), output_init_method=init_method_normal(0.1))
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
+    pad = torch.zeros(2, 1, 1, 7, dtype=torch.bool)
+    pad[1, ..., 5:] = True  # second sample: last two context positions are padding
+    out = att(x, ctx, pad)
+    q = F.linear(x, att.linear_q.weight, att.linear_q.bias).view(2, 5, 4, 8).transpose(1, 2)
+    kv = F.linear(ctx, att.linear_kv.weight, att.linear_kv.bias).view(2, 7, 4, 2, 8)
+    k, v = kv[..., 0, :].transpose(1, 2), kv[..., 1, :].transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    scores = scores.masked_fill(pad, float("-inf"))
+    ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 32)
+    ref = F.linear(ref, att.linear_proj.weight, att.linear_proj.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flops_formula():
+    cfg = small_cfg(num_layers=2, hidden_size=32, seq_length=16)
+    h, s, L, V = 32, 16, 2, 64
+    fwd = L * (2 * (3 * h * h + h * h + 2 * h * 4 * h) + 4 * s * h) + 2 * h * V
+    assert gpt_flops_per_token(cfg, V) == 3 * fwd
+    assert gpt_flops_per_iteration(cfg, V, 8) == 3 * fwd * s * 8
+    assert gpt_flops_per_iteration(cfg, V, 8, seq_length=32) == gpt_flops_per_token(cfg, V, 32) * 32 * 8
+    sw = dataclasses.replace(cfg, activation="swiglu")  # ffn = 8/3*32 -> 128
+    fwd_sw = L * (2 * (3 * h * h + h * h + 3 * h * 128) + 4 * s * h) + 2 * h * V
+    assert gpt_flops_per_token(sw, V) == 3 * fwd_sw
+    # ~6N per token (+ attention) for a real-sized model
+    big = ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12, seq_length=1024)
+    n_matmul = 12 * 12 * 768 * 768 + 768 * 50304
+    assert gpt_flops_per_token(big, 50304) == 6 * n_matmul + 12 * 12 * 768 * 1024

@@ -1,0 +1,138 @@
+"""End-to-end GPT pretraining through pretrain_gpt.py (subprocesses, CPU, tiny model)."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_script
+
+TINY = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.seq_length=32",
+    "model.micro_batch_size=2",
+    "model.global_batch_size=4",
+    "trainer.log_every_n_steps=1",
+    "trainer.limit_val_batches=1",
+]
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _train_losses(run_dir):
+    return {r["step"]: r["train/loss"] for r in _metrics(run_dir) if "train/loss" in r}
+
+
+def test_fresh_run_writes_everything_and_loss_falls(run_env, tmp_path):
+    r = run_script(
+        ["pretrain_gpt.py", *TINY, "trainer.max_steps=40", "trainer.val_check_interval=20",
+         "exp_manager.checkpoint_callback_params.every_n_train_steps=20", f"exp_manager.exp_dir={tmp_path}",
+         "exp_manager.version=v0", "model.optim.lr=3e-3"],
+        run_env,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_dir = tmp_path / "megatron_gpt" / "v0"
+    losses = _train_losses(run_dir)
+    assert sorted(losses) == list(range(1, 41))
+    first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(38, 41)) / 3
+    assert last < first - 1.0, (first, last)  # byte-level loss starts ~5.5 (ln 256)
+    vals = [m for m in _metrics(run_dir) if "val/loss" in m]
+    assert [m["step"] for m in vals] == [20, 40]
+    rec = _metrics(run_dir)[0]
+    for k in ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tflops", "train/mfu"):
+        assert k in rec and rec[k] == rec[k]  # present and not NaN
+    assert (run_dir / "config.yaml").exists()
+    assert glob.glob(str(run_dir / "events.out.tfevents.*"))
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_0000040"
+    assert (ckpts / "step_0000020" / "meta.json").exists()
+    assert not glob.glob(str(ckpts / ".tmp-*"))
+    # TensorBoard events hold the scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert {"train/loss", "val/loss", "train/lr"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("train/loss")) == 40
+
+    # evaluation only from the checkpoint
+    r = run_script(
+        ["pretrain_gpt.py", *TINY, "trainer.limit_train_batches=0", f"model.ckpt_path={ckpts}",
+         f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=eval", "exp_manager.version=e0"],
+        run_env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = _metrics(tmp_path / "eval" / "e0")
+    assert len(ev) == 1 and ev[0]["step"] == 40
+    assert ev[0]["val/loss"] == pytest.approx(vals[-1]["val/loss"], abs=1e-6)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(run_env, tmp_path):
+    common = [*TINY, "model.hidden_dropout=0.1", "model.attention_dropout=0.1",  # dropout: RNG must be restored
+              "trainer.max_steps=30", "trainer.val_check_interval=10",
+              "exp_manager.checkpoint_callback_params.every_n_train_steps=5", f"exp_manager.exp_dir={tmp_path}"]
+    r = run_script(["pretrain_gpt.py", *common, "exp_manager.version=full"], run_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    full = _train_losses(tmp_path / "megatron_gpt" / "full")
+
+    run_dir = tmp_path / "megatron_gpt" / "killed"
+    latest = run_dir / "checkpoints" / "latest"
+    p = subprocess.Popen([sys.executable, "pretrain_gpt.py", *common, "exp_manager.version=killed"], cwd=REPO,
+                         env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None:
+            if latest.exists() and latest.read_text().strip() >= "step_0000010":
+                break
+            time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = int(latest.read_text().strip().split("_")[1])
+    assert 10 <= killed_at < 30
+
+    r = run_script(["pretrain_gpt.py", *common, "exp_manager.version=killed", "exp_manager.resume_if_exists=true"],
+                   run_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = _train_losses(run_dir)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(killed_at + 1, 31):
+        assert abs(resumed[step] - full[step]) <= 1e-6, (step, resumed[step], full[step])
+    vals_full = {m["step"]: m["val/loss"] for m in _metrics(tmp_path / "megatron_gpt" / "full") if "val/loss" in m}
+    vals_res = {m["step"]: m["val/loss"] for m in _metrics(run_dir) if "val/loss" in m}
+    assert vals_res.keys() == vals_full.keys()
+    for s in vals_full:
+        assert abs(vals_res[s] - vals_full[s]) <= 1e-6
+
+
+def test_resume_without_checkpoint_can_be_required(run_env, tmp_path):
+    r = run_script(["pretrain_gpt.py", *TINY, "trainer.max_steps=2", f"exp_manager.exp_dir={tmp_path}",
+                    "exp_manager.version=none", "exp_manager.resume_if_exists=true",
+                    "exp_manager.resume_ignore_no_checkpoint=false"], run_env)
+    assert r.returncode == 2
+    assert "holds no complete checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_inputs_give_one_clear_message(run_env, tmp_path):
+    cases = [
+        (["model.global_batch_size=5", "model.micro_batch_size=2"], "model.global_batch_size (5)"),
+        (["model.data.data_prefix=[/nonexistent/corpus]"], "/nonexistent/corpus"),
+        (["model.tokenizer.library=sentencepiece", "model.tokenizer.model=/nonexistent/spm.model"],
+         "/nonexistent/spm.model"),
+    ]
+    for over, needle in cases:
+        r = run_script(["pretrain_gpt.py", *TINY, "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}", *over],
+                       run_env, timeout=300)
+        assert r.returncode == 2, (over, r.stderr[-2000:])
+        assert needle in r.stderr, (over, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, (over, r.stderr[-2000:])

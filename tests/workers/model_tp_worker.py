@@ -1,0 +1,149 @@
+"""TP=2 vs TP=1 equivalence for GPTModel (run with torchrun --nproc_per_node 2, gloo, CPU).
+
+Each rank builds the TP=1 reference (same seed on both ranks), perturbs every parameter so no
+bias/norm is trivially zero/one, records loss, logits and gradients; then re-initialises the
+groups with TP=2, builds the TP=2 model, checks that the same seed gave the same full weights,
+loads the shards of the reference weights and compares loss, gathered logits and gradients.
+Rank 0 writes the max differences as JSON to argv[1].
+"""
+import json
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megatron_ext.config.schema import ModelConfig  # noqa: E402
+from megatron_ext.models.gpt import GPTModel  # noqa: E402
+from megatron_ext.parallel.random import get_rng_tracker, model_parallel_manual_seed  # noqa: E402
+from megatron_ext.parallel.state import destroy_parallel, initialize_parallel  # noqa: E402
+
+VOCAB = 60  # padded to 64 at TP1 (16*1) and TP2 (16*2): same padded vocab
+
+VARIANTS = {
+    "gpt2_like": dict(),
+    "llama_like": dict(position_embedding_type="rope", normalization="rmsnorm", activation="swiglu",
+                       share_embeddings_and_output_weights=False, bias=False),
+    "gpt2_like_recompute": dict(activations_checkpoint_granularity="full"),
+}
+
+
+def make_cfg(tp, **kw):
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=12, hidden_dropout=0.0,
+                attention_dropout=0.0, make_vocab_size_divisible_by=16, tensor_model_parallel_size=tp)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def shard(full: torch.Tensor, param: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """The TP shard of ``full`` that ``param`` holds, per megatron's partition attributes."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunks = torch.split(full, full.shape[dim] // (stride * world), dim=dim)
+    return torch.cat(chunks[rank::world], dim=dim)
+
+
+def main(out_path):
+    initialize_parallel(1, 1, accelerator="cpu")
+    g = torch.Generator().manual_seed(123)
+    tokens = torch.randint(0, VOCAB, (2, 13), generator=g)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    results = {}
+
+    refs = {}
+    for name, kw in VARIANTS.items():
+        torch.manual_seed(7)
+        model_parallel_manual_seed(7)
+        ref = GPTModel(make_cfg(1, **kw), VOCAB)
+        init_sd = {k: v.detach().clone() for k, v in ref.named_parameters()}
+        with torch.no_grad():
+            pg = torch.Generator().manual_seed(99)
+            for p in ref.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=pg))
+        loss = ref(x, labels=y)
+        loss.mean().backward()
+        ref.eval()
+        with torch.no_grad():
+            logits = ref(x)
+        refs[name] = dict(
+            init=init_sd,
+            params={n: p.detach().clone() for n, p in ref.named_parameters()},
+            grads={n: p.grad.clone() for n, p in ref.named_parameters()},
+            loss=loss.detach(),
+            logits=logits,
+        )
+        del ref
+
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    initialize_parallel(2, 1, accelerator="cpu")
+    rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    assert world == 2
+
+    for name, kw in VARIANTS.items():
+        r = refs[name]
+        torch.manual_seed(7)
+        model_parallel_manual_seed(7)
+        m = GPTModel(make_cfg(2, **kw), VOCAB)
+        assert m.padded_vocab_size == 64
+        params = dict(m.named_parameters())
+        # same seed -> same full weights at any TP size (CPU master-weight init)
+        init_diff = max(
+            (p.detach() - shard(r["init"][n], p, rank, world)).abs().max().item() for n, p in params.items()
+        )
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(shard(r["params"][n], p, rank, world))
+        loss = m(x, labels=y)
+        loss.mean().backward()
+        m.eval()
+        with torch.no_grad():
+            logits = m.gather_logits(m(x), trim=False)
+        grad_diff = {
+            n: (p.grad - shard(r["grads"][n], p, rank, world)).abs().max().item() for n, p in params.items()
+        }
+        res = dict(
+            init_diff=init_diff,
+            loss_diff=(loss.detach() - r["loss"]).abs().max().item(),
+            logits_diff=(logits - r["logits"]).abs().max().item(),
+            emb_grad_diff=grad_diff["embedding.word_embeddings.weight"],
+            max_grad_diff=max(grad_diff.values()),
+            worst_grad=max(grad_diff, key=grad_diff.get),
+            trimmed_shape=list(m.gather_logits(m(x)).shape),
+        )
+        # reduce over ranks (max) so rank 0 reports the worst
+        t = torch.tensor([res["init_diff"], res["loss_diff"], res["logits_diff"], res["emb_grad_diff"],
+                          res["max_grad_diff"]], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        res.update(zip(["init_diff", "loss_diff", "logits_diff", "emb_grad_diff", "max_grad_diff"], t.tolist()))
+        results[name] = res
+
+    # Dropout streams: the TP stream differs across TP ranks, the default stream does not.
+    model_parallel_manual_seed(5)
+    default = torch.rand(8)
+    with get_rng_tracker().fork():
+        tp_draw = torch.rand(8)
+    both_default = [torch.empty(8) for _ in range(2)]
+    both_tp = [torch.empty(8) for _ in range(2)]
+    dist.all_gather(both_default, default, group=ps.get_tensor_model_parallel_group())
+    dist.all_gather(both_tp, tp_draw, group=ps.get_tensor_model_parallel_group())
+    results["rng"] = dict(
+        default_same=bool(torch.equal(both_default[0], both_default[1])),
+        tp_differs=not torch.equal(both_tp[0], both_tp[1]),
+    )
+
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
