@@ -86,7 +86,7 @@ def _default_optim() -> Dict[str, Any]:
         "lr": 1e-3,
         "weight_decay": 0.01,
         "betas": [0.9, 0.95],
-        "sched": {"name": "CosineAnnealing", "warmup_steps": 10, "min_lr": 1e-4},
+        "sched": {"name": "CosineAnnealing", "warmup_ratio": 0.1, "min_lr": 1e-4},
     }
 
 

@@ -100,9 +100,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _num_samples(self) -> tuple[int, int, int]:
+        """(train, valid, test) samples to build. Validation always reads the first ``limit_val_batches`` global
+        batches of the validation split (the same batches every time, so val/loss is comparable across steps);
+        the test split is not used by pretraining."""
         t, m = self.cfg.trainer, self.cfg.model
-        val = t.limit_val_batches * m.global_batch_size
-        return t.max_steps * m.global_batch_size, val, val
+        if t.limit_train_batches == 0:  # evaluation only
+            return 0, max(1, t.limit_val_batches) * m.global_batch_size, 0
+        val = t.limit_val_batches * m.global_batch_size if t.val_check_interval else 0
+        return t.max_steps * m.global_batch_size, val, 0
 
     def _dataloader(self, dataset, consumed: int):
         from megatron_ext.data.samplers import build_pretraining_dataloader
@@ -115,6 +120,32 @@ class Trainer:
             dp_size=self.dp_size,
             num_workers=self.cfg.model.data.num_workers,
         )
+
+    def _iter(self, dataset, consumed: int) -> Iterator:
+        """A batch iterator that leaves the global RNG alone: ``iter(DataLoader)`` draws a base seed from torch's
+        default generator, which would shift dropout masks after a resume (the iterator is rebuilt there)."""
+        with torch.random.fork_rng(devices=[]):
+            return iter(self._dataloader(dataset, consumed))
+
+    def _grad_norm(self) -> float:
+        gn = self.engine.get_global_grad_norm()
+        if gn is None:
+            return float("nan")
+        return float(gn)
+
+    @property
+    def _norm_before_step(self) -> bool:
+        """DeepSpeed records the global grad norm for ZeRO and mixed precision, but its plain fp32 path (ZeRO 0)
+        discards the norm it clips with; there we compute it (TP-aware) before the optimizer step."""
+        return self.ds_config["zero_optimization"]["stage"] == 0 and self.derived.precision == "32"
+
+    def _unclipped_grad_norm(self) -> float:
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        from megatron_ext.parallel.state import MPUAdapter
+
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=MPUAdapter()))
 
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -221,7 +252,7 @@ class Trainer:
             return None
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        it = iter(self._dataloader(dataset, 0))
+        it = self._iter(dataset, 0)
         for _ in range(num_global_batches * self.derived.accumulate_grad_batches):
             batch = self._to_device(next(it))
             loss, ntok, _ = self.task.loss(self.engine, batch)
@@ -265,7 +296,7 @@ class Trainer:
         flops_iter = self.task.flops_per_iteration(gbs)
         peak, peak_src = peak_tflops(self.device.type, self.derived.precision)
         log.info("MFU peak: %.2f TFLOP/s per process (%s); model FLOPs per iteration %.3e", peak, peak_src, flops_iter)
-        it: Iterator = iter(self._dataloader(train_ds, consumed))
+        it: Iterator = self._iter(train_ds, consumed)
         self.engine.train()
         last_val, last_loss, saved_at = None, None, None
         tokens_per_iter = gbs * self.task.tokens_per_sample()
@@ -277,10 +308,14 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), dtype=torch.float32)
             extras_sum: Dict[str, torch.Tensor] = {}
-            for _ in range(accum):
+            will_log = (step + 1) % t.log_every_n_steps == 0 or step + 1 == last_step or step == first_step
+            own_norm = None
+            for micro in range(accum):
                 batch = self._to_device(next(it))
                 loss, _, extras = self.task.loss(self.engine, batch)
                 self.engine.backward(loss)
+                if will_log and micro == accum - 1 and self._norm_before_step:
+                    own_norm = self._unclipped_grad_norm()
                 self.engine.step()
                 loss_sum += loss.detach().float().cpu()
                 for k, v in extras.items():
@@ -296,8 +331,7 @@ class Trainer:
             step_time = time.perf_counter() - t0
             last_loss = loss_avg
             if step % t.log_every_n_steps == 0 or step == last_step or step == first_step + 1:
-                gn = self.engine.get_global_grad_norm()
-                gn = float(gn) if gn is not None else float("nan")
+                gn = own_norm if own_norm is not None else self._grad_norm()
                 tflops = flops_iter / step_time / world / 1e12
                 metrics = {
                     "train/loss": loss_avg,
