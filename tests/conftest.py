@@ -28,7 +28,8 @@ def run_env(cache_home):
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    env.pop("LOCAL_RANK", None)
+    for k in ("LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(k, None)
     return env
 
 

@@ -63,8 +63,9 @@ def init_distributed(accelerator: str = "auto", timeout_minutes: float = 10.0) -
     if dist.is_initialized():
         return denv
     if not denv.launched:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # a world of one: never reuse an inherited MASTER_PORT (it may belong to another live process group)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
     os.environ["RANK"] = str(denv.rank)
     os.environ["WORLD_SIZE"] = str(denv.world_size)
     os.environ["LOCAL_RANK"] = str(denv.local_rank)
