@@ -1,7 +1,7 @@
 """Training throughput of our full stack vs. same-shape baselines, measured in one process.
 
 Stacks (identical shape and model FLOPs: pre-LN GPT, learned positions, GELU MLP 4h, tied embeddings, biases,
-no dropout; AdamW; one micro-batch per optimizer step):
+no dropout; torch fused AdamW in all three; one micro-batch per optimizer step):
   ours     GPTModel from pretrain_gpt.py's task (megatron-core TP layers, SDPA) inside a DeepSpeed engine
            (engine.backward / engine.step, gradient clipping 1.0), precision through DeepSpeed (bf16: bf16
            weights + fp32 master copies).
@@ -75,7 +75,8 @@ class NanoGPT(nn.Module):
 
 
 def _plain_step_fn(model, precision):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+    # same optimizer kernel as our stack's default (torch fused AdamW), so the comparison is model + engine
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01, fused=True)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
 
     def step(x, y):
@@ -128,7 +129,26 @@ def build_hf(shape, precision):
 
 
 # ----------------------------------------------------------------------------- our stack
+class _StdoutToStderr:
+    """DeepSpeed prints op-build notices on stdout (from Python and C++); keep stdout pure JSON lines."""
+
+    def __enter__(self):
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)
+
+
 def build_ours(shape, precision):
+    with _StdoutToStderr():
+        return _build_ours(shape, precision)
+
+
+def _build_ours(shape, precision):
     from megatron_ext.config.loader import load_config
     from megatron_ext.parallel.random import model_parallel_manual_seed
     from megatron_ext.parallel.state import initialize_parallel
