@@ -19,7 +19,7 @@ from megatron_ext.tokenizers import (
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
+SHAKESPEARE = os.environ.get("TEST_SHAKESPEARE", os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt"))
 SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")
 
 _spec = importlib.util.spec_from_file_location("preprocess_data", SCRIPT)
@@ -43,9 +43,11 @@ def _corpus_lines():
         with open(SHAKESPEARE, encoding="utf-8") as f:
             lines = f.read().split("\n")[:1500]
     else:
-        rng = random.Random(0)
-        words = "thou art noble lord speak hence fair queen night sword crown".split()
-        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) for _ in range(1500)]
+        # no ../shared: real English that ships with Python (the help topics), rich enough for a 300-piece vocab
+        from pydoc_data.topics import topics
+
+        text = "\n".join(topics[k] for k in sorted(topics))
+        lines = text.split("\n")[:1500]
     extra = ["Ça va, naïve café — 日本語 🎉", "   ", "", "tab\there", "Ωμέγα ∑ ≠ ∞"]
     for i, line in enumerate(extra):
         lines.insert(100 + 37 * i, line)

@@ -136,3 +136,38 @@ def test_bad_inputs_give_one_clear_message(run_env, tmp_path):
         assert r.returncode == 2, (over, r.stderr[-2000:])
         assert needle in r.stderr, (over, r.stderr[-2000:])
         assert "Traceback" not in r.stderr, (over, r.stderr[-2000:])
+
+
+def _write_dataset(prefix, docs, dtype):
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for d in docs:
+        b.add_item(torch.tensor(d, dtype=torch.int64))
+        b.end_document()
+    b.finalize(prefix + ".idx")
+
+
+def test_bad_data_files_through_pretrain_gpt(run_env, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 250, size=200).tolist() for _ in range(200)]
+    # token ids beyond the byte tokenizer's vocabulary (259)
+    big = str(tmp_path / "big")
+    _write_dataset(big, docs[:-1] + [docs[-1][:-1] + [300]], np.uint16)
+    # a truncated .idx
+    trunc = str(tmp_path / "trunc")
+    _write_dataset(trunc, docs, np.uint16)
+    with open(trunc + ".idx", "rb") as f:
+        raw = f.read()
+    with open(trunc + ".idx", "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    for prefix, needle in ((big, "300"), (trunc, "trunc.idx")):
+        r = run_script(["pretrain_gpt.py", *TINY, "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}",
+                        f"model.data.data_prefix=[{prefix}]"], run_env, timeout=300)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
