@@ -171,3 +171,16 @@ def test_bad_data_files_through_pretrain_gpt(run_env, tmp_path):
         assert r.returncode == 2, r.stderr[-2000:]
         assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_wandb_offline_beside_tensorboard(run_env, tmp_path):
+    pytest.importorskip("wandb")
+    env = dict(run_env, WANDB_SILENT="true")
+    env.pop("WANDB_MODE", None)
+    r = run_script(["pretrain_gpt.py", "+experiment=cpu_smoke", f"exp_manager.exp_dir={tmp_path}",
+                    "exp_manager.version=w", "exp_manager.create_wandb_logger=true"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = tmp_path / "gpt_smoke" / "w"
+    runs = glob.glob(str(run_dir / "wandb" / "offline-run-*"))
+    assert runs and glob.glob(os.path.join(runs[0], "*.wandb"))
+    assert glob.glob(str(run_dir / "events.out.tfevents.*"))
