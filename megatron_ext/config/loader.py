@@ -153,10 +153,15 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
         raise ConfigError(
             f"model.activations_checkpoint_granularity={m.activations_checkpoint_granularity!r}: expected null or 'full'"
         )
-    if m.pipeline_model_parallel_size > 1:
+    if pp > 1 and m.zero_stage >= 2:
         raise ConfigError(
-            "model.pipeline_model_parallel_size > 1 is not supported yet by this trainer; use 1 (tensor and data "
-            "parallel work)"
+            f"model.zero_stage={m.zero_stage} cannot be combined with model.pipeline_model_parallel_size={pp}: "
+            f"DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only"
+        )
+    if pp > 1 and m.num_layers < pp:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is smaller than model.pipeline_model_parallel_size={pp}: every "
+            f"pipeline stage needs at least one transformer layer"
         )
     return Derived(world_size=world_size, data_parallel_size=dp, accumulate_grad_batches=accum, precision=prec)
 

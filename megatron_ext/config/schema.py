@@ -119,6 +119,8 @@ class ModelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     zero_stage: int = 0
+    offload_optimizer: Optional[str] = None  # null | cpu : ZeRO 1-3 optimizer state (and step) on the CPU
+    offload_param: Optional[str] = None  # null | cpu : ZeRO 3 parameters on the CPU
     deepspeed_config: Optional[str] = None  # path to a DeepSpeed JSON (overrides zero_stage etc.)
     # checkpoint to start from (weights+optimizer), e.g. for evaluation with limit_train_batches=0
     ckpt_path: Optional[str] = None

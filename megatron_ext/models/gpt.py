@@ -21,12 +21,20 @@ fused QKV rows are ordered ``[heads, (q, k, v), head_dim]``; SwiGLU fc1 rows are
 Initialisation: every weight matrix and embedding ~ normal(0, init_method_std); the projections
 that write into the residual stream (``linear_proj``, ``linear_fc2``) ~ normal(0, init_method_std /
 sqrt(2 * num_layers)) (Megatron's scaled init); biases 0; norm weights 1. Master weights are drawn
-at full size from the default CPU generator, so the same seed gives the same model at any TP size.
+at full size on the CPU, each component (embedding, layer i, output layer) from its own generator
+seeded by ``(init_seed, component)`` (``init_seed_scope``), so the same seed gives the same full
+model at any TP size *and* any pipeline split (a pipeline stage builds only its own components).
+
+Padded vocabulary: the vocabulary is padded to a multiple of ``make_vocab_size_divisible_by * tp``
+for even TP shards. The padding columns of the logits are set to ``-inf`` before the loss, so they
+never enter the softmax: the loss does not depend on the padding (Megatron-LM and NeMo let them
+in, which makes the same weights give a different loss at a different TP size).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,6 +79,22 @@ def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor
     """Round ``vocab_size`` up to a multiple of ``make_vocab_size_divisible_by * tp``."""
     multiple = int(make_vocab_size_divisible_by) * int(tensor_model_parallel_size)
     return int(math.ceil(int(vocab_size) / multiple) * multiple)
+
+
+@contextlib.contextmanager
+def init_seed_scope(init_seed: int, component: int) -> Iterator[None]:
+    """Build one model component with the CPU generator seeded by ``(init_seed, component)``; the global
+    generator state is restored afterwards (so building a model does not shift dropout streams)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((int(init_seed) * 1_000_003 + int(component) * 7919) % (2**63 - 1))
+        yield
+
+
+def component_ids(num_layers: int) -> dict:
+    """Component numbers for ``init_seed_scope``: word embeddings 0, layer i -> 1 + i, output layer num_layers + 1,
+    learned position embeddings num_layers + 2 (their own stream: the word-embedding draw has a TP-dependent size,
+    the padded vocabulary)."""
+    return {"embedding": 0, "output_layer": int(num_layers) + 1, "position_embeddings": int(num_layers) + 2}
 
 
 def _fail(key: str, value, expected: str) -> None:
@@ -148,7 +172,7 @@ def validate_model_config(cfg: ModelConfig, vocab_size: int, *, use_cuda: Option
 class GPTEmbedding(nn.Module):
     """Vocab-parallel word embeddings + optional learned absolute positions + dropout."""
 
-    def __init__(self, cfg: ModelConfig, padded_vocab: int, parallel_config, init_method):
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, parallel_config, init_method, position_init_scope=None):
         super().__init__()
         from megatron.core.tensor_parallel import VocabParallelEmbedding
 
@@ -158,11 +182,12 @@ class GPTEmbedding(nn.Module):
         )
         if str(cfg.position_embedding_type).lower() == "learned_absolute":
             self.max_position_embeddings = resolve_max_position_embeddings(cfg)
-            self.position_embeddings = nn.Embedding(
-                self.max_position_embeddings, cfg.hidden_size, dtype=parallel_config.params_dtype
-            )
-            with torch.no_grad():
-                init_method(self.position_embeddings.weight)
+            with (position_init_scope() if position_init_scope is not None else contextlib.nullcontext()):
+                self.position_embeddings = nn.Embedding(
+                    self.max_position_embeddings, cfg.hidden_size, dtype=parallel_config.params_dtype
+                )
+                with torch.no_grad():
+                    init_method(self.position_embeddings.weight)
         else:
             self.max_position_embeddings = None
             self.position_embeddings = None
@@ -181,6 +206,59 @@ class GPTEmbedding(nn.Module):
             else:
                 x = x + F.embedding(position_ids, self.position_embeddings.weight)
         return dropout(x, self.hidden_dropout, self.training)
+
+
+def transformer_layer_kwargs(cfg: ModelConfig, ffn_hidden_size: int, parallel_config, init_method,
+                             output_init_method) -> dict:
+    """Keyword arguments of ``TransformerLayer`` for a GPT config (shared with the pipeline layers)."""
+    return dict(
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=ffn_hidden_size,
+        parallel_config=parallel_config,
+        init_method=init_method,
+        output_init_method=output_init_method,
+        normalization=str(cfg.normalization).lower(),
+        layernorm_epsilon=float(cfg.layernorm_epsilon),
+        activation=str(cfg.activation).lower(),
+        bias=bool(cfg.bias),
+        hidden_dropout=float(cfg.hidden_dropout),
+        attention_dropout=float(cfg.attention_dropout),
+        causal=True,
+    )
+
+
+def build_output_layer(cfg: ModelConfig, padded_vocab: int, parallel_config, init_method, tied: bool):
+    """The LM head: a column-parallel ``hidden -> padded_vocab/tp`` projection (no weight of its own when tied)."""
+    from megatron_ext.modules.linear import ColumnParallelLinear
+
+    return ColumnParallelLinear(
+        cfg.hidden_size,
+        padded_vocab,
+        config=parallel_config,
+        init_method=init_method,
+        bias=False,
+        gather_output=False,
+        skip_weight_param_allocation=tied,
+        tp_group=tp_group(),
+    )
+
+
+def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, cache: Optional[dict] = None) -> torch.Tensor:
+    """Set the logits of padded vocabulary entries (global id >= ``vocab_size``) on this TP rank to -inf."""
+    from megatron_ext.modules.common import tp_rank
+
+    local = logits.shape[-1]
+    valid = int(vocab_size) - tp_rank() * local
+    if valid >= local:
+        return logits
+    key = (logits.device, local, valid)
+    mask = cache.get(key) if cache is not None else None
+    if mask is None:
+        mask = torch.arange(local, device=logits.device) >= max(valid, 0)
+        if cache is not None:
+            cache[key] = mask
+    return logits.masked_fill(mask, float("-inf"))
 
 
 class GPTModel(nn.Module):
@@ -205,9 +283,14 @@ class GPTModel(nn.Module):
         *,
         params_dtype: torch.dtype = torch.float32,
         use_cuda: Optional[bool] = None,
+        init_seed: Optional[int] = None,
     ):
         super().__init__()
         validate_model_config(cfg, vocab_size, use_cuda=use_cuda)
+        if init_seed is None:  # standalone use: follow the default generator (torch.manual_seed)
+            init_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        self.init_seed = int(init_seed)
+        comp = component_ids(cfg.num_layers)
         tp = int(cfg.tensor_model_parallel_size)
         ensure_model_parallel(tp)
         self.config = cfg
@@ -223,7 +306,11 @@ class GPTModel(nn.Module):
         init_method = init_method_normal(cfg.init_method_std)
         output_init_method = scaled_init_method_normal(cfg.init_method_std, cfg.num_layers)
 
-        self.embedding = GPTEmbedding(cfg, self.padded_vocab_size, parallel_config, init_method)
+        with init_seed_scope(self.init_seed, comp["embedding"]):
+            self.embedding = GPTEmbedding(
+                cfg, self.padded_vocab_size, parallel_config, init_method,
+                position_init_scope=lambda: init_seed_scope(self.init_seed, comp["position_embeddings"]),
+            )
         if self.position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(
                 cfg.hidden_size // cfg.num_attention_heads, cfg.rotary_base, resolve_max_position_embeddings(cfg)
@@ -234,32 +321,14 @@ class GPTModel(nn.Module):
             cfg.num_layers,
             activations_checkpoint_granularity=cfg.activations_checkpoint_granularity,
             final_norm=True,
-            hidden_size=cfg.hidden_size,
-            num_attention_heads=cfg.num_attention_heads,
-            ffn_hidden_size=self.ffn_hidden_size,
-            parallel_config=parallel_config,
-            init_method=init_method,
-            output_init_method=output_init_method,
-            normalization=str(cfg.normalization).lower(),
-            layernorm_epsilon=float(cfg.layernorm_epsilon),
-            activation=str(cfg.activation).lower(),
-            bias=bool(cfg.bias),
-            hidden_dropout=float(cfg.hidden_dropout),
-            attention_dropout=float(cfg.attention_dropout),
-            causal=True,
+            layer_init_scope=lambda i: init_seed_scope(self.init_seed, 1 + i),
+            **transformer_layer_kwargs(cfg, self.ffn_hidden_size, parallel_config, init_method, output_init_method),
         )
-        from megatron_ext.modules.linear import ColumnParallelLinear
-
-        self.output_layer = ColumnParallelLinear(
-            cfg.hidden_size,
-            self.padded_vocab_size,
-            config=parallel_config,
-            init_method=init_method,
-            bias=False,
-            gather_output=False,
-            skip_weight_param_allocation=self.share_embeddings_and_output_weights,
-            tp_group=tp_group(),
-        )
+        with init_seed_scope(self.init_seed, comp["output_layer"]):
+            self.output_layer = build_output_layer(
+                cfg, self.padded_vocab_size, parallel_config, init_method, tied=self.share_embeddings_and_output_weights
+            )
+        self._pad_masks: dict = {}
 
     # -- pieces (also usable by a pipeline wrapper) --------------------------------------
     def embed(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -281,7 +350,7 @@ class GPTModel(nn.Module):
         """Final hidden states ``[b, s, h]`` -> vocab-parallel logits ``[b, s, padded_vocab/tp]``."""
         weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=weight)
-        return logits
+        return mask_vocab_padding(logits, self.vocab_size, self._pad_masks)
 
     @staticmethod
     def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -328,6 +397,11 @@ class GPTModel(nn.Module):
 
 __all__ = [
     "GPTModel",
+    "init_seed_scope",
+    "component_ids",
+    "transformer_layer_kwargs",
+    "build_output_layer",
+    "mask_vocab_padding",
     "GPTEmbedding",
     "validate_model_config",
     "resolve_ffn_hidden_size",

@@ -113,6 +113,7 @@ class TransformerBlock(nn.Module):
         *,
         activations_checkpoint_granularity: Optional[str] = None,
         final_norm: bool = True,
+        layer_init_scope=None,
         **layer_kwargs,
     ):
         super().__init__()
@@ -127,7 +128,11 @@ class TransformerBlock(nn.Module):
                 f"expected null or 'full'"
             )
         self.checkpoint_granularity = gran
-        self.layers = nn.ModuleList([TransformerLayer(**layer_kwargs) for _ in range(num_layers)])
+        layers = []
+        for i in range(num_layers):  # layer_init_scope(i): a context that seeds layer i's initialisation
+            with (layer_init_scope(i) if layer_init_scope is not None else contextlib.nullcontext()):
+                layers.append(TransformerLayer(**layer_kwargs))
+        self.layers = nn.ModuleList(layers)
         if final_norm:
             self.final_layernorm = build_norm(
                 layer_kwargs.get("normalization", "layernorm"),

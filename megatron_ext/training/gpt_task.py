@@ -22,10 +22,29 @@ class GPTTask:
 
     # --------------------------------------------------------------- building
     def build_model(self) -> torch.nn.Module:
-        from megatron_ext.models.gpt import GPTModel
+        """``GPTModel``, or with ``model.pipeline_model_parallel_size > 1`` this rank's stages as a DeepSpeed
+        ``PipelineModule``. Both initialise from ``trainer.seed`` the same way (identical weights at any layout)."""
+        m = self.cfg.model
+        if m.pipeline_model_parallel_size > 1:
+            from megatron_ext.models.gpt_pipe import build_gpt_pipeline
 
-        self.model = GPTModel(self.cfg.model, self.tokenizer.vocab_size)
+            self.model = build_gpt_pipeline(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed,
+                                            use_cuda=self.device.type == "cuda")
+        else:
+            from megatron_ext.models.gpt import GPTModel
+
+            self.model = GPTModel(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed,
+                                  use_cuda=self.device.type == "cuda")
         return self.model
+
+    @staticmethod
+    def pipeline_batch(batch: Dict[str, torch.Tensor]):
+        """A batch as DeepSpeed's pipeline engine wants it: (first-stage inputs, last-stage labels)."""
+        tokens = batch["tokens"]
+        pos = batch.get("position_ids")
+        if pos is None:
+            pos = torch.arange(tokens.shape[1], dtype=torch.long).unsqueeze(0).expand_as(tokens).contiguous()
+        return (tokens, pos), (batch["labels"], batch["loss_mask"])
 
     def build_datasets(self, num_samples: tuple[int, int, int]):
         from megatron_ext.data.gpt_data import build_gpt_datasets

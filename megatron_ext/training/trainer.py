@@ -19,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from megatron_ext.config.loader import Derived, check_schema, validate_config
-from megatron_ext.errors import CheckpointError, MegatronExtError
+from megatron_ext.errors import CheckpointError, ConfigError, MegatronExtError
 from megatron_ext.parallel import state as pstate
 from megatron_ext.training.checkpointing import Checkpointer, find_latest, resolve_ckpt_path
 from megatron_ext.training.engine import build_ds_config, build_engine
@@ -94,7 +94,13 @@ class Trainer:
         self.dp_rank, self.dp_size = pstate.data_parallel_info()
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(t.seed)
+        from megatron.core import parallel_state as ps
+
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.pipeline = cfg.model.pipeline_model_parallel_size > 1
+        # Megatron's offset: pipeline stages draw different dropout masks. Weights do not depend on it (models
+        # initialise from trainer.seed per component, see models/gpt.py).
+        seed_everything(t.seed + 100 * self.pp_rank)
         self.task = task_factory(cfg, self.device)
         self.exp = ExpManager(cfg, self.rank)
 
@@ -128,6 +134,8 @@ class Trainer:
             return iter(self._dataloader(dataset, consumed))
 
     def _grad_norm(self) -> float:
+        if getattr(self, "_pipe_norm", None) is not None:
+            return self._pipe_norm
         gn = self.engine.get_global_grad_norm()
         if gn is None:
             return float("nan")
@@ -138,6 +146,43 @@ class Trainer:
         """DeepSpeed records the global grad norm for ZeRO and mixed precision, but its plain fp32 path (ZeRO 0)
         discards the norm it clips with; there we compute it (TP-aware) before the optimizer step."""
         return self.ds_config["zero_optimization"]["stage"] == 0 and self.derived.precision == "32"
+
+    def _install_pipeline_clipping(self, clip: float) -> None:
+        """fp32 + ZeRO-0 pipeline runs: clip with a norm that is right across stages.
+
+        DeepSpeed's fp32 clipping counts replicated parameters (norms, biases) only on the rank whose
+        *pipeline x tensor* rank is 0, i.e. only the first stage's: later stages' replicated gradients would be
+        left out of the norm. Here every stage counts its own replicated parameters on TP rank 0 and its
+        TP-sharded ones on every TP rank, skips DeepSpeed's second copy of a tied weight, and sums over
+        megatron-core's model-parallel (TP x PP) group. The engine's clipping is switched off
+        (``gradient_clipping: 0``) and this runs just before its optimizer step; it also records the norm.
+        """
+        from megatron.core import parallel_state as ps
+
+        engine = self.engine
+        original = engine._take_model_step
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        group = ps.get_model_parallel_group()
+
+        def take_model_step(*args, **kwargs):
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            sq = torch.zeros((), dtype=torch.float64)
+            for p in params:
+                if getattr(p, "ds_pipe_replicated", False):
+                    continue
+                if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                    sq += p.grad.detach().double().pow(2).sum().cpu()
+            sq = sq.to(self.device)
+            dist.all_reduce(sq, group=group)
+            norm = float(sq.sqrt())
+            self._pipe_norm = norm
+            if clip > 0 and norm > clip:
+                coef = clip / (norm + 1e-6)
+                for p in params:
+                    p.grad.detach().mul_(coef)
+            return original(*args, **kwargs)
+
+        engine._take_model_step = take_model_step
 
     def _unclipped_grad_norm(self) -> float:
         from deepspeed.runtime.utils import clip_grad_norm_
@@ -171,6 +216,12 @@ class Trainer:
 
         cfg = self.cfg
         model = self.task.build_model().to(self.device)
+        if cfg.model.ckpt_path and os.path.isfile(cfg.model.ckpt_path):
+            from megatron_ext.training.consolidated import load_consolidated
+
+            info = load_consolidated(model, cfg.model.ckpt_path, cfg.model)
+            self._loaded_step = int(info.get("step", 0))
+            log.info("loaded consolidated weights from %s (step %d)", cfg.model.ckpt_path, self._loaded_step)
         optim_cfg = cfg.model.optim
         optimizer = build_optimizer(model, optim_cfg)
         sched_cfg = optim_cfg.get("sched", None)
@@ -183,8 +234,26 @@ class Trainer:
             zero_stage=cfg.model.zero_stage,
             gradient_clip_val=cfg.trainer.gradient_clip_val,
             deepspeed_config=cfg.model.deepspeed_config,
+            offload_optimizer=cfg.model.offload_optimizer,
+            offload_param=cfg.model.offload_param,
         )
+        stage = ds_config["zero_optimization"]["stage"]
+        own_pipe_clip = None
+        if self.pipeline:
+            if stage >= 2:
+                src = f"model.deepspeed_config ({cfg.model.deepspeed_config})" if cfg.model.deepspeed_config else \
+                    f"model.zero_stage={stage}"
+                raise ConfigError(
+                    f"{src}: ZeRO stage {stage} cannot be combined with model.pipeline_model_parallel_size="
+                    f"{cfg.model.pipeline_model_parallel_size} (DeepSpeed's pipeline engine supports ZeRO 0 and 1); "
+                    f"use zero_stage 0 or 1, or pipeline_model_parallel_size=1"
+                )
+            if stage == 0 and self.derived.precision == "32":
+                own_pipe_clip = float(ds_config.get("gradient_clipping") or 0.0)
+                ds_config["gradient_clipping"] = 0.0
         self.engine, self.optimizer, self.scheduler = build_engine(model, optimizer, scheduler, ds_config)
+        if own_pipe_clip is not None:
+            self._install_pipeline_clipping(own_pipe_clip)
         self.ds_config = ds_config
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
@@ -198,15 +267,33 @@ class Trainer:
 
     def _layout(self) -> Dict[str, Any]:
         m = self.cfg.model
-        return {"tp": m.tensor_model_parallel_size, "pp": m.pipeline_model_parallel_size, "dp": self.dp_size}
+        return {"tp": m.tensor_model_parallel_size, "pp": m.pipeline_model_parallel_size, "dp": self.dp_size,
+                "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": self.derived.precision,
+                "vocab_size": getattr(getattr(self.task, "tokenizer", None), "vocab_size", None)}
+
+    def _meta(self) -> Dict[str, Any]:
+        from omegaconf import OmegaConf
+
+        return {**self._layout(), "model_config": OmegaConf.to_container(self.cfg.model, resolve=True)}
 
     def _check_layout(self, meta: Dict[str, Any], where: str) -> None:
+        """The same TP and PP are required to load a DeepSpeed checkpoint; a different DP size too when the
+        optimizer state is partitioned (ZeRO >= 1) and is to be loaded. Anything else: convert first."""
         mine = self._layout()
-        if meta.get("tp") != mine["tp"] or meta.get("pp") != mine["pp"]:
+        bad = [k for k in ("tp", "pp") if meta.get(k) != mine[k]]
+        if self.cfg.exp_manager.resume_if_exists and meta.get("dp") != mine["dp"] and \
+                max(int(meta.get("zero_stage", 0) or 0), mine["zero_stage"]) > 0:
+            bad.append("dp")
+        if bad:
+            names = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
+                     "dp": "data parallel size (with ZeRO-partitioned optimizer state)"}
+            diff = ", ".join(f"{names[k]} {meta.get(k)} -> {mine[k]}" for k in bad)
             raise CheckpointError(
-                f"{where} was saved with tensor_model_parallel_size={meta.get('tp')}, "
-                f"pipeline_model_parallel_size={meta.get('pp')} but this run uses {mine['tp']} and {mine['pp']}; "
-                f"run with the saved layout, or convert the checkpoint to the new layout first"
+                f"{where} was saved with a different parallel layout ({diff}). Either run with the saved layout, "
+                f"or convert it: `python tools/convert_checkpoint.py --input {where} --output model.pt` writes one "
+                f"fp32 state dict that any layout loads with model.ckpt_path=model.pt (weights only; the optimizer "
+                f"restarts), or add `--target-tp T --target-pp P --output-dir DIR` to write a checkpoint directory "
+                f"for the new layout"
             )
 
     def _restore(self) -> tuple[int, int]:
@@ -234,7 +321,7 @@ class Trainer:
                     f"(set exp_manager.resume_ignore_no_checkpoint=true to start fresh)"
                 )
             log.info("no checkpoint in %s; starting fresh", self.exp.ckpt_dir)
-        if m.ckpt_path:
+        if m.ckpt_path and not os.path.isfile(m.ckpt_path):  # a file: consolidated weights, loaded in _build
             ckpt_dir, tag = resolve_ckpt_path(m.ckpt_path)
             import json
 
@@ -250,6 +337,8 @@ class Trainer:
     def validate(self, dataset, num_global_batches: int) -> Optional[float]:
         if dataset is None or num_global_batches <= 0:
             return None
+        if self.pipeline:
+            return self._validate_pipeline(dataset, num_global_batches)
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         it = self._iter(dataset, 0)
@@ -263,6 +352,22 @@ class Trainer:
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         self.engine.train()
         return (total[0] / total[1]).item()
+
+    @torch.no_grad()
+    def _validate_pipeline(self, dataset, num_global_batches: int) -> float:
+        """Pipeline engine: mean over micro-batches of the micro-batch mean loss (equal to the token-weighted mean
+        of the non-pipeline path when every micro-batch has the same number of loss tokens)."""
+        it = self._pipe_batches(self._iter(dataset, 0))
+        total = 0.0
+        for _ in range(num_global_batches):
+            out = self.engine.eval_batch(it, compute_loss=True, reduce_output="avg", bcast_loss=True)
+            total += float(out)
+        self.engine.train()
+        return total / num_global_batches
+
+    def _pipe_batches(self, it: Iterator) -> Iterator:
+        for batch in it:
+            yield self.task.pipeline_batch(self._to_device(batch))
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> Dict[str, Any]:
@@ -297,6 +402,8 @@ class Trainer:
         peak, peak_src = peak_tflops(self.device.type, self.derived.precision)
         log.info("MFU peak: %.2f TFLOP/s per process (%s); model FLOPs per iteration %.3e", peak, peak_src, flops_iter)
         it: Iterator = self._iter(train_ds, consumed)
+        if self.pipeline:
+            it = self._pipe_batches(it)
         self.engine.train()
         last_val, last_loss, saved_at = None, None, None
         tokens_per_iter = gbs * self.task.tokens_per_sample()
@@ -310,7 +417,8 @@ class Trainer:
             extras_sum: Dict[str, torch.Tensor] = {}
             will_log = (step + 1) % t.log_every_n_steps == 0 or step + 1 == last_step or step == first_step
             own_norm = None
-            for micro in range(accum):
+            self._pipe_norm = None
+            for micro in range(accum if not self.pipeline else 0):
                 batch = self._to_device(next(it))
                 loss, _, extras = self.task.loss(self.engine, batch)
                 self.engine.backward(loss)
@@ -320,9 +428,12 @@ class Trainer:
                 loss_sum += loss.detach().float().cpu()
                 for k, v in extras.items():
                     extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float().cpu()
+            if self.pipeline:  # the engine runs the 1F1B schedule over `accum` micro-batches and averages over DP
+                loss_avg = float(self.engine.train_batch(data_iter=it))
+            else:
+                loss_avg = self._dp_mean(loss_sum / accum).item()
             step += 1
             consumed += gbs
-            loss_avg = self._dp_mean(loss_sum / accum).item()
             if not math.isfinite(loss_avg) and self.derived.precision != "16":
                 raise MegatronExtError(
                     f"training loss is {loss_avg} at step {step} (lr {lr:.3e}); lower model.optim.lr, keep "
@@ -357,10 +468,10 @@ class Trainer:
                     self.exp.log_metrics(step, {"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50))})
                     log.info("step %d | val/loss %.4f | val/ppl %.3f", step, last_val, math.exp(min(last_val, 50)))
             if ckpt is not None and ckpt_every and step % ckpt_every == 0:
-                ckpt.save(self.engine, step, consumed, self._rng_states(), self._layout())
+                ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta())
                 saved_at = step
         if ckpt is not None and cfg.exp_manager.checkpoint_callback_params.save_last and saved_at != step and step > first_step:
-            ckpt.save(self.engine, step, consumed, self._rng_states(), self._layout())
+            ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta())
         elapsed = time.perf_counter() - t_start
         log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
         return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}

@@ -70,7 +70,9 @@ def main(out_path):
         loss.mean().backward()
         ref.eval()
         with torch.no_grad():
-            logits = ref(x)
+            full = ref(x)
+        assert torch.isneginf(full[..., VOCAB:]).all(), "padded vocabulary logits must be -inf"
+        logits = full[..., :VOCAB]
         refs[name] = dict(
             init=init_sd,
             params={n: p.detach().clone() for n, p in ref.named_parameters()},
@@ -105,7 +107,7 @@ def main(out_path):
         loss.mean().backward()
         m.eval()
         with torch.no_grad():
-            logits = m.gather_logits(m(x), trim=False)
+            logits = m.gather_logits(m(x))
         grad_diff = {
             n: (p.grad - shard(r["grads"][n], p, rank, world)).abs().max().item() for n, p in params.items()
         }
