@@ -133,3 +133,28 @@ def test_deepspeed_json_merge_and_conflicts(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         build_ds_config(**base, deepspeed_config=str(p))
+
+
+def test_pipeline_and_zero_offload_checks():
+    with pytest.raises(ConfigError, match="model.zero_stage=2 cannot be combined with model.pipeline_model_parallel"):
+        validate_config(_cfg(**{"model.pipeline_model_parallel_size": 2, "model.zero_stage": 2,
+                                "trainer.devices": 2}), 2, False)
+    with pytest.raises(ConfigError, match="model.num_layers=2 is smaller than model.pipeline_model_parallel_size=4"):
+        validate_config(_cfg(**{"model.pipeline_model_parallel_size": 4, "model.num_layers": 2,
+                                "trainer.devices": 4}), 4, False)
+    d = validate_config(_cfg(**{"model.pipeline_model_parallel_size": 2, "model.zero_stage": 1,
+                                "trainer.devices": 2}), 2, False)
+    assert d.data_parallel_size == 1
+    base = dict(micro_batch_size=2, global_batch_size=8, accumulate_grad_batches=4, precision="32")
+    ds = build_ds_config(**base, zero_stage=3, offload_optimizer="cpu", offload_param="cpu")
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(ConfigError, match="model.offload_param=cpu needs model.zero_stage >= 3"):
+        build_ds_config(**base, zero_stage=2, offload_param="cpu")
+    with pytest.raises(ConfigError, match="model.offload_optimizer=cpu needs model.zero_stage >= 1"):
+        build_ds_config(**base, zero_stage=0, offload_optimizer="cpu")
+    with pytest.raises(ConfigError, match="model.offload_optimizer='gpu': expected null, 'cpu' or 'nvme'"):
+        build_ds_config(**base, zero_stage=1, offload_optimizer="gpu")
+    with pytest.raises(ConfigError, match="nvme_path"):
+        build_ds_config(**base, zero_stage=3, offload_param="nvme")

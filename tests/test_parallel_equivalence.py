@@ -75,6 +75,8 @@ LAYOUTS = {
     "dp2_zero1": (2, ["model.zero_stage=1"], "default"),
     "dp2_zero2": (2, ["model.zero_stage=2"], "default"),
     "dp2_zero3": (2, ["model.zero_stage=3"], "default"),
+    "dp2_zero3_offload": (2, ["model.zero_stage=3", "model.offload_optimizer=cpu", "model.offload_param=cpu"],
+                          "default"),
     "pp2xdp2_zero1": (4, ["model.pipeline_model_parallel_size=2", "model.zero_stage=1"], "default"),
 }
 
