@@ -3,9 +3,14 @@
     python pretrain_gpt.py                                   # tiny CPU model on the built-in corpus
     python pretrain_gpt.py +experiment=gpt_125m trainer.accelerator=gpu
     python pretrain_gpt.py --config-path=/my/configs --config-name=my_gpt model.optim.lr=3e-4
+    python pretrain_gpt.py trainer.devices=2                 # starts 2 processes itself (no launcher needed)
+    NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh trainer.max_steps=1000   # see launch/
 
 Config: configs/gpt/megatron_gpt_config.yaml over the schema in megatron_ext/config/schema.py
 (precedence CLI > YAML > dataclass defaults). See README.md.
+
+Exit status: 0 ok; 2 bad input (one line ``error: ...``); 3 a collective failed or timed out (one line
+``error: rank R: ...``: another rank died or hung).
 """
 import os
 import sys
@@ -17,21 +22,31 @@ from omegaconf import DictConfig
 
 from megatron_ext.config.loader import register_schemas
 from megatron_ext.errors import MegatronExtError
+from megatron_ext.parallel.launch import strip_launcher_args
 
 register_schemas()
 
 
 @hydra.main(config_path="configs/gpt", config_name="megatron_gpt_config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from megatron_ext.training.gpt_task import GPTTask
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
 
     try:
-        Trainer(cfg, GPTTask).fit()
+        rc = maybe_self_launch(cfg)  # trainer.devices > 1 and no launcher: start the workers, wait for them
+        if rc:
+            sys.exit(rc)
+        if rc == 0:
+            return  # (not sys.exit(0): a -m sweep goes on with its next job)
+        from megatron_ext.training.gpt_task import GPTTask
+        from megatron_ext.training.trainer import Trainer
+
+        with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
+            Trainer(cfg, GPTTask).fit()
     except MegatronExtError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    sys.argv = strip_launcher_args(sys.argv)  # the deepspeed launcher appends --local_rank=N
     main()

@@ -72,6 +72,14 @@ def init_distributed(accelerator: str = "auto", timeout_minutes: float = 10.0) -
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if cuda:
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+    # Groups created later without an explicit timeout (DeepSpeed's pipeline grid, tied-weight and ZeRO groups)
+    # take torch's module default (30 min gloo / 10 min nccl): make it trainer.dist_timeout_minutes too.
+    td = datetime.timedelta(minutes=timeout_minutes)
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = td
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = td
     dist.init_process_group(
         backend="nccl" if cuda else "gloo",
         rank=denv.rank,
@@ -109,7 +117,7 @@ def initialize_parallel(
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        distributed_timeout_minutes=int(max(1, round(timeout_minutes))),
+        distributed_timeout_minutes=timeout_minutes,  # a float is fine (timedelta(minutes=...))
     )
     return denv
 
