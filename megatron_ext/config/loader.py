@@ -8,10 +8,10 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from megatron_ext.config.schema import GPTConfig
+from megatron_ext.config.schema import BARTConfig, GPTConfig
 from megatron_ext.errors import ConfigError
 
-SCHEMAS = {"gpt_schema": GPTConfig}
+SCHEMAS = {"gpt_schema": GPTConfig, "bart_schema": BARTConfig}
 
 PRECISIONS = {
     "32": "32",
@@ -149,16 +149,21 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
         raise ConfigError(f"model.zero_stage={m.zero_stage}: expected 0, 1, 2 or 3")
     if m.deepspeed_config is not None and not os.path.isfile(m.deepspeed_config):
         raise ConfigError(f"model.deepspeed_config: file not found: {m.deepspeed_config}")
-    if m.activations_checkpoint_granularity not in (None, "full"):
+    gran = m.get("activations_checkpoint_granularity", None)
+    if gran not in (None, "full"):
+        raise ConfigError(f"model.activations_checkpoint_granularity={gran!r}: expected null or 'full'")
+    encdec = "encoder" in m
+    if encdec and pp > 1:
         raise ConfigError(
-            f"model.activations_checkpoint_granularity={m.activations_checkpoint_granularity!r}: expected null or 'full'"
+            f"model.pipeline_model_parallel_size={pp}: the encoder-decoder model does not support pipeline "
+            f"parallelism yet; use tensor and data parallelism (model.tensor_model_parallel_size, more devices)"
         )
     if pp > 1 and m.zero_stage >= 2:
         raise ConfigError(
             f"model.zero_stage={m.zero_stage} cannot be combined with model.pipeline_model_parallel_size={pp}: "
             f"DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only"
         )
-    if pp > 1 and m.num_layers < pp:
+    if pp > 1 and not encdec and m.num_layers < pp:
         raise ConfigError(
             f"model.num_layers={m.num_layers} is smaller than model.pipeline_model_parallel_size={pp}: every "
             f"pipeline stage needs at least one transformer layer"

@@ -134,3 +134,83 @@ class GPTConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     exp_manager: ExpManagerConfig = field(default_factory=ExpManagerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Encoder-decoder (BART-style) pretraining: pretrain_bart.py, configs/bart/
+
+
+@dataclass
+class TransformerStackConfig:
+    """One side of an encoder-decoder (``model.encoder`` / ``model.decoder``)."""
+
+    arch: str = "transformer"  # encoder: transformer | perceiver ; decoder: transformer
+    num_layers: int = 2
+    hidden_size: int = 128
+    ffn_hidden_size: Optional[int] = None  # default 4*hidden (SwiGLU: 8/3*hidden rounded to 64)
+    num_attention_heads: int = 4
+    normalization: str = "layernorm"  # layernorm | rmsnorm
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"  # gelu | swiglu
+    bias: bool = True
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    activations_checkpoint_granularity: Optional[str] = None  # null | full
+    # perceiver encoder only
+    hidden_steps: int = 32  # number of latent vectors (the fixed-size memory the decoder attends to)
+    num_self_attention_per_cross_attention: int = 1
+
+
+@dataclass
+class BARTDataConfig:
+    # [w1, path1, w2, path2, ...] or [path]: .bin/.idx prefixes (data_impl=mmap) or text files (data_impl=text_mmap);
+    # empty = the built-in corpus (mmap)
+    data_prefix: List[Any] = field(default_factory=list)
+    data_impl: str = "mmap"  # mmap | text_mmap
+    splits_string: str = "949,50,1"
+    index_mapping_dir: Optional[str] = None  # where index caches go when the data directory is read-only
+    default_corpus_dir: Optional[str] = None
+    num_workers: int = 0
+    seed: Optional[int] = None  # default: trainer.seed
+    # BART noising (text infilling)
+    masked_lm_prob: float = 0.15  # fraction of tokens masked
+    poisson_lambda: float = 3.0  # mean span length (Poisson); each span becomes ONE mask token
+    whole_word_masking: bool = False  # spans start and end on word boundaries
+    permute_sentences: bool = False  # shuffle the sentences of each sample (BART sentence permutation)
+    delete_mask_prob: float = 0.0  # a span is deleted instead of replaced by <mask> with this probability
+
+
+@dataclass
+class EncoderDecoderModelConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seq_length: int = 128  # encoder input length
+    seq_length_dec: Optional[int] = None  # decoder length (default seq_length)
+    max_position_embeddings: Optional[int] = None  # default max(seq_length, seq_length_dec)
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    rotary_base: float = 10000.0
+    share_embeddings_and_output_weights: bool = True  # encoder/decoder token embeddings are always shared
+    make_vocab_size_divisible_by: int = 128
+    encoder: TransformerStackConfig = field(default_factory=TransformerStackConfig)
+    decoder: TransformerStackConfig = field(default_factory=TransformerStackConfig)
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 0
+    offload_optimizer: Optional[str] = None
+    offload_param: Optional[str] = None
+    deepspeed_config: Optional[str] = None
+    ckpt_path: Optional[str] = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: BARTDataConfig = field(default_factory=BARTDataConfig)
+    optim: Dict[str, Any] = field(default_factory=_default_optim)
+    # the hiddens module between encoder and decoder (MIM / VAE); configured by a later part of the project
+    hiddens: Optional[Dict[str, Any]] = None
+
+
+@dataclass
+class BARTConfig:
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    exp_manager: ExpManagerConfig = field(default_factory=lambda: ExpManagerConfig(name="megatron_bart"))
+    model: EncoderDecoderModelConfig = field(default_factory=EncoderDecoderModelConfig)

@@ -37,7 +37,8 @@ class Task(Protocol):
     def build_datasets(self, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]: ...
 
     def loss(self, model, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """(mean loss to backprop, number of loss tokens, extra scalars to log)."""
+        """(mean loss to backprop, number of loss tokens, extra scalars to log as ``train/<name>`` and, token-
+        weighted over the validation batches, ``val/<name>``)."""
         ...
 
     def flops_per_iteration(self, global_batch_size: int) -> float: ...
@@ -340,18 +341,26 @@ class Trainer:
         if self.pipeline:
             return self._validate_pipeline(dataset, num_global_batches)
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
         it = self._iter(dataset, 0)
+        names: list = []
+        total = None
         for _ in range(num_global_batches * self.derived.accumulate_grad_batches):
             batch = self._to_device(next(it))
-            loss, ntok, _ = self.task.loss(self.engine, batch)
-            total += torch.tensor([loss.item() * float(ntok), float(ntok)], dtype=torch.float64)
+            loss, ntok, extras = self.task.loss(self.engine, batch)
+            if total is None:
+                names = sorted(extras)
+                total = torch.zeros(2 + len(names), dtype=torch.float64)
+            n = float(ntok)
+            vals = [loss.item() * n, n] + [float(extras[k]) * n for k in names]
+            total += torch.tensor(vals, dtype=torch.float64)
         if self.dp_size > 1:
             from megatron.core import parallel_state as ps
 
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         self.engine.train()
-        return (total[0] / total[1]).item()
+        denom = max(total[1].item(), 1.0)
+        self._val_extras = {f"val/{k}": (total[2 + i] / denom).item() for i, k in enumerate(names)}
+        return (total[0] / denom).item()
 
     @torch.no_grad()
     def _validate_pipeline(self, dataset, num_global_batches: int) -> float:
@@ -381,7 +390,8 @@ class Trainer:
         try:
             if t.limit_train_batches == 0:
                 val = self.validate(val_ds, max(1, t.limit_val_batches))
-                self.exp.log_metrics(self._loaded_step, {"val/loss": val, "val/ppl": math.exp(min(val, 50))})
+                self.exp.log_metrics(self._loaded_step, {"val/loss": val, "val/ppl": math.exp(min(val, 50)),
+                                                         **getattr(self, "_val_extras", {})})
                 log.info("evaluation only: step %d | val/loss %.6f | val/ppl %.3f", self._loaded_step, val,
                          math.exp(min(val, 50)))
                 result.update(step=self._loaded_step, val_loss=val)
@@ -455,7 +465,7 @@ class Trainer:
                     "train/consumed_samples": consumed,
                 }
                 for k, v in extras_sum.items():
-                    metrics[k] = self._dp_mean(v / accum).item()
+                    metrics[f"train/{k}"] = self._dp_mean(v / accum).item()
                 self.exp.log_metrics(step, metrics)
                 log.info(
                     "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %.0f tokens/s | %.3f TFLOP/s | MFU %.1f%%",
@@ -465,8 +475,10 @@ class Trainer:
             if t.val_check_interval and step % t.val_check_interval == 0 and t.limit_val_batches > 0:
                 last_val = self.validate(val_ds, t.limit_val_batches)
                 if last_val is not None:
-                    self.exp.log_metrics(step, {"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50))})
-                    log.info("step %d | val/loss %.4f | val/ppl %.3f", step, last_val, math.exp(min(last_val, 50)))
+                    extra = getattr(self, "_val_extras", {})
+                    self.exp.log_metrics(step, {"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50)), **extra})
+                    log.info("step %d | val/loss %.4f | val/ppl %.3f%s", step, last_val, math.exp(min(last_val, 50)),
+                             "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
             if ckpt is not None and ckpt_every and step % ckpt_every == 0:
                 ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta())
                 saved_at = step
