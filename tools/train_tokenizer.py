@@ -8,6 +8,11 @@
 Writes ``{prefix}.model`` and ``{prefix}.vocab`` with unk=0, bos=1, eos=2, pad=3 (so the
 tokenizer has an end-of-document id and a pad id distinct from it).
 
+``--user-defined-symbols "<mask>"`` (or ``--control-symbols "<mask>"``) reserves pieces right
+after those four ids (4, 5, ...), inside ``--vocab-size``; BART pretraining then uses that piece as
+its mask token instead of appending a new id after the vocabulary. User-defined symbols are also
+matched in input text; control symbols never are (and decode to nothing). Default: none.
+
 Plain-text files are streamed by sentencepiece itself (one sentence per line); JSONL files are
 read line by line here and each non-blank line of each document's text is fed to the trainer
 lazily. Either way sentencepiece keeps at most ``--input-sentence-size`` sentences in memory
@@ -58,7 +63,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--byte-fallback", action="store_true", help="unknown characters -> byte pieces")
     p.add_argument("--num-threads", type=int, default=0, help="trainer threads (0 = all cores)")
     p.add_argument("--verbose", action="store_true", help="show sentencepiece's training log")
+    p.add_argument(
+        "--user-defined-symbols",
+        nargs="+",
+        default=None,
+        metavar="SYMBOL",
+        help='extra pieces that are always one token, e.g. "<mask>" (ids 4, 5, ... after unk/bos/eos/pad)',
+    )
+    p.add_argument(
+        "--control-symbols",
+        nargs="+",
+        default=None,
+        metavar="SYMBOL",
+        help='extra special pieces never produced from text, e.g. "<mask>" (ids after the user-defined ones)',
+    )
     return p
+
+
+def _symbol_options(args) -> dict:
+    """sentencepiece trainer options for --user-defined-symbols / --control-symbols."""
+    reserved = {"<unk>", "<s>", "</s>", "<pad>"}
+    opts = {}
+    seen = set()
+    for flag, key, values in (
+        ("--user-defined-symbols", "user_defined_symbols", args.user_defined_symbols),
+        ("--control-symbols", "control_symbols", args.control_symbols),
+    ):
+        if not values:
+            continue
+        for v in values:
+            if not v or any(c.isspace() for c in v) or "," in v:
+                raise ConfigError(f"{flag}: symbol {v!r} must be non-empty, without whitespace or commas")
+            if v in reserved:
+                raise ConfigError(f"{flag}: {v!r} is already a special piece (unk/bos/eos/pad)")
+            if v in seen:
+                raise ConfigError(f"{flag}: symbol {v!r} is given more than once")
+            seen.add(v)
+        opts[key] = list(values)
+    return opts
 
 
 def _is_jsonl(path: str, requested: str) -> bool:
@@ -142,6 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             byte_fallback=args.byte_fallback,
             num_threads=args.num_threads or None,
             verbose=args.verbose,
+            extra_options=_symbol_options(args) or None,
         )
         if kinds.pop():
             model = train_sentencepiece(

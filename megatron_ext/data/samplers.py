@@ -118,7 +118,7 @@ def build_pretraining_dataloader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_gpt_batch,
+        collate_fn=getattr(dataset, "collate_fn", None) or collate_gpt_batch,  # a dataset may bring its own
         pin_memory=False,
         persistent_workers=False,
     )

@@ -11,6 +11,10 @@ Every tokenizer is usable as megatron-core's ``GPTDatasetConfig(tokenizer=...)``
 
 New libraries are added with :func:`register_tokenizer`; the class is called as
 ``cls(model=<model path or None>)``.
+
+BART-style pretraining needs a ``<mask>`` id: :func:`ensure_mask_token` /
+:func:`with_added_special_tokens` (:mod:`megatron_ext.tokenizers.special_tokens`) add it without
+changing any existing id.
 """
 from __future__ import annotations
 
@@ -24,16 +28,28 @@ from megatron_ext.tokenizers.sentencepiece_tokenizer import (
     SentencePieceTokenizer,
     train_sentencepiece,
 )
+from megatron_ext.tokenizers.special_tokens import (
+    MASK_TOKEN,
+    AddedSpecialTokens,
+    ensure_mask_token,
+    unwrap_tokenizer,
+    with_added_special_tokens,
+)
 
 __all__ = [
     "AVAILABLE_TOKENIZERS",
+    "AddedSpecialTokens",
+    "MASK_TOKEN",
     "ByteTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
     "build_tokenizer",
     "build_tokenizer_from_config",
+    "ensure_mask_token",
     "register_tokenizer",
     "train_sentencepiece",
+    "unwrap_tokenizer",
+    "with_added_special_tokens",
 ]
 
 #: library name -> tokenizer class (or factory) called as ``cls(model=...)``
