@@ -51,4 +51,67 @@ def gpt_flops_per_iteration(cfg, vocab_size: int, global_batch_size: int, seq_le
     return gpt_flops_per_token(cfg, vocab_size, s) * s * int(global_batch_size)
 
 
-__all__ = ["gpt_forward_flops_per_token", "gpt_flops_per_token", "gpt_flops_per_iteration"]
+def _stack_dims(stack):
+    h = int(stack.hidden_size)
+    f = resolve_ffn_hidden_size(stack)
+    m = 3 if str(stack.activation).lower() == "swiglu" else 2
+    return h, f, m
+
+
+def encdec_forward_flops_per_sample(cfg, vocab_size: int) -> int:
+    """Forward-pass model FLOPs of one sample of the encoder-decoder (see ``encdec_flops_per_iteration``)."""
+    s = int(cfg.seq_length)
+    sd = int(cfg.seq_length_dec if cfg.seq_length_dec is not None else cfg.seq_length)
+    enc, dec = cfg.encoder, cfg.decoder
+    he, fe, me = _stack_dims(enc)
+    hd, fd, md = _stack_dims(dec)
+    mlp_e, mlp_d = 2 * me * he * fe, 2 * md * hd * fd  # per position
+    if str(enc.arch).lower() == "perceiver":
+        K = int(enc.hidden_steps)
+        k = int(enc.num_self_attention_per_cross_attention)
+        self_layer = K * (2 * 4 * he * he + mlp_e) + 4 * K * K * he  # latent self-attn + MLP
+        cross_extra = K * (2 * 2 * he * he) + s * (2 * 2 * he * he) + 4 * K * s * he  # q + out | kv | scores + values
+        encoder = int(enc.num_layers) * ((1 + k) * self_layer + cross_extra)
+        s_enc = K
+    else:
+        encoder = int(enc.num_layers) * (s * (2 * 4 * he * he + mlp_e) + 4 * s * s * he)
+        s_enc = s
+    per_dec_layer = (sd * (2 * 4 * hd * hd + mlp_d) + 4 * sd * sd * hd  # causal self-attn (full s_dec^2) + MLP
+                     + sd * (2 * 2 * hd * hd) + s_enc * (2 * 2 * hd * hd) + 4 * sd * s_enc * hd)  # cross-attn
+    decoder = int(dec.num_layers) * per_dec_layer
+    logits = sd * 2 * hd * int(vocab_size)
+    return encoder + decoder + logits
+
+
+def encdec_flops_per_iteration(cfg, vocab_size: int, global_batch_size: int) -> int:
+    """Forward + backward model FLOPs of one optimizer step of the encoder-decoder
+    (``megatron_ext.models.encoder_decoder``) over ``global_batch_size`` samples.
+
+    Matmul FLOPs only (2 per multiply-add), no causal halving, no recompute -- the conventions of
+    the GPT formula above. With ``s`` = ``model.seq_length`` (encoder input), ``s_d`` =
+    ``model.seq_length_dec`` (default ``s``), per stack ``h`` hidden, ``f`` ffn hidden, ``m`` = 2 (GELU)
+    or 3 (SwiGLU), ``MLP = 2*m*h*f`` per position, ``V`` = ``vocab_size``; forward FLOPs per sample::
+
+        transformer encoder, per layer:  s * (2*4*h*h + MLP) + 4*s*s*h          (S_enc = s)
+        perceiver encoder, per block:    (1 + k) * [K * (2*4*h*h + MLP) + 4*K*K*h]     latent self-attn + MLP
+                                         + K * 2*2*h*h + s * 2*2*h*h + 4*K*s*h          cross-attn q+out, kv, scores
+                                         (K = hidden_steps, k = num_self_attention_per_cross_attention,
+                                          S_enc = K)
+        decoder, per layer:              s_d * (2*4*h*h + MLP) + 4*s_d*s_d*h    causal self-attn + MLP
+                                         + s_d * 2*2*h*h + S_enc * 2*2*h*h + 4*s_d*S_enc*h   cross-attn
+        LM head:                         s_d * 2*h*V
+
+        flops_per_iteration = 3 * (encoder + decoder + LM head) * global_batch_size   # fwd + bwd = 3 x fwd
+
+    Pass ``model.padded_vocab_size`` as ``vocab_size`` to count the padded output matmul actually run.
+    """
+    return 3 * encdec_forward_flops_per_sample(cfg, vocab_size) * int(global_batch_size)
+
+
+__all__ = [
+    "gpt_forward_flops_per_token",
+    "gpt_flops_per_token",
+    "gpt_flops_per_iteration",
+    "encdec_forward_flops_per_sample",
+    "encdec_flops_per_iteration",
+]

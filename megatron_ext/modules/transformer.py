@@ -11,6 +11,15 @@ Block: ``num_layers`` layers, then (optionally) a final norm. With
 input is kept and the layer is recomputed in backward. ``preserve_rng_state`` replays the
 default generators; the RNG tracker's streams (attention dropout in TP regions) are replayed
 too, by restoring the tracker snapshot taken at forward time during the recompute.
+
+Encoder-decoder layers (``CrossAttentionTransformerLayer`` / ``CrossAttentionTransformerBlock``)::
+
+    x = x + dropout(self_attention(input_layernorm(x)))            causal (decoder) or not (perceiver)
+    x = x + dropout(cross_attention(pre_cross_attn_layernorm(x), context, context_mask))
+    x = x + dropout(mlp(pre_mlp_layernorm(x)))
+
+``TransformerLayer(causal=False)`` with a padding mask ``[b, 1, 1, s]`` is the bidirectional
+encoder layer.
 """
 from __future__ import annotations
 
@@ -22,10 +31,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_ext.errors import ConfigError
-from megatron_ext.modules.attention import ParallelSelfAttention
+from megatron_ext.modules.attention import ParallelCrossAttention, ParallelSelfAttention, _sdpa, _sdpa_mask
 from megatron_ext.modules.common import InitMethod, dropout
 from megatron_ext.modules.mlp import ParallelMLP
 from megatron_ext.modules.norms import build_norm
+from megatron_ext.modules.rotary import apply_rotary
 from megatron_ext.parallel.random import get_rng_tracker
 
 CHECKPOINT_GRANULARITIES = (None, "full")
@@ -167,4 +177,189 @@ class TransformerBlock(nn.Module):
         return hidden_states
 
 
-__all__ = ["TransformerLayer", "TransformerBlock", "CHECKPOINT_GRANULARITIES"]
+def normalize_checkpoint_granularity(value, key: str = "model.activations_checkpoint_granularity") -> Optional[str]:
+    """``None`` / ``"full"`` from a config value (``"none"``/``"null"``/``""`` mean ``None``); ConfigError otherwise."""
+    gran = value
+    if isinstance(gran, str) and gran.lower() in ("none", "null", ""):
+        gran = None
+    if gran is not None:
+        gran = str(gran).lower()
+    if gran not in CHECKPOINT_GRANULARITIES:
+        raise ConfigError(f"{key}={value!r}: expected null or 'full'")
+    return gran
+
+
+def run_layer(layer: nn.Module, recompute: bool, *args):
+    """``layer(*args)``, under full activation checkpointing (tracker streams replayed) when ``recompute``."""
+    if recompute:
+        return checkpoint(layer, *args, use_reentrant=False, context_fn=_tracker_replay_context)
+    return layer(*args)
+
+
+class ContextCrossAttention(ParallelCrossAttention):
+    """``ParallelCrossAttention`` whose keys can additionally be rotated (rope) by the positions of the
+    context tokens (``key_rotary_cos_sin``, from ``RotaryEmbedding.cos_sin``). Queries are not rotated,
+    i.e. every query sits at position 0: the score then depends on the key's position (used by the
+    Perceiver, whose latents have no order but whose token inputs would otherwise carry no position
+    under rope). Without ``key_rotary_cos_sin`` this is exactly ``ParallelCrossAttention``."""
+
+    def forward(self, hidden_states, context, attention_mask=None, key_rotary_cos_sin=None):
+        if key_rotary_cos_sin is None:
+            return super().forward(hidden_states, context, attention_mask)
+        b, sq, _ = hidden_states.shape
+        skv = context.shape[1]
+        nh, hd = self.num_heads_per_partition, self.head_dim
+        q, _ = self.linear_q(hidden_states)
+        kv, _ = self.linear_kv(context)
+        q = q.view(b, sq, nh, hd).transpose(1, 2)
+        k, v = kv.view(b, skv, nh, 2, hd).unbind(3)  # [b, skv, nh, hd]
+        k = apply_rotary(k, *key_rotary_cos_sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        ctx = _sdpa(q, k, v, _sdpa_mask(attention_mask), False, dropout_p)
+        ctx = ctx.transpose(1, 2).reshape(b, sq, nh * hd)
+        out, _ = self.linear_proj(ctx)
+        return out
+
+
+class CrossAttentionTransformerLayer(nn.Module):
+    """Pre-norm self-attention -> cross-attention to ``context`` -> MLP, each with a residual
+    (megatron-core names: ``input_layernorm``, ``self_attention``, ``pre_cross_attn_layernorm``,
+    ``cross_attention``, ``pre_mlp_layernorm``, ``mlp``). ``causal=True``: the decoder layer;
+    ``causal=False``: the Perceiver's cross layer (latents attend to each other, then to the tokens)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_attention_heads: int,
+        ffn_hidden_size: int,
+        *,
+        parallel_config,
+        init_method: InitMethod,
+        output_init_method: InitMethod,
+        normalization: str = "layernorm",
+        layernorm_epsilon: float = 1e-5,
+        activation: str = "gelu",
+        bias: bool = True,
+        hidden_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        causal: bool = True,
+        kv_hidden_size: Optional[int] = None,
+    ):
+        super().__init__()
+        self.hidden_dropout = float(hidden_dropout)
+        self.input_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
+        self.self_attention = ParallelSelfAttention(
+            hidden_size,
+            num_attention_heads,
+            parallel_config=parallel_config,
+            init_method=init_method,
+            output_init_method=output_init_method,
+            bias=bias,
+            attention_dropout=attention_dropout,
+            causal=causal,
+        )
+        self.pre_cross_attn_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
+        self.cross_attention = ContextCrossAttention(
+            hidden_size,
+            num_attention_heads,
+            parallel_config=parallel_config,
+            init_method=init_method,
+            output_init_method=output_init_method,
+            kv_hidden_size=kv_hidden_size,
+            bias=bias,
+            attention_dropout=attention_dropout,
+        )
+        self.pre_mlp_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
+        self.mlp = ParallelMLP(
+            hidden_size,
+            ffn_hidden_size,
+            parallel_config=parallel_config,
+            init_method=init_method,
+            output_init_method=output_init_method,
+            activation=activation,
+            bias=bias,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        context_mask: Optional[torch.Tensor] = None,
+        rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        context_rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """``hidden_states`` ``[b, s, h]``, ``context`` ``[b, s_ctx, h_kv]``; ``attention_mask`` for the
+        self-attention (None: causal or full per ``causal``), ``context_mask`` (True = masked) broadcastable
+        to ``[b, heads, s, s_ctx]``; ``rotary_cos_sin`` rotates self-attention q/k, ``context_rotary_cos_sin``
+        the cross-attention keys."""
+        attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_cos_sin)
+        hidden_states = hidden_states + dropout(attn, self.hidden_dropout, self.training)
+        cross = self.cross_attention(self.pre_cross_attn_layernorm(hidden_states), context, context_mask,
+                                     context_rotary_cos_sin)
+        hidden_states = hidden_states + dropout(cross, self.hidden_dropout, self.training)
+        mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
+        return hidden_states + dropout(mlp, self.hidden_dropout, self.training)
+
+
+class CrossAttentionTransformerBlock(nn.Module):
+    """``num_layers`` ``CrossAttentionTransformerLayer`` (attribute ``layers``) + optional final norm
+    (``final_layernorm``): the encoder-decoder's decoder. Layer kwargs are those of the layer."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        *,
+        activations_checkpoint_granularity: Optional[str] = None,
+        final_norm: bool = True,
+        layer_init_scope=None,
+        checkpoint_key: str = "model.activations_checkpoint_granularity",
+        **layer_kwargs,
+    ):
+        super().__init__()
+        self.checkpoint_granularity = normalize_checkpoint_granularity(activations_checkpoint_granularity,
+                                                                       checkpoint_key)
+        layers = []
+        for i in range(num_layers):
+            with (layer_init_scope(i) if layer_init_scope is not None else contextlib.nullcontext()):
+                layers.append(CrossAttentionTransformerLayer(**layer_kwargs))
+        self.layers = nn.ModuleList(layers)
+        if final_norm:
+            self.final_layernorm = build_norm(
+                layer_kwargs.get("normalization", "layernorm"),
+                layer_kwargs["hidden_size"],
+                layer_kwargs.get("layernorm_epsilon", 1e-5),
+                layer_kwargs.get("bias", True),
+            )
+        else:
+            self.final_layernorm = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        context_mask: Optional[torch.Tensor] = None,
+        rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        context_rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        recompute = self.checkpoint_granularity == "full" and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            hidden_states = run_layer(layer, recompute, hidden_states, context, attention_mask, context_mask,
+                                      rotary_cos_sin, context_rotary_cos_sin)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states
+
+
+__all__ = [
+    "TransformerLayer",
+    "TransformerBlock",
+    "CHECKPOINT_GRANULARITIES",
+    "ContextCrossAttention",
+    "CrossAttentionTransformerLayer",
+    "CrossAttentionTransformerBlock",
+    "normalize_checkpoint_granularity",
+    "run_layer",
+]

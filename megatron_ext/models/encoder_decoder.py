@@ -1,0 +1,527 @@
+"""Encoder-decoder (BART-style) language model on megatron-core tensor-parallel layers.
+
+``EncoderDecoderModel(cfg, vocab_size)`` takes the typed ``EncoderDecoderModelConfig`` (``model.*``;
+the two stacks under ``model.encoder.*`` / ``model.decoder.*``)::
+
+    enc_tokens [b, s] -> shared VocabParallelEmbedding (+ encoder positions) -> dropout
+        arch=transformer: num_layers x pre-norm bidirectional TransformerLayer (padding-masked) -> final norm
+        arch=perceiver:   PerceiverEncoder (latents cross-attend to the tokens)             -> final norm
+    -> {"hiddens": [S_enc, b, h], "hiddens_mask": [b, S_enc]}       <- encode(); a hiddens module goes here
+    dec_tokens [b, s_dec] -> the same word embeddings (+ decoder positions) -> dropout
+        num_layers x pre-norm [causal self-attn -> cross-attn to hiddens (hiddens_mask) -> MLP] -> final norm
+    -> output layer (tied word-embedding weight, or its own ColumnParallelLinear)
+    -> vocab-parallel logits [b, s_dec, padded_vocab / tp] (padding columns -inf)
+    -> (with labels) vocab_parallel_cross_entropy -> loss [b, s_dec] fp32      <- decode()
+
+``S_enc`` is the input length ``s`` for the transformer encoder (``hiddens_mask`` = ``enc_mask``) and
+``model.encoder.hidden_steps`` for the Perceiver (``hiddens_mask`` all True). The hiddens use
+Megatron's ``[S, B, H]`` layout, as NeMo's hiddens module expects; inside the stacks activations
+are ``[b, s, h]`` (the modules' convention). Masks passed to ``encode``/``decode`` are bool with
+True = real token (the inverse of the attention modules' True = masked).
+
+Positions: ``learned_absolute`` gives separate encoder and decoder tables of
+``max_position_embeddings`` rows (default ``max(seq_length, seq_length_dec)``); ``rope`` rotates
+q/k of every self-attention (encoder and decoder), and for the Perceiver also the cross-attention
+keys by their token positions. The decoder's cross-attention has no position term.
+
+Parameter names (megatron-core style): ``embedding.word_embeddings``,
+``embedding.encoder_position_embeddings``, ``embedding.decoder_position_embeddings``,
+``encoder.layers.N.*`` + ``encoder.final_layernorm`` (transformer) or ``encoder.latents``,
+``encoder.cross_layers.N.*``, ``encoder.self_layers.N.*``, ``encoder.final_layernorm`` (perceiver),
+``decoder.layers.N.{input_layernorm, self_attention.*, pre_cross_attn_layernorm,
+cross_attention.{linear_q, linear_kv, linear_proj}, pre_mlp_layernorm, mlp.*}``,
+``decoder.final_layernorm``, ``output_layer`` (weight only when untied). TP shards: as in
+``models/gpt.py``; ``cross_attention.linear_q``/``linear_kv`` are split on dim 0 (the fused KV rows
+are ordered ``[heads, (k, v), head_dim]``), ``linear_proj`` on dim 1; latents are replicated.
+
+Initialisation (layout-independent, like GPT): every component is built under its own
+``init_seed_scope(init_seed, component)`` (numbers in ``encdec_component_ids``), so TP1 and TP2
+build identical full weights. Weights ~ normal(0, init_method_std of their stack) -- the shared
+word embeddings and the encoder positions use ``model.encoder.init_method_std``, the decoder
+positions and an untied output layer ``model.decoder.init_method_std`` -- and the projections
+into the residual stream ~ normal(0, std / sqrt(2 * layers)), ``layers`` = the stack's number of
+transformer layers (Perceiver: ``num_layers * (1 + num_self_attention_per_cross_attention)``).
+Perceiver latents are Xavier-normal; biases 0, norm weights 1.
+
+Padded vocabulary: as GPT (``mask_vocab_padding``): the padding logits are -inf, so the loss does
+not depend on the TP size. Pipeline parallelism is not supported (ConfigError).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.models.gpt import (
+    POSITION_EMBEDDING_TYPES,
+    build_output_layer,
+    init_seed_scope,
+    mask_vocab_padding,
+    padded_vocab_size,
+    resolve_ffn_hidden_size,
+    transformer_layer_kwargs,
+)
+from megatron_ext.models.perceiver import PerceiverEncoder
+from megatron_ext.modules.common import (
+    dropout,
+    ensure_model_parallel,
+    init_method_normal,
+    make_parallel_config,
+    scaled_init_method_normal,
+    tp_group,
+    tp_world_size,
+)
+from megatron_ext.modules.mlp import ACTIVATIONS
+from megatron_ext.modules.norms import NORMALIZATIONS
+from megatron_ext.modules.rotary import RotaryEmbedding
+from megatron_ext.modules.transformer import CrossAttentionTransformerBlock, TransformerBlock
+
+ENCODER_ARCHS = ("transformer", "perceiver")
+DECODER_ARCHS = ("transformer",)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config helpers
+
+
+def resolve_seq_length_dec(cfg) -> int:
+    """``model.seq_length_dec``, default ``model.seq_length``."""
+    return int(cfg.seq_length_dec if cfg.seq_length_dec is not None else cfg.seq_length)
+
+
+def resolve_encdec_max_position_embeddings(cfg) -> int:
+    """``model.max_position_embeddings``, default ``max(seq_length, seq_length_dec)``."""
+    if cfg.max_position_embeddings is not None:
+        return int(cfg.max_position_embeddings)
+    return max(int(cfg.seq_length), resolve_seq_length_dec(cfg))
+
+
+def encoder_num_layer_modules(enc) -> int:
+    """Transformer layers in the encoder stack (Perceiver: cross + self layers)."""
+    if str(enc.arch).lower() == "perceiver":
+        return int(enc.num_layers) * (1 + int(enc.num_self_attention_per_cross_attention))
+    return int(enc.num_layers)
+
+
+def encdec_component_ids() -> dict:
+    """Component numbers for ``init_seed_scope``: fixed components 0-7, then encoder layer ``n`` ->
+    ``8 + 2n`` and decoder layer ``n`` -> ``9 + 2n`` (interleaved, so each stack's weights do not
+    depend on the other stack's depth). Layer scopes: ``component_ids["encoder_layer"](n)``."""
+    return {
+        "embedding": 0,
+        "output_layer": 1,
+        "encoder_position_embeddings": 2,
+        "decoder_position_embeddings": 3,
+        "perceiver_latents": 4,
+        "encoder_layer": lambda n: 8 + 2 * int(n),
+        "decoder_layer": lambda n: 9 + 2 * int(n),
+    }
+
+
+def _is_pos_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _fail(key: str, value, expected: str) -> None:
+    raise ConfigError(f"model.{key}={value!r}: {expected}")
+
+
+def _validate_stack(stack, side: str, tp: int, pos_type: str) -> None:
+    p = f"{side}."
+    if stack is None:
+        raise ConfigError(f"model.{side} is missing: expected the {side} settings (model.{side}.num_layers, ...)")
+    archs = ENCODER_ARCHS if side == "encoder" else DECODER_ARCHS
+    arch = str(stack.arch).lower()
+    if arch not in archs:
+        _fail(p + "arch", stack.arch, f"expected one of {', '.join(archs)}")
+    for key in ("num_layers", "hidden_size", "num_attention_heads"):
+        value = getattr(stack, key)
+        if not _is_pos_int(value):
+            _fail(p + key, value, "expected a positive integer")
+    if stack.ffn_hidden_size is not None and not _is_pos_int(stack.ffn_hidden_size):
+        _fail(p + "ffn_hidden_size", stack.ffn_hidden_size, "expected a positive integer or null")
+    if stack.hidden_size % stack.num_attention_heads != 0:
+        _fail(p + "hidden_size", stack.hidden_size,
+              f"must be divisible by model.{p}num_attention_heads={stack.num_attention_heads}")
+    if stack.num_attention_heads % tp != 0:
+        _fail(p + "num_attention_heads", stack.num_attention_heads,
+              f"must be divisible by model.tensor_model_parallel_size={tp}")
+    if str(stack.activation).lower() not in ACTIVATIONS:
+        _fail(p + "activation", stack.activation, f"expected one of {', '.join(ACTIVATIONS)}")
+    ffn = resolve_ffn_hidden_size(stack)
+    if ffn % tp != 0:
+        _fail(p + "ffn_hidden_size", stack.ffn_hidden_size if stack.ffn_hidden_size is not None else ffn,
+              f"(resolved {ffn}) must be divisible by model.tensor_model_parallel_size={tp}")
+    if str(stack.normalization).lower() not in NORMALIZATIONS:
+        _fail(p + "normalization", stack.normalization, f"expected one of {', '.join(NORMALIZATIONS)}")
+    if not isinstance(stack.bias, bool):
+        _fail(p + "bias", stack.bias, "expected true or false")
+    if pos_type == "rope" and (stack.hidden_size // stack.num_attention_heads) % 2 != 0:
+        _fail(p + "hidden_size", stack.hidden_size,
+              f"rope needs an even head dimension (model.{p}hidden_size / model.{p}num_attention_heads)")
+    for key in ("hidden_dropout", "attention_dropout"):
+        v = getattr(stack, key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
+            _fail(p + key, v, "expected a probability in [0, 1)")
+    for key in ("init_method_std", "layernorm_epsilon"):
+        v = getattr(stack, key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not float(v) > 0:
+            _fail(p + key, v, "expected a positive number")
+    gran = stack.activations_checkpoint_granularity
+    if gran is not None and str(gran).lower() not in ("full", "none", "null", ""):
+        _fail(p + "activations_checkpoint_granularity", gran, "expected null or 'full'")
+    if arch == "perceiver":
+        for key in ("hidden_steps", "num_self_attention_per_cross_attention"):
+            v = getattr(stack, key)
+            if not _is_pos_int(v):
+                _fail(p + key, v, f"expected a positive integer (>= 1) for model.{p}arch=perceiver")
+
+
+def validate_encoder_decoder_config(cfg, vocab_size: int, *, use_cuda: Optional[bool] = None) -> None:
+    """Check the architecture keys of an ``EncoderDecoderModelConfig``; raises ``ConfigError`` naming the
+    first bad key (``model.<key>``, ``model.encoder.<key>``, ``model.decoder.<key>``)."""
+    if use_cuda is None:
+        use_cuda = torch.cuda.is_available()
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise ConfigError(f"vocab_size={vocab_size!r} (from the tokenizer, model.tokenizer): expected a positive integer")
+    for key in ("seq_length", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
+                "pipeline_model_parallel_size"):
+        value = getattr(cfg, key)
+        if not _is_pos_int(value):
+            _fail(key, value, "expected a positive integer")
+    if cfg.pipeline_model_parallel_size != 1:
+        _fail("pipeline_model_parallel_size", cfg.pipeline_model_parallel_size,
+              "the encoder-decoder model does not support pipeline parallelism; set it to 1 "
+              "(use model.tensor_model_parallel_size or more data-parallel devices)")
+    if cfg.seq_length_dec is not None and not _is_pos_int(cfg.seq_length_dec):
+        _fail("seq_length_dec", cfg.seq_length_dec, "expected a positive integer or null (null = model.seq_length)")
+    tp = int(cfg.tensor_model_parallel_size)
+    pos_type = str(cfg.position_embedding_type).lower()
+    if pos_type not in POSITION_EMBEDDING_TYPES:
+        _fail("position_embedding_type", cfg.position_embedding_type,
+              f"expected one of {', '.join(POSITION_EMBEDDING_TYPES)}")
+    mpe = cfg.max_position_embeddings
+    if mpe is not None and not _is_pos_int(mpe):
+        _fail("max_position_embeddings", mpe,
+              "expected a positive integer or null (null = max(model.seq_length, model.seq_length_dec))")
+    max_pos = resolve_encdec_max_position_embeddings(cfg)
+    if cfg.seq_length > max_pos:
+        _fail("seq_length", cfg.seq_length, f"must be <= model.max_position_embeddings={max_pos}")
+    if resolve_seq_length_dec(cfg) > max_pos:
+        _fail("seq_length_dec", cfg.seq_length_dec, f"must be <= model.max_position_embeddings={max_pos}")
+    if pos_type == "rope" and not float(cfg.rotary_base) > 0:
+        _fail("rotary_base", cfg.rotary_base, "expected a positive number")
+    if not isinstance(cfg.share_embeddings_and_output_weights, bool):
+        _fail("share_embeddings_and_output_weights", cfg.share_embeddings_and_output_weights, "expected true or false")
+    _validate_stack(cfg.encoder, "encoder", tp, pos_type)
+    _validate_stack(cfg.decoder, "decoder", tp, pos_type)
+    if cfg.encoder.hidden_size != cfg.decoder.hidden_size:
+        raise ConfigError(
+            f"model.encoder.hidden_size={cfg.encoder.hidden_size!r} and model.decoder.hidden_size="
+            f"{cfg.decoder.hidden_size!r} must be equal: the token embeddings are shared by the encoder, "
+            f"the decoder and the output layer"
+        )
+    if cfg.sequence_parallel:
+        if not use_cuda:
+            raise ConfigError(
+                "model.sequence_parallel=true needs CUDA (megatron-core's sequence-parallel collectives "
+                "allocate CUDA buffers); set model.sequence_parallel=false on CPU"
+            )
+        if tp > 1:
+            raise ConfigError(
+                "model.sequence_parallel=true with model.tensor_model_parallel_size>1 is not supported by "
+                "megatron_ext's EncoderDecoderModel yet; set model.sequence_parallel=false"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model
+
+
+def _no_empty_rows(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` [b, s] (True = real); a sample with no real position gets all True, so that no attention row is
+    fully masked (SDPA backends disagree on that case: zeros on the CPU, possibly NaN elsewhere). No host sync."""
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class EncoderDecoderEmbedding(nn.Module):
+    """Shared vocab-parallel word embeddings + separate learned encoder / decoder positions (or none for rope)."""
+
+    def __init__(self, padded_vocab: int, hidden_size: int, parallel_config, word_init_method,
+                 max_position_embeddings: Optional[int], enc_init_method, dec_init_method,
+                 enc_dropout: float, dec_dropout: float, scope):
+        super().__init__()
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        comp = encdec_component_ids()
+        self.enc_dropout = float(enc_dropout)
+        self.dec_dropout = float(dec_dropout)
+        with scope(comp["embedding"]):
+            self.word_embeddings = VocabParallelEmbedding(
+                padded_vocab, hidden_size, init_method=word_init_method, config=parallel_config, tp_group=tp_group()
+            )
+        self.max_position_embeddings = max_position_embeddings
+        if max_position_embeddings is None:
+            self.encoder_position_embeddings = None
+            self.decoder_position_embeddings = None
+            return
+        tables = {}
+        for name, init in (("encoder", enc_init_method), ("decoder", dec_init_method)):
+            with scope(comp[f"{name}_position_embeddings"]):
+                table = nn.Embedding(max_position_embeddings, hidden_size, dtype=parallel_config.params_dtype)
+                with torch.no_grad():
+                    init(table.weight)
+            tables[name] = table
+        self.encoder_position_embeddings = tables["encoder"]
+        self.decoder_position_embeddings = tables["decoder"]
+
+    def _embed(self, tokens: torch.Tensor, table: Optional[nn.Embedding], p: float, side: str) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        if table is not None:
+            s = tokens.shape[1]
+            if s > self.max_position_embeddings:
+                raise DataError(f"{side} input length {s} exceeds model.max_position_embeddings="
+                                f"{self.max_position_embeddings}")
+            x = x + table.weight[:s]
+        return dropout(x, p, self.training)
+
+    def embed_encoder(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._embed(tokens, self.encoder_position_embeddings, self.enc_dropout, "encoder")
+
+    def embed_decoder(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._embed(tokens, self.decoder_position_embeddings, self.dec_dropout, "decoder")
+
+
+class EncoderDecoderModel(nn.Module):
+    """Encoder-decoder LM; see the module docstring for the data flow, names and init.
+
+    * ``encode(enc_tokens [b, s], enc_mask [b, s] bool, True = real token; None = all real)`` ->
+      ``{"hiddens": [S_enc, b, h], "hiddens_mask": [b, S_enc] bool}``;
+    * ``decode(dec_tokens [b, s_dec], hiddens [S_enc, b, h], hiddens_mask [b, S_enc] or None, labels=None)``
+      -> per-token CE ``[b, s_dec]`` fp32 with ``labels``, else vocab-parallel logits
+      ``[b, s_dec, padded_vocab / tp]``;
+    * ``forward(enc_tokens, dec_tokens, enc_mask=None, labels=None)`` = ``decode(dec_tokens,
+      **encode(enc_tokens, enc_mask), labels=labels)``.
+
+    The decoder is causal and needs no mask of its own (padding sits after the real tokens and is
+    excluded by the loss mask). A sample whose ``enc_mask`` (or ``hiddens_mask``) has no True entry is
+    treated as all-real (its padding is attended), so it stays finite on every attention backend.
+    """
+
+    def __init__(
+        self,
+        cfg,
+        vocab_size: int,
+        *,
+        init_seed: Optional[int] = None,
+        use_cuda: Optional[bool] = None,
+        params_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        validate_encoder_decoder_config(cfg, vocab_size, use_cuda=use_cuda)
+        if init_seed is None:  # standalone use: follow the default generator (torch.manual_seed)
+            init_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        self.init_seed = int(init_seed)
+        tp = int(cfg.tensor_model_parallel_size)
+        ensure_model_parallel(tp)
+        enc, dec = cfg.encoder, cfg.decoder
+        self.config = cfg
+        self.vocab_size = int(vocab_size)
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tp)
+        self.hidden_size = int(dec.hidden_size)
+        self.encoder_arch = str(enc.arch).lower()
+        self.share_embeddings_and_output_weights = bool(cfg.share_embeddings_and_output_weights)
+        self.position_embedding_type = str(cfg.position_embedding_type).lower()
+        self.max_position_embeddings = resolve_encdec_max_position_embeddings(cfg)
+        self.encoder_ffn_hidden_size = resolve_ffn_hidden_size(enc)
+        self.decoder_ffn_hidden_size = resolve_ffn_hidden_size(dec)
+
+        comp = encdec_component_ids()
+        seed = self.init_seed
+
+        def scope(component: int):
+            return init_seed_scope(seed, component)
+
+        parallel_config = make_parallel_config(tp, params_dtype=params_dtype, sequence_parallel=False)
+        enc_init = init_method_normal(enc.init_method_std)
+        dec_init = init_method_normal(dec.init_method_std)
+        n_enc = encoder_num_layer_modules(enc)
+        enc_out_init = scaled_init_method_normal(enc.init_method_std, n_enc)
+        dec_out_init = scaled_init_method_normal(dec.init_method_std, dec.num_layers)
+        learned = self.position_embedding_type == "learned_absolute"
+
+        self.embedding = EncoderDecoderEmbedding(
+            self.padded_vocab_size, self.hidden_size, parallel_config, enc_init,
+            self.max_position_embeddings if learned else None, enc_init, dec_init,
+            float(enc.hidden_dropout), float(dec.hidden_dropout), scope,
+        )
+        if not learned:
+            self.encoder_rotary_pos_emb = RotaryEmbedding(
+                enc.hidden_size // enc.num_attention_heads, cfg.rotary_base, self.max_position_embeddings
+            )
+            self.decoder_rotary_pos_emb = RotaryEmbedding(
+                dec.hidden_size // dec.num_attention_heads, cfg.rotary_base, self.max_position_embeddings
+            )
+        else:
+            self.encoder_rotary_pos_emb = None
+            self.decoder_rotary_pos_emb = None
+
+        enc_kwargs = transformer_layer_kwargs(enc, self.encoder_ffn_hidden_size, parallel_config, enc_init,
+                                              enc_out_init)
+        enc_kwargs["causal"] = False
+        enc_layer_scope = lambda n: scope(comp["encoder_layer"](n))  # noqa: E731
+        if self.encoder_arch == "perceiver":
+            self.encoder = PerceiverEncoder(
+                enc.num_layers,
+                enc.hidden_steps,
+                enc.num_self_attention_per_cross_attention,
+                activations_checkpoint_granularity=enc.activations_checkpoint_granularity,
+                layer_init_scope=enc_layer_scope,
+                latent_init_scope=lambda: scope(comp["perceiver_latents"]),
+                **enc_kwargs,
+            )
+        else:
+            self.encoder = TransformerBlock(
+                enc.num_layers,
+                activations_checkpoint_granularity=enc.activations_checkpoint_granularity,
+                final_norm=True,
+                layer_init_scope=enc_layer_scope,
+                **enc_kwargs,
+            )
+        dec_kwargs = transformer_layer_kwargs(dec, self.decoder_ffn_hidden_size, parallel_config, dec_init,
+                                              dec_out_init)
+        dec_kwargs["causal"] = True
+        self.decoder = CrossAttentionTransformerBlock(
+            dec.num_layers,
+            activations_checkpoint_granularity=dec.activations_checkpoint_granularity,
+            final_norm=True,
+            layer_init_scope=lambda n: scope(comp["decoder_layer"](n)),
+            checkpoint_key="model.decoder.activations_checkpoint_granularity",
+            **dec_kwargs,
+        )
+        with scope(comp["output_layer"]):
+            self.output_layer = build_output_layer(
+                dec, self.padded_vocab_size, parallel_config, dec_init, tied=self.share_embeddings_and_output_weights
+            )
+        self._pad_masks: dict = {}
+
+    # -- pieces ------------------------------------------------------------------------------
+    @staticmethod
+    def _rotary(rope: Optional[RotaryEmbedding], x: torch.Tensor):
+        if rope is None:
+            return None
+        return rope.cos_sin(x.shape[1], x.device, x.dtype)
+
+    def output_weight(self) -> torch.Tensor:
+        if self.share_embeddings_and_output_weights:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Final decoder states ``[b, s, h]`` -> vocab-parallel logits ``[b, s, padded_vocab/tp]`` (padding -inf)."""
+        weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=weight)
+        return mask_vocab_padding(logits, self.vocab_size, self._pad_masks)
+
+    @staticmethod
+    def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token CE ``[b, s]`` (fp32) from vocab-parallel logits (fp32 logits are overwritten in place)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits, labels)
+
+    # -- encode / decode -----------------------------------------------------------------------
+    def encode(self, enc_tokens: torch.Tensor, enc_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """``enc_tokens`` ``[b, s]``, ``enc_mask`` ``[b, s]`` (True/1 = real token, None = all real) ->
+        ``{"hiddens": [S_enc, b, h], "hiddens_mask": [b, S_enc] bool}``."""
+        if enc_tokens.dim() != 2:
+            raise DataError(f"enc_tokens must be [batch, seq], got shape {tuple(enc_tokens.shape)}")
+        b, s = enc_tokens.shape
+        if enc_mask is not None:
+            if tuple(enc_mask.shape) != (b, s):
+                raise DataError(f"enc_mask shape {tuple(enc_mask.shape)} does not match enc_tokens {(b, s)}")
+            enc_mask = _no_empty_rows(enc_mask.bool())
+        x = self.embedding.embed_encoder(enc_tokens)
+        rotary = self._rotary(self.encoder_rotary_pos_emb, x)
+        if self.encoder_arch == "perceiver":
+            hiddens = self.encoder(x, enc_mask, rotary)  # [K, b, h]
+            hiddens_mask = torch.ones(b, hiddens.shape[0], dtype=torch.bool, device=enc_tokens.device)
+        else:
+            attn_mask = None if enc_mask is None else (~enc_mask).view(b, 1, 1, s)  # True = may not attend
+            hiddens = self.encoder(x, attn_mask, rotary).transpose(0, 1).contiguous()  # [s, b, h]
+            hiddens_mask = enc_mask if enc_mask is not None else torch.ones(b, s, dtype=torch.bool,
+                                                                             device=enc_tokens.device)
+        return {"hiddens": hiddens, "hiddens_mask": hiddens_mask}
+
+    def decode(
+        self,
+        dec_tokens: torch.Tensor,
+        hiddens: torch.Tensor,
+        hiddens_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``dec_tokens`` ``[b, s_dec]``, ``hiddens`` ``[S_enc, b, h]``, ``hiddens_mask`` ``[b, S_enc]`` (True = attend;
+        None = all) -> per-token CE ``[b, s_dec]`` (with ``labels``) or vocab-parallel logits."""
+        if dec_tokens.dim() != 2:
+            raise DataError(f"dec_tokens must be [batch, seq], got shape {tuple(dec_tokens.shape)}")
+        b = dec_tokens.shape[0]
+        if hiddens.dim() != 3 or hiddens.shape[1] != b or hiddens.shape[2] != self.hidden_size:
+            raise DataError(f"hiddens must be [S_enc, batch={b}, hidden={self.hidden_size}] (Megatron layout), "
+                            f"got shape {tuple(hiddens.shape)}")
+        s_enc = hiddens.shape[0]
+        context_mask = None
+        if hiddens_mask is not None:
+            if tuple(hiddens_mask.shape) != (b, s_enc):
+                raise DataError(f"hiddens_mask shape {tuple(hiddens_mask.shape)} does not match hiddens "
+                                f"[S_enc={s_enc}, batch={b}]")
+            context_mask = (~_no_empty_rows(hiddens_mask.bool())).view(b, 1, 1, s_enc)
+        y = self.embedding.embed_decoder(dec_tokens)
+        context = hiddens.transpose(0, 1).contiguous()
+        y = self.decoder(y, context, None, context_mask, self._rotary(self.decoder_rotary_pos_emb, y), None)
+        logits = self.compute_logits(y)
+        if labels is None:
+            return logits
+        return self.loss_from_logits(logits, labels)
+
+    def forward(
+        self,
+        enc_tokens: torch.Tensor,
+        dec_tokens: torch.Tensor,
+        enc_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return self.decode(dec_tokens, **self.encode(enc_tokens, enc_mask), labels=labels)
+
+    @torch.no_grad()
+    def gather_logits(self, logits: torch.Tensor, trim: bool = True) -> torch.Tensor:
+        """All-gather vocab-parallel logits over TP -> ``[..., padded_vocab]`` (inference only, no autograd);
+        with ``trim`` (default) the padding columns are dropped -> ``[..., vocab_size]``."""
+        world = tp_world_size()
+        if world > 1:
+            local = logits.detach().contiguous()
+            parts = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(parts, local, group=tp_group())
+            full = torch.cat(parts, dim=-1)
+        else:
+            full = logits.detach()
+        return full[..., : self.vocab_size] if trim else full
+
+    def num_parameters(self) -> int:
+        """Parameters held by this rank (a tied embedding/output weight counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+__all__ = [
+    "EncoderDecoderModel",
+    "EncoderDecoderEmbedding",
+    "validate_encoder_decoder_config",
+    "encdec_component_ids",
+    "encoder_num_layer_modules",
+    "resolve_seq_length_dec",
+    "resolve_encdec_max_position_embeddings",
+    "ENCODER_ARCHS",
+    "DECODER_ARCHS",
+]

@@ -1,0 +1,94 @@
+"""BART-style denoising task for ``Trainer``: tokenizer (+ mask token) -> noised datasets -> encoder-decoder ->
+token loss and token accuracy over the target.
+
+Batch keys (``megatron_ext.data.bart``): ``text_enc`` [b, s] noised input, ``enc_mask`` [b, s] (True = real
+token), ``text_dec`` [b, s_dec] = bos + original, ``labels`` [b, s_dec] = original + eos, ``loss_mask`` [b, s_dec].
+Logged: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy`` (token-weighted over the target).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+log = logging.getLogger("megatron_ext")
+
+
+def tp_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax over the full vocabulary of vocab-parallel logits ``[..., V/tp]`` (ties -> lowest id)."""
+    from megatron_ext.modules.common import tp_group, tp_rank, tp_world_size
+
+    local_max, local_idx = logits.max(dim=-1)
+    world = tp_world_size()
+    if world == 1:
+        return local_idx
+    global_idx = local_idx + tp_rank() * logits.shape[-1]
+    maxes = [torch.empty_like(local_max) for _ in range(world)]
+    idxs = [torch.empty_like(global_idx) for _ in range(world)]
+    dist.all_gather(maxes, local_max.contiguous(), group=tp_group())
+    dist.all_gather(idxs, global_idx.contiguous(), group=tp_group())
+    m = torch.stack(maxes, dim=-1)
+    best = m.argmax(dim=-1, keepdim=True)  # first rank holding the max = lowest id
+    return torch.stack(idxs, dim=-1).gather(-1, best).squeeze(-1)
+
+
+class BARTTask:
+    def __init__(self, cfg: DictConfig, device: torch.device):
+        from megatron_ext.tokenizers import build_tokenizer
+        from megatron_ext.tokenizers import ensure_mask_token
+
+        self.cfg = cfg
+        self.device = device
+        tok = cfg.model.tokenizer
+        self.tokenizer = ensure_mask_token(build_tokenizer(tok.library, tok.model))
+        self.model = None
+
+    @property
+    def seq_length_dec(self) -> int:
+        m = self.cfg.model
+        return int(m.seq_length_dec if m.seq_length_dec is not None else m.seq_length)
+
+    def build_model(self) -> torch.nn.Module:
+        from megatron_ext.models.encoder_decoder import EncoderDecoderModel
+
+        self.model = EncoderDecoderModel(self.cfg.model, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed,
+                                         use_cuda=self.device.type == "cuda")
+        return self.model
+
+    def build_datasets(self, num_samples: tuple[int, int, int]):
+        from megatron_ext.data.bart import build_bart_datasets
+
+        d = self.cfg.model.data
+        seed = d.seed if d.seed is not None else self.cfg.trainer.seed
+        return build_bart_datasets(d, self.tokenizer, int(self.cfg.model.seq_length), self.seq_length_dec,
+                                   num_samples, seed)
+
+    def loss(self, model, batch: Dict[str, torch.Tensor]):
+        from megatron_ext.models.gpt import GPTModel
+
+        logits = model(batch["text_enc"], batch["text_dec"], batch["enc_mask"])
+        with torch.no_grad():
+            pred = tp_argmax(logits.detach())
+        labels = batch["labels"]
+        per_token = GPTModel.loss_from_logits(logits, labels)  # megatron-core vocab-parallel CE
+        mask = batch["loss_mask"].float()
+        ntok = mask.sum()
+        denom = ntok.clamp(min=1.0)
+        loss = (per_token.float() * mask).sum() / denom
+        acc = ((pred == labels).float() * mask).sum() / denom
+        return loss, ntok, {"accuracy": acc.detach()}
+
+    def tokens_per_sample(self) -> int:
+        """Encoder input + decoder target tokens processed per sample."""
+        return int(self.cfg.model.seq_length) + self.seq_length_dec
+
+    def flops_per_iteration(self, global_batch_size: int) -> float:
+        from megatron_ext.models.flops import encdec_flops_per_iteration
+
+        return float(encdec_flops_per_iteration(self.cfg.model, self.tokenizer.vocab_size, global_batch_size))
+
+    def describe(self) -> Dict[str, Any]:
+        return {"tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size}

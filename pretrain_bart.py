@@ -1,0 +1,52 @@
+"""Pretrain a BART-style encoder-decoder (denoising: text infilling) with a transformer or Perceiver encoder.
+
+    python pretrain_bart.py                                   # tiny CPU model on the built-in corpus
+    python pretrain_bart.py --config-name=perceiver           # Perceiver encoder (fixed-size latent memory)
+    python pretrain_bart.py --config-name=bart_base trainer.accelerator=gpu trainer.precision=bf16 \\
+        model.data.data_impl=text_mmap model.data.data_prefix=[1.0,/data/wiki.txt] \\
+        model.tokenizer.library=sentencepiece model.tokenizer.model=/data/spm.model
+
+Config: configs/bart/megatron_bart_config.yaml over the schema ``BARTConfig`` in megatron_ext/config/schema.py
+(precedence CLI > YAML > dataclass defaults). Shares the trainer, exp manager, checkpoints, logging, launchers
+and tensor/data parallelism of pretrain_gpt.py. See README.md.
+
+Exit status: 0 ok; 2 bad input (one line ``error: ...``); 3 a collective failed or timed out.
+"""
+import sys
+
+import megatron_ext  # noqa: F401  (sets DS_ACCELERATOR=cpu when there is no GPU, before deepspeed loads)
+
+import hydra
+from omegaconf import DictConfig
+
+from megatron_ext.config.loader import register_schemas
+from megatron_ext.errors import MegatronExtError
+from megatron_ext.parallel.launch import strip_launcher_args
+
+register_schemas()
+
+
+@hydra.main(config_path="configs/bart", config_name="megatron_bart_config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from megatron_ext.config.schema import BARTConfig
+    from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
+
+    try:
+        rc = maybe_self_launch(cfg, schema=BARTConfig)
+        if rc:
+            sys.exit(rc)
+        if rc == 0:
+            return
+        from megatron_ext.training.bart_task import BARTTask
+        from megatron_ext.training.trainer import Trainer
+
+        with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
+            Trainer(cfg, BARTTask, schema=BARTConfig).fit()
+    except MegatronExtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.argv = strip_launcher_args(sys.argv)
+    main()
