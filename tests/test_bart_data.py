@@ -454,3 +454,32 @@ def test_pretraining_sampler_with_bart_collate(small_bart):
 def test_build_pretraining_dataloader_batches_bart_samples(small_bart):
     loader = samplers.build_pretraining_dataloader(small_bart, 0, 4, 0, 1)
     _check_batch(next(iter(loader)), small_bart, [0, 1, 2, 3])
+
+
+def test_noised_mask_marks_exactly_the_masked_target_tokens(tmp_path, btok):
+    """Rebuild the input from target + noised_mask: every run of marked tokens is one <mask> (or gone)."""
+    prefix = write_indexed(str(tmp_path / "d" / "docs"), marker_docs(btok, 50, reps=4))
+    data_cfg = cfg(prefix, tmp_path, splits_string="1,0,0")
+    train, _, _ = build_bart_datasets(data_cfg, btok, 32, 40, (60, 0, 0), seed=3)
+    total = 0
+    for i in range(60):
+        s = train[i]
+        n_t = int(s["loss_mask"].sum()) - 1
+        target, marked = s["labels"][:n_t], s["noised_mask"][:n_t] > 0
+        assert s["noised_mask"][n_t:].sum() == 0
+        rebuilt, j = [], 0
+        while j < n_t:
+            if marked[j]:
+                while j < n_t and marked[j]:
+                    j += 1
+                rebuilt.append(-1)
+            else:
+                rebuilt.append(int(target[j]))
+                j += 1
+        enc = s["text_enc"][s["enc_mask"]].tolist()
+        kept = [t if t != btok.mask else -1 for t in enc]
+        # deletions and zero-length insertions aside, the input is the target with each span collapsed
+        strip = lambda seq: [t for t in seq if t != -1]
+        assert strip(kept) == strip(rebuilt)
+        total += int(marked.sum())
+    assert total > 0

@@ -102,3 +102,25 @@ def test_unknown_key_named(tmp_path, run_env):
     p = run_script(["pretrain_bart.py", "model.encoder.hiden_size=64", f"exp_manager.exp_dir={tmp_path}"],
                    run_env, timeout=300)
     assert p.returncode != 0 and "hiden_size" in p.stderr
+
+
+@pytest.mark.parametrize("arch", ["transformer", "perceiver"])
+def test_tp2_matches_tp1_through_the_trainer(tmp_path, run_env, arch):
+    """Same tolerance as GPT's layouts: step-1 loss rel. 1e-4, step-10 loss rel. 1e-3 (built-in corpus, fp32)."""
+    base = ["pretrain_bart.py", "trainer.max_steps=10", "trainer.log_every_n_steps=1", "trainer.val_check_interval=0",
+            "exp_manager.create_checkpoint_callback=false", "exp_manager.create_tensorboard_logger=false",
+            "model.micro_batch_size=2", "model.global_batch_size=4", "model.seq_length=64",
+            f"model.encoder.arch={arch}", "model.encoder.hidden_steps=8",
+            "model.encoder.hidden_dropout=0", "model.encoder.attention_dropout=0",
+            "model.decoder.hidden_dropout=0", "model.decoder.attention_dropout=0", "exp_manager.version=v"]
+    losses = {}
+    for tp in (1, 2):
+        exp = tmp_path / f"tp{tp}"
+        p = run_script(base + [f"exp_manager.exp_dir={exp}", f"trainer.devices={tp}",
+                               f"model.tensor_model_parallel_size={tp}"], run_env, timeout=600)
+        assert p.returncode == 0, p.stderr[-4000:]
+        rows = [json.loads(l) for l in (exp / "megatron_bart" / "v" / "metrics.jsonl").read_text().splitlines()]
+        losses[tp] = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert abs(losses[2][1] - losses[1][1]) / losses[1][1] < 1e-4, (losses[1][1], losses[2][1])
+    assert abs(losses[2][10] - losses[1][10]) / losses[1][10] < 1e-3, (losses[1][10], losses[2][10])
+    assert losses[1][10] < losses[1][1] - 0.1

@@ -82,7 +82,7 @@ from megatron_ext.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_KEYS = ("text_enc", "enc_mask", "text_dec", "labels", "loss_mask", "dec_mask")
+SAMPLE_KEYS = ("text_enc", "enc_mask", "text_dec", "labels", "loss_mask", "dec_mask", "noised_mask")
 _TORCH_DTYPES = {
     "text_enc": torch.long,
     "enc_mask": torch.bool,
@@ -90,6 +90,7 @@ _TORCH_DTYPES = {
     "labels": torch.long,
     "loss_mask": torch.float32,
     "dec_mask": torch.bool,
+    "noised_mask": torch.float32,
 }
 _SPLIT_NAMES = ("train", "validation", "test")
 _WS_BYTES = (9, 10, 11, 12, 13, 32)
@@ -244,6 +245,20 @@ class NoiseInfo:
     sentence_order: Optional[np.ndarray]  # order of the sentences, None when not permuted
     num_units: int  # maskable units
     dropped_insertions: int  # length-0 spans left out to respect max_length
+    source_index: Optional[np.ndarray] = None  # permuted[i] == original[source_index[i]]
+
+    def masked_original_positions(self) -> np.ndarray:
+        """Bool per ORIGINAL token: it was inside a masked (or deleted) span of the input."""
+        n = int(self.permuted.shape[0])
+        hit = np.zeros(n, dtype=bool)
+        for st, ln in zip(self.span_starts.tolist(), self.span_tokens.tolist()):
+            if ln > 0:
+                hit[st:st + ln] = True
+        if self.source_index is None:
+            return hit
+        out = np.zeros(n, dtype=bool)
+        out[self.source_index[hit]] = True
+        return out
 
     @property
     def num_masked_tokens(self) -> int:
@@ -313,6 +328,7 @@ def bart_noise(
     if max_length is not None and n_tok > max_length:
         raise ValueError(f"bart_noise: {n_tok} tokens do not fit max_length={max_length}")
     order = None
+    src = None
     if sentence_starts is not None:
         tokens, src, order = permute_sentences(tokens, np.asarray(sentence_starts, dtype=bool), rng)
         if word_starts is not None:
@@ -412,6 +428,7 @@ def bart_noise(
         sentence_order=order,
         num_units=n,
         dropped_insertions=int(dropped),
+        source_index=None if src is None else np.asarray(src, dtype=np.int64),
     )
     return out, info
 
@@ -576,7 +593,9 @@ def chunk_length(seq_length: int, seq_length_dec: int) -> int:
 
 
 def make_sample(noised: np.ndarray, target: np.ndarray, seq_length: int, seq_length_dec: int, pad: int, bos: int,
-                eos: int) -> Dict[str, np.ndarray]:
+                eos: int, masked_target: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """``masked_target`` (bool per target token): which target tokens were masked or deleted in the input; it
+    becomes ``noised_mask`` (float32 over the labels), used for the accuracy on masked spans."""
     n_enc, n_t = int(noised.shape[0]), int(target.shape[0])
     if n_enc > seq_length or n_t + 1 > seq_length_dec:
         raise DataError(f"internal error: sample of {n_enc}/{n_t} tokens does not fit {seq_length}/{seq_length_dec}")
@@ -592,7 +611,11 @@ def make_sample(noised: np.ndarray, target: np.ndarray, seq_length: int, seq_len
     labels[n_t] = eos
     dec_mask = np.zeros(seq_length_dec, dtype=bool)
     dec_mask[: n_t + 1] = True
+    noised_mask = np.zeros(seq_length_dec, dtype=np.float32)
+    if masked_target is not None:
+        noised_mask[:n_t] = np.asarray(masked_target, dtype=np.float32)
     return {
+        "noised_mask": noised_mask,
         "text_enc": text_enc,
         "enc_mask": enc_mask,
         "text_dec": text_dec,
@@ -703,9 +726,9 @@ class BARTDataset(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> Dict[str, np.ndarray]:
         idx = self._check_index(idx)
         target = self.target_tokens(idx)
-        noised = self.noiser(target, self.rng(idx), max_length=self.seq_length)
+        noised, info = self.noiser(target, self.rng(idx), max_length=self.seq_length, return_info=True)
         return make_sample(noised, target, self.seq_length, self.seq_length_dec, self.noiser.pad_id,
-                           self.noiser.bos_id, self.noiser.eos_id)
+                           self.noiser.bos_id, self.noiser.eos_id, masked_target=info.masked_original_positions())
 
     collate_fn = staticmethod(collate_bart_batch)
 

@@ -3,7 +3,9 @@ token loss and token accuracy over the target.
 
 Batch keys (``megatron_ext.data.bart``): ``text_enc`` [b, s] noised input, ``enc_mask`` [b, s] (True = real
 token), ``text_dec`` [b, s_dec] = bos + original, ``labels`` [b, s_dec] = original + eos, ``loss_mask`` [b, s_dec].
-Logged: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy`` (token-weighted over the target).
+Logged: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy`` (token-weighted over the target) and
+``train/masked_accuracy`` / ``val/masked_accuracy``: accuracy on the target tokens that were inside a masked (or
+deleted) span of the input -- the infilling skill proper, as copying the unmasked tokens is easy.
 """
 from __future__ import annotations
 
@@ -78,8 +80,13 @@ class BARTTask:
         ntok = mask.sum()
         denom = ntok.clamp(min=1.0)
         loss = (per_token.float() * mask).sum() / denom
-        acc = ((pred == labels).float() * mask).sum() / denom
-        return loss, ntok, {"accuracy": acc.detach()}
+        correct = (pred == labels).float()
+        acc = (correct * mask).sum() / denom
+        extras = {"accuracy": acc.detach()}
+        noised = batch.get("noised_mask")
+        if noised is not None:  # accuracy on the target tokens that were masked/deleted in the input
+            extras["masked_accuracy"] = ((correct * noised).sum().detach(), noised.sum().detach())
+        return loss, ntok, extras
 
     def tokens_per_sample(self) -> int:
         """Encoder input + decoder target tokens processed per sample."""

@@ -349,9 +349,12 @@ class Trainer:
             loss, ntok, extras = self.task.loss(self.engine, batch)
             if total is None:
                 names = sorted(extras)
-                total = torch.zeros(2 + len(names), dtype=torch.float64)
+                total = torch.zeros(2 + 2 * len(names), dtype=torch.float64)
             n = float(ntok)
-            vals = [loss.item() * n, n] + [float(extras[k]) * n for k in names]
+            vals = [loss.item() * n, n]
+            for k in names:  # a scalar is token-weighted; a (numerator, denominator) pair is summed as such
+                v = extras[k]
+                vals += [float(v[0]), float(v[1])] if isinstance(v, (tuple, list)) else [float(v) * n, n]
             total += torch.tensor(vals, dtype=torch.float64)
         if self.dp_size > 1:
             from megatron.core import parallel_state as ps
@@ -359,7 +362,8 @@ class Trainer:
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         self.engine.train()
         denom = max(total[1].item(), 1.0)
-        self._val_extras = {f"val/{k}": (total[2 + i] / denom).item() for i, k in enumerate(names)}
+        self._val_extras = {f"val/{k}": (total[2 + 2 * i] / max(total[3 + 2 * i].item(), 1.0)).item()
+                            for i, k in enumerate(names)}
         return (total[0] / denom).item()
 
     @torch.no_grad()
@@ -437,6 +441,8 @@ class Trainer:
                 self.engine.step()
                 loss_sum += loss.detach().float().cpu()
                 for k, v in extras.items():
+                    if isinstance(v, (tuple, list)):
+                        v = v[0] / torch.as_tensor(v[1]).clamp(min=1.0)
                     extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float().cpu()
             if self.pipeline:  # the engine runs the 1F1B schedule over `accum` micro-batches and averages over DP
                 loss_avg = float(self.engine.train_batch(data_iter=it))
