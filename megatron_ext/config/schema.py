@@ -179,6 +179,9 @@ class BARTDataConfig:
     whole_word_masking: bool = False  # spans start and end on word boundaries
     permute_sentences: bool = False  # shuffle the sentences of each sample (BART sentence permutation)
     delete_mask_prob: float = 0.0  # a span is deleted instead of replaced by <mask> with this probability
+    # data_impl=jsonl: one JSON object per line; the text under text_key, numeric attribute columns (for guided_cls)
+    text_key: str = "text"
+    attribute_keys: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -206,7 +209,7 @@ class EncoderDecoderModelConfig:
     data: BARTDataConfig = field(default_factory=BARTDataConfig)
     optim: Dict[str, Any] = field(default_factory=_default_optim)
     # the hiddens module between encoder and decoder (MIM / VAE); configured by a later part of the project
-    hiddens: Optional[Dict[str, Any]] = None
+    hiddens: Dict[str, Any] = field(default_factory=dict)  # empty = no hiddens module
 
 
 @dataclass
