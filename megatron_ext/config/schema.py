@@ -167,7 +167,7 @@ class BARTDataConfig:
     # [w1, path1, w2, path2, ...] or [path]: .bin/.idx prefixes (data_impl=mmap) or text files (data_impl=text_mmap);
     # empty = the built-in corpus (mmap)
     data_prefix: List[Any] = field(default_factory=list)
-    data_impl: str = "mmap"  # mmap | text_mmap
+    data_impl: str = "mmap"  # mmap | text_mmap | jsonl
     splits_string: str = "949,50,1"
     index_mapping_dir: Optional[str] = None  # where index caches go when the data directory is read-only
     default_corpus_dir: Optional[str] = None

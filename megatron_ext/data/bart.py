@@ -38,12 +38,20 @@ has exactly ``num_samples`` samples: epoch ``e`` visits all chunks in a random o
 
 A sample is a dict of numpy arrays::
 
-    text_enc   int64   [seq_length]      noised chunk, then pad
-    enc_mask   bool    [seq_length]      True on real tokens
-    text_dec   int64   [seq_length_dec]  bos + chunk, then pad
-    labels     int64   [seq_length_dec]  chunk + eos, then pad
-    loss_mask  float32 [seq_length_dec]  1.0 on chunk + eos, 0.0 on padding
-    dec_mask   bool    [seq_length_dec]  True on real tokens (== loss_mask > 0)
+    text_enc    int64   [seq_length]      noised chunk, then pad
+    enc_mask    bool    [seq_length]      True on real tokens
+    text_dec    int64   [seq_length_dec]  bos + chunk, then pad
+    labels      int64   [seq_length_dec]  chunk + eos, then pad
+    loss_mask   float32 [seq_length_dec]  1.0 on chunk + eos, 0.0 on padding
+    dec_mask    bool    [seq_length_dec]  True on real tokens (== loss_mask > 0)
+    noised_mask float32 [seq_length_dec]  1.0 on target tokens masked/deleted in the input
+    <attribute> float32 scalar            data_impl=jsonl only: one per model.data.attribute_keys
+                                          entry, the value of the chunk's document (all chunks
+                                          of a document carry it)
+
+:func:`collate_bart_batch` stacks them into ``[batch, seq]`` tensors and each attribute into a
+float32 ``[batch]`` tensor. Attribute values are always float32, also integer class labels (stored
+exactly up to 2**24): a consumer that needs class ids casts (``batch["label"].long()``).
 
 Ids: ``mask`` = ``tokenizer.mask`` (wrap the tokenizer with
 :func:`megatron_ext.tokenizers.ensure_mask_token` first); ``pad`` = ``tokenizer.pad``;
@@ -57,9 +65,14 @@ Datasets (:func:`build_bart_datasets`)
 --------------------------------------
 ``model.data.data_impl``: ``mmap`` (``.bin``/``.idx`` prefixes, megatron-core's
 ``IndexedDataset``, checked first by :mod:`megatron_ext.data.validation`; an empty
-``data_prefix`` means the built-in corpus) or ``text_mmap`` (text files, one document per line,
+``data_prefix`` means the built-in corpus), ``text_mmap`` (text files, one document per line,
 :class:`~megatron_ext.data.text_mmap.TextMemMapDataset`, tokenized in ``__getitem__`` so it
-works in DataLoader workers). ``splits_string`` cuts *each* dataset's documents (sequences of a
+works in DataLoader workers) or ``jsonl`` (JSONL files, one JSON object per line: the text under
+``model.data.text_key``, numeric columns ``model.data.attribute_keys`` that every sample carries;
+:class:`~megatron_ext.data.text_mmap.JSONLMemMapDataset`; otherwise exactly like ``text_mmap``:
+same chunking, seeds, splits and blending, blank lines are skipped documents). Attribute columns
+need ``jsonl`` (a ``ConfigError`` otherwise), and every file of a blend must have all of them.
+``splits_string`` cuts *each* dataset's documents (sequences of a
 ``.bin``, lines of a text file) into contiguous, disjoint train/valid/test ranges, rounded like
 megatron-core's GPT datasets. ``data_prefix = [w1, p1, w2, p2, ...]`` blends the datasets:
 sample ``i`` goes to the dataset with the largest deficit ``w_j * max(i, 1) - count_j``
@@ -513,6 +526,8 @@ def check_noise_settings(masked_lm_prob: Any, poisson_lambda: Any, delete_mask_p
 class IndexedDocuments:
     """Documents of a megatron ``.bin``/``.idx`` pair (one sequence = one document), trailing eod dropped."""
 
+    attribute_keys: Tuple[str, ...] = ()
+
     def __init__(self, prefix: str, eod: int) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -559,6 +574,8 @@ class IndexedDocuments:
 class TextDocuments:
     """Lines of a text file (:class:`TextMemMapDataset`), tokenized when read."""
 
+    attribute_keys: Tuple[str, ...] = ()
+
     def __init__(self, path: str, tokenizer, index_mapping_dir: Optional[str] = None) -> None:
         from megatron_ext.data.text_mmap import TextMemMapDataset
 
@@ -584,6 +601,26 @@ class TextDocuments:
                 f"was built; the file changed during the run"
             )
         return ids[begin:end]
+
+
+class JSONLDocuments(TextDocuments):
+    """Lines of a JSONL file (:class:`JSONLMemMapDataset`): the text of ``text_key`` tokenized when read, and
+    the float32 values of ``attribute_keys`` per document."""
+
+    def __init__(self, path: str, tokenizer, index_mapping_dir: Optional[str] = None, text_key: str = "text",
+                 attribute_keys: Sequence[str] = ()) -> None:
+        from megatron_ext.data.text_mmap import JSONLMemMapDataset
+
+        self.name = path
+        self.text = JSONLMemMapDataset(path, tokenizer=tokenizer, index_mapping_dir=index_mapping_dir,
+                                       text_key=text_key, attribute_keys=attribute_keys)
+        self.tokenizer = tokenizer
+        self.attribute_keys = tuple(self.text.attribute_keys)
+        self._lengths = None
+
+    def attributes(self, doc: int) -> np.ndarray:
+        """float32 ``[len(attribute_keys)]`` of document ``doc``."""
+        return self.text.attributes(int(doc))
 
 
 # ============================================================================ the dataset
@@ -626,9 +663,22 @@ def make_sample(noised: np.ndarray, target: np.ndarray, seq_length: int, seq_len
 
 
 def collate_bart_batch(samples: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-    """Stack BART samples into ``[batch, seq]`` tensors (int64 ids, bool masks, float32 loss_mask)."""
-    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(dtype)
-            for key, dtype in _TORCH_DTYPES.items()}
+    """Stack BART samples into ``[batch, seq]`` tensors (int64 ids, bool masks, float32 loss_mask and
+    noised_mask); the attribute scalars of ``data_impl=jsonl`` samples become float32 ``[batch]`` tensors."""
+    out = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(dtype)
+           for key, dtype in _TORCH_DTYPES.items()}
+    extra = [key for key in samples[0] if key not in _TORCH_DTYPES] if samples else []
+    if extra or any(len(s) != len(samples[0]) for s in samples):
+        keys = set(samples[0])
+        for s in samples[1:]:
+            if set(s) != keys:
+                raise DataError(
+                    f"cannot batch BART samples with different keys: {sorted(keys ^ set(s))} in some samples "
+                    f"only (datasets with different model.data.attribute_keys in one batch?)"
+                )
+    for key in extra:
+        out[key] = torch.stack([torch.as_tensor(np.asarray(s[key], dtype=np.float32)) for s in samples])
+    return out
 
 
 class BARTDataset(torch.utils.data.Dataset):
@@ -655,6 +705,7 @@ class BARTDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.split = split
         self.num_samples = int(num_samples)
+        self.attribute_keys: Tuple[str, ...] = tuple(getattr(source, "attribute_keys", ()))
         b, e = self.doc_range
         lengths = np.asarray(source.lengths(), dtype=np.int64)[b:e]
         n_chunks = -(-lengths // self.chunk_length)  # ceil; 0 for empty documents
@@ -723,12 +774,23 @@ class BARTDataset(torch.utils.data.Dataset):
         doc, beg, end = self.sample_source(idx)
         return self.source.tokens(doc, beg, end)
 
+    @property
+    def sample_keys(self) -> Tuple[str, ...]:
+        """The keys of every sample: :data:`SAMPLE_KEYS`, then the attribute keys."""
+        return SAMPLE_KEYS + self.attribute_keys
+
     def __getitem__(self, idx: int) -> Dict[str, np.ndarray]:
         idx = self._check_index(idx)
-        target = self.target_tokens(idx)
+        doc, beg, end = self.sample_source(idx)
+        target = self.source.tokens(doc, beg, end)
         noised, info = self.noiser(target, self.rng(idx), max_length=self.seq_length, return_info=True)
-        return make_sample(noised, target, self.seq_length, self.seq_length_dec, self.noiser.pad_id,
-                           self.noiser.bos_id, self.noiser.eos_id, masked_target=info.masked_original_positions())
+        sample = make_sample(noised, target, self.seq_length, self.seq_length_dec, self.noiser.pad_id,
+                             self.noiser.bos_id, self.noiser.eos_id, masked_target=info.masked_original_positions())
+        if self.attribute_keys:
+            values = self.source.attributes(doc)
+            for key, value in zip(self.attribute_keys, values.tolist()):
+                sample[key] = np.float32(value)
+        return sample
 
     collate_fn = staticmethod(collate_bart_batch)
 
@@ -747,6 +809,11 @@ class BlendedBARTDataset(torch.utils.data.Dataset):
             dataset_index, dataset_sample_index = blending_indices(self.weights, self.size)
         self.dataset_index = dataset_index
         self.dataset_sample_index = dataset_sample_index
+        keys = {tuple(getattr(ds, "attribute_keys", ())) for ds in self.datasets if ds is not None}
+        if len(keys) > 1:
+            raise DataError(f"cannot blend datasets with different attribute columns {sorted(keys)}: every sample "
+                            f"of a batch needs the same keys (model.data.attribute_keys)")
+        self.attribute_keys: Tuple[str, ...] = keys.pop() if keys else ()
         for j, ds in enumerate(self.datasets):
             need = int(np.count_nonzero(dataset_index == j))
             if need and (ds is None or len(ds) < need):
@@ -804,7 +871,8 @@ def _cfg(data_cfg, key: str, default: Any) -> Any:
     return default if value is None and default is not None else value
 
 
-def _parse_text_paths(data_prefix: Any) -> Tuple[List[str], Optional[List[float]]]:
+def _parse_text_paths(data_prefix: Any, what: str = "text file (one document per line)"
+                      ) -> Tuple[List[str], Optional[List[float]]]:
     from megatron_ext.data.gpt_data import PREFIX_KEY, _as_list, _parse_weight
 
     value = _as_list(data_prefix)
@@ -812,7 +880,7 @@ def _parse_text_paths(data_prefix: Any) -> Tuple[List[str], Optional[List[float]
         return [], None
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
-        raise ConfigError(f"{PREFIX_KEY}={value!r}: expected a list of text files: [file] or [w1, file1, w2, file2, ...]")
+        raise ConfigError(f"{PREFIX_KEY}={value!r}: expected a list of files: [file] or [w1, file1, w2, file2, ...]")
     items = list(items)
     if not items:
         return [], None
@@ -820,7 +888,7 @@ def _parse_text_paths(data_prefix: Any) -> Tuple[List[str], Optional[List[float]
     def path(v, i):
         where = PREFIX_KEY if i is None else f"{PREFIX_KEY}[{i}]"
         if not isinstance(v, str) or not v.strip():
-            raise ConfigError(f"{where}={v!r}: expected the path of a text file (one document per line)")
+            raise ConfigError(f"{where}={v!r}: expected the path of a {what}")
         return os.path.abspath(os.path.expanduser(v.strip()))
 
     if len(items) == 1:
@@ -852,6 +920,24 @@ def split_ranges(num_documents: int, splits_string: str, sizes: Sequence[int] = 
     return split_document_ranges(int(num_documents), _split_matrix(splits_string, sizes))
 
 
+def data_keys(data_cfg) -> Tuple[str, Tuple[str, ...]]:
+    """Validated ``(model.data.text_key, model.data.attribute_keys)``; read defensively (a config without
+    these keys means ``"text"`` and ``()``)."""
+    from megatron_ext.data.gpt_data import _as_list
+    from megatron_ext.data.text_mmap import check_jsonl_keys
+
+    text_key = _cfg(data_cfg, "text_key", "text")
+    attribute_keys = _as_list(_cfg(data_cfg, "attribute_keys", []))
+    text_key, attribute_keys = check_jsonl_keys(text_key, attribute_keys)
+    clash = [k for k in attribute_keys if k in SAMPLE_KEYS]
+    if clash:
+        raise ConfigError(
+            f"model.data.attribute_keys={list(attribute_keys)!r}: {', '.join(clash)} would overwrite the BART sample "
+            f"key(s) of the same name ({', '.join(SAMPLE_KEYS)}); rename the column(s) in the data"
+        )
+    return text_key, attribute_keys
+
+
 def _stats_cache_dir(data_cfg, first_prefix: str) -> Optional[str]:
     from megatron_ext.data.text_mmap import _dir_writable
 
@@ -867,22 +953,28 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _open_sources(data_cfg, tokenizer, impl: str) -> Tuple[List[Any], Optional[List[float]]]:
+def _open_sources(data_cfg, tokenizer, impl: str, text_key: str = "text", attribute_keys: Sequence[str] = ()
+                  ) -> Tuple[List[Any], Optional[List[float]]]:
     from megatron_ext.data.gpt_data import _collective_check, parse_data_prefix
 
-    if impl == "text_mmap":
-        paths, weights = _parse_text_paths(_cfg(data_cfg, "data_prefix", []))
+    if impl in ("text_mmap", "jsonl"):
+        what = "text file (one document per line)" if impl == "text_mmap" else "JSONL file (one JSON object per line)"
+        paths, weights = _parse_text_paths(_cfg(data_cfg, "data_prefix", []), what)
         if not paths:
+            files = "text files" if impl == "text_mmap" else "JSONL files"
             raise ConfigError(
-                "model.data.data_prefix is empty but model.data.data_impl=text_mmap needs text files: "
-                "[file] or [w1, file1, w2, file2, ...]; use data_impl=mmap for the built-in corpus"
+                f"model.data.data_prefix is empty but model.data.data_impl={impl} needs {files}: "
+                f"[file] or [w1, file1, w2, file2, ...]; use data_impl=mmap for the built-in corpus"
             )
         mapping = _cfg(data_cfg, "index_mapping_dir", None)
 
         def open_all():
             out = []
             for p in paths:
-                src = TextDocuments(p, tokenizer, mapping)
+                if impl == "jsonl":  # checks every line of the file (once; cached)
+                    src = JSONLDocuments(p, tokenizer, mapping, text_key, attribute_keys)
+                else:
+                    src = TextDocuments(p, tokenizer, mapping)
                 src.lengths()  # build/load the token counts now (not in every DataLoader worker)
                 out.append(src)
             return out
@@ -936,10 +1028,18 @@ def build_bart_datasets(data_cfg, tokenizer, seq_length: int, seq_length_dec: in
         raise ConfigError(f"num_samples={num_samples!r}: expected three non-negative integers (train, valid, test)")
     sizes = [_check_int("num_samples", s, 0) for s in sizes]
     impl = str(_cfg(data_cfg, "data_impl", "mmap")).strip()
-    if impl not in ("mmap", "text_mmap"):
+    if impl not in ("mmap", "text_mmap", "jsonl"):
         raise ConfigError(
-            f"model.data.data_impl={impl!r}: expected 'mmap' (.bin/.idx prefixes from tools/preprocess_data.py) "
-            f"or 'text_mmap' (text files, one document per line)"
+            f"model.data.data_impl={impl!r}: expected 'mmap' (.bin/.idx prefixes from tools/preprocess_data.py), "
+            f"'text_mmap' (text files, one document per line) or 'jsonl' (JSONL files, one JSON object per line, "
+            f"with optional numeric attribute columns)"
+        )
+    text_key, attribute_keys = data_keys(data_cfg)
+    if attribute_keys and impl != "jsonl":
+        raise ConfigError(
+            f"model.data.attribute_keys={list(attribute_keys)!r} with model.data.data_impl={impl}: attribute columns "
+            f"need data_impl=jsonl (JSONL files with the attributes as numeric keys); set "
+            f"model.data.attribute_keys=[] or use JSONL data"
         )
     noiser = BARTNoiser(
         tokenizer,
@@ -954,7 +1054,7 @@ def build_bart_datasets(data_cfg, tokenizer, seq_length: int, seq_length_dec: in
     data_seed = _cfg(data_cfg, "seed", None)
     data_seed = int(seed if data_seed is None else data_seed)
 
-    sources, weights = _open_sources(data_cfg, tokenizer, impl)
+    sources, weights = _open_sources(data_cfg, tokenizer, impl, text_key, attribute_keys)
     from megatron_ext.data.validation import split_document_ranges
 
     out: List[Optional[Any]] = []

@@ -36,6 +36,16 @@ Token counts (:meth:`TextMemMapDataset.token_lengths`) -- needed to cut long lin
 samples without truncating -- are the byte lengths for the byte tokenizer (no work), and
 otherwise computed once with the tokenizer's batched encoder and cached the same way as
 ``<file>.toklen-<tokenizer hash>.npy`` (+ ``.json``).
+
+JSONL (``model.data.data_impl=jsonl``)
+------------------------------------
+:class:`JSONLMemMapDataset` reads JSONL files the same way (same lines, same newline index): one
+JSON object per line, the document text under ``text_key`` (default ``"text"``) and optional
+numeric attribute columns ``attribute_keys`` (float32 per line, :meth:`JSONLMemMapDataset.attributes`).
+Blank lines are documents without text (skipped by BART). Each file is checked once (valid JSON
+object, text a string, every attribute a finite number, booleans rejected) with a ``DataError``
+naming file, line and key; the attribute values and text lengths are cached like the index. See
+the class docstring.
 """
 from __future__ import annotations
 
@@ -161,6 +171,10 @@ class TextMemMapDataset:
     reopen the memory maps).
     """
 
+    _IMPL = "text_mmap"  # the model.data.data_impl this class serves (for messages)
+    _WHAT = "a text file with one document per line"
+    _KIND = "text file"
+
     def __init__(
         self,
         paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
@@ -172,7 +186,7 @@ class TextMemMapDataset:
             paths = [paths]
         paths = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in paths]
         if not paths:
-            raise ConfigError("TextMemMapDataset: expected at least one text file")
+            raise ConfigError(f"{type(self).__name__}: expected at least one file")
         if isinstance(newline, (bytes, bytearray)) and len(newline) == 1:
             newline = newline[0]
         if isinstance(newline, bool) or not isinstance(newline, int) or not 0 <= newline < 256:
@@ -186,9 +200,9 @@ class TextMemMapDataset:
         self._strip_cr = self.newline == 10
         for p in paths:
             if not os.path.exists(p):
-                raise DataError(f"text file {p} does not exist (model.data.data_prefix with data_impl=text_mmap)")
+                raise DataError(f"{self._KIND} {p} does not exist (model.data.data_prefix with data_impl={self._IMPL})")
             if not os.path.isfile(p):
-                raise DataError(f"{p} is not a regular file; expected a text file with one document per line")
+                raise DataError(f"{p} is not a regular file; expected {self._WHAT}")
         self.index_paths: List[str] = []
         self._sizes: List[int] = []
         ends_list = []
@@ -327,8 +341,20 @@ class TextMemMapDataset:
         if tok is None:
             raise ValueError("get_tokens needs a tokenizer")
         if _is_byte_tokenizer(tok):
-            return np.frombuffer(self.get_bytes(idx), dtype=np.uint8).astype(np.int64)
+            return np.frombuffer(self._doc_bytes(idx), dtype=np.uint8).astype(np.int64)
         return np.asarray(tok.tokenize(self.get_text(idx)), dtype=np.int64)
+
+    def _doc_bytes(self, idx: int) -> bytes:
+        """The bytes the byte tokenizer sees for document ``idx`` (here: the raw line)."""
+        return self.get_bytes(idx)
+
+    def _byte_token_lengths(self) -> np.ndarray:
+        """Byte-tokenizer token counts of all documents (here: :meth:`byte_lengths`)."""
+        return self.byte_lengths()
+
+    def _toklen_ident(self, tok: Any) -> Any:
+        """What the token-count cache is keyed on (besides the file)."""
+        return tok.unique_identifiers
 
     def __getitem__(self, idx: int) -> Union[str, np.ndarray]:
         if self.tokenizer is not None:
@@ -367,9 +393,9 @@ class TextMemMapDataset:
         if tok is None:
             raise ValueError("token_lengths needs a tokenizer")
         if _is_byte_tokenizer(tok):
-            return self.byte_lengths()
+            return self._byte_token_lengths()
         key = hashlib.md5(
-            json.dumps(tok.unique_identifiers, sort_keys=True, default=str).encode("utf-8"), usedforsecurity=False
+            json.dumps(self._toklen_ident(tok), sort_keys=True, default=str).encode("utf-8"), usedforsecurity=False
         ).hexdigest()[:16]
         out = []
         for f, path in enumerate(self.paths):
@@ -408,3 +434,246 @@ def _is_byte_tokenizer(tok: Any) -> bool:
     from megatron_ext.tokenizers.special_tokens import unwrap_tokenizer
 
     return isinstance(unwrap_tokenizer(tok), ByteTokenizer)
+
+
+# ------------------------------------------------------------------------ JSONL
+JSONL_VERSION = 1
+_JSONL_BLOCK = 1 << 15  # lines per block of the validation scan
+_BOM = b"\xef\xbb\xbf"
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _snippet(value: Any, n: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = text.strip()
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def check_jsonl_keys(text_key: Any, attribute_keys: Any) -> Tuple[str, Tuple[str, ...]]:
+    """Validated ``(text_key, attribute_keys)`` of ``model.data`` for ``data_impl=jsonl``."""
+    if not isinstance(text_key, str) or not text_key:
+        raise ConfigError(f"model.data.text_key={text_key!r}: expected the (non-empty) name of the JSON key "
+                          f"that holds the document text, e.g. text")
+    if attribute_keys is None:
+        attribute_keys = ()
+    if isinstance(attribute_keys, (str, bytes)) or not isinstance(attribute_keys, (list, tuple)):
+        raise ConfigError(f"model.data.attribute_keys={attribute_keys!r}: expected a list of JSON key names, "
+                          f"e.g. [logP, qed] (or [] for none)")
+    keys = tuple(attribute_keys)
+    for k in keys:
+        if not isinstance(k, str) or not k:
+            raise ConfigError(f"model.data.attribute_keys={list(keys)!r}: {k!r} is not a JSON key name "
+                              f"(expected non-empty strings)")
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ConfigError(f"model.data.attribute_keys={list(keys)!r}: {', '.join(dup)} listed more than once")
+    if text_key in keys:
+        raise ConfigError(f"model.data.attribute_keys={list(keys)!r} contains model.data.text_key={text_key!r}; "
+                          f"the text cannot also be a numeric attribute")
+    return text_key, keys
+
+
+class JSONLMemMapDataset(TextMemMapDataset):
+    """JSONL files, one JSON object per line, memory-mapped (``model.data.data_impl=jsonl``).
+
+    ``dataset[i]`` is the text under ``text_key`` of line ``i`` (or its token ids with a
+    ``tokenizer``); :meth:`attributes` gives the float32 values of ``attribute_keys``. Lines are
+    those of :class:`TextMemMapDataset` (same newline index files, ``\\r\\n`` accepted, a UTF-8
+    byte-order mark before the first line ignored). Blank lines (empty or whitespace only) are
+    documents without text, kept so indices and line numbers agree (the BART datasets skip them,
+    as they skip every document without tokens); their attributes read NaN.
+
+    Every other line is checked once, when the dataset is first opened for a file and pair of
+    keys: it must be a JSON object, with ``text_key`` holding a string and every attribute key
+    holding a finite JSON number that fits float32 (``true``/``false``, ``null``, strings such
+    as ``"3.2"``, NaN and Infinity are rejected). Any violation raises a ``DataError`` naming
+    the file, the 1-based line number and the key. The attribute values (float32, one row per
+    line) and the byte lengths of the texts are then cached next to the line index as
+    ``<file>.jsonl-<hash of the keys>.{attrs,textlen}.npy`` + ``.json`` (rebuilt when the file
+    changes), so later runs neither re-parse nor re-check the file. Text bytes that are not
+    valid UTF-8 read as U+FFFD, as in text_mmap.
+    """
+
+    _IMPL = "jsonl"
+    _WHAT = "a JSONL file with one JSON object per line"
+    _KIND = "JSONL file"
+
+    def __init__(
+        self,
+        paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+        tokenizer: Any = None,
+        index_mapping_dir: Optional[str] = None,
+        text_key: str = "text",
+        attribute_keys: Sequence[str] = (),
+    ) -> None:
+        self.text_key, self.attribute_keys = check_jsonl_keys(text_key, attribute_keys)
+        super().__init__(paths, tokenizer=tokenizer, index_mapping_dir=index_mapping_dir, newline=b"\n")
+        key_blob = json.dumps({"text_key": self.text_key, "attribute_keys": list(self.attribute_keys)},
+                              sort_keys=True).encode("utf-8")
+        self._columns_key = hashlib.md5(key_blob, usedforsecurity=False).hexdigest()[:16]
+        self._attrs: List[np.ndarray] = []
+        self._text_bytes: List[np.ndarray] = []
+        for f, path in enumerate(self.paths):
+            attrs, text_bytes = self._load_or_build_columns(f, path)
+            self._attrs.append(attrs)
+            self._text_bytes.append(text_bytes)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state["_attrs"] = [np.asarray(a) for a in self._attrs]
+        state["_text_bytes"] = [np.asarray(t) for t in self._text_bytes]
+        return state
+
+    # ------------------------------------------------------------------ parsing
+    def _where(self, f: int, line: int) -> str:
+        return f"{self.paths[f]}, line {line + 1}"
+
+    def _parse(self, raw: bytes, f: int, line: int) -> Optional[Dict[str, Any]]:
+        """The checked JSON object of a line (``raw``: its bytes, ``\\r`` removed); None for a blank line."""
+        if line == 0 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
+        text = raw.decode("utf-8", errors="replace")
+        if not text or text.isspace():
+            return None
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            msg = getattr(exc, "msg", None) or str(exc)
+            col = getattr(exc, "colno", None)
+            at = f" at column {col}" if col else ""
+            raise DataError(f"{self._where(f, line)}: not valid JSON ({msg}{at}): {_snippet(text)!r}") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{self._where(f, line)}: expected a JSON object with the key '{self.text_key}' "
+                            f"(model.data.text_key), got a JSON {_json_type(obj)}: {_snippet(text)!r}")
+        if self.text_key not in obj:
+            have = ", ".join(list(obj)[:10]) or "(none)"
+            raise DataError(f"{self._where(f, line)}: missing key '{self.text_key}' (model.data.text_key); "
+                            f"the object has keys: {have}")
+        value = obj[self.text_key]
+        if not isinstance(value, str):
+            raise DataError(f"{self._where(f, line)}: key '{self.text_key}' (model.data.text_key) holds a JSON "
+                            f"{_json_type(value)} ({_snippet(value)}), expected a string")
+        return obj
+
+    def _attribute(self, obj: Dict[str, Any], key: str, f: int, line: int) -> np.float32:
+        where = self._where(f, line)
+        if key not in obj:
+            have = ", ".join(list(obj)[:10]) or "(none)"
+            raise DataError(f"{where}: missing attribute key '{key}' (model.data.attribute_keys); the object has "
+                            f"keys: {have}")
+        value = obj[key]
+        if isinstance(value, bool):
+            raise DataError(f"{where}: attribute key '{key}' holds a JSON boolean ({json.dumps(value)}); attribute "
+                            f"values must be numbers (write 1/0 for yes/no)")
+        if not isinstance(value, (int, float)):
+            raise DataError(f"{where}: attribute key '{key}' holds a JSON {_json_type(value)} ({_snippet(value)}), "
+                            f"expected a number")
+        try:
+            with np.errstate(over="ignore"):
+                out = np.float32(value)
+        except OverflowError:
+            out = np.float32(np.inf)
+        if not np.isfinite(out):
+            raise DataError(f"{where}: attribute key '{key}' holds {_snippet(value)}, expected a finite number "
+                            f"that fits float32")
+        return out
+
+    def _scan_columns(self, f: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Parse and check every line of file ``f``: (attributes [n, k] float32, text bytes [n] int64)."""
+        ends = np.asarray(self._ends[f])
+        n, k = int(len(ends)), len(self.attribute_keys)
+        attrs = np.full((n, k), np.nan, dtype=np.float32)
+        text_bytes = np.zeros(n, dtype=np.int64)
+        mm = self._mm(f)
+        for beg in range(0, n, _JSONL_BLOCK):
+            end = min(n, beg + _JSONL_BLOCK)
+            first = int(ends[beg - 1]) + 1 if beg else 0
+            lines = bytes(mm[first:int(ends[end - 1])]).split(b"\n")
+            if len(lines) != end - beg:  # pragma: no cover - the index and the file disagree
+                raise DataError(f"{self.paths[f]} changed while it was being read; try again")
+            for line, raw in enumerate(lines, beg):
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+                obj = self._parse(raw, f, line)
+                if obj is None:
+                    continue
+                text_bytes[line] = len(obj[self.text_key].encode("utf-8", errors="surrogatepass"))
+                for a, key in enumerate(self.attribute_keys):
+                    attrs[line, a] = self._attribute(obj, key, f, line)
+        return attrs, text_bytes
+
+    def _load_or_build_columns(self, f: int, path: str) -> Tuple[np.ndarray, np.ndarray]:
+        fp = file_fingerprint(path)
+        n, k = int(len(self._ends[f])), len(self.attribute_keys)
+        expected = {"version": JSONL_VERSION, "text_key": self.text_key, "attribute_keys": list(self.attribute_keys),
+                    "num_lines": n, **fp}
+        name = f"jsonl-{self._columns_key}"
+        for base in self._candidates(path):
+            info = _load_json(f"{base}.{name}.json")
+            if info is None or any(info.get(key) != v for key, v in expected.items()):
+                continue
+            try:
+                attrs = np.load(f"{base}.{name}.attrs.npy", mmap_mode="r" if n * k else None)
+                text_bytes = np.load(f"{base}.{name}.textlen.npy", mmap_mode="r" if n else None)
+            except (OSError, ValueError):
+                continue
+            if attrs.shape == (n, k) and attrs.dtype == np.float32 and text_bytes.shape == (n,) \
+                    and text_bytes.dtype == np.int64:
+                return attrs, text_bytes
+        logger.info("%s: checking %d JSONL lines (text key %r, attribute keys %s; once, cached)", path, n,
+                    self.text_key, list(self.attribute_keys))
+        attrs, text_bytes = self._scan_columns(f)
+        if file_fingerprint(path) != fp:
+            raise DataError(f"{path} changed while it was being read; try again")
+        base = self._writable_base(path, "JSONL columns")
+        _save_npy(f"{base}.{name}.attrs.npy", attrs)
+        _save_npy(f"{base}.{name}.textlen.npy", text_bytes)
+        _save_json(f"{base}.{name}.json", {**expected, "path": path})
+        return attrs, text_bytes
+
+    # ------------------------------------------------------------------ access
+    def get_record(self, idx: int) -> Optional[Dict[str, Any]]:
+        """The JSON object of line ``idx`` (None for a blank line)."""
+        f, line = self.locate(idx)
+        return self._parse(self.get_bytes(idx), f, line)
+
+    def get_text(self, idx: int) -> str:
+        """The text under ``text_key`` of line ``idx`` (``""`` for a blank line)."""
+        obj = self.get_record(idx)
+        return "" if obj is None else obj[self.text_key]
+
+    def _doc_bytes(self, idx: int) -> bytes:
+        return self.get_text(idx).encode("utf-8", errors="surrogatepass")  # as the byte tokenizer encodes
+
+    def _byte_token_lengths(self) -> np.ndarray:
+        out = [np.asarray(t, dtype=np.int64) for t in self._text_bytes]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def _toklen_ident(self, tok: Any) -> Any:
+        return {"tokenizer": tok.unique_identifiers, "jsonl_text_key": self.text_key}
+
+    def attributes(self, idx: int) -> np.ndarray:
+        """float32 ``[len(attribute_keys)]``: the attribute values of line ``idx`` (NaN for a blank line)."""
+        f, line = self.locate(idx)
+        return np.array(self._attrs[f][line], dtype=np.float32)
+
+    def attribute_table(self) -> np.ndarray:
+        """float32 ``[len(self), len(attribute_keys)]``: the attribute values of all lines."""
+        out = [np.asarray(a) for a in self._attrs]
+        return np.concatenate(out) if out else np.zeros((0, len(self.attribute_keys)), dtype=np.float32)
