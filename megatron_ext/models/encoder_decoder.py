@@ -116,6 +116,7 @@ def encdec_component_ids() -> dict:
         "encoder_position_embeddings": 2,
         "decoder_position_embeddings": 3,
         "perceiver_latents": 4,
+        "hiddens_module": 5,
         "encoder_layer": lambda n: 8 + 2 * int(n),
         "decoder_layer": lambda n: 9 + 2 * int(n),
     }
@@ -407,6 +408,14 @@ class EncoderDecoderModel(nn.Module):
                 dec, self.padded_vocab_size, parallel_config, dec_init, tied=self.share_embeddings_and_output_weights
             )
         self._pad_masks: dict = {}
+        # the hiddens module between encoder and decoder (MIM / VAE transforms and losses), from model.hiddens
+        from megatron_ext.hiddens import get_hiddens_module
+
+        hcfg = cfg.get("hiddens", None) if hasattr(cfg, "get") else getattr(cfg, "hiddens", None)
+        with scope(comp["hiddens_module"]):
+            self.hiddens_module = get_hiddens_module(hcfg or None, hidden_size=int(enc.hidden_size),
+                                                     model_parallel_cfg=parallel_config)
+        self.latent_steps = int(enc.hidden_steps) if self.encoder_arch == "perceiver" else None
 
     # -- pieces ------------------------------------------------------------------------------
     @staticmethod
@@ -486,14 +495,32 @@ class EncoderDecoderModel(nn.Module):
             return logits
         return self.loss_from_logits(logits, labels)
 
+    def encode_latents(self, enc_tokens: torch.Tensor, enc_mask: Optional[torch.Tensor] = None,
+                       batch_data: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """``encode`` followed by the hiddens module's transforms: every named output (``hiddens``,
+        ``hiddens_mask``, ``z_mean``, ``z``, ...) plus ``enc_output`` / ``enc_output_mask``, what the decoder reads
+        (``model.hiddens.enc_output_name``; the raw encoder output when there is no hiddens module)."""
+        out = self.encode(enc_tokens, enc_mask)
+        if self.hiddens_module is None:
+            return {**out, "enc_output": out["hiddens"], "enc_output_mask": out["hiddens_mask"]}
+        return self.hiddens_module.apply_hidden_transforms(out, batch_data)
+
     def forward(
         self,
         enc_tokens: torch.Tensor,
         dec_tokens: torch.Tensor,
         enc_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        return self.decode(dec_tokens, **self.encode(enc_tokens, enc_mask), labels=labels)
+        batch_data: Optional[Dict[str, torch.Tensor]] = None,
+        return_hiddens: bool = False,
+    ):
+        """Per-token CE (with ``labels``) or logits; with ``return_hiddens`` also the dict of ``encode_latents``
+        (the hiddens module's losses are computed from it, see ``BARTTask.loss``)."""
+        if self.hiddens_module is None and not return_hiddens:
+            return self.decode(dec_tokens, **self.encode(enc_tokens, enc_mask), labels=labels)
+        outs = self.encode_latents(enc_tokens, enc_mask, batch_data)
+        result = self.decode(dec_tokens, outs["enc_output"], outs["enc_output_mask"], labels=labels)
+        return (result, outs) if return_hiddens else result
 
     @torch.no_grad()
     def gather_logits(self, logits: torch.Tensor, trim: bool = True) -> torch.Tensor:

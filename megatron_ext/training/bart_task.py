@@ -6,6 +6,9 @@ token), ``text_dec`` [b, s_dec] = bos + original, ``labels`` [b, s_dec] = origin
 Logged: ``train/loss``, ``train/accuracy``, ``val/loss``, ``val/accuracy`` (token-weighted over the target) and
 ``train/masked_accuracy`` / ``val/masked_accuracy``: accuracy on the target tokens that were inside a masked (or
 deleted) span of the input -- the infilling skill proper, as copying the unmasked tokens is easy.
+With a hiddens module (``model.hiddens``), ``train/loss`` is the joint loss and the module's terms are logged as
+``train/tokens_loss``, ``train/hiddens/loss``, ``train/hiddens/<name>`` (weighted), ``train/hiddens/<name>_unweighted``
+and ``train/hiddens/<name>/<term>`` (and the same under ``val/``).
 """
 from __future__ import annotations
 
@@ -71,7 +74,13 @@ class BARTTask:
     def loss(self, model, batch: Dict[str, torch.Tensor]):
         from megatron_ext.models.gpt import GPTModel
 
-        logits = model(batch["text_enc"], batch["text_dec"], batch["enc_mask"])
+        inner = getattr(model, "module", model)  # the DeepSpeed engine wraps the model
+        hm = getattr(inner, "hiddens_module", None)
+        if hm is not None:
+            logits, hidden_outputs = model(batch["text_enc"], batch["text_dec"], batch["enc_mask"], batch_data=batch,
+                                           return_hiddens=True)
+        else:
+            logits = model(batch["text_enc"], batch["text_dec"], batch["enc_mask"])
         with torch.no_grad():
             pred = tp_argmax(logits.detach())
         labels = batch["labels"]
@@ -83,6 +92,9 @@ class BARTTask:
         correct = (pred == labels).float()
         acc = (correct * mask).sum() / denom
         extras = {"accuracy": acc.detach()}
+        if hm is not None:  # joint loss: tokens_loss_weight * tokens_loss + sum_i loss_weight_i * loss_i
+            loss, terms = hm.compute_loss(loss, hidden_outputs, batch)
+            extras.update({k: v.detach() for k, v in terms.items()})
         noised = batch.get("noised_mask")
         if noised is not None:  # accuracy on the target tokens that were masked/deleted in the input
             extras["masked_accuracy"] = ((correct * noised).sum().detach(), noised.sum().detach())

@@ -378,6 +378,11 @@ class Trainer:
         self.engine.train()
         return total / num_global_batches
 
+    @staticmethod
+    def _ppl(val_loss: float, extras: Dict[str, float]) -> float:
+        """Perplexity of the token loss (``val/tokens_loss`` when a task adds other terms to its loss)."""
+        return math.exp(min(extras.get("val/tokens_loss", val_loss), 50))
+
     def _pipe_batches(self, it: Iterator) -> Iterator:
         for batch in it:
             yield self.task.pipeline_batch(self._to_device(batch))
@@ -394,10 +399,10 @@ class Trainer:
         try:
             if t.limit_train_batches == 0:
                 val = self.validate(val_ds, max(1, t.limit_val_batches))
-                self.exp.log_metrics(self._loaded_step, {"val/loss": val, "val/ppl": math.exp(min(val, 50)),
-                                                         **getattr(self, "_val_extras", {})})
-                log.info("evaluation only: step %d | val/loss %.6f | val/ppl %.3f", self._loaded_step, val,
-                         math.exp(min(val, 50)))
+                extra = getattr(self, "_val_extras", {})
+                self.exp.log_metrics(self._loaded_step, {"val/loss": val, "val/ppl": self._ppl(val, extra), **extra})
+                log.info("evaluation only: step %d | val/loss %.6f | val/ppl %.3f%s", self._loaded_step, val,
+                         self._ppl(val, extra), "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
                 result.update(step=self._loaded_step, val_loss=val)
                 return result
             result.update(self._train_loop(train_ds, val_ds, step, consumed))
@@ -482,8 +487,9 @@ class Trainer:
                 last_val = self.validate(val_ds, t.limit_val_batches)
                 if last_val is not None:
                     extra = getattr(self, "_val_extras", {})
-                    self.exp.log_metrics(step, {"val/loss": last_val, "val/ppl": math.exp(min(last_val, 50)), **extra})
-                    log.info("step %d | val/loss %.4f | val/ppl %.3f%s", step, last_val, math.exp(min(last_val, 50)),
+                    ppl = self._ppl(last_val, extra)
+                    self.exp.log_metrics(step, {"val/loss": last_val, "val/ppl": ppl, **extra})
+                    log.info("step %d | val/loss %.4f | val/ppl %.3f%s", step, last_val, ppl,
                              "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
             if ckpt is not None and ckpt_every and step % ckpt_every == 0:
                 ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta())
