@@ -189,7 +189,9 @@ class LatentTools:
                                 greedy_decode: bool = True, truncate: bool = True) -> Dict[str, float]:
         """Reconstruct held-out lines from their posterior-mean latents: teacher-forced token accuracy (decoder
         fed the true prefix) and, with ``greedy_decode``, the exact-match rate and the token accuracy of greedy
-        decoding (position by position). ``path_or_texts``: a text file (one document per line) or a list."""
+        decoding (position by position). ``teacher_forced_token_accuracy_other_latent`` decodes every line from the
+        latent of another line (fixed-size latents only): the gap to the first figure is what the latent carries.
+        ``path_or_texts``: a text file (one document per line) or a list."""
         if isinstance(path_or_texts, str):
             with open(path_or_texts, encoding="utf-8") as f:
                 texts = [line.rstrip("\n") for line in f if line.strip()]
@@ -198,7 +200,7 @@ class LatentTools:
         texts = texts[:max_lines]
         if not texts:
             raise DataError("no non-empty lines to reconstruct")
-        tf_correct = tf_total = gd_correct = gd_total = exact = 0
+        tf_correct = tf_total = gd_correct = gd_total = exact = sh_correct = 0
         for i in range(0, len(texts), batch_size):
             chunk = texts[i: i + batch_size]
             enc, mask, ids = self._batch(chunk, truncate)
@@ -217,6 +219,11 @@ class LatentTools:
             valid = lab >= 0
             tf_correct += int(((pred == lab) & valid).sum())
             tf_total += int(valid.sum())
+            if len(chunk) > 1 and z.shape[0] == self.encode(chunk[:1], truncate=truncate)["z"].shape[0]:
+                # the same, decoding each line from ANOTHER line's latent: how much the latent itself carries
+                zs, ms = z.roll(1, dims=1), zmask.roll(1, dims=0)
+                pred_s = self.model.gather_logits(self.model.decode(dec.to(self.device), zs, ms)).argmax(-1).cpu()
+                sh_correct += int(((pred_s == lab) & valid).sum())
             if greedy_decode:
                 outs = self.decode(z, zmask, max_new_tokens=n)
                 for t, o in zip(ids, outs):
@@ -225,6 +232,8 @@ class LatentTools:
                     gd_correct += sum(int(a == b) for a, b in zip(o_ids, t))
                     gd_total += len(t)
         res = {"lines": float(len(texts)), "teacher_forced_token_accuracy": tf_correct / max(tf_total, 1)}
+        if sh_correct:
+            res["teacher_forced_token_accuracy_other_latent"] = sh_correct / max(tf_total, 1)
         if greedy_decode:
             res["greedy_exact_match"] = exact / len(texts)
             res["greedy_token_accuracy"] = gd_correct / max(gd_total, 1)
