@@ -51,11 +51,11 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.models.gpt import (
+    gather_vocab_parallel_logits,
     POSITION_EMBEDDING_TYPES,
     build_output_layer,
     init_seed_scope,
@@ -72,7 +72,6 @@ from megatron_ext.modules.common import (
     make_parallel_config,
     scaled_init_method_normal,
     tp_group,
-    tp_world_size,
 )
 from megatron_ext.modules.mlp import ACTIVATIONS
 from megatron_ext.modules.norms import NORMALIZATIONS
@@ -526,15 +525,7 @@ class EncoderDecoderModel(nn.Module):
     def gather_logits(self, logits: torch.Tensor, trim: bool = True) -> torch.Tensor:
         """All-gather vocab-parallel logits over TP -> ``[..., padded_vocab]`` (inference only, no autograd);
         with ``trim`` (default) the padding columns are dropped -> ``[..., vocab_size]``."""
-        world = tp_world_size()
-        if world > 1:
-            local = logits.detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(world)]
-            dist.all_gather(parts, local, group=tp_group())
-            full = torch.cat(parts, dim=-1)
-        else:
-            full = logits.detach()
-        return full[..., : self.vocab_size] if trim else full
+        return gather_vocab_parallel_logits(logits, self.vocab_size, trim)
 
     def num_parameters(self) -> int:
         """Parameters held by this rank (a tied embedding/output weight counts once)."""

@@ -244,6 +244,21 @@ def build_output_layer(cfg: ModelConfig, padded_vocab: int, parallel_config, ini
     )
 
 
+@torch.no_grad()
+def gather_vocab_parallel_logits(logits: torch.Tensor, vocab_size: int, trim: bool = True) -> torch.Tensor:
+    """All-gather vocab-parallel logits ``[..., V/tp]`` over TP -> ``[..., padded V]`` (no autograd); with
+    ``trim`` the padding columns are dropped -> ``[..., vocab_size]``."""
+    world = tp_world_size()
+    if world > 1:
+        local = logits.detach().contiguous()
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local, group=tp_group())
+        full = torch.cat(parts, dim=-1)
+    else:
+        full = logits.detach()
+    return full[..., : int(vocab_size)] if trim else full
+
+
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, cache: Optional[dict] = None) -> torch.Tensor:
     """Set the logits of padded vocabulary entries (global id >= ``vocab_size``) on this TP rank to -inf."""
     from megatron_ext.modules.common import tp_rank
@@ -380,15 +395,7 @@ class GPTModel(nn.Module):
         """All-gather vocab-parallel logits over TP -> ``[..., padded_vocab]`` (inference only,
         no autograd). With ``trim`` (default) the padding columns are dropped, giving
         ``[..., vocab_size]`` so sampling can never pick a padding id."""
-        world = tp_world_size()
-        if world > 1:
-            local = logits.detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(world)]
-            dist.all_gather(parts, local, group=tp_group())
-            full = torch.cat(parts, dim=-1)
-        else:
-            full = logits.detach()
-        return full[..., : self.vocab_size] if trim else full
+        return gather_vocab_parallel_logits(logits, self.vocab_size, trim)
 
     def num_parameters(self) -> int:
         """Parameters held by this rank (a tied embedding/output weight counts once)."""
@@ -402,6 +409,7 @@ __all__ = [
     "transformer_layer_kwargs",
     "build_output_layer",
     "mask_vocab_padding",
+    "gather_vocab_parallel_logits",
     "GPTEmbedding",
     "validate_model_config",
     "resolve_ffn_hidden_size",
