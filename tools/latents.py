@@ -7,8 +7,9 @@
     python tools/latents.py reconstruct --ckpt RUN --input heldout.txt [--max-lines 200]
 
 ``--ckpt`` is a run directory, its ``checkpoints`` directory or one ``step_N`` (tensor/pipeline parallel 1).
-Output: text lines (decode, sample, interpolate), a ``.pt`` file of latents (encode, with ``--out``) or a JSON
-line (reconstruct). See megatron_ext/inference/latents.py.
+Output: one text per line (decode, sample, interpolate; a newline or backslash inside a text is written as ``\n`` /
+``\\`` so each text stays on its line), a ``.pt`` file of latents (encode, with ``--out``) or a JSON line
+(reconstruct). See megatron_ext/inference/latents.py.
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ext.errors import MegatronExtError  # noqa: E402
+
+
+def _line(text: str) -> str:
+    """One text on one line: backslashes and newlines escaped."""
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
 
 
 def main(argv=None) -> int:
@@ -67,16 +73,16 @@ def main(argv=None) -> int:
                 raise MegatronExtError("decode needs --latents (from `encode --out`)")
             obj = torch.load(args.latents, weights_only=False)
             for t in lt.decode(obj["z"], obj.get("mask"), **dec):
-                print(t)
+                print(_line(t))
         elif args.command == "sample":
             _, texts = lt.sample_prior(args.num, **dec)
             for t in texts:
-                print(t)
+                print(_line(t))
         elif args.command == "interpolate":
             if len(args.text) != 2:
                 raise MegatronExtError("interpolate needs exactly two --text")
             for t in lt.interpolate(args.text[0], args.text[1], steps=args.steps, **dec):
-                print(t)
+                print(_line(t))
         else:
             if not args.input:
                 raise MegatronExtError("reconstruct needs --input")
