@@ -55,11 +55,10 @@ from torch import nn
 
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.models.gpt import (
-    gather_vocab_parallel_logits,
+    LMHeadMixin,
     POSITION_EMBEDDING_TYPES,
     build_output_layer,
     init_seed_scope,
-    mask_vocab_padding,
     padded_vocab_size,
     resolve_ffn_hidden_size,
     transformer_layer_kwargs,
@@ -295,7 +294,7 @@ class EncoderDecoderEmbedding(nn.Module):
         return self._embed(tokens, self.decoder_position_embeddings, self.dec_dropout, "decoder")
 
 
-class EncoderDecoderModel(nn.Module):
+class EncoderDecoderModel(LMHeadMixin, nn.Module):
     """Encoder-decoder LM; see the module docstring for the data flow, names and init.
 
     * ``encode(enc_tokens [b, s], enc_mask [b, s] bool, True = real token; None = all real)`` ->
@@ -423,25 +422,6 @@ class EncoderDecoderModel(nn.Module):
             return None
         return rope.cos_sin(x.shape[1], x.device, x.dtype)
 
-    def output_weight(self) -> torch.Tensor:
-        if self.share_embeddings_and_output_weights:
-            return self.embedding.word_embeddings.weight
-        return self.output_layer.weight
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Final decoder states ``[b, s, h]`` -> vocab-parallel logits ``[b, s, padded_vocab/tp]`` (padding -inf)."""
-        weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden_states, weight=weight)
-        return mask_vocab_padding(logits, self.vocab_size, self._pad_masks)
-
-    @staticmethod
-    def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token CE ``[b, s]`` (fp32) from vocab-parallel logits (fp32 logits are overwritten in place)."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        return vocab_parallel_cross_entropy(logits, labels)
-
-    # -- encode / decode -----------------------------------------------------------------------
     def encode(self, enc_tokens: torch.Tensor, enc_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """``enc_tokens`` ``[b, s]``, ``enc_mask`` ``[b, s]`` (True/1 = real token, None = all real) ->
         ``{"hiddens": [S_enc, b, h], "hiddens_mask": [b, S_enc] bool}``."""
@@ -520,16 +500,6 @@ class EncoderDecoderModel(nn.Module):
         outs = self.encode_latents(enc_tokens, enc_mask, batch_data)
         result = self.decode(dec_tokens, outs["enc_output"], outs["enc_output_mask"], labels=labels)
         return (result, outs) if return_hiddens else result
-
-    @torch.no_grad()
-    def gather_logits(self, logits: torch.Tensor, trim: bool = True) -> torch.Tensor:
-        """All-gather vocab-parallel logits over TP -> ``[..., padded_vocab]`` (inference only, no autograd);
-        with ``trim`` (default) the padding columns are dropped -> ``[..., vocab_size]``."""
-        return gather_vocab_parallel_logits(logits, self.vocab_size, trim)
-
-    def num_parameters(self) -> int:
-        """Parameters held by this rank (a tied embedding/output weight counts once)."""
-        return sum(p.numel() for p in self.parameters())
 
 
 __all__ = [

@@ -276,7 +276,43 @@ def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, cache: Optional[di
     return logits.masked_fill(mask, float("-inf"))
 
 
-class GPTModel(nn.Module):
+class LMHeadMixin:
+    """The LM head shared by ``GPTModel`` and ``EncoderDecoderModel``. Needs ``embedding.word_embeddings``,
+    ``output_layer`` (a column-parallel projection, weight-less when tied), ``share_embeddings_and_output_weights``,
+    ``vocab_size`` and a ``_pad_masks`` dict."""
+
+    def output_weight(self) -> torch.Tensor:
+        if self.share_embeddings_and_output_weights:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[b, s, h]`` -> vocab-parallel logits ``[b, s, padded_vocab/tp]`` (padding -inf)."""
+        weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden_states, weight=weight)
+        return mask_vocab_padding(logits, self.vocab_size, self._pad_masks)
+
+    @staticmethod
+    def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token CE ``[b, s]`` (fp32) from vocab-parallel logits. fp32 logits are
+        overwritten in place (megatron-core's kernel reuses them for the softmax)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def gather_logits(self, logits: torch.Tensor, trim: bool = True) -> torch.Tensor:
+        """All-gather vocab-parallel logits over TP -> ``[..., padded_vocab]`` (inference only, no autograd).
+        With ``trim`` (default) the padding columns are dropped, giving ``[..., vocab_size]`` so sampling can
+        never pick a padding id."""
+        return gather_vocab_parallel_logits(logits, self.vocab_size, trim)
+
+    def num_parameters(self) -> int:
+        """Parameters held by this rank (a tied embedding/output weight counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+class GPTModel(LMHeadMixin, nn.Module):
     """GPT language model. See the module docstring for layout, names and init.
 
     ``forward(tokens, position_ids=None, labels=None, attention_mask=None)``:
@@ -356,26 +392,6 @@ class GPTModel(nn.Module):
             hidden_states.shape[1], hidden_states.device, hidden_states.dtype, position_ids
         )
 
-    def output_weight(self) -> torch.Tensor:
-        if self.share_embeddings_and_output_weights:
-            return self.embedding.word_embeddings.weight
-        return self.output_layer.weight
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Final hidden states ``[b, s, h]`` -> vocab-parallel logits ``[b, s, padded_vocab/tp]``."""
-        weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden_states, weight=weight)
-        return mask_vocab_padding(logits, self.vocab_size, self._pad_masks)
-
-    @staticmethod
-    def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token CE ``[b, s]`` (fp32) from vocab-parallel logits. fp32 logits are
-        overwritten in place (megatron-core's kernel reuses them for the softmax)."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        return vocab_parallel_cross_entropy(logits, labels)
-
-    # -- forward ---------------------------------------------------------------------------
     def forward(
         self,
         tokens: torch.Tensor,
@@ -390,20 +406,10 @@ class GPTModel(nn.Module):
             return logits
         return self.loss_from_logits(logits, labels)
 
-    @torch.no_grad()
-    def gather_logits(self, logits: torch.Tensor, trim: bool = True) -> torch.Tensor:
-        """All-gather vocab-parallel logits over TP -> ``[..., padded_vocab]`` (inference only,
-        no autograd). With ``trim`` (default) the padding columns are dropped, giving
-        ``[..., vocab_size]`` so sampling can never pick a padding id."""
-        return gather_vocab_parallel_logits(logits, self.vocab_size, trim)
-
-    def num_parameters(self) -> int:
-        """Parameters held by this rank (a tied embedding/output weight counts once)."""
-        return sum(p.numel() for p in self.parameters())
-
 
 __all__ = [
     "GPTModel",
+    "LMHeadMixin",
     "init_seed_scope",
     "component_ids",
     "transformer_layer_kwargs",

@@ -185,16 +185,23 @@ class ParallelCrossAttention(nn.Module):
         hidden_states: torch.Tensor,
         context: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
+        key_rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """``hidden_states`` ``[b, s_q, h]``, ``context`` ``[b, s_kv, h_kv]``; ``attention_mask``
-        (True = masked) broadcastable to ``[b, heads, s_q, s_kv]``, e.g. ``[b, 1, 1, s_kv]`` padding."""
+        (True = masked) broadcastable to ``[b, heads, s_q, s_kv]``, e.g. ``[b, 1, 1, s_kv]`` padding.
+
+        ``key_rotary_cos_sin`` (optional, from ``RotaryEmbedding.cos_sin`` over the context positions) rotates the
+        keys only: every query sits at position 0, so the score depends on the key's position (the Perceiver's
+        latents have no order, but its token inputs would otherwise carry no position under rope)."""
         b, sq, _ = hidden_states.shape
         skv = context.shape[1]
         nh, hd = self.num_heads_per_partition, self.head_dim
         q, _ = self.linear_q(hidden_states)
         kv, _ = self.linear_kv(context)
         q = q.view(b, sq, nh, hd).transpose(1, 2)
-        k, v = kv.view(b, skv, nh, 2, hd).unbind(3)
+        k, v = kv.view(b, skv, nh, 2, hd).unbind(3)  # [b, skv, nh, hd]
+        if key_rotary_cos_sin is not None:
+            k = apply_rotary(k, *key_rotary_cos_sin)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         dropout_p = self.attention_dropout if self.training else 0.0
         ctx = _sdpa(q, k, v, _sdpa_mask(attention_mask), False, dropout_p)

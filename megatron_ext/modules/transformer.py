@@ -31,11 +31,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_ext.errors import ConfigError
-from megatron_ext.modules.attention import ParallelCrossAttention, ParallelSelfAttention, _sdpa, _sdpa_mask
+from megatron_ext.modules.attention import ParallelCrossAttention, ParallelSelfAttention
 from megatron_ext.modules.common import InitMethod, dropout
 from megatron_ext.modules.mlp import ParallelMLP
 from megatron_ext.modules.norms import build_norm
-from megatron_ext.modules.rotary import apply_rotary
 from megatron_ext.parallel.random import get_rng_tracker
 
 CHECKPOINT_GRANULARITIES = (None, "full")
@@ -58,6 +57,8 @@ class TransformerLayer(nn.Module):
         hidden_dropout: float = 0.0,
         attention_dropout: float = 0.0,
         causal: bool = True,
+        cross_attention: bool = False,
+        kv_hidden_size: Optional[int] = None,
     ):
         super().__init__()
         self.hidden_dropout = float(hidden_dropout)
@@ -72,6 +73,18 @@ class TransformerLayer(nn.Module):
             attention_dropout=attention_dropout,
             causal=causal,
         )
+        if cross_attention:  # used by CrossAttentionTransformerLayer (its forward runs it)
+            self.pre_cross_attn_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
+            self.cross_attention = ParallelCrossAttention(
+                hidden_size,
+                num_attention_heads,
+                parallel_config=parallel_config,
+                init_method=init_method,
+                output_init_method=output_init_method,
+                kv_hidden_size=kv_hidden_size,
+                bias=bias,
+                attention_dropout=attention_dropout,
+            )
         self.pre_mlp_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
         self.mlp = ParallelMLP(
             hidden_size,
@@ -196,90 +209,15 @@ def run_layer(layer: nn.Module, recompute: bool, *args):
     return layer(*args)
 
 
-class ContextCrossAttention(ParallelCrossAttention):
-    """``ParallelCrossAttention`` whose keys can additionally be rotated (rope) by the positions of the
-    context tokens (``key_rotary_cos_sin``, from ``RotaryEmbedding.cos_sin``). Queries are not rotated,
-    i.e. every query sits at position 0: the score then depends on the key's position (used by the
-    Perceiver, whose latents have no order but whose token inputs would otherwise carry no position
-    under rope). Without ``key_rotary_cos_sin`` this is exactly ``ParallelCrossAttention``."""
-
-    def forward(self, hidden_states, context, attention_mask=None, key_rotary_cos_sin=None):
-        if key_rotary_cos_sin is None:
-            return super().forward(hidden_states, context, attention_mask)
-        b, sq, _ = hidden_states.shape
-        skv = context.shape[1]
-        nh, hd = self.num_heads_per_partition, self.head_dim
-        q, _ = self.linear_q(hidden_states)
-        kv, _ = self.linear_kv(context)
-        q = q.view(b, sq, nh, hd).transpose(1, 2)
-        k, v = kv.view(b, skv, nh, 2, hd).unbind(3)  # [b, skv, nh, hd]
-        k = apply_rotary(k, *key_rotary_cos_sin)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        dropout_p = self.attention_dropout if self.training else 0.0
-        ctx = _sdpa(q, k, v, _sdpa_mask(attention_mask), False, dropout_p)
-        ctx = ctx.transpose(1, 2).reshape(b, sq, nh * hd)
-        out, _ = self.linear_proj(ctx)
-        return out
-
-
-class CrossAttentionTransformerLayer(nn.Module):
+class CrossAttentionTransformerLayer(TransformerLayer):
     """Pre-norm self-attention -> cross-attention to ``context`` -> MLP, each with a residual
     (megatron-core names: ``input_layernorm``, ``self_attention``, ``pre_cross_attn_layernorm``,
     ``cross_attention``, ``pre_mlp_layernorm``, ``mlp``). ``causal=True``: the decoder layer;
     ``causal=False``: the Perceiver's cross layer (latents attend to each other, then to the tokens)."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_attention_heads: int,
-        ffn_hidden_size: int,
-        *,
-        parallel_config,
-        init_method: InitMethod,
-        output_init_method: InitMethod,
-        normalization: str = "layernorm",
-        layernorm_epsilon: float = 1e-5,
-        activation: str = "gelu",
-        bias: bool = True,
-        hidden_dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-        causal: bool = True,
-        kv_hidden_size: Optional[int] = None,
-    ):
-        super().__init__()
-        self.hidden_dropout = float(hidden_dropout)
-        self.input_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
-        self.self_attention = ParallelSelfAttention(
-            hidden_size,
-            num_attention_heads,
-            parallel_config=parallel_config,
-            init_method=init_method,
-            output_init_method=output_init_method,
-            bias=bias,
-            attention_dropout=attention_dropout,
-            causal=causal,
-        )
-        self.pre_cross_attn_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
-        self.cross_attention = ContextCrossAttention(
-            hidden_size,
-            num_attention_heads,
-            parallel_config=parallel_config,
-            init_method=init_method,
-            output_init_method=output_init_method,
-            kv_hidden_size=kv_hidden_size,
-            bias=bias,
-            attention_dropout=attention_dropout,
-        )
-        self.pre_mlp_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)
-        self.mlp = ParallelMLP(
-            hidden_size,
-            ffn_hidden_size,
-            parallel_config=parallel_config,
-            init_method=init_method,
-            output_init_method=output_init_method,
-            activation=activation,
-            bias=bias,
-        )
+    def __init__(self, *args, **kwargs):
+        kwargs["cross_attention"] = True
+        super().__init__(*args, **kwargs)
 
     def forward(
         self,
@@ -357,7 +295,6 @@ __all__ = [
     "TransformerLayer",
     "TransformerBlock",
     "CHECKPOINT_GRANULARITIES",
-    "ContextCrossAttention",
     "CrossAttentionTransformerLayer",
     "CrossAttentionTransformerBlock",
     "normalize_checkpoint_granularity",

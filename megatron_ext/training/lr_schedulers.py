@@ -283,35 +283,28 @@ class WarmupAnnealing(WarmupPolicy):
         return self.min_lr + (base_lr - self.min_lr) * (1.0 - self._progress(step))
 
 
-class PolynomialDecayAnnealing(WarmupPolicy):
+class _PolynomialDecay:
+    """``lr = m + (L - m) * (1 - p)^power`` over the policy's decay progress ``p`` (mixed into a warmup policy)."""
+
+    needs_max_steps = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, power: float = 1.0, **kwargs: Any):
+        if power <= 0:
+            raise ValueError(f"power must be > 0, got {power}")
+        self.power = float(power)
+        super().__init__(optimizer, **kwargs)
+
+    def _decayed(self, base_lr: float, step: int) -> float:
+        return self.min_lr + (base_lr - self.min_lr) * (1.0 - self._progress(step)) ** self.power
+
+
+class PolynomialDecayAnnealing(_PolynomialDecay, WarmupPolicy):
     """Warmup, then ``lr(s) = m + (L - m) * (1 - p)^power``, ``p = (s - W) / (T - W)``; ``m`` after ``T``."""
 
-    needs_max_steps = True
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, power: float = 1.0, **kwargs: Any):
-        if power <= 0:
-            raise ValueError(f"power must be > 0, got {power}")
-        self.power = float(power)
-        super().__init__(optimizer, **kwargs)
-
-    def _decayed(self, base_lr: float, step: int) -> float:
-        return self.min_lr + (base_lr - self.min_lr) * (1.0 - self._progress(step)) ** self.power
-
-
-class PolynomialHoldDecayAnnealing(WarmupHoldPolicy):
+class PolynomialHoldDecayAnnealing(_PolynomialDecay, WarmupHoldPolicy):
     """Warmup, hold ``H`` steps at ``L``, then ``lr(s) = m + (L - m) * (1 - p)^power`` with
     ``p = (s - W - H) / (T - W - H)``; ``m`` after ``T``."""
-
-    needs_max_steps = True
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, power: float = 1.0, **kwargs: Any):
-        if power <= 0:
-            raise ValueError(f"power must be > 0, got {power}")
-        self.power = float(power)
-        super().__init__(optimizer, **kwargs)
-
-    def _decayed(self, base_lr: float, step: int) -> float:
-        return self.min_lr + (base_lr - self.min_lr) * (1.0 - self._progress(step)) ** self.power
 
 
 class InverseSquareRootAnnealing(WarmupPolicy):

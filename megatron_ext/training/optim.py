@@ -102,13 +102,8 @@ class AdamParams(OptimizerParams):
 
 
 @dataclass
-class AdamWParams(OptimizerParams):
-    betas: Tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    amsgrad: bool = False
-    foreach: Optional[bool] = None
-    fused: Optional[bool] = None
+class AdamWParams(AdamParams):
+    weight_decay: float = 0.01  # decoupled; otherwise the same parameters as Adam
 
 
 @dataclass
