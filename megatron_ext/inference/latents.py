@@ -131,6 +131,10 @@ class LatentTools:
         """Texts -> ``{"z": mean latents [S, B, H], "z_sample": one posterior sample, "mask": [B, S], and the
         hiddens module's other outputs (z_mean, z_logvar, ...)}``."""
         enc, mask, _ = self._batch(texts, truncate)
+        return self._encode_batch(enc, mask, generator)
+
+    def _encode_batch(self, enc: torch.Tensor, mask: torch.Tensor,
+                      generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         outs = self.model.encode_latents(enc, mask)
         z = outs["enc_output"]
         out = {k: v for k, v in outs.items() if torch.is_tensor(v)}
@@ -205,7 +209,7 @@ class LatentTools:
             chunk = texts[i: i + batch_size]
             enc, mask, ids = self._batch(chunk, truncate)
             ids = [t[: self.seq_length - 1] for t in ids]  # room for eos on the decoder side
-            lat = self.encode(chunk, truncate=truncate)
+            lat = self._encode_batch(enc, mask)
             z, zmask = lat["z"], lat["mask"]
             n = max(len(t) for t in ids) + 1
             dec = torch.full((len(ids), n), self.tokenizer.pad, dtype=torch.long)
@@ -219,7 +223,7 @@ class LatentTools:
             valid = lab >= 0
             tf_correct += int(((pred == lab) & valid).sum())
             tf_total += int(valid.sum())
-            if len(chunk) > 1 and z.shape[0] == self.encode(chunk[:1], truncate=truncate)["z"].shape[0]:
+            if len(chunk) > 1 and getattr(self.model, "latent_steps", None):
                 # the same, decoding each line from ANOTHER line's latent: how much the latent itself carries
                 zs, ms = z.roll(1, dims=1), zmask.roll(1, dims=0)
                 pred_s = self.model.gather_logits(self.model.decode(dec.to(self.device), zs, ms)).argmax(-1).cpu()
