@@ -197,7 +197,7 @@ def main():
         steps, rounds = args.steps or 2, args.rounds or 2
     else:
         shape = dict(layers=6, hidden=512, heads=8, seq=512, vocab=8192, batch=4)
-        steps, rounds = args.steps or 3, args.rounds or 3
+        steps, rounds = args.steps or 3, args.rounds or 5
     torch.set_num_threads(os.cpu_count() or 1)
 
     from megatron_ext.models.flops import gpt_flops_per_iteration

@@ -294,3 +294,41 @@ def test_flops_formula():
     big = ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12, seq_length=1024)
     n_matmul = 12 * 12 * 768 * 768 + 768 * 50304
     assert gpt_flops_per_token(big, 50304) == 6 * n_matmul + 12 * 12 * 768 * 1024
+
+
+@pytest.mark.parametrize("s", [257, 300, 301, 512])
+def test_split_causal_attention_matches_sdpa(s):
+    """The CPU query-split causal attention (used for 256 < s <= 512) gives SDPA's is_causal results and grads."""
+    from megatron_ext.modules import attention as A
+
+    g = torch.Generator().manual_seed(s)
+    q, k, v = (torch.randn(2, 3, s, 16, generator=g, requires_grad=True) for _ in range(3))
+    # strided inputs, as the fused-QKV view hands them over
+    qkv = torch.randn(2, s, 3, 3, 16, generator=g)
+    views = [qkv[:, :, :, i].transpose(1, 2).requires_grad_() for i in range(3)]
+    grad = torch.randn(2, 3, s, 16, generator=g)
+    for inputs in ((q, k, v), views):
+        assert A._split_causal_on_cpu(inputs[0], inputs[1], 0.0)
+        ref = F.scaled_dot_product_attention(*inputs, is_causal=True)
+        ref_grads = torch.autograd.grad(ref, inputs, grad)
+        out = A._sdpa(*inputs, None, True, 0.0)
+        grads = torch.autograd.grad(out, inputs, grad)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # outside the window, with dropout, or with an explicit mask the plain SDPA call is used
+    assert not A._split_causal_on_cpu(q[..., :256, :], k[..., :256, :], 0.0)
+    assert not A._split_causal_on_cpu(q, k, 0.1)
+    big = torch.zeros(1, 1, 513, 4)
+    assert not A._split_causal_on_cpu(big, big, 0.0)
+
+
+def test_split_causal_attention_bf16_close_to_fp32():
+    from megatron_ext.modules import attention as A
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 384, 32, generator=g) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = A._sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, True, 0.0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)

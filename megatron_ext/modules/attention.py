@@ -51,7 +51,74 @@ def _sdpa(q, k, v, attn_mask, is_causal, dropout_p):
     else:
         ctx = contextlib.nullcontext()
     with ctx:
+        if is_causal and attn_mask is None and _split_causal_on_cpu(q, k, dropout_p):
+            return _SplitCausalAttention.apply(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+# PyTorch's CPU flash-attention kernel walks the keys in blocks of up to 512 and skips only whole blocks above the
+# causal diagonal, so for 256 < s <= 512 (one key block) ``is_causal=True`` computes the full s x s score matrix and
+# masks half of it away. Splitting the queries in two halves -- the first attends causally to the first half of the
+# keys, the second to all keys under an additive lower-triangular mask -- computes 3/4 of the scores instead. The
+# split runs inside one autograd Function over the CPU kernel's own forward/backward ops, so the halves' gradients
+# are stitched together directly (no zero-filled slice gradients). fwd+bwd of one [4, 8, 512, 64] causal layer:
+# 34 ms -> 28 ms on the 2-core CI machine. Above 512 the kernel already skips blocks and splitting measured slower;
+# at or below 256 the gain is within noise. Attention dropout needs SDPA's own path (the CPU flash kernel has none).
+_SPLIT_CAUSAL_MIN, _SPLIT_CAUSAL_MAX = 257, 512
+_split_masks: dict = {}
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_cpu_bwd = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _split_causal_on_cpu(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
+    s = q.shape[-2]
+    return (
+        _flash_cpu is not None
+        and _flash_cpu_bwd is not None
+        and dropout_p == 0.0
+        and q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and k.shape[-2] == s
+        and _SPLIT_CAUSAL_MIN <= s <= _SPLIT_CAUSAL_MAX
+    )
+
+
+def _split_mask(s: int, h: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask for queries h..s-1 over keys 0..s-1: query h + i may attend keys 0..h + i."""
+    mask = _split_masks.get((s, dtype))
+    if mask is None:
+        allowed = torch.ones(s - h, s, dtype=torch.bool).tril(h)
+        mask = torch.zeros(s - h, s, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+        _split_masks[(s, dtype)] = mask
+    return mask
+
+
+class _SplitCausalAttention(torch.autograd.Function):
+    """Causal attention over ``[b, heads, s, d]`` as two query halves; same result as ``is_causal=True``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        s = q.shape[-2]
+        h = s // 2
+        mask = _split_mask(s, h, q.dtype)
+        q1, k1, v1, q2 = q[..., :h, :], k[..., :h, :], v[..., :h, :], q[..., h:, :]
+        o1, lse1 = _flash_cpu(q1, k1, v1, 0.0, True)
+        o2, lse2 = _flash_cpu(q2, k, v, 0.0, False, attn_mask=mask)
+        ctx.save_for_backward(q, k, v, o1, lse1, o2, lse2)
+        return torch.cat([o1, o2], dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, o1, lse1, o2, lse2 = ctx.saved_tensors
+        s = q.shape[-2]
+        h = s // 2
+        mask = _split_mask(s, h, q.dtype)
+        g1, g2 = grad[..., :h, :], grad[..., h:, :]
+        dq1, dk1, dv1 = _flash_cpu_bwd(g1, q[..., :h, :], k[..., :h, :], v[..., :h, :], o1, lse1, 0.0, True)
+        dq2, dk, dv = _flash_cpu_bwd(g2, q[..., h:, :], k, v, o2, lse2, 0.0, False, attn_mask=mask)
+        dk[..., :h, :] += dk1
+        dv[..., :h, :] += dv1
+        return torch.cat([dq1, dq2], dim=-2), dk, dv
 
 
 def _sdpa_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -103,9 +103,18 @@ class TransformerLayer(nn.Module):
         rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_cos_sin)
-        hidden_states = hidden_states + dropout(attn, self.hidden_dropout, self.training)
+        hidden_states = _residual_add(dropout(attn, self.hidden_dropout, self.training), hidden_states)
         mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
-        return hidden_states + dropout(mlp, self.hidden_dropout, self.training)
+        return _residual_add(dropout(mlp, self.hidden_dropout, self.training), hidden_states)
+
+
+def _residual_add(branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``branch + residual``, in place on the branch output when that is a fresh tensor (nobody saves a layer's
+    output projection for backward): one activation-sized allocation less per add. A view -- the output of the
+    tensor-parallel all-reduce without a bias returns its input -- must not be modified in place."""
+    if branch._is_view():
+        return branch + residual
+    return branch.add_(residual)
 
 
 def _tracker_replay_context():

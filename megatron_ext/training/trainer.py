@@ -135,63 +135,15 @@ class Trainer:
             return iter(self._dataloader(dataset, consumed))
 
     def _grad_norm(self) -> float:
-        if getattr(self, "_pipe_norm", None) is not None:
-            return self._pipe_norm
-        gn = self.engine.get_global_grad_norm()
+        """The pre-clipping global grad norm of the last optimizer step: ours on the fp32 ZeRO-0 path
+        (``engine.install_fp32_clipping``), DeepSpeed's for ZeRO and mixed precision."""
+        if hasattr(self.engine, "mext_grad_norm"):
+            gn = self.engine.mext_grad_norm
+        else:
+            gn = self.engine.get_global_grad_norm()
         if gn is None:
             return float("nan")
         return float(gn)
-
-    @property
-    def _norm_before_step(self) -> bool:
-        """DeepSpeed records the global grad norm for ZeRO and mixed precision, but its plain fp32 path (ZeRO 0)
-        discards the norm it clips with; there we compute it (TP-aware) before the optimizer step."""
-        return self.ds_config["zero_optimization"]["stage"] == 0 and self.derived.precision == "32"
-
-    def _install_pipeline_clipping(self, clip: float) -> None:
-        """fp32 + ZeRO-0 pipeline runs: clip with a norm that is right across stages.
-
-        DeepSpeed's fp32 clipping counts replicated parameters (norms, biases) only on the rank whose
-        *pipeline x tensor* rank is 0, i.e. only the first stage's: later stages' replicated gradients would be
-        left out of the norm. Here every stage counts its own replicated parameters on TP rank 0 and its
-        TP-sharded ones on every TP rank, skips DeepSpeed's second copy of a tied weight, and sums over
-        megatron-core's model-parallel (TP x PP) group. The engine's clipping is switched off
-        (``gradient_clipping: 0``) and this runs just before its optimizer step; it also records the norm.
-        """
-        from megatron.core import parallel_state as ps
-
-        engine = self.engine
-        original = engine._take_model_step
-        tp_rank = ps.get_tensor_model_parallel_rank()
-        group = ps.get_model_parallel_group()
-
-        def take_model_step(*args, **kwargs):
-            params = [p for p in engine.module.parameters() if p.grad is not None]
-            sq = torch.zeros((), dtype=torch.float64)
-            for p in params:
-                if getattr(p, "ds_pipe_replicated", False):
-                    continue
-                if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-                    sq += p.grad.detach().double().pow(2).sum().cpu()
-            sq = sq.to(self.device)
-            dist.all_reduce(sq, group=group)
-            norm = float(sq.sqrt())
-            self._pipe_norm = norm
-            if clip > 0 and norm > clip:
-                coef = clip / (norm + 1e-6)
-                for p in params:
-                    p.grad.detach().mul_(coef)
-            return original(*args, **kwargs)
-
-        engine._take_model_step = take_model_step
-
-    def _unclipped_grad_norm(self) -> float:
-        from deepspeed.runtime.utils import clip_grad_norm_
-
-        from megatron_ext.parallel.state import MPUAdapter
-
-        params = [p for p in self.engine.module.parameters() if p.grad is not None]
-        return float(clip_grad_norm_(params, max_norm=float("inf"), mpu=MPUAdapter()))
 
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -239,22 +191,15 @@ class Trainer:
             offload_param=cfg.model.offload_param,
         )
         stage = ds_config["zero_optimization"]["stage"]
-        own_pipe_clip = None
-        if self.pipeline:
-            if stage >= 2:
-                src = f"model.deepspeed_config ({cfg.model.deepspeed_config})" if cfg.model.deepspeed_config else \
-                    f"model.zero_stage={stage}"
-                raise ConfigError(
-                    f"{src}: ZeRO stage {stage} cannot be combined with model.pipeline_model_parallel_size="
-                    f"{cfg.model.pipeline_model_parallel_size} (DeepSpeed's pipeline engine supports ZeRO 0 and 1); "
-                    f"use zero_stage 0 or 1, or pipeline_model_parallel_size=1"
-                )
-            if stage == 0 and self.derived.precision == "32":
-                own_pipe_clip = float(ds_config.get("gradient_clipping") or 0.0)
-                ds_config["gradient_clipping"] = 0.0
+        if self.pipeline and stage >= 2:
+            src = f"model.deepspeed_config ({cfg.model.deepspeed_config})" if cfg.model.deepspeed_config else \
+                f"model.zero_stage={stage}"
+            raise ConfigError(
+                f"{src}: ZeRO stage {stage} cannot be combined with model.pipeline_model_parallel_size="
+                f"{cfg.model.pipeline_model_parallel_size} (DeepSpeed's pipeline engine supports ZeRO 0 and 1); "
+                f"use zero_stage 0 or 1, or pipeline_model_parallel_size=1"
+            )
         self.engine, self.optimizer, self.scheduler = build_engine(model, optimizer, scheduler, ds_config)
-        if own_pipe_clip is not None:
-            self._install_pipeline_clipping(own_pipe_clip)
         self.ds_config = ds_config
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
@@ -389,7 +334,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> Dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.trainer
+        t = self.cfg.trainer
         self._loaded_step = 0
         train_ds, val_ds, test_ds = self.task.build_datasets(self._num_samples())
         self._build()
@@ -435,14 +380,12 @@ class Trainer:
             loss_sum = torch.zeros((), dtype=torch.float32)
             extras_sum: Dict[str, torch.Tensor] = {}
             will_log = (step + 1) % t.log_every_n_steps == 0 or step + 1 == last_step or step == first_step
-            own_norm = None
-            self._pipe_norm = None
+            if hasattr(self.engine, "mext_want_norm"):  # fp32 ZeRO-0: our clipping computes the norm (if clip = 0: on demand)
+                self.engine.mext_want_norm = will_log
             for micro in range(accum if not self.pipeline else 0):
                 batch = self._to_device(next(it))
                 loss, _, extras = self.task.loss(self.engine, batch)
                 self.engine.backward(loss)
-                if will_log and micro == accum - 1 and self._norm_before_step:
-                    own_norm = self._unclipped_grad_norm()
                 self.engine.step()
                 loss_sum += loss.detach().float().cpu()
                 for k, v in extras.items():
@@ -463,7 +406,7 @@ class Trainer:
             step_time = time.perf_counter() - t0
             last_loss = loss_avg
             if step % t.log_every_n_steps == 0 or step == last_step or step == first_step + 1:
-                gn = own_norm if own_norm is not None else self._grad_norm()
+                gn = self._grad_norm()
                 tflops = flops_iter / step_time / world / 1e12
                 metrics = {
                     "train/loss": loss_avg,
