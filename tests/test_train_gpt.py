@@ -139,7 +139,6 @@ def test_bad_inputs_give_one_clear_message(run_env, tmp_path):
 
 
 def _write_dataset(prefix, docs, dtype):
-    import numpy as np
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 

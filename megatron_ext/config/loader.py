@@ -126,6 +126,17 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
             f"launcher started {world_size} processes; make them agree"
         )
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    mega_keys = [k for k, node in (("model.arch", m), ("model.encoder.arch", m.get("encoder")),
+                                   ("model.decoder.arch", m.get("decoder")))
+                 if node is not None and str(node.get("arch", "")).lower() == "mega"]
+    if mega_keys and (tp > 1 or pp > 1 or m.get("sequence_parallel")):
+        what = (f"model.tensor_model_parallel_size={tp}" if tp > 1 else
+                f"model.pipeline_model_parallel_size={pp}" if pp > 1 else "model.sequence_parallel=true")
+        raise ConfigError(
+            f"{what}: the Mega architecture ({mega_keys[0]}=mega) supports neither tensor, pipeline nor sequence "
+            f"parallelism (its layers are not split over ranks); use 1 / false and scale with data parallelism "
+            f"and ZeRO (trainer.devices, model.zero_stage)"
+        )
     if world_size % (tp * pp):
         raise ConfigError(
             f"world size {world_size} is not divisible by model.tensor_model_parallel_size ({tp}) x "

@@ -91,12 +91,41 @@ def _default_optim() -> Dict[str, Any]:
 
 
 @dataclass
+class MegaArchConfig:
+    """``model.mega`` (``model.arch=mega``) / ``model.encoder.mega``, ``model.decoder.mega`` (``arch: mega``): the Mega
+    layer's own settings, with Hugging Face ``MegaConfig`` field names and meanings. The sizes shared with the
+    transformer come from the usual keys: ``hidden_size`` (D), ``num_layers``; dropout: ``hidden_dropout`` is Mega's
+    ``dropout_prob``, ``hidden_dropout_prob`` and ``nffn_activation_dropout_prob``, ``attention_dropout`` its
+    ``attention_probs_dropout_prob``. Decoders always use a causal EMA; ``bidirectional`` applies to encoders."""
+
+    ema_projection_size: int = 16  # N: EMA dimensions per channel
+    shared_representation_size: int = 64  # Z: the shared q/k representation
+    intermediate_size: Optional[int] = None  # H: value / gated-attention width; default 2 * hidden_size
+    bidirectional: bool = True  # encoders only (decoders are causal)
+    truncation: Optional[int] = None  # cap on the EMA kernel length
+    chunk_size: int = -1  # attention within chunks of this many tokens; -1 = whole sequence
+    normalization_type: str = "scalenorm"  # layernorm | scalenorm | rmsnorm | batchnorm | syncbatchnorm
+    normalize_before_mega: bool = True
+    norm_affine: bool = True
+    activation: str = "silu"
+    attention_activation: str = "softmax"  # softmax | laplace | relu2
+    relative_positional_bias: str = "rotary"  # rotary | simple
+    max_positions: Optional[int] = None  # simple bias: longest attention window; default the sequence length
+    use_normalized_ffn: bool = True
+    nffn_hidden_size: Optional[int] = None  # default 2 * hidden_size
+    normalize_before_ffn: bool = True
+    use_feature_dropout: bool = False
+    ema_impl: str = "fft"  # fft | scan
+
+
+@dataclass
 class ModelConfig:
     # batch
     micro_batch_size: int = 4
     global_batch_size: int = 8
     seq_length: int = 128
     # architecture
+    arch: str = "transformer"  # transformer | mega (settings under model.mega)
     num_layers: int = 2
     hidden_size: int = 128
     ffn_hidden_size: Optional[int] = None  # default 4*hidden (SwiGLU: 8/3*hidden rounded to 64)
@@ -124,6 +153,7 @@ class ModelConfig:
     deepspeed_config: Optional[str] = None  # path to a DeepSpeed JSON (overrides zero_stage etc.)
     # checkpoint to start from (weights+optimizer), e.g. for evaluation with limit_train_batches=0
     ckpt_path: Optional[str] = None
+    mega: MegaArchConfig = field(default_factory=MegaArchConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: Dict[str, Any] = field(default_factory=_default_optim)
@@ -144,7 +174,7 @@ class GPTConfig:
 class TransformerStackConfig:
     """One side of an encoder-decoder (``model.encoder`` / ``model.decoder``)."""
 
-    arch: str = "transformer"  # encoder: transformer | perceiver ; decoder: transformer
+    arch: str = "transformer"  # encoder: transformer | perceiver | mega ; decoder: transformer | mega
     num_layers: int = 2
     hidden_size: int = 128
     ffn_hidden_size: Optional[int] = None  # default 4*hidden (SwiGLU: 8/3*hidden rounded to 64)
@@ -160,6 +190,8 @@ class TransformerStackConfig:
     # perceiver encoder only
     hidden_steps: int = 32  # number of latent vectors (the fixed-size memory the decoder attends to)
     num_self_attention_per_cross_attention: int = 1
+    # arch: mega only
+    mega: MegaArchConfig = field(default_factory=MegaArchConfig)
 
 
 @dataclass

@@ -77,8 +77,8 @@ from megatron_ext.modules.norms import NORMALIZATIONS
 from megatron_ext.modules.rotary import RotaryEmbedding
 from megatron_ext.modules.transformer import CrossAttentionTransformerBlock, TransformerBlock
 
-ENCODER_ARCHS = ("transformer", "perceiver")
-DECODER_ARCHS = ("transformer",)
+ENCODER_ARCHS = ("transformer", "perceiver", "mega")
+DECODER_ARCHS = ("transformer", "mega")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,10 +136,18 @@ def _validate_stack(stack, side: str, tp: int, pos_type: str) -> None:
     arch = str(stack.arch).lower()
     if arch not in archs:
         _fail(p + "arch", stack.arch, f"expected one of {', '.join(archs)}")
-    for key in ("num_layers", "hidden_size", "num_attention_heads"):
+    for key in ("num_layers", "hidden_size") + (("num_attention_heads",) if arch != "mega" else ()):
         value = getattr(stack, key)
         if not _is_pos_int(value):
             _fail(p + key, value, "expected a positive integer")
+    if arch == "mega":  # Mega's own keys are checked by validate_mega_arch (model.<side>.mega.*)
+        for key in ("hidden_dropout", "attention_dropout"):
+            v = getattr(stack, key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
+                _fail(p + key, v, "expected a probability in [0, 1)")
+        if not isinstance(stack.init_method_std, (int, float)) or not float(stack.init_method_std) > 0:
+            _fail(p + "init_method_std", stack.init_method_std, "expected a positive number")
+        return
     if stack.ffn_hidden_size is not None and not _is_pos_int(stack.ffn_hidden_size):
         _fail(p + "ffn_hidden_size", stack.ffn_hidden_size, "expected a positive integer or null")
     if stack.hidden_size % stack.num_attention_heads != 0:
@@ -217,6 +225,13 @@ def validate_encoder_decoder_config(cfg, vocab_size: int, *, use_cuda: Optional[
         _fail("share_embeddings_and_output_weights", cfg.share_embeddings_and_output_weights, "expected true or false")
     _validate_stack(cfg.encoder, "encoder", tp, pos_type)
     _validate_stack(cfg.decoder, "decoder", tp, pos_type)
+    from megatron_ext.models.mega_lm import validate_mega_arch
+
+    for side, length in (("encoder", int(cfg.seq_length)), ("decoder", resolve_seq_length_dec(cfg))):
+        stack = getattr(cfg, side)
+        if str(stack.arch).lower() == "mega":
+            validate_mega_arch(stack.mega, f"{side}.mega", length, use_cuda=use_cuda, tp=tp,
+                               pp=int(cfg.pipeline_model_parallel_size), sequence_parallel=bool(cfg.sequence_parallel))
     if cfg.encoder.hidden_size != cfg.decoder.hidden_size:
         raise ConfigError(
             f"model.encoder.hidden_size={cfg.encoder.hidden_size!r} and model.decoder.hidden_size="
@@ -372,7 +387,15 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
                                               enc_out_init)
         enc_kwargs["causal"] = False
         enc_layer_scope = lambda n: scope(comp["encoder_layer"](n))  # noqa: E731
-        if self.encoder_arch == "perceiver":
+        self.decoder_arch = str(dec.arch).lower()
+        if self.encoder_arch == "mega":
+            from megatron_ext.models.mega_lm import build_mega_stack
+
+            with enc_layer_scope(0):
+                self.encoder = build_mega_stack(enc, "encoder.", seq_length=int(cfg.seq_length), is_decoder=False,
+                                                use_cuda=bool(use_cuda) if use_cuda is not None
+                                                else torch.cuda.is_available(), tp=tp)
+        elif self.encoder_arch == "perceiver":
             self.encoder = PerceiverEncoder(
                 enc.num_layers,
                 enc.hidden_steps,
@@ -393,14 +416,23 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
         dec_kwargs = transformer_layer_kwargs(dec, self.decoder_ffn_hidden_size, parallel_config, dec_init,
                                               dec_out_init)
         dec_kwargs["causal"] = True
-        self.decoder = CrossAttentionTransformerBlock(
-            dec.num_layers,
-            activations_checkpoint_granularity=dec.activations_checkpoint_granularity,
-            final_norm=True,
-            layer_init_scope=lambda n: scope(comp["decoder_layer"](n)),
-            checkpoint_key="model.decoder.activations_checkpoint_granularity",
-            **dec_kwargs,
-        )
+        if self.decoder_arch == "mega":
+            from megatron_ext.models.mega_lm import build_mega_stack
+
+            with scope(comp["decoder_layer"](0)):
+                self.decoder = build_mega_stack(dec, "decoder.", seq_length=resolve_seq_length_dec(cfg),
+                                                is_decoder=True, add_cross_attention=True,
+                                                use_cuda=bool(use_cuda) if use_cuda is not None
+                                                else torch.cuda.is_available(), tp=tp)
+        else:
+            self.decoder = CrossAttentionTransformerBlock(
+                dec.num_layers,
+                activations_checkpoint_granularity=dec.activations_checkpoint_granularity,
+                final_norm=True,
+                layer_init_scope=lambda n: scope(comp["decoder_layer"](n)),
+                checkpoint_key="model.decoder.activations_checkpoint_granularity",
+                **dec_kwargs,
+            )
         with scope(comp["output_layer"]):
             self.output_layer = build_output_layer(
                 dec, self.padded_vocab_size, parallel_config, dec_init, tied=self.share_embeddings_and_output_weights
@@ -434,7 +466,11 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
             enc_mask = _no_empty_rows(enc_mask.bool())
         x = self.embedding.embed_encoder(enc_tokens)
         rotary = self._rotary(self.encoder_rotary_pos_emb, x)
-        if self.encoder_arch == "perceiver":
+        if self.encoder_arch == "mega":
+            hiddens = self.encoder(x, enc_mask).transpose(0, 1).contiguous()  # [s, b, h]
+            hiddens_mask = enc_mask if enc_mask is not None else torch.ones(b, s, dtype=torch.bool,
+                                                                             device=enc_tokens.device)
+        elif self.encoder_arch == "perceiver":
             hiddens = self.encoder(x, enc_mask, rotary)  # [K, b, h]
             hiddens_mask = torch.ones(b, hiddens.shape[0], dtype=torch.bool, device=enc_tokens.device)
         else:
@@ -460,15 +496,19 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
             raise DataError(f"hiddens must be [S_enc, batch={b}, hidden={self.hidden_size}] (Megatron layout), "
                             f"got shape {tuple(hiddens.shape)}")
         s_enc = hiddens.shape[0]
-        context_mask = None
+        context_mask = keep_mask = None
         if hiddens_mask is not None:
             if tuple(hiddens_mask.shape) != (b, s_enc):
                 raise DataError(f"hiddens_mask shape {tuple(hiddens_mask.shape)} does not match hiddens "
                                 f"[S_enc={s_enc}, batch={b}]")
-            context_mask = (~_no_empty_rows(hiddens_mask.bool())).view(b, 1, 1, s_enc)
+            keep_mask = _no_empty_rows(hiddens_mask.bool())
+            context_mask = (~keep_mask).view(b, 1, 1, s_enc)
         y = self.embedding.embed_decoder(dec_tokens)
         context = hiddens.transpose(0, 1).contiguous()
-        y = self.decoder(y, context, None, context_mask, self._rotary(self.decoder_rotary_pos_emb, y), None)
+        if self.decoder_arch == "mega":
+            y = self.decoder(y, None, context, keep_mask)
+        else:
+            y = self.decoder(y, context, None, context_mask, self._rotary(self.decoder_rotary_pos_emb, y), None)
         logits = self.compute_logits(y)
         if labels is None:
             return logits

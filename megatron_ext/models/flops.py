@@ -27,9 +27,47 @@ from typing import Optional
 from megatron_ext.models.gpt import resolve_ffn_hidden_size
 
 
+def mega_dims(mega, hidden_size: int):
+    """(D, H, Z, N, F or 0) of a Mega layer from ``model.mega`` (defaults: H = F = 2 * D)."""
+    d = int(hidden_size)
+    hdim = int(mega.intermediate_size) if mega.intermediate_size else 2 * d
+    f = (int(mega.nffn_hidden_size) if mega.nffn_hidden_size else 2 * d) if mega.use_normalized_ffn else 0
+    return d, hdim, int(mega.shared_representation_size), int(mega.ema_projection_size), f
+
+
+def mega_layer_forward_flops(mega, hidden_size: int, s: int, causal: bool = True, cross_len: int = 0) -> int:
+    """Forward FLOPs of one Mega layer over a sequence of ``s`` tokens (``cross_len`` > 0: plus gated
+    cross-attention to that many memory positions). Conventions of the GPT formula: matmuls only, 2 per
+    multiply-add, no causal halving; the EMA is counted as its recurrence (4*N*D per token: state update and
+    read-out; bidirectional encoders twice)::
+
+        per token:  2*D*H (v) + 2*D*(2*D + Z + H) (mx_proj) + 2*H*D (h_proj)    gated attention projections
+                    + 2*W*Z + 2*W*H                                          scores and weighted values, W = window
+                    + 4*N*D (x2 bidirectional)                               EMA
+                    + 2*2*D*F                                                normalized FFN (F = nffn_hidden_size)
+        cross:      per token 2*D*(2*D + Z) + 2*D*D + 2*S*Z + 2*S*D; per memory position 2*D*Z + 2*D*D
+
+    with W = min(chunk_size, s) when chunking, else s.
+    """
+    d, hdim, z, n, f = mega_dims(mega, hidden_size)
+    chunk = int(mega.chunk_size)
+    w = min(chunk, s) if chunk > 0 else s
+    ema = 4 * n * d * (1 if causal or not mega.bidirectional else 2)
+    per_token = 2 * d * hdim + 2 * d * (2 * d + z + hdim) + 2 * hdim * d + 2 * w * z + 2 * w * hdim + ema + 4 * d * f
+    total = s * per_token
+    if cross_len:
+        S = int(cross_len)
+        total += s * (2 * d * (2 * d + z) + 2 * d * d + 2 * S * z + 2 * S * d) + S * (2 * d * z + 2 * d * d)
+    return total
+
+
 def gpt_forward_flops_per_token(cfg, vocab_size: int, seq_length: Optional[int] = None) -> int:
-    """Forward-pass model FLOPs per token (see the module docstring)."""
+    """Forward-pass model FLOPs per token (see the module docstring; ``model.arch=mega``: ``L`` x
+    ``mega_layer_forward_flops / s`` + logits)."""
     s = int(cfg.seq_length if seq_length is None else seq_length)
+    if str(getattr(cfg, "arch", "transformer")).lower() == "mega":
+        layers = int(cfg.num_layers) * mega_layer_forward_flops(cfg.mega, cfg.hidden_size, s, causal=True)
+        return layers // s + 2 * int(cfg.hidden_size) * int(vocab_size)
     h = int(cfg.hidden_size)
     L = int(cfg.num_layers)
     f = resolve_ffn_hidden_size(cfg)
@@ -66,7 +104,10 @@ def encdec_forward_flops_per_sample(cfg, vocab_size: int) -> int:
     he, fe, me = _stack_dims(enc)
     hd, fd, md = _stack_dims(dec)
     mlp_e, mlp_d = 2 * me * he * fe, 2 * md * hd * fd  # per position
-    if str(enc.arch).lower() == "perceiver":
+    if str(enc.arch).lower() == "mega":
+        encoder = int(enc.num_layers) * mega_layer_forward_flops(enc.mega, enc.hidden_size, s, causal=False)
+        s_enc = s
+    elif str(enc.arch).lower() == "perceiver":
         K = int(enc.hidden_steps)
         k = int(enc.num_self_attention_per_cross_attention)
         self_layer = K * (2 * 4 * he * he + mlp_e) + 4 * K * K * he  # latent self-attn + MLP
@@ -78,6 +119,8 @@ def encdec_forward_flops_per_sample(cfg, vocab_size: int) -> int:
         s_enc = s
     per_dec_layer = (sd * (2 * 4 * hd * hd + mlp_d) + 4 * sd * sd * hd  # causal self-attn (full s_dec^2) + MLP
                      + sd * (2 * 2 * hd * hd) + s_enc * (2 * 2 * hd * hd) + 4 * sd * s_enc * hd)  # cross-attn
+    if str(dec.arch).lower() == "mega":
+        per_dec_layer = mega_layer_forward_flops(dec.mega, dec.hidden_size, sd, causal=True, cross_len=s_enc)
     decoder = int(dec.num_layers) * per_dec_layer
     logits = sd * 2 * hd * int(vocab_size)
     return encoder + decoder + logits
@@ -100,6 +143,7 @@ def encdec_flops_per_iteration(cfg, vocab_size: int, global_batch_size: int) -> 
         decoder, per layer:              s_d * (2*4*h*h + MLP) + 4*s_d*s_d*h    causal self-attn + MLP
                                          + s_d * 2*2*h*h + S_enc * 2*2*h*h + 4*s_d*S_enc*h   cross-attn
         LM head:                         s_d * 2*h*V
+        (arch: mega, either side: ``mega_layer_forward_flops`` per layer, cross-attention to S_enc in the decoder)
 
         flops_per_iteration = 3 * (encoder + decoder + LM head) * global_batch_size   # fwd + bwd = 3 x fwd
 
@@ -109,6 +153,8 @@ def encdec_flops_per_iteration(cfg, vocab_size: int, global_batch_size: int) -> 
 
 
 __all__ = [
+    "mega_layer_forward_flops",
+    "mega_dims",
     "gpt_forward_flops_per_token",
     "gpt_flops_per_token",
     "gpt_flops_per_iteration",

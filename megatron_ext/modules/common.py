@@ -16,7 +16,7 @@ Conventions used by every module in this package:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,6 @@ vectors), so their gradients are identical on every TP rank.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from megatron_ext.errors import ConfigError

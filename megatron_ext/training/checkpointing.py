@@ -116,8 +116,6 @@ class Checkpointer:
         self.save_top_k = save_top_k
 
     def save(self, engine, step: int, consumed_samples: int, rng_states: Dict[str, Any], meta_extra: Dict[str, Any]):
-        from megatron_ext.parallel.random import get_all_rng_states  # noqa: F401  (import check)
-
         tag = tag_for(step)
         tmp_tag = ".tmp-" + tag
         tmp_path = os.path.join(self.ckpt_dir, tmp_tag)

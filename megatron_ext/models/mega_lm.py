@@ -1,0 +1,281 @@
+"""Mega inside the toolkit: ``model.arch=mega`` for ``pretrain_gpt.py`` and ``arch: mega`` for either side of
+``pretrain_bart.py``.
+
+The layers are those of the Hugging Face-style API in ``megatron_ext.models.mega`` (``MegaModel`` built without
+its own embeddings); around them the toolkit puts the pieces every model here shares -- megatron-core's
+``VocabParallelEmbedding`` and output layer (tied by default), the padded-vocabulary masking and
+``vocab_parallel_cross_entropy`` (``LMHeadMixin``), per-component seeded init -- so training, checkpoints, the
+trainer's logging and the BART task work unchanged.
+
+The config comes from ``model.mega`` (``MegaArchConfig``: Hugging Face ``MegaConfig`` names) plus the usual keys:
+``hidden_size`` (D), ``num_layers``, ``hidden_dropout`` (Mega's ``dropout_prob``, ``hidden_dropout_prob`` and
+``nffn_activation_dropout_prob``), ``attention_dropout`` (``attention_probs_dropout_prob``), ``init_method_std``
+(``initializer_range``). The transformer-only keys (``num_attention_heads``, ``ffn_hidden_size``,
+``normalization``, ``activation``, ``position_embedding_type``, ``bias``, ...) do not apply: the run logs which of
+them are set to something other than their default. Mega's layers are plain ``nn.Linear``: tensor and pipeline
+parallelism are refused with a clear error; data parallelism and ZeRO 0-3 work.
+
+A pre-norm Mega stack (``normalize_before_mega``) ends with a final norm of ``normalization_type``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.models.gpt import LMHeadMixin
+
+log = logging.getLogger("megatron_ext")
+
+MEGA_NORMS = ("layernorm", "scalenorm", "rmsnorm", "batchnorm", "syncbatchnorm")
+MEGA_ATTENTION_ACTIVATIONS = ("softmax", "laplace", "relu2")
+MEGA_REL_POS = ("rotary", "simple")
+MEGA_EMA_IMPLS = ("fft", "scan")
+# transformer keys with no meaning for a Mega stack (warned about when set away from their defaults)
+_TRANSFORMER_ONLY = ("num_attention_heads", "ffn_hidden_size", "normalization", "activation", "bias",
+                     "position_embedding_type", "activations_checkpoint_granularity")
+
+
+def _get(cfg, key, default=None):
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _is_pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def validate_mega_arch(mega, prefix: str, seq_length: int, *, use_cuda: bool, tp: int, pp: int,
+                       sequence_parallel: bool = False) -> None:
+    """Check ``model.<prefix>`` (a ``MegaArchConfig``); ``ConfigError`` naming the first bad key."""
+    def fail(key, value, expected):
+        raise ConfigError(f"model.{prefix}.{key}={value!r}: {expected}")
+
+    if mega is None:
+        raise ConfigError(f"model.{prefix} is missing: expected the Mega settings (model.{prefix}.chunk_size, ...)")
+    if tp != 1:
+        raise ConfigError(f"model.tensor_model_parallel_size={tp}: the Mega architecture (model.{prefix}) does not "
+                          f"support tensor parallelism (its layers are not split over ranks); use 1 and scale with "
+                          f"data parallelism / ZeRO (trainer.devices, model.zero_stage)")
+    if pp != 1:
+        raise ConfigError(f"model.pipeline_model_parallel_size={pp}: the Mega architecture (model.{prefix}) does not "
+                          f"support pipeline parallelism; use 1 and scale with data parallelism / ZeRO")
+    if sequence_parallel:
+        raise ConfigError(f"model.sequence_parallel=true: not supported with the Mega architecture (model.{prefix})")
+    for key in ("ema_projection_size", "shared_representation_size"):
+        if not _is_pos_int(_get(mega, key)):
+            fail(key, _get(mega, key), "expected a positive integer")
+    for key in ("intermediate_size", "nffn_hidden_size", "truncation", "max_positions"):
+        v = _get(mega, key)
+        if v is not None and not _is_pos_int(v):
+            fail(key, v, "expected a positive integer or null")
+    chunk = _get(mega, "chunk_size")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or not (chunk == -1 or chunk > 0):
+        fail("chunk_size", chunk, "expected -1 (no chunking) or a positive integer")
+    choices = {"normalization_type": MEGA_NORMS, "attention_activation": MEGA_ATTENTION_ACTIVATIONS,
+               "relative_positional_bias": MEGA_REL_POS, "ema_impl": MEGA_EMA_IMPLS}
+    for key, allowed in choices.items():
+        v = _get(mega, key)
+        if str(v).lower() not in allowed:
+            fail(key, v, f"expected one of {', '.join(allowed)}")
+    if str(_get(mega, "normalization_type")).lower() == "syncbatchnorm" and not use_cuda:
+        fail("normalization_type", "syncbatchnorm", "needs CUDA (torch's SyncBatchNorm); use batchnorm on CPU")
+    if str(_get(mega, "relative_positional_bias")).lower() == "rotary" and _get(mega, "shared_representation_size") % 2:
+        fail("shared_representation_size", _get(mega, "shared_representation_size"),
+             "the rotary relative bias needs an even size")
+    if str(_get(mega, "relative_positional_bias")).lower() == "simple":
+        max_pos = _get(mega, "max_positions") or seq_length
+        window = min(chunk, seq_length) if chunk > 0 else seq_length
+        if window > max_pos:
+            fail("max_positions", max_pos, f"the simple relative bias covers at most max_positions tokens but the "
+                                           f"attention window is {window} (seq_length / chunk_size); raise it, "
+                                           f"chunk, or use relative_positional_bias=rotary")
+    for key in ("bidirectional", "normalize_before_mega", "norm_affine", "use_normalized_ffn",
+                "normalize_before_ffn", "use_feature_dropout"):
+        if not isinstance(_get(mega, key), bool):
+            fail(key, _get(mega, key), "expected true or false")
+
+
+def warn_transformer_only_keys(cfg, prefix: str, defaults) -> None:
+    """Log the transformer-only keys of ``cfg`` that differ from ``defaults`` (they have no effect under Mega)."""
+    changed = [k for k in _TRANSFORMER_ONLY if hasattr(defaults, k) and _get(cfg, k) != getattr(defaults, k)]
+    if changed:
+        log.warning("model.%sarch=mega: %s not used by Mega layers (see model.%smega.*)",
+                    prefix, ", ".join(f"model.{prefix}{k}" for k in changed), prefix)
+
+
+def mega_config_from(mega, *, hidden_size: int, num_layers: int, hidden_dropout: float, attention_dropout: float,
+                     init_method_std: float, seq_length: int, is_decoder: bool, add_cross_attention: bool = False):
+    """A ``megatron_ext.models.mega.MegaConfig`` (no embeddings: ``vocab_size`` is unused) from ``MegaArchConfig``."""
+    from megatron_ext.models.mega import MegaConfig
+
+    d = int(hidden_size)
+    chunk = int(_get(mega, "chunk_size"))
+    return MegaConfig(
+        vocab_size=1,
+        hidden_size=d,
+        num_hidden_layers=int(num_layers),
+        intermediate_size=int(_get(mega, "intermediate_size") or 2 * d),
+        ema_projection_size=int(_get(mega, "ema_projection_size")),
+        shared_representation_size=int(_get(mega, "shared_representation_size")),
+        dropout_prob=float(hidden_dropout),
+        hidden_dropout_prob=float(hidden_dropout),
+        attention_probs_dropout_prob=float(attention_dropout),
+        nffn_activation_dropout_prob=float(hidden_dropout),
+        max_positions=int(_get(mega, "max_positions") or seq_length),
+        initializer_range=float(init_method_std),
+        relative_positional_bias=str(_get(mega, "relative_positional_bias")).lower(),
+        activation=str(_get(mega, "activation")),
+        attention_activation=str(_get(mega, "attention_activation")).lower(),
+        bidirectional=bool(_get(mega, "bidirectional")) and not is_decoder,
+        truncation=_get(mega, "truncation"),
+        use_chunking=chunk > 0,
+        chunk_size=chunk,
+        normalization_type=str(_get(mega, "normalization_type")).lower(),
+        normalize_before_mega=bool(_get(mega, "normalize_before_mega")),
+        norm_affine=bool(_get(mega, "norm_affine")),
+        use_normalized_ffn=bool(_get(mega, "use_normalized_ffn")),
+        nffn_hidden_size=int(_get(mega, "nffn_hidden_size") or 2 * d),
+        normalize_before_ffn=bool(_get(mega, "normalize_before_ffn")),
+        use_feature_dropout=bool(_get(mega, "use_feature_dropout")),
+        add_token_type_embeddings=False,
+        is_decoder=bool(is_decoder),
+        add_cross_attention=bool(add_cross_attention),
+        use_cache=False,
+        ema_impl=str(_get(mega, "ema_impl")).lower(),
+    )
+
+
+class MegaStack(nn.Module):
+    """Mega layers over given embeddings ``[b, s, D]`` (``MegaModel`` without embeddings) plus the final norm of a
+    pre-norm stack. Encoder (bidirectional EMA unless ``bidirectional: false``) or causal decoder, optionally with
+    gated cross-attention to a memory."""
+
+    def __init__(self, mega_config):
+        super().__init__()
+        from megatron_ext.models.mega import MegaModel
+        from megatron_ext.modules.mega import build_mega_norm
+
+        self.config = mega_config
+        self.mega = MegaModel(mega_config, add_embeddings=False)
+        self.final_norm = (build_mega_norm(mega_config.normalization_type, mega_config.hidden_size,
+                                           affine=mega_config.norm_affine)
+                           if mega_config.normalize_before_mega else None)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                encoder_hidden_states: Optional[torch.Tensor] = None,
+                encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``hidden_states`` ``[b, s, D]``; masks ``[b, s]`` / ``[b, S]`` with 1/True = real token."""
+        out = self.mega(inputs_embeds=hidden_states, attention_mask=attention_mask,
+                        encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                        return_dict=True).last_hidden_state
+        return self.final_norm(out) if self.final_norm is not None else out
+
+
+def build_mega_stack(stack_cfg, prefix: str, *, seq_length: int, is_decoder: bool, add_cross_attention: bool = False,
+                     use_cuda: bool, tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> MegaStack:
+    """Validate ``model.<prefix>mega`` and build the stack (``prefix`` "" for GPT, "encoder." / "decoder.")."""
+    validate_mega_arch(stack_cfg.mega, prefix + "mega", seq_length, use_cuda=use_cuda, tp=tp, pp=pp,
+                       sequence_parallel=sequence_parallel)
+    cfg = mega_config_from(stack_cfg.mega, hidden_size=stack_cfg.hidden_size, num_layers=stack_cfg.num_layers,
+                           hidden_dropout=stack_cfg.hidden_dropout, attention_dropout=stack_cfg.attention_dropout,
+                           init_method_std=stack_cfg.init_method_std, seq_length=seq_length, is_decoder=is_decoder,
+                           add_cross_attention=add_cross_attention)
+    return MegaStack(cfg)
+
+
+class MegaGPTModel(LMHeadMixin, nn.Module):
+    """Causal Mega language model with ``GPTModel``'s interface (``model.arch=mega`` in ``pretrain_gpt.py``).
+
+    ``forward(tokens [b, s], position_ids=None, labels=None, attention_mask=None)``: per-token CE ``[b, s]`` with
+    ``labels``, else vocab-parallel logits ``[b, s, padded_vocab]``. Positions come from Mega's relative bias, so
+    ``position_ids`` is ignored; ``attention_mask`` (document-reset masks) is not supported (an error).
+    """
+
+    def __init__(self, cfg, vocab_size: int, *, init_seed: Optional[int] = None, use_cuda: Optional[bool] = None,
+                 params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from megatron_ext.config.schema import ModelConfig
+        from megatron_ext.models.gpt import (
+            build_output_layer,
+            component_ids,
+            init_seed_scope,
+            padded_vocab_size,
+        )
+        from megatron_ext.modules.common import ensure_model_parallel, init_method_normal, make_parallel_config
+
+        if use_cuda is None:
+            use_cuda = torch.cuda.is_available()
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+            raise ConfigError(f"vocab_size={vocab_size!r} (from the tokenizer, model.tokenizer): expected a positive "
+                              f"integer")
+        for key in ("num_layers", "hidden_size", "seq_length", "make_vocab_size_divisible_by"):
+            if not _is_pos_int(_get(cfg, key)):
+                raise ConfigError(f"model.{key}={_get(cfg, key)!r}: expected a positive integer")
+        validate_mega_arch(cfg.mega, "mega", int(cfg.seq_length), use_cuda=use_cuda,
+                           tp=int(cfg.tensor_model_parallel_size), pp=int(cfg.pipeline_model_parallel_size),
+                           sequence_parallel=bool(cfg.sequence_parallel))
+        warn_transformer_only_keys(cfg, "", ModelConfig())
+        if init_seed is None:
+            init_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        self.init_seed = int(init_seed)
+        comp = component_ids(int(cfg.num_layers))
+        ensure_model_parallel(1)
+        self.config = cfg
+        self.vocab_size = int(vocab_size)
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, 1)
+        self.hidden_size = int(cfg.hidden_size)
+        self.share_embeddings_and_output_weights = bool(cfg.share_embeddings_and_output_weights)
+        parallel_config = make_parallel_config(1, params_dtype=params_dtype, sequence_parallel=False)
+        init_method = init_method_normal(cfg.init_method_std)
+        with init_seed_scope(self.init_seed, comp["embedding"]):
+            self.embedding = _MegaEmbedding(self.padded_vocab_size, self.hidden_size, parallel_config, init_method,
+                                            float(cfg.hidden_dropout))
+        with init_seed_scope(self.init_seed, 1):
+            self.decoder = build_mega_stack(cfg, "", seq_length=int(cfg.seq_length), is_decoder=True,
+                                            use_cuda=use_cuda, tp=int(cfg.tensor_model_parallel_size),
+                                            pp=int(cfg.pipeline_model_parallel_size),
+                                            sequence_parallel=bool(cfg.sequence_parallel))
+        with init_seed_scope(self.init_seed, comp["output_layer"]):
+            self.output_layer = build_output_layer(cfg, self.padded_vocab_size, parallel_config, init_method,
+                                                   tied=self.share_embeddings_and_output_weights)
+        self._pad_masks: dict = {}
+
+    def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if attention_mask is not None:
+            raise DataError("model.arch=mega does not take an explicit attention_mask (document-reset masks, "
+                            "model.data.reset_attention_mask): Mega's EMA runs across the whole sequence")
+        if tokens.dim() != 2:
+            raise DataError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        hidden = self.decoder(self.embedding(tokens))
+        logits = self.compute_logits(hidden)
+        if labels is None:
+            return logits
+        return self.loss_from_logits(logits, labels)
+
+
+class _MegaEmbedding(nn.Module):
+    """Token embeddings only (megatron-core ``VocabParallelEmbedding`` at TP=1) + dropout: Mega's positions come
+    from its relative bias and the EMA."""
+
+    def __init__(self, padded_vocab: int, hidden_size: int, parallel_config, init_method, dropout: float):
+        super().__init__()
+        from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+        from megatron_ext.modules.common import tp_group
+
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, hidden_size, init_method=init_method,
+                                                      config=parallel_config, tp_group=tp_group())
+        self.dropout = float(dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        return nn.functional.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+
+
+__all__ = ["MegaGPTModel", "MegaStack", "build_mega_stack", "mega_config_from", "validate_mega_arch"]
