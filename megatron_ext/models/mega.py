@@ -1,7 +1,7 @@
 """Mega language models with a Hugging Face-style API (no dependency on ``transformers``).
 
 * :class:`MegaConfig` -- Hugging Face's ``MegaConfig`` fields, meanings and defaults, plus
-  ``ema_impl`` (``"fft"`` or ``"scan"``, passed to :class:`MultiHeadEMA`).
+  ``ema_impl`` (one of ``megatron_ext.modules.mega_ema.EMA_IMPLS``, passed to :class:`MultiHeadEMA`).
 * :class:`MegaModel` -- embeddings (word + optional token-type; no absolute positions: Mega's
   position information comes from the EMA and the relative bias) and a stack of
   :class:`~megatron_ext.modules.mega.MegaLayer`.
@@ -57,8 +57,7 @@ from megatron_ext.modules.mega import (
     MEGA_RELATIVE_POSITIONAL_BIASES,
     MegaLayer,
 )
-
-EMA_IMPLS = ("fft", "scan")
+from megatron_ext.modules.mega_ema import EMA_IMPLS
 
 
 # ----------------------------------------------------------------------------------------------
