@@ -60,7 +60,7 @@ def test_config_defaults_and_roundtrip():
     assert c.bidirectional and not c.use_chunking and c.chunk_size == -1 and c.max_positions == 2048
     assert c.add_token_type_embeddings is False and c.add_lm_hidden_dense_layer and c.use_cache
     assert (c.pad_token_id, c.bos_token_id, c.eos_token_id) == (1, 0, 2)
-    assert c.ema_impl == "fft" and c.num_attention_heads == 1
+    assert c.ema_impl == "auto" and c.num_attention_heads == 1
     d = make_config(use_chunking=True, chunk_size=8).to_dict()
     assert MegaConfig.from_dict(d) == make_config(use_chunking=True, chunk_size=8)
     assert "num_attention_heads" not in d

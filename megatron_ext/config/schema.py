@@ -115,7 +115,7 @@ class MegaArchConfig:
     nffn_hidden_size: Optional[int] = None  # default 2 * hidden_size
     normalize_before_ffn: bool = True
     use_feature_dropout: bool = False
-    ema_impl: str = "fft"  # fft | scan
+    ema_impl: str = "auto"  # auto (fused C++/CUDA kernel when it builds, else fft with a warning) | fused | fft | scan
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Mega language models with a Hugging Face-style API (no dependency on ``transformers``).
 
 * :class:`MegaConfig` -- Hugging Face's ``MegaConfig`` fields, meanings and defaults, plus
-  ``ema_impl`` (one of ``megatron_ext.modules.mega_ema.EMA_IMPLS``, passed to :class:`MultiHeadEMA`).
+  ``ema_impl`` (``auto`` (default: the fused C++/CUDA kernel when it builds, else FFT), ``fused``, ``fft`` or
+  ``scan``; passed to :class:`MultiHeadEMA`).
 * :class:`MegaModel` -- embeddings (word + optional token-type; no absolute positions: Mega's
   position information comes from the EMA and the relative bias) and a stack of
   :class:`~megatron_ext.modules.mega.MegaLayer`.
@@ -57,7 +58,7 @@ from megatron_ext.modules.mega import (
     MEGA_RELATIVE_POSITIONAL_BIASES,
     MegaLayer,
 )
-from megatron_ext.modules.mega_ema import EMA_IMPLS
+from megatron_ext.modules.mega_ema import EMA_IMPL_CHOICES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ class MegaConfig:
         add_lm_hidden_dense_layer: bool = True,
         is_decoder: bool = False,
         add_cross_attention: bool = False,
-        ema_impl: str = "fft",
+        ema_impl: str = "auto",
         **unknown: Any,
     ):
         if unknown:
@@ -146,7 +147,7 @@ class MegaConfig:
                                ("relative_positional_bias", MEGA_RELATIVE_POSITIONAL_BIASES),
                                ("normalization_type", MEGA_NORMALIZATIONS),
                                ("activation", MEGA_ACTIVATIONS),
-                               ("ema_impl", EMA_IMPLS)):
+                               ("ema_impl", EMA_IMPL_CHOICES)):
             if getattr(self, field) not in allowed:
                 err(field, f"expected one of {', '.join(allowed)}")
         for field in ("dropout_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",

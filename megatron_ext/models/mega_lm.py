@@ -27,7 +27,7 @@ from torch import nn
 
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.models.gpt import LMHeadMixin
-from megatron_ext.modules.mega_ema import EMA_IMPLS
+from megatron_ext.modules.mega_ema import EMA_IMPL_CHOICES
 
 log = logging.getLogger("megatron_ext")
 
@@ -77,7 +77,7 @@ def validate_mega_arch(mega, prefix: str, seq_length: int, *, use_cuda: bool, tp
     if not isinstance(chunk, int) or isinstance(chunk, bool) or not (chunk == -1 or chunk > 0):
         fail("chunk_size", chunk, "expected -1 (no chunking) or a positive integer")
     choices = {"normalization_type": MEGA_NORMS, "attention_activation": MEGA_ATTENTION_ACTIVATIONS,
-               "relative_positional_bias": MEGA_REL_POS, "ema_impl": EMA_IMPLS}
+               "relative_positional_bias": MEGA_REL_POS, "ema_impl": EMA_IMPL_CHOICES}
     for key, allowed in choices.items():
         v = _get(mega, key)
         if str(v).lower() not in allowed:

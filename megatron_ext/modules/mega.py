@@ -386,7 +386,7 @@ class MovingAverageGatedAttention(nn.Module):
                  relative_positional_bias: str = "rotary", max_positions: int = 2048,
                  normalization_type: str = "scalenorm", normalize_before: bool = True, norm_affine: bool = True,
                  dropout: float = 0.0, hidden_dropout: float = 0.0, attention_dropout: float = 0.0,
-                 feature_dropout: bool = False, ema_impl: str = "fft", initializer_range: float = 0.02,
+                 feature_dropout: bool = False, ema_impl: str = "auto", initializer_range: float = 0.02,
                  ema_delta_alpha_range: float = 0.2, ema_beta_range: float = 0.02,
                  ema_gamma_omega_range: float = 1.0):
         super().__init__()

@@ -62,6 +62,14 @@ Implementations (``impl``, changeable after construction)
             ``[B, kernel_dim, N]`` lanes.  Work O(B*D*N*L) but L sequential steps: slow, the
             reference path (truncation is applied as a sliding-window recurrence that
             subtracts ``q**T * p * beta * x_{t-T}``).
+``"fused"`` the C++ / CUDA kernel of :mod:`megatron_ext.kernels` (csrc/, JIT-built and cached):
+            the recurrence vectorized over channels and lanes (CPU) or a chunked scan (CUDA),
+            fp32 accumulation, backward by an adjoint scan; ``omega * x`` and silu stay in
+            PyTorch.  No truncation.  Raises (KernelUnavailableError / ValueError) when it cannot
+            run, saying why.  Decoding steps without autograd use the single-step kernel.
+``"auto"``  ``"fused"`` when the kernel is built (or buildable) for the input's device and the
+            module has no truncation, else ``"fft"`` with one warning per process and reason
+            (:class:`EMAKernelFallbackWarning`) saying why.
 
 All EMA arithmetic runs in fp32 (fp64 for fp64 inputs) with autocast disabled; the output is
 cast back to the input dtype.  The coefficients and kernel are recomputed on every call (no
@@ -70,13 +78,36 @@ eval-mode cache).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The pure-PyTorch implementations (tests compare them); every accepted ``impl`` is in EMA_IMPL_CHOICES.
 EMA_IMPLS = ("fft", "scan")
+EMA_IMPL_CHOICES = EMA_IMPLS + ("fused", "auto")
+
+
+class EMAKernelFallbackWarning(UserWarning):
+    """impl="auto" fell back from the fused kernel to the FFT path (issued once per process and reason)."""
+
+
+_FALLBACK_WARNED: set = set()
+
+
+def _warn_fallback(device_type: str, reason: str) -> None:
+    key = (device_type, reason)
+    if key in _FALLBACK_WARNED:
+        return
+    _FALLBACK_WARNED.add(key)
+    warnings.warn(
+        f"MultiHeadEMA: impl='auto' uses the PyTorch FFT path instead of the fused EMA kernel on "
+        f"{device_type}: {reason}",
+        EMAKernelFallbackWarning,
+        stacklevel=3,  # MultiHeadEMA.forward
+    )
 
 
 class MultiHeadEMA(nn.Module):
@@ -87,7 +118,8 @@ class MultiHeadEMA(nn.Module):
         ndim: number of EMA lanes N per channel.
         bidirectional: forward + backward EMA (parameters for 2D channels); no incremental state.
         truncation: cap the kernel length at ``min(truncation, L)``; None = no cap.
-        impl: ``"fft"`` (default) or ``"scan"`` (sequential reference); see the module docstring.
+        impl: ``"fft"`` (default), ``"scan"`` (sequential reference), ``"fused"`` (C++/CUDA kernel) or
+            ``"auto"`` (fused when available, else fft); see the module docstring.
     """
 
     def __init__(
@@ -128,8 +160,8 @@ class MultiHeadEMA(nn.Module):
 
     @impl.setter
     def impl(self, value: str) -> None:
-        if value not in EMA_IMPLS:
-            raise ValueError(f"MultiHeadEMA: impl must be one of {', '.join(EMA_IMPLS)}, got {value!r}")
+        if value not in EMA_IMPL_CHOICES:
+            raise ValueError(f"MultiHeadEMA: impl must be one of {', '.join(EMA_IMPL_CHOICES)}, got {value!r}")
         self._impl = value
 
     def reset_parameters(
@@ -264,11 +296,53 @@ class MultiHeadEMA(nn.Module):
     # -------------------------------------------------------------- dispatch
     def _ema(self, x: Tensor, h0: Optional[Tensor], return_state: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """EMA of ``x`` ``[B, D, L]`` (masked, compute dtype) -> (``y`` ``[B, D, L]``, state or None)."""
-        if self.impl == "fft":
+        impl = self.impl
+        if impl == "auto":
+            reason = self._fused_unavailable_reason(x)
+            if reason is None:
+                return self._ema_fused(x, h0, return_state)
+            _warn_fallback(x.device.type, reason)
             return self._ema_fft(x, h0, return_state)
-        if self.impl == "scan":
+        if impl == "fft":
+            return self._ema_fft(x, h0, return_state)
+        if impl == "scan":
             return self._ema_scan(x, h0, return_state)
-        raise ValueError(f"MultiHeadEMA: impl must be one of {', '.join(EMA_IMPLS)}, got {self.impl!r}")
+        if impl == "fused":
+            if self.truncation is not None:
+                raise ValueError(
+                    f"MultiHeadEMA: impl='fused' does not support truncation (truncation={self.truncation}); "
+                    "use impl='fft', 'scan' or 'auto'"
+                )
+            return self._ema_fused(x, h0, return_state)
+        raise ValueError(f"MultiHeadEMA: impl must be one of {', '.join(EMA_IMPL_CHOICES)}, got {self.impl!r}")
+
+    def _fused_unavailable_reason(self, x: Tensor) -> Optional[str]:
+        """None when the fused kernel can compute this EMA on x's device, else why not."""
+        if self.truncation is not None:
+            return f"truncation={self.truncation} is not supported by the fused kernel"
+        from megatron_ext import kernels
+
+        return kernels.unavailable_reason(x.device)
+
+    def _fused_coefficients(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+        """Effective kernel coefficients ``(p * beta, q, gamma * scale)``, each ``[kernel_dim, N]``."""
+        p, q = self.coefficients(dtype)
+        pb = (p * self.beta.to(dtype)).squeeze(-1)
+        return pb, q.squeeze(-1), self.gamma.to(dtype) * self.scale
+
+    def _ema_fused(self, x: Tensor, h0: Optional[Tensor], return_state: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        from megatron_ext import kernels
+
+        pb, q, g = self._fused_coefficients(x.dtype)
+        if x.shape[-1] == 1 and not self.bidirectional:
+            # Decoding step: the single-step kernel (ema_step falls back to the differentiable scan
+            # when autograd needs it).
+            y, h_new = kernels.ema_step(x[..., 0], pb, q, g, h0=h0)
+            return y.unsqueeze(-1), (h_new if return_state else None)
+        if return_state:
+            y, h_new = kernels.ema_scan(x, pb, q, g, h0=h0, bidirectional=self.bidirectional, return_state=True)
+            return y, h_new
+        return kernels.ema_scan(x, pb, q, g, h0=h0, bidirectional=self.bidirectional), None
 
     def _ema_fft(self, x: Tensor, h0: Optional[Tensor], return_state: bool) -> Tuple[Tensor, Optional[Tensor]]:
         seq_len = x.shape[-1]
@@ -329,4 +403,4 @@ class MultiHeadEMA(nn.Module):
         return y, (h if return_state else None)
 
 
-__all__ = ["MultiHeadEMA", "EMA_IMPLS"]
+__all__ = ["MultiHeadEMA", "EMA_IMPLS", "EMA_IMPL_CHOICES", "EMAKernelFallbackWarning"]
