@@ -15,6 +15,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_cmd(world: int, script_and_args) -> list:
+    """``python SCRIPT ARGS`` for one process; torchrun with ``world`` local processes (free port) otherwise."""
+    if world == 1:
+        return [sys.executable] + list(script_and_args)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port())] + list(script_and_args)
+
+
 @pytest.fixture(scope="session")
 def cache_home(tmp_path_factory):
     """One XDG cache for the whole session (the built-in corpus is built once), never the user's ~/.cache."""

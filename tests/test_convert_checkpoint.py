@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, launch_cmd
 
 SMALL = ["+experiment=cpu_smoke", "model.num_layers=4", "model.micro_batch_size=2", "model.global_batch_size=4",
          "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.limit_val_batches=2",
@@ -27,11 +27,7 @@ def env(tmp_path_factory):
 
 def _pretrain(env, exp, version, world, extra, check=True):
     args = SMALL + [f"exp_manager.exp_dir={exp}", f"exp_manager.version={version}", f"trainer.devices={world}"] + extra
-    if world == 1:
-        cmd = [sys.executable, "pretrain_gpt.py"] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "pretrain_gpt.py"] + args
+    cmd = launch_cmd(world, ["pretrain_gpt.py"] + args)
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]

@@ -19,11 +19,11 @@ from megatron_ext import kernels
 from megatron_ext.kernels import _build
 from megatron_ext.modules import mega_ema
 from megatron_ext.modules.mega_ema import EMAKernelFallbackWarning, MultiHeadEMA
+from test_mega_ema import PARAMS, TOL, random_mask, split_points  # shared helpers of the EMA tests
+from test_mega_ema import make as _make
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(REPO, "csrc")
-PARAMS = ("delta", "alpha", "beta", "gamma", "omega")
-TOL = dict(atol=1e-5, rtol=1e-5)
 CUDA = torch.cuda.is_available()
 
 
@@ -36,17 +36,8 @@ def cpu_kernel():
     return kernels.cpu_isa()
 
 
-def make(embed_dim=8, ndim=16, bidirectional=False, truncation=None, impl="fused", seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    m = MultiHeadEMA(embed_dim, ndim, bidirectional=bidirectional, truncation=truncation, impl=impl)
-    return m.to(dtype)
-
-
-def random_mask(bsz, seq_len, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(bsz, seq_len, generator=g) > 0.3
-    mask[:, 0] = True
-    return mask
+def make(*args, impl="fused", **kw):
+    return _make(*args, impl=impl, **kw)
 
 
 def run_with_grads(m, impl, x0, w, mask=None, h00=None, wh=None):
@@ -240,13 +231,6 @@ def test_gradcheck_module_fused_float64(cpu_kernel, bidirectional, with_state):
 # --------------------------------------------------------------------------- incremental
 
 
-def split_points(seq_len, sizes):
-    out, start, i = [], 0, 0
-    while start < seq_len:
-        end = min(seq_len, start + sizes[i % len(sizes)])
-        out.append((start, end))
-        start, i = end, i + 1
-    return out
 
 
 @pytest.mark.parametrize("sizes", [[1], [3], [2, 7, 1, 4]])

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -385,7 +384,7 @@ def test_encdec_flops_formula():
 
 @pytest.mark.skipif(importlib.util.find_spec("torch.distributed.run") is None, reason="torchrun not available")
 def test_tp2_matches_tp1(tmp_path):
-    from conftest import free_port
+    from conftest import launch_cmd
 
     out = tmp_path / "encdec_tp.json"
     env = dict(os.environ)
@@ -393,8 +392,7 @@ def test_tp2_matches_tp1(tmp_path):
         env.pop(k, None)
     env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), WORKER, str(out)]
+    cmd = launch_cmd(2, [WORKER, str(out)])
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())

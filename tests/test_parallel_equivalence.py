@@ -7,11 +7,10 @@ gradient norm within 1e-4 (pipeline stages must count every stage's parameters).
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, launch_cmd
 
 STEPS = 10
 BASE = [
@@ -36,11 +35,7 @@ def _run(tmp_path, env, name, world, overrides):
     exp = tmp_path / name
     args = BASE + list(overrides) + [f"exp_manager.exp_dir={exp}", f"trainer.devices={world}",
                                      "exp_manager.version=v"]
-    if world == 1:
-        cmd = [sys.executable, "pretrain_gpt.py"] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "pretrain_gpt.py"] + args
+    cmd = launch_cmd(world, ["pretrain_gpt.py"] + args)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     rows = [json.loads(l) for l in (exp / "gpt_smoke" / "v" / "metrics.jsonl").read_text().splitlines()]

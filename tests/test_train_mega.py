@@ -3,12 +3,11 @@ pretrain_bart.py -- training end to end, data parallelism + ZeRO equal to one pr
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, run_script
+from conftest import REPO, launch_cmd, run_script
 
 GPT_MEGA = [
     "--config-path=configs/mega", "--config-name=gpt_mega",
@@ -98,11 +97,7 @@ def _steps(tmp_path, env, name, world, overrides):
     args = [*GPT_MEGA, "model.global_batch_size=8", "trainer.max_steps=6", "trainer.val_check_interval=0",
             "exp_manager.create_checkpoint_callback=false", "exp_manager.create_tensorboard_logger=false",
             f"exp_manager.exp_dir={exp}", "exp_manager.version=v", f"trainer.devices={world}", *overrides]
-    if world == 1:
-        cmd = [sys.executable, "pretrain_gpt.py"] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "pretrain_gpt.py"] + args
+    cmd = launch_cmd(world, ["pretrain_gpt.py"] + args)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return {m["step"]: m for m in _metrics(exp / "megatron_gpt_mega" / "v") if "train/loss" in m}
