@@ -15,6 +15,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def multiprocess_env(**extra) -> dict:
+    """The environment for multi-process (torchrun / gloo) test runs: no inherited rank variables, one OpenMP
+    thread per rank (2 cores), no GPU, unbuffered output, the repo importable; ``extra`` added on top."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
 def launch_cmd(world: int, script_and_args) -> list:
     """``python SCRIPT ARGS`` for one process; torchrun with ``world`` local processes (free port) otherwise."""
     if world == 1:

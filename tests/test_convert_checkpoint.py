@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, launch_cmd
+from conftest import REPO, launch_cmd, multiprocess_env
 
 SMALL = ["+experiment=cpu_smoke", "model.num_layers=4", "model.micro_batch_size=2", "model.global_batch_size=4",
          "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.limit_val_batches=2",
@@ -17,12 +17,7 @@ SMALL = ["+experiment=cpu_smoke", "model.num_layers=4", "model.micro_batch_size=
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
-             XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg_conv")))
-    return e
+    return multiprocess_env(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg_conv")))
 
 
 def _pretrain(env, exp, version, world, extra, check=True):

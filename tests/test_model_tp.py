@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, launch_cmd
+from conftest import REPO, launch_cmd, multiprocess_env
 
 WORKER = os.path.join(REPO, "tests", "workers", "model_tp_worker.py")
 
@@ -14,11 +14,7 @@ WORKER = os.path.join(REPO, "tests", "workers", "model_tp_worker.py")
 @pytest.mark.skipif(importlib.util.find_spec("torch.distributed.run") is None, reason="torchrun not available")
 def test_tp2_matches_tp1(tmp_path):
     out = tmp_path / "tp_results.json"
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    env = multiprocess_env()
     cmd = launch_cmd(2, [WORKER, str(out)])
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -5,12 +5,11 @@ layout: step-1 loss within 1e-4 (relative) of the single process, step-10 loss w
 gradient norm within 1e-4 (pipeline stages must count every stage's parameters).
 """
 import json
-import os
 import subprocess
 
 import pytest
 
-from conftest import REPO, launch_cmd
+from conftest import REPO, launch_cmd, multiprocess_env
 
 STEPS = 10
 BASE = [
@@ -44,12 +43,7 @@ def _run(tmp_path, env, name, world, overrides):
 
 @pytest.fixture(scope="module")
 def mp_env(tmp_path_factory):
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="",
-               XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg_par")))
-    return env
+    return multiprocess_env(XDG_CACHE_HOME=str(tmp_path_factory.mktemp("xdg_par")))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, launch_cmd, run_script
+from conftest import REPO, launch_cmd, multiprocess_env, run_script
 
 GPT_MEGA = [
     "--config-path=configs/mega", "--config-name=gpt_mega",
@@ -84,14 +84,6 @@ def test_gpt_mega_unknown_key_named(run_env, tmp_path):
     assert r.returncode != 0 and "model.mega.chunksize" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
-def _mp_env():
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    return env
-
-
 def _steps(tmp_path, env, name, world, overrides):
     exp = tmp_path / name
     args = [*GPT_MEGA, "model.global_batch_size=8", "trainer.max_steps=6", "trainer.val_check_interval=0",
@@ -104,8 +96,7 @@ def _steps(tmp_path, env, name, world, overrides):
 
 
 def test_gpt_mega_data_parallel_zero_matches_one_process(tmp_path, cache_home):
-    env = _mp_env()
-    env["XDG_CACHE_HOME"] = cache_home
+    env = multiprocess_env(XDG_CACHE_HOME=cache_home)
     ref = _steps(tmp_path, env, "one", 1, [])
     for name, over in (("dp2_z1", ["model.zero_stage=1"]), ("dp2_z3", ["model.zero_stage=3"])):
         got = _steps(tmp_path, env, name, 2, over)

@@ -58,6 +58,7 @@ from megatron_ext.models.gpt import (
     LMHeadMixin,
     POSITION_EMBEDDING_TYPES,
     build_output_layer,
+    check_sequence_parallel,
     init_seed_scope,
     padded_vocab_size,
     resolve_ffn_hidden_size,
@@ -238,17 +239,7 @@ def validate_encoder_decoder_config(cfg, vocab_size: int, *, use_cuda: Optional[
             f"{cfg.decoder.hidden_size!r} must be equal: the token embeddings are shared by the encoder, "
             f"the decoder and the output layer"
         )
-    if cfg.sequence_parallel:
-        if not use_cuda:
-            raise ConfigError(
-                "model.sequence_parallel=true needs CUDA (megatron-core's sequence-parallel collectives "
-                "allocate CUDA buffers); set model.sequence_parallel=false on CPU"
-            )
-        if tp > 1:
-            raise ConfigError(
-                "model.sequence_parallel=true with model.tensor_model_parallel_size>1 is not supported by "
-                "megatron_ext's EncoderDecoderModel yet; set model.sequence_parallel=false"
-            )
+    check_sequence_parallel(cfg.sequence_parallel, tp, use_cuda, "EncoderDecoderModel")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,9 +383,7 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
             from megatron_ext.models.mega_lm import build_mega_stack
 
             with enc_layer_scope(0):
-                self.encoder = build_mega_stack(enc, "encoder.", seq_length=int(cfg.seq_length), is_decoder=False,
-                                                use_cuda=bool(use_cuda) if use_cuda is not None
-                                                else torch.cuda.is_available(), tp=tp)
+                self.encoder = build_mega_stack(enc, seq_length=int(cfg.seq_length), is_decoder=False)
         elif self.encoder_arch == "perceiver":
             self.encoder = PerceiverEncoder(
                 enc.num_layers,
@@ -420,10 +409,8 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
             from megatron_ext.models.mega_lm import build_mega_stack
 
             with scope(comp["decoder_layer"](0)):
-                self.decoder = build_mega_stack(dec, "decoder.", seq_length=resolve_seq_length_dec(cfg),
-                                                is_decoder=True, add_cross_attention=True,
-                                                use_cuda=bool(use_cuda) if use_cuda is not None
-                                                else torch.cuda.is_available(), tp=tp)
+                self.decoder = build_mega_stack(dec, seq_length=resolve_seq_length_dec(cfg), is_decoder=True,
+                                                add_cross_attention=True)
         else:
             self.decoder = CrossAttentionTransformerBlock(
                 dec.num_layers,

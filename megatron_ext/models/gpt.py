@@ -156,17 +156,23 @@ def validate_model_config(cfg: ModelConfig, vocab_size: int, *, use_cuda: Option
     gran = cfg.activations_checkpoint_granularity
     if gran is not None and str(gran).lower() not in ("full", "none", "null"):
         _fail("activations_checkpoint_granularity", gran, "expected null or 'full'")
-    if cfg.sequence_parallel:
-        if not use_cuda:
-            raise ConfigError(
-                "model.sequence_parallel=true needs CUDA (megatron-core's sequence-parallel collectives "
-                "allocate CUDA buffers); set model.sequence_parallel=false on CPU"
-            )
-        if tp > 1:
-            raise ConfigError(
-                "model.sequence_parallel=true with model.tensor_model_parallel_size>1 is not supported by "
-                "megatron_ext's GPTModel yet; set model.sequence_parallel=false"
-            )
+    check_sequence_parallel(cfg.sequence_parallel, tp, use_cuda, "GPTModel")
+
+
+def check_sequence_parallel(sequence_parallel: bool, tp: int, use_cuda: bool, model_name: str) -> None:
+    """``model.sequence_parallel=true`` needs CUDA and is not implemented with TP > 1: ConfigError saying so."""
+    if not sequence_parallel:
+        return
+    if not use_cuda:
+        raise ConfigError(
+            "model.sequence_parallel=true needs CUDA (megatron-core's sequence-parallel collectives "
+            "allocate CUDA buffers); set model.sequence_parallel=false on CPU"
+        )
+    if tp > 1:
+        raise ConfigError(
+            "model.sequence_parallel=true with model.tensor_model_parallel_size>1 is not supported by "
+            f"megatron_ext's {model_name} yet; set model.sequence_parallel=false"
+        )
 
 
 class GPTEmbedding(nn.Module):

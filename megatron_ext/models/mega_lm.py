@@ -176,11 +176,8 @@ class MegaStack(nn.Module):
         return self.final_norm(out) if self.final_norm is not None else out
 
 
-def build_mega_stack(stack_cfg, prefix: str, *, seq_length: int, is_decoder: bool, add_cross_attention: bool = False,
-                     use_cuda: bool, tp: int = 1, pp: int = 1, sequence_parallel: bool = False) -> MegaStack:
-    """Validate ``model.<prefix>mega`` and build the stack (``prefix`` "" for GPT, "encoder." / "decoder.")."""
-    validate_mega_arch(stack_cfg.mega, prefix + "mega", seq_length, use_cuda=use_cuda, tp=tp, pp=pp,
-                       sequence_parallel=sequence_parallel)
+def build_mega_stack(stack_cfg, *, seq_length: int, is_decoder: bool, add_cross_attention: bool = False) -> MegaStack:
+    """The stack of ``model.mega`` / ``model.<side>.mega`` (already checked by ``validate_mega_arch``)."""
     cfg = mega_config_from(stack_cfg.mega, hidden_size=stack_cfg.hidden_size, num_layers=stack_cfg.num_layers,
                            hidden_dropout=stack_cfg.hidden_dropout, attention_dropout=stack_cfg.attention_dropout,
                            init_method_std=stack_cfg.init_method_std, seq_length=seq_length, is_decoder=is_decoder,
@@ -236,10 +233,7 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
             self.embedding = _MegaEmbedding(self.padded_vocab_size, self.hidden_size, parallel_config, init_method,
                                             float(cfg.hidden_dropout))
         with init_seed_scope(self.init_seed, 1):
-            self.decoder = build_mega_stack(cfg, "", seq_length=int(cfg.seq_length), is_decoder=True,
-                                            use_cuda=use_cuda, tp=int(cfg.tensor_model_parallel_size),
-                                            pp=int(cfg.pipeline_model_parallel_size),
-                                            sequence_parallel=bool(cfg.sequence_parallel))
+            self.decoder = build_mega_stack(cfg, seq_length=int(cfg.seq_length), is_decoder=True)
         with init_seed_scope(self.init_seed, comp["output_layer"]):
             self.output_layer = build_output_layer(cfg, self.padded_vocab_size, parallel_config, init_method,
                                                    tied=self.share_embeddings_and_output_weights)

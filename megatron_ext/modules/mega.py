@@ -106,36 +106,17 @@ class MegaDropout(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # normalizations
 # ----------------------------------------------------------------------------------------------
-class ScaleNorm(nn.Module):
-    """y = g * x / sqrt(mean(x^2 over the last dim) + eps), with one learned scalar g (init 1)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
-        super().__init__()
-        self.dim = int(dim)
-        self.eps = float(eps)
-        self.affine = bool(affine)
-        self.scalar = nn.Parameter(torch.ones(1)) if affine else None
-
-    def reset_parameters(self) -> None:
-        if self.scalar is not None:
-            nn.init.ones_(self.scalar)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return y * self.scalar if self.scalar is not None else y
-
-
 class MegaRMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2 over the last dim) + eps), w a learned vector (init 1).
 
     Unlike Hugging Face's ``MegaRMSNorm`` (which drops the normalized tensor and only multiplies by
     the weight), this one really normalizes."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True, gain_size: Optional[int] = None):
         super().__init__()
         self.dim = int(dim)
         self.eps = float(eps)
-        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        self.weight = nn.Parameter(torch.ones(self.dim if gain_size is None else gain_size)) if affine else None
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
@@ -144,6 +125,14 @@ class MegaRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return y * self.weight if self.weight is not None else y
+
+
+class ScaleNorm(MegaRMSNorm):
+    """y = g * x / sqrt(mean(x^2 over the last dim) + eps), with one learned scalar g (init 1): the RMS norm
+    with a single gain."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__(dim, eps=eps, affine=affine, gain_size=1)
 
 
 class MegaBatchNorm(nn.Module):

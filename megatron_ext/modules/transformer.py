@@ -136,8 +136,10 @@ def _tracker_replay_context():
 
 
 class TransformerBlock(nn.Module):
-    """A stack of ``TransformerLayer`` (attribute ``layers``) plus an optional final norm
-    (``final_layernorm``). Layer kwargs are those of ``TransformerLayer``."""
+    """A stack of ``layer_cls`` layers (attribute ``layers``; ``TransformerLayer`` here) plus an optional final
+    norm (``final_layernorm``). Layer kwargs are those of the layer."""
+
+    layer_cls = TransformerLayer
 
     def __init__(
         self,
@@ -146,24 +148,16 @@ class TransformerBlock(nn.Module):
         activations_checkpoint_granularity: Optional[str] = None,
         final_norm: bool = True,
         layer_init_scope=None,
+        checkpoint_key: str = "model.activations_checkpoint_granularity",
         **layer_kwargs,
     ):
         super().__init__()
-        gran = activations_checkpoint_granularity
-        if isinstance(gran, str) and gran.lower() in ("none", "null", ""):
-            gran = None
-        if gran is not None:
-            gran = str(gran).lower()
-        if gran not in CHECKPOINT_GRANULARITIES:
-            raise ConfigError(
-                f"model.activations_checkpoint_granularity={activations_checkpoint_granularity!r}: "
-                f"expected null or 'full'"
-            )
-        self.checkpoint_granularity = gran
+        self.checkpoint_granularity = normalize_checkpoint_granularity(activations_checkpoint_granularity,
+                                                                       checkpoint_key)
         layers = []
         for i in range(num_layers):  # layer_init_scope(i): a context that seeds layer i's initialisation
             with (layer_init_scope(i) if layer_init_scope is not None else contextlib.nullcontext()):
-                layers.append(TransformerLayer(**layer_kwargs))
+                layers.append(self.layer_cls(**layer_kwargs))
         self.layers = nn.ModuleList(layers)
         if final_norm:
             self.final_layernorm = build_norm(
@@ -175,28 +169,23 @@ class TransformerBlock(nn.Module):
         else:
             self.final_layernorm = None
 
+    def _run(self, hidden_states: torch.Tensor, *layer_args) -> torch.Tensor:
+        """Every layer on ``(hidden_states, *layer_args)`` (recomputed in backward under full checkpointing),
+        then the final norm."""
+        recompute = self.checkpoint_granularity == "full" and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            hidden_states = run_layer(layer, recompute, hidden_states, *layer_args)
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        recompute = self.checkpoint_granularity == "full" and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if recompute:
-                hidden_states = checkpoint(
-                    layer,
-                    hidden_states,
-                    attention_mask,
-                    rotary_cos_sin,
-                    use_reentrant=False,
-                    context_fn=_tracker_replay_context,
-                )
-            else:
-                hidden_states = layer(hidden_states, attention_mask, rotary_cos_sin)
-        if self.final_layernorm is not None:
-            hidden_states = self.final_layernorm(hidden_states)
-        return hidden_states
+        return self._run(hidden_states, attention_mask, rotary_cos_sin)
 
 
 def normalize_checkpoint_granularity(value, key: str = "model.activations_checkpoint_granularity") -> Optional[str]:
@@ -242,45 +231,19 @@ class CrossAttentionTransformerLayer(TransformerLayer):
         to ``[b, heads, s, s_ctx]``; ``rotary_cos_sin`` rotates self-attention q/k, ``context_rotary_cos_sin``
         the cross-attention keys."""
         attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_cos_sin)
-        hidden_states = hidden_states + dropout(attn, self.hidden_dropout, self.training)
+        hidden_states = _residual_add(dropout(attn, self.hidden_dropout, self.training), hidden_states)
         cross = self.cross_attention(self.pre_cross_attn_layernorm(hidden_states), context, context_mask,
                                      context_rotary_cos_sin)
-        hidden_states = hidden_states + dropout(cross, self.hidden_dropout, self.training)
+        hidden_states = _residual_add(dropout(cross, self.hidden_dropout, self.training), hidden_states)
         mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
-        return hidden_states + dropout(mlp, self.hidden_dropout, self.training)
+        return _residual_add(dropout(mlp, self.hidden_dropout, self.training), hidden_states)
 
 
-class CrossAttentionTransformerBlock(nn.Module):
+class CrossAttentionTransformerBlock(TransformerBlock):
     """``num_layers`` ``CrossAttentionTransformerLayer`` (attribute ``layers``) + optional final norm
     (``final_layernorm``): the encoder-decoder's decoder. Layer kwargs are those of the layer."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        *,
-        activations_checkpoint_granularity: Optional[str] = None,
-        final_norm: bool = True,
-        layer_init_scope=None,
-        checkpoint_key: str = "model.activations_checkpoint_granularity",
-        **layer_kwargs,
-    ):
-        super().__init__()
-        self.checkpoint_granularity = normalize_checkpoint_granularity(activations_checkpoint_granularity,
-                                                                       checkpoint_key)
-        layers = []
-        for i in range(num_layers):
-            with (layer_init_scope(i) if layer_init_scope is not None else contextlib.nullcontext()):
-                layers.append(CrossAttentionTransformerLayer(**layer_kwargs))
-        self.layers = nn.ModuleList(layers)
-        if final_norm:
-            self.final_layernorm = build_norm(
-                layer_kwargs.get("normalization", "layernorm"),
-                layer_kwargs["hidden_size"],
-                layer_kwargs.get("layernorm_epsilon", 1e-5),
-                layer_kwargs.get("bias", True),
-            )
-        else:
-            self.final_layernorm = None
+    layer_cls = CrossAttentionTransformerLayer
 
     def forward(
         self,
@@ -291,13 +254,8 @@ class CrossAttentionTransformerBlock(nn.Module):
         rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         context_rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        recompute = self.checkpoint_granularity == "full" and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            hidden_states = run_layer(layer, recompute, hidden_states, context, attention_mask, context_mask,
-                                      rotary_cos_sin, context_rotary_cos_sin)
-        if self.final_layernorm is not None:
-            hidden_states = self.final_layernorm(hidden_states)
-        return hidden_states
+        return self._run(hidden_states, context, attention_mask, context_mask, rotary_cos_sin,
+                         context_rotary_cos_sin)
 
 
 __all__ = [
