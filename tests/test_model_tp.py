@@ -27,4 +27,6 @@ def test_tp2_matches_tp1(tmp_path):
         assert r["emb_grad_diff"] < 1e-5, (name, r)
         assert r["max_grad_diff"] < 1e-5, (name, r)
         assert r["trimmed_shape"] == [2, 12, 60], (name, r)
+    ce = res["cross_entropy"]  # ours vs megatron-core's vocab_parallel_cross_entropy across 2 vocab shards
+    assert ce["loss_diff"] < 1e-5 and ce["grad_diff"] < 1e-6 and ce["loss_mean"] > 1.0, ce
     assert res["rng"]["default_same"] and res["rng"]["tp_differs"], res["rng"]

@@ -6,7 +6,7 @@
                   -> num_layers x pre-norm TransformerLayer (rope applied to q/k if configured)
                   -> final norm -> output layer (tied embedding weight or own ColumnParallelLinear)
                   -> vocab-parallel logits [b, s, padded_vocab / tp]
-                  -> (with labels) megatron-core vocab_parallel_cross_entropy -> loss [b, s] fp32
+                  -> (with labels) vocab_parallel_cross_entropy (megatron-core steps, modules/cross_entropy.py) -> loss [b, s] fp32
 
 Parameter names follow megatron-core: ``embedding.word_embeddings``,
 ``embedding.position_embeddings``, ``decoder.layers.N.{input_layernorm, self_attention.linear_qkv,
@@ -52,6 +52,7 @@ from megatron_ext.modules.common import (
     tp_group,
     tp_world_size,
 )
+from megatron_ext.modules.cross_entropy import vocab_parallel_cross_entropy
 from megatron_ext.modules.mlp import ACTIVATIONS
 from megatron_ext.modules.norms import NORMALIZATIONS
 from megatron_ext.modules.rotary import RotaryEmbedding
@@ -301,9 +302,8 @@ class LMHeadMixin:
     @staticmethod
     def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token CE ``[b, s]`` (fp32) from vocab-parallel logits. fp32 logits are
-        overwritten in place (megatron-core's kernel reuses them for the softmax)."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
+        overwritten in place (megatron-core's kernel reuses them for the softmax); see
+        ``megatron_ext.modules.cross_entropy`` for the one step that differs from megatron-core's."""
         return vocab_parallel_cross_entropy(logits, labels)
 
     @torch.no_grad()
@@ -324,7 +324,8 @@ class GPTModel(LMHeadMixin, nn.Module):
     ``forward(tokens, position_ids=None, labels=None, attention_mask=None)``:
 
     * with ``labels`` ``[b, s]``: per-token cross-entropy ``[b, s]`` (fp32), computed on the
-      vocab-parallel logits with megatron-core's ``vocab_parallel_cross_entropy``;
+      vocab-parallel logits with megatron-core's ``vocab_parallel_cross_entropy`` steps
+      (``megatron_ext.modules.cross_entropy``);
     * without: vocab-parallel logits ``[b, s, padded_vocab_size / tp]``; ``gather_logits`` turns
       them into full-vocabulary logits for generation.
 

@@ -105,7 +105,10 @@ class _SplitCausalAttention(torch.autograd.Function):
         o1, lse1 = _flash_cpu(q1, k1, v1, 0.0, True)
         o2, lse2 = _flash_cpu(q2, k, v, 0.0, False, attn_mask=mask)
         ctx.save_for_backward(q, k, v, o1, lse1, o2, lse2)
-        return torch.cat([o1, o2], dim=-2)
+        # The kernel's outputs are [b, heads, s/2, d] views of [b, s/2, heads, d] memory; joining them in that
+        # physical layout keeps the result a view too, so the caller's transpose(1, 2).reshape(b, s, hidden) is
+        # free (as it is after SDPA) instead of one more copy of the attention output per layer.
+        return torch.cat([o1.transpose(1, 2), o2.transpose(1, 2)], dim=1).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad):

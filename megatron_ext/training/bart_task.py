@@ -84,7 +84,7 @@ class BARTTask:
         with torch.no_grad():
             pred = tp_argmax(logits.detach())
         labels = batch["labels"]
-        per_token = GPTModel.loss_from_logits(logits, labels)  # megatron-core vocab-parallel CE
+        per_token = GPTModel.loss_from_logits(logits, labels)  # vocab-parallel CE (megatron-core steps)
         mask = batch["loss_mask"].float()
         ntok = mask.sum()
         denom = ntok.clamp(min=1.0)

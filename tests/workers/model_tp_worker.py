@@ -141,6 +141,28 @@ def main(out_path):
         tp_differs=not torch.equal(both_tp[0], both_tp[1]),
     )
 
+    # Our vocab-parallel CE (amax row maximum) == megatron-core's, forward and backward, at TP2: vocabulary
+    # shards of one set of full logits (targets on both shards, a -inf padding column, a large shift).
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as mcore_ce
+    from megatron_ext.modules.cross_entropy import vocab_parallel_cross_entropy as ours_ce
+
+    cg = torch.Generator().manual_seed(3)
+    full = torch.randn(5, 3, 64, generator=cg) * 4 + 30.0
+    full[..., 63] = float("-inf")
+    target = torch.randint(0, 63, (5, 3), generator=cg)
+    upstream = torch.rand(5, 3, generator=cg)
+    out = {}
+    for tag, fn in (("ours", ours_ce), ("mcore", mcore_ce)):
+        leaf = full.chunk(2, dim=-1)[rank].clone().requires_grad_(True)
+        loss = fn(leaf.clone(), target)  # the kernels overwrite their input in place
+        (loss * upstream).sum().backward()
+        out[tag] = (loss.detach(), leaf.grad)
+    results["cross_entropy"] = dict(
+        loss_diff=(out["ours"][0] - out["mcore"][0]).abs().max().item(),
+        grad_diff=(out["ours"][1] - out["mcore"][1]).abs().max().item(),
+        loss_mean=out["ours"][0].mean().item(),
+    )
+
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
