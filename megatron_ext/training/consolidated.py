@@ -154,9 +154,11 @@ def read_meta(path: str) -> Dict[str, Any]:
         return json.load(f)
 
 
-def consolidate_checkpoint(path: str) -> Dict[str, Any]:
+def consolidate_checkpoint(path: str, rules: Optional[Dict[str, Tuple[int, int]]] = None) -> Dict[str, Any]:
     """A checkpoint directory (``.../checkpoints/step_N``, or a run / checkpoints dir: its latest) -> the
-    consolidated dict described in the module docstring."""
+    consolidated dict described in the module docstring. ``rules`` ({name: (partition dim, stride)} of the
+    tensor-parallel parameters, e.g. read from a model's megatron-core attributes) replaces the GPT name table
+    ``partition_rule``, for the other model families."""
     from megatron_ext.training.checkpointing import resolve_ckpt_path
 
     ckpt_dir, tag = resolve_ckpt_path(path)
@@ -168,7 +170,7 @@ def consolidate_checkpoint(path: str) -> Dict[str, Any]:
     tp, pp = int(meta.get("tp", 1)), int(meta.get("pp", 1))
     stage, precision = int(meta.get("zero_stage", 0) or 0), str(meta.get("precision", "32"))
     vocab = int(meta["vocab_size"])
-    num_layers = int(mcfg["num_layers"])
+    num_layers = int(mcfg.get("num_layers") or 0)
     activation = mcfg.get("activation", "gelu")
     per_rank = []
     for t in range(tp):
@@ -189,7 +191,7 @@ def consolidate_checkpoint(path: str) -> Dict[str, Any]:
             raise CheckpointError(f"{path}: TP rank {t} holds different parameters than TP rank 0")
     full: Dict[str, torch.Tensor] = {}
     for n in names:
-        rule = partition_rule(n, activation)
+        rule = partition_rule(n, activation) if rules is None else rules.get(n)
         if rule is None:
             full[n] = per_rank[0][n].detach().float().clone()
         else:

@@ -1,0 +1,122 @@
+"""``LM``: a trained model with its tokenizer and config -- what ``restore_from`` returns (seed 003's "LM").
+
+    lm = LM.restore_from("gpt.mext")                     # any family: gpt | encdec | mega
+    lm.sample(pref="To be", max_seq_len=50, temperature=0.5)
+    lm.perplexities(["hello", "hi there"], per_token=True)
+    lm("hello")                                          # logits [1, s, vocab]
+    lm.save_to("copy.mext")
+
+Attributes: ``model`` (``GPTModel`` / ``EncoderDecoderModel`` / ``MegaGPTModel``, eval mode), ``tokenizer``,
+``config`` (the resolved run config as a plain dict, ``config["model"]`` is the model section), ``family``
+(``"gpt"``, ``"encdec"`` or ``"mega"``), ``info`` (the archive manifest when restored from one).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+FAMILIES = ("gpt", "encdec", "mega")
+
+
+def model_family(model) -> str:
+    """``"gpt"``, ``"encdec"`` or ``"mega"`` for one of our model classes."""
+    from megatron_ext.models.encoder_decoder import EncoderDecoderModel
+    from megatron_ext.models.gpt import GPTModel
+    from megatron_ext.models.mega_lm import MegaGPTModel
+
+    if isinstance(model, MegaGPTModel):
+        return "mega"
+    if isinstance(model, EncoderDecoderModel):
+        return "encdec"
+    if isinstance(model, GPTModel):
+        return "gpt"
+    raise TypeError(f"{type(model).__name__} is not a GPTModel, EncoderDecoderModel or MegaGPTModel")
+
+
+class LM:
+    def __init__(self, model, tokenizer, config: Optional[Dict[str, Any]] = None, *,
+                 info: Optional[Dict[str, Any]] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = model_family(model)
+        self.config = config or {}
+        self.info = info or {}
+
+    # ------------------------------------------------------------------ archives
+    def save_to(self, path: str) -> str:
+        from megatron_ext.training.archive import save_to
+
+        return save_to(self.model, path, tokenizer=self.tokenizer, config=self.config)
+
+    @classmethod
+    def restore_from(cls, path: str, *, map_location: Union[str, torch.device] = "cpu") -> "LM":
+        from megatron_ext.training.archive import restore_from
+
+        return restore_from(path, map_location=map_location)
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, text_or_ids: Union[str, Sequence[int], torch.Tensor]) -> List[int]:
+        """A string (tokenized), a list of ids or a 1-D tensor -> a list of ids."""
+        if isinstance(text_or_ids, str):
+            return list(self.tokenizer.tokenize(text_or_ids))
+        if isinstance(text_or_ids, torch.Tensor):
+            if text_or_ids.dim() != 1:
+                raise ValueError(f"expected a 1-D tensor of token ids, got shape {tuple(text_or_ids.shape)}")
+            return [int(t) for t in text_or_ids.tolist()]
+        return [int(t) for t in text_or_ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.detokenize(list(ids))
+
+    def as_batch(self, x) -> torch.Tensor:
+        """String / id list / 1-D tensor -> ``[1, s]``; a 2-D tensor is taken as a batch as is."""
+        if isinstance(x, torch.Tensor) and x.dim() == 2:
+            return x.long().to(self.device)
+        return torch.tensor([self.encode(x)], dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def __call__(self, x, get_embeddings: bool = False):
+        """Full-vocabulary logits ``[b, s, vocab]`` of a GPT / Mega LM for a string, id list, 1-D tensor or a
+        ``[b, s]`` batch. With ``get_embeddings=True``: ``{"logits", "embeddings"}``, embeddings
+        ``[b, layers + 1, s, hidden]`` (the embedding output, then every layer's output)."""
+        if self.family == "encdec":
+            raise TypeError("an encoder-decoder LM needs source and target: use lm.generate(...) or lm.model")
+        tokens = self.as_batch(x)
+        self.model.eval()
+        if not get_embeddings:
+            return self.model.gather_logits(self.model(tokens))
+        from megatron_ext.inference.explorer import get_embeddings as _emb
+
+        return _emb(self, tokens)
+
+    # ------------------------------------------------------------------ generation / scoring
+    def generate(self, prompts, **kwargs):
+        """Batched generation; see :func:`megatron_ext.inference.generation.generate` for the options."""
+        from megatron_ext.inference.generation import generate
+
+        return generate(self, prompts, **kwargs)
+
+    def sample(self, pref: Union[str, Sequence[int], torch.Tensor] = "", max_seq_len: int = 100,
+               temperature: float = 1.0, nucleus: Optional[float] = None, top_k: Optional[int] = None,
+               as_str: bool = True, **kwargs):
+        """Seed 003's ``sample``: one continuation of ``pref`` up to ``max_seq_len`` tokens in all (prefix
+        included); ``temperature=0`` is argmax; ``nucleus`` and ``top_k`` are mutually exclusive."""
+        from megatron_ext.inference.generation import sample
+
+        return sample(self, pref, max_seq_len=max_seq_len, temperature=temperature, nucleus=nucleus,
+                      top_k=top_k, as_str=as_str, **kwargs)
+
+    def perplexities(self, data, **kwargs):
+        """Seed 003's ``perplexities``; see :func:`megatron_ext.inference.scoring.perplexities`."""
+        from megatron_ext.inference.scoring import perplexities
+
+        return perplexities(self, data, **kwargs)
+
+
+__all__ = ["LM", "FAMILIES", "model_family"]

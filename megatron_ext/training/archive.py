@@ -1,0 +1,542 @@
+"""``.mext`` archives: one file that restores a trained model -- weights, config and tokenizer -- on any layout.
+
+    lm.save_to("gpt.mext")                    # or save_to(model, "gpt.mext", tokenizer=..., config=...)
+    lm = LM.restore_from("gpt.mext")          # TP=1 on CPU, or the current TP layout when one is initialised
+    python tools/export_archive.py --input experiments/megatron_gpt/<version> --output gpt.mext
+
+Format: an uncompressed tar with exactly these members::
+
+    manifest.json       {"format": "megatron_ext.archive.v1", "family": "gpt"|"encdec"|"mega", "vocab_size",
+                         "created", "versions": {megatron_ext, torch, megatron_core, python},
+                         "tokenizer": {"library", "file": "tokenizer/<name>" or null},
+                         "files": {member: {"sha256", "bytes"}}, "source": {...}}
+    config.yaml         the resolved run config (trainer / exp_manager / model); model.tokenizer.model names the
+                        archive member, not a path on the machine that wrote it
+    model_weights.pt    {name: full fp32 tensor}: the model's state dict with every tensor-parallel shard
+                        gathered (megatron-core's partition_dim / partition_stride), ZeRO-3 partitions gathered,
+                        pipeline stages merged under the plain model's names, vocabulary rows trimmed to
+                        vocab_size (padding rows are never used: the logits mask them)
+    tokenizer/<file>    the tokenizer model file (sentencepiece), when the tokenizer has one
+
+Reading is defensive: members are checked before anything is written (no absolute paths, no ``..``, no links or
+devices, nothing outside the list above, no duplicates), written by us into a fresh temporary directory (never
+``extractall``), their SHA-256 checked against the manifest, and the weights loaded with
+``torch.load(weights_only=True)`` -- a pickle that would run code is refused, with a message naming the file.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import pickle
+import platform
+import posixpath
+import shutil
+import tarfile
+import tempfile
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_ext.errors import CheckpointError
+
+FORMAT = "megatron_ext.archive.v1"
+MANIFEST, CONFIG, WEIGHTS, TOKENIZER_DIR = "manifest.json", "config.yaml", "model_weights.pt", "tokenizer"
+VOCAB_SUFFIXES = ("word_embeddings.weight", "output_layer.weight")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("megatron_ext", "megatron-core", "deepspeed"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _unwrap(model):
+    """The DeepSpeed engine (or any ``.module`` wrapper) -> the model."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _is_vocab_partitioned(name: str) -> bool:
+    return name.endswith(VOCAB_SUFFIXES)
+
+
+def _tp():
+    from megatron_ext.modules.common import tp_group, tp_rank, tp_world_size
+
+    try:
+        return tp_rank(), tp_world_size(), tp_group()
+    except Exception:  # parallel state not initialised: a plain single-process model
+        return 0, 1, None
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _plain(config) -> Dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if config is None:
+        return {}
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return json.loads(json.dumps(config))  # a deep copy that fails loudly on non-plain values
+
+
+# ----------------------------------------------------------------------------------------------- gathering
+def gather_full_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The whole model as ``{name: full fp32 CPU tensor}`` from this process's part of it.
+
+    Collective when the model is split: every tensor-parallel rank (and, for a pipeline, every stage; with ZeRO-3,
+    every data-parallel rank) must call it. Tensor-parallel shards are merged along megatron-core's
+    ``partition_dim`` / ``partition_stride`` attributes, so any of our model families works without a name table.
+    Vocabulary-partitioned matrices are trimmed to ``model.vocab_size`` rows.
+    """
+    from megatron_ext.training.consolidated import merge_shards
+
+    model = _unwrap(model)
+    rank, world, group = _tp()
+    zero3 = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
+    else:
+        import contextlib
+
+        ctx = contextlib.nullcontext()
+    vocab = int(getattr(model, "vocab_size"))
+    out: Dict[str, torch.Tensor] = {}
+    with ctx, torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name.endswith("_extra_state") or not isinstance(t, torch.Tensor):
+                continue
+            full = t.detach()
+            if world > 1 and getattr(t, "tensor_model_parallel", False):
+                shards = [torch.empty_like(full) for _ in range(world)]
+                dist.all_gather(shards, full.contiguous(), group=group)
+                full = merge_shards([s.cpu() for s in shards], int(t.partition_dim), int(t.partition_stride))
+            full = full.to("cpu", torch.float32 if full.is_floating_point() else full.dtype).clone()
+            if _is_vocab_partitioned(name):
+                full = full[:vocab].clone()
+            out[name] = full
+    if getattr(model, "is_pipeline", False):
+        out = _merge_pipeline_stages(model, out)
+    return out
+
+
+def _merge_pipeline_stages(model, stage_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.models.gpt_pipe import canonical_name
+
+    num_layers = int(model.num_layers) if hasattr(model, "num_layers") else int(model.cfg.num_layers)
+    mine = {}
+    for k, v in stage_sd.items():
+        c = canonical_name(k, num_layers)
+        if c is not None and c not in mine:
+            mine[c] = v
+    parts = [None] * ps.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(parts, mine, group=ps.get_pipeline_model_parallel_group())
+    merged: Dict[str, torch.Tensor] = {}
+    for part in parts:
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def _tokenizer_file(tokenizer, config: Dict[str, Any]) -> Optional[str]:
+    path = ((config.get("model") or {}).get("tokenizer") or {}).get("model")
+    if path:
+        return str(path)
+    return getattr(tokenizer, "model_path", None)
+
+
+def write_archive(path: str, *, state_dict: Dict[str, torch.Tensor], config: Dict[str, Any], family: str,
+                  vocab_size: int, tokenizer_library: str, tokenizer_file: Optional[str] = None,
+                  source: Optional[Dict[str, Any]] = None) -> str:
+    """Write a ``.mext`` archive from already-gathered weights (one process). Atomic: a temp name, then rename."""
+    from megatron_ext.inference.lm import FAMILIES
+
+    if family not in FAMILIES:
+        raise CheckpointError(f"family={family!r}: expected one of {', '.join(FAMILIES)}")
+    if not str(path).endswith(".mext"):
+        raise CheckpointError(f"{path}: an archive path must end in .mext")
+    config = _plain(config)
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".mext-") as tmp:
+        members = {}
+        tok_member = None
+        if tokenizer_file:
+            if not os.path.isfile(tokenizer_file):
+                raise CheckpointError(f"model.tokenizer.model={tokenizer_file}: file not found (the archive must "
+                                      f"carry the tokenizer the model was trained with)")
+            tok_member = posixpath.join(TOKENIZER_DIR, os.path.basename(tokenizer_file))
+            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tok"))
+            members[tok_member] = os.path.join(tmp, "tok")
+        config.setdefault("model", {}).setdefault("tokenizer", {})
+        config["model"]["tokenizer"]["library"] = tokenizer_library
+        config["model"]["tokenizer"]["model"] = tok_member
+        config["model"]["ckpt_path"] = None
+        cfg_path = os.path.join(tmp, CONFIG)
+        with open(cfg_path, "w") as f:
+            yaml.safe_dump(config, f, sort_keys=False)
+        members[CONFIG] = cfg_path
+        w_path = os.path.join(tmp, WEIGHTS)
+        torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, w_path)
+        members[WEIGHTS] = w_path
+        manifest = {
+            "format": FORMAT,
+            "family": family,
+            "vocab_size": int(vocab_size),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "tokenizer": {"library": tokenizer_library, "file": tok_member},
+            "files": {m: {"sha256": _sha256(p), "bytes": os.path.getsize(p)} for m, p in members.items()},
+            "source": source or {},
+        }
+        tmp_tar = os.path.join(tmp, "archive.tar")
+        with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tf:
+            data = json.dumps(manifest, indent=1).encode()
+            info = tarfile.TarInfo(MANIFEST)
+            info.size, info.mtime, info.mode = len(data), int(_dt.datetime.now().timestamp()), 0o644
+            tf.addfile(info, io.BytesIO(data))
+            for m, p in members.items():
+                info = tf.gettarinfo(p, arcname=m)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mode = 0o644
+                with open(p, "rb") as f:
+                    tf.addfile(info, f)
+        os.replace(tmp_tar, path)
+    return path
+
+
+def save_to(model, path: str, *, tokenizer, config, source: Optional[Dict[str, Any]] = None) -> str:
+    """Gather ``model`` (any TP / PP / ZeRO layout; collective when split) and write ``path`` (global rank 0).
+    ``config``: the run config (DictConfig or dict) -- at least its ``model`` section."""
+    from megatron_ext.inference.lm import model_family
+
+    inner = _unwrap(model)
+    family = "gpt" if getattr(inner, "is_pipeline", False) else model_family(inner)
+    sd = gather_full_state_dict(inner)
+    config = _plain(config)
+    if "model" not in config:
+        raise CheckpointError("config: expected the run config with a 'model' section")
+    library = ((config["model"].get("tokenizer") or {}).get("library")) or getattr(tokenizer, "name", None)
+    if not library:
+        raise CheckpointError("config model.tokenizer.library is missing: the archive must say which tokenizer")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        write_archive(path, state_dict=sd, config=config, family=family, vocab_size=int(inner.vocab_size),
+                      tokenizer_library=str(library), tokenizer_file=_tokenizer_file(tokenizer, config),
+                      source=source)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _check_member(m: tarfile.TarInfo, path: str) -> None:
+    name = m.name
+    parts = name.split("/")
+    if name.startswith("/") or os.path.isabs(name) or "\\" in name or ".." in parts or ":" in parts[0]:
+        raise CheckpointError(f"{path}: refused: member {name!r} points outside the archive")
+    if not (m.isfile() or m.isdir()):
+        raise CheckpointError(f"{path}: refused: member {name!r} is a link or special file")
+    if m.isdir():
+        if name.rstrip("/") != TOKENIZER_DIR:
+            raise CheckpointError(f"{path}: refused: unexpected directory {name!r}")
+        return
+    if name in (MANIFEST, CONFIG, WEIGHTS):
+        return
+    if len(parts) == 2 and parts[0] == TOKENIZER_DIR and parts[1] and not parts[1].startswith("."):
+        return
+    raise CheckpointError(f"{path}: refused: unexpected member {name!r} (expected {MANIFEST}, {CONFIG}, {WEIGHTS}, "
+                          f"{TOKENIZER_DIR}/<file>)")
+
+
+def extract_archive(path: str, dest: str) -> Dict[str, Any]:
+    """Check and unpack ``path`` into the (empty) directory ``dest``; returns the manifest."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such archive")
+    try:
+        tf = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as e:
+        raise CheckpointError(f"{path} is not a .mext archive (not an uncompressed tar file: {e})") from None
+    with tf:
+        members = tf.getmembers()
+        seen = set()
+        for m in members:
+            _check_member(m, path)
+            if m.name in seen:
+                raise CheckpointError(f"{path}: refused: member {m.name!r} appears twice")
+            seen.add(m.name)
+        for required in (MANIFEST, CONFIG, WEIGHTS):
+            if required not in seen:
+                raise CheckpointError(f"{path}: incomplete archive, no {required}")
+        for m in members:
+            if not m.isfile():
+                continue
+            target = os.path.join(dest, *m.name.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            src = tf.extractfile(m)
+            with open(target, "wb") as f:
+                shutil.copyfileobj(src, f)
+    try:
+        with open(os.path.join(dest, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: {MANIFEST} has format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
+    files = manifest.get("files") or {}
+    for m in seen - {MANIFEST}:
+        if not m.endswith("/") and m != TOKENIZER_DIR and m not in files:
+            raise CheckpointError(f"{path}: refused: member {m!r} is not listed in {MANIFEST}")
+    for m, meta in files.items():
+        p = os.path.join(dest, *m.split("/"))
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{path}: {MANIFEST} lists {m!r} but the archive does not hold it")
+        if _sha256(p) != meta.get("sha256"):
+            raise CheckpointError(f"{path}: checksum mismatch for {m!r}: the archive is corrupt or was modified")
+    return manifest
+
+
+def load_weights(path: str, where: str) -> Dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where}: refused: {WEIGHTS} holds pickled objects other than tensors "
+                              f"(loading it would run code): {str(e).splitlines()[0]}") from None
+    except Exception as e:  # truncated / not a torch file
+        raise CheckpointError(f"{where}: {WEIGHTS} could not be read: {e}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{where}: {WEIGHTS} must be a dict of name -> tensor")
+    return sd
+
+
+def read_archive(path: str, extract_dir: Optional[str] = None) -> Dict[str, Any]:
+    """An archive's contents: ``{"format", "family", "state_dict", "vocab_size", "model_config", "config",
+    "tokenizer": {"library", "model": extracted file or None}, "manifest", "extract_dir"}`` (the same keys as a
+    consolidated checkpoint, plus the rest). Files are unpacked into ``extract_dir`` (default: a new temporary
+    directory the caller owns)."""
+    dest = extract_dir or tempfile.mkdtemp(prefix="mext-")
+    manifest = extract_archive(path, dest)
+    with open(os.path.join(dest, CONFIG)) as f:
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"{path}: {CONFIG} is not valid YAML: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path}: {CONFIG} has no model section")
+    tok = manifest.get("tokenizer") or {}
+    tok_file = os.path.join(dest, *tok["file"].split("/")) if tok.get("file") else None
+    return {
+        "format": FORMAT,
+        "family": manifest.get("family"),
+        "state_dict": load_weights(os.path.join(dest, WEIGHTS), path),
+        "vocab_size": int(manifest["vocab_size"]),
+        "model_config": config["model"],
+        "config": config,
+        "tokenizer": {"library": tok.get("library"), "model": tok_file},
+        "manifest": manifest,
+        "extract_dir": dest,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- restoring
+def load_full_state_dict(model, sd: Dict[str, torch.Tensor], where: str) -> None:
+    """Copy full (gathered) tensors into ``model``, taking this rank's tensor-parallel shard of each."""
+    from megatron_ext.training.consolidated import shard_of
+
+    model = _unwrap(model)
+    rank, world, _ = _tp()
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items()
+               if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
+    missing = [k for k in targets if k not in sd]
+    unexpected = [k for k in sd if k not in targets]
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: weights do not match the model built from its config "
+                              f"(missing: {', '.join(missing[:5]) or '-'}; unexpected: {', '.join(unexpected[:5]) or '-'})")
+    with torch.no_grad():
+        for name, t in targets.items():
+            full = sd[name]
+            if _is_vocab_partitioned(name):
+                padded = t.shape[0] * (world if getattr(t, "tensor_model_parallel", False) else 1)
+                if full.shape[0] > padded:
+                    raise CheckpointError(f"{where}: {name} has {full.shape[0]} rows, more than the padded "
+                                          f"vocabulary {padded}")
+                full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])], dim=0)
+            if world > 1 and getattr(t, "tensor_model_parallel", False):
+                full = shard_of(full, int(t.partition_dim), int(t.partition_stride), rank, world)
+            if tuple(full.shape) != tuple(t.shape):
+                raise CheckpointError(f"{where}: {name} has shape {tuple(full.shape)} but the model expects "
+                                      f"{tuple(t.shape)}")
+            t.copy_(full.to(t.dtype))
+
+
+def build_model_from_config(config: Dict[str, Any], family: str, *, tokenizer_model: Optional[str],
+                            device: torch.device):
+    """(model, tokenizer, typed config) built exactly as training builds them, at the current TP size (1 and a
+    one-process group when none is initialised)."""
+    from omegaconf import OmegaConf
+
+    from megatron_ext.config.loader import check_schema
+    from megatron_ext.config.schema import BARTConfig, GPTConfig
+    from megatron_ext.parallel.state import initialize_parallel
+
+    rank, world, _ = _tp()
+    if not (dist.is_initialized()):
+        initialize_parallel(1, 1, accelerator="cpu" if device.type == "cpu" else "auto")
+        world = 1
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        initialize_parallel(1, 1, accelerator="cpu" if device.type == "cpu" else "auto")
+        world = 1
+    cfg = dict(config)
+    cfg.pop("hydra", None)
+    schema = BARTConfig if family == "encdec" else GPTConfig
+    typed = check_schema(OmegaConf.create(cfg), schema)
+    m = typed.model
+    m.tensor_model_parallel_size = world
+    m.pipeline_model_parallel_size = 1
+    m.sequence_parallel = False
+    m.ckpt_path = None
+    m.tokenizer.model = tokenizer_model
+    if family == "encdec":
+        from megatron_ext.training.bart_task import BARTTask as Task
+    else:
+        from megatron_ext.training.gpt_task import GPTTask as Task
+    task = Task(typed, device)
+    model = task.build_model()
+    return model.to(device), task.tokenizer, typed
+
+
+def restore_from(path: str, *, map_location="cpu"):
+    """A ``.mext`` archive -> ``LM`` (model in eval mode, tokenizer, config), built at the current TP layout (TP=1
+    in a one-process group if none is initialised). A run or checkpoint directory is accepted too (its latest
+    complete checkpoint, through :func:`archive_from_checkpoint`'s consolidation)."""
+    from megatron_ext.inference.lm import LM
+
+    device = torch.device(map_location)
+    if os.path.isdir(path):
+        return restore_from_checkpoint(path, map_location=map_location)
+    tmp = tempfile.TemporaryDirectory(prefix="mext-")
+    contents = read_archive(path, tmp.name)
+    family = contents["family"]
+    model, tokenizer, typed = build_model_from_config(contents["config"], family,
+                                                      tokenizer_model=contents["tokenizer"]["model"], device=device)
+    if int(tokenizer.vocab_size) != contents["vocab_size"]:
+        raise CheckpointError(f"{path}: the archive's tokenizer has {tokenizer.vocab_size} ids but the weights "
+                              f"were trained with {contents['vocab_size']}")
+    load_full_state_dict(model, contents["state_dict"], path)
+    model.eval()
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(typed, resolve=True)
+    lm = LM(model, tokenizer, config, info={**contents["manifest"], "path": os.path.abspath(path)})
+    lm._files = tmp  # the extracted tokenizer file lives as long as the LM (save_to copies it again)
+    return lm
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _run_config_for(ckpt_path: str) -> Dict[str, Any]:
+    """The run's resolved ``config.yaml`` (written by the exp manager next to ``checkpoints/``)."""
+    d = os.path.dirname(os.path.abspath(ckpt_path))
+    for cand in (os.path.dirname(d), d):
+        p = os.path.join(cand, "config.yaml")
+        if os.path.isfile(p):
+            with open(p) as f:
+                cfg = yaml.safe_load(f)
+            if isinstance(cfg, dict) and "model" in cfg:
+                return cfg
+    raise CheckpointError(f"{ckpt_path}: no config.yaml in its run directory (expected <run>/config.yaml next "
+                          f"to <run>/checkpoints/)")
+
+
+def _family_of(config: Dict[str, Any]) -> str:
+    m = config.get("model") or {}
+    if "encoder" in m and "decoder" in m:
+        return "encdec"
+    return "mega" if str(m.get("arch", "transformer")).lower() == "mega" else "gpt"
+
+
+def consolidate_any(path: str) -> Dict[str, Any]:
+    """A training checkpoint (run dir, checkpoints dir or ``step_N``; any TP/PP/ZeRO layout) -> the consolidated
+    dict of :mod:`megatron_ext.training.consolidated` with the run config added (``config``, ``family``,
+    ``ckpt_path``). Tensor-parallel sharding is read from the parameters of the same model built at TP=1."""
+    from megatron_ext.training.checkpointing import resolve_ckpt_path
+    from megatron_ext.training.consolidated import consolidate_checkpoint
+
+    ckpt_dir, tag = resolve_ckpt_path(path)
+    ckpt = os.path.join(ckpt_dir, tag)
+    config = _run_config_for(ckpt_dir)
+    family = _family_of(config)
+    rules = None
+    meta_tp = int(json.load(open(os.path.join(ckpt, "meta.json"))).get("tp", 1)) if os.path.isfile(
+        os.path.join(ckpt, "meta.json")) else 1
+    if meta_tp > 1:  # shard layout from a TP=1 build of the same model (its megatron-core attributes)
+        tok = (config.get("model") or {}).get("tokenizer") or {}
+        model, _, _ = build_model_from_config(config, family, tokenizer_model=tok.get("model"),
+                                              device=torch.device("cpu"))
+        rules = {k: (int(v.partition_dim), int(v.partition_stride))
+                 for k, v in model.state_dict(keep_vars=True).items() if getattr(v, "tensor_model_parallel", False)}
+        del model
+    obj = consolidate_checkpoint(ckpt, rules=rules)
+    obj.update(config=config, family=family, ckpt_path=ckpt)
+    return obj
+
+
+def archive_from_checkpoint(path: str, out_path: str) -> str:
+    """``tools/export_archive.py``: a run's checkpoint (any layout) -> a ``.mext`` archive, in one process."""
+    obj = consolidate_any(path)
+    tok = (obj["config"].get("model") or {}).get("tokenizer") or {}
+    return write_archive(out_path, state_dict=obj["state_dict"], config=obj["config"], family=obj["family"],
+                         vocab_size=obj["vocab_size"], tokenizer_library=str(tok.get("library", "byte")),
+                         tokenizer_file=tok.get("model"),
+                         source={"checkpoint": obj["ckpt_path"], "step": obj["step"],
+                                 "consumed_samples": obj["consumed_samples"], "layout": obj["source"]})
+
+
+def restore_from_checkpoint(path: str, *, map_location="cpu"):
+    """A run / checkpoint directory -> ``LM`` (latest complete checkpoint, any layout) without writing a file."""
+    from omegaconf import OmegaConf
+
+    from megatron_ext.inference.lm import LM
+
+    obj = consolidate_any(path)
+    tok = (obj["config"].get("model") or {}).get("tokenizer") or {}
+    model, tokenizer, typed = build_model_from_config(obj["config"], obj["family"], tokenizer_model=tok.get("model"),
+                                                      device=torch.device(map_location))
+    load_full_state_dict(model, obj["state_dict"], obj["ckpt_path"])
+    model.eval()
+    info = {"family": obj["family"], "checkpoint": obj["ckpt_path"], "step": obj["step"],
+            "vocab_size": obj["vocab_size"], "source": obj["source"]}
+    return LM(model, tokenizer, OmegaConf.to_container(typed, resolve=True), info=info)
+
+
+__all__ = ["FORMAT", "save_to", "restore_from", "read_archive", "extract_archive", "write_archive",
+           "gather_full_state_dict", "load_full_state_dict", "archive_from_checkpoint", "restore_from_checkpoint",
+           "consolidate_any", "build_model_from_config"]
