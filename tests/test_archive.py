@@ -282,3 +282,28 @@ def test_export_archive_cli_errors(tmp_path, run_env):
     r = run_script(["tools/export_archive.py", "--input", str(tmp_path), "--output", str(tmp_path / "x.mext")],
                    run_env)
     assert r.returncode == 2 and "error:" in r.stderr
+
+
+def test_save_to_from_a_pipeline(tmp_path):
+    """PP=2 stages (2 processes) -> one archive under the plain model's names == the same config built at TP1."""
+    out = str(tmp_path / "pp.mext")
+    proc = subprocess.run(launch_cmd(2, [WORKER, "--pipeline", out]), cwd=REPO, env=multiprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from megatron_ext.training.gpt_task import GPTTask
+
+    cfg = load_config(overrides=["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
+                                 "model.seq_length=16"])
+    ref = GPTTask(cfg, torch.device("cpu")).build_model()
+    back = LM.restore_from(out)
+    assert back.family == "gpt" and back.config["model"]["pipeline_model_parallel_size"] == 1
+    sd, ref_sd = back.model.state_dict(), ref.state_dict()
+    assert set(sd) == set(ref_sd)
+    vocab = ref.vocab_size
+    for k in ref_sd:
+        if k.endswith("_extra_state"):
+            continue
+        a, b = sd[k], ref_sd[k]
+        if k.endswith(A.VOCAB_SUFFIXES):
+            a, b = a[:vocab], b[:vocab]
+        assert torch.equal(a, b), k

@@ -208,6 +208,7 @@ def build_gpt_pipeline(cfg: ModelConfig, vocab_size: int, *, init_seed: int,
             activation_checkpoint_interval=0,
         )
     module.is_pipeline = True
+    module.num_layers = int(cfg.num_layers)
     module.vocab_size = shared.vocab_size
     module.padded_vocab_size = shared.padded_vocab_size
     return module

@@ -35,5 +35,25 @@ def main(src, dst, out):
     destroy_parallel()
 
 
+def pipeline(dst):
+    """save_to from a 2-stage pipeline built from the config's init seed (same weights as TP1, any layout)."""
+    from megatron_ext.config.loader import load_config
+    from megatron_ext.training.gpt_task import GPTTask
+
+    cfg = load_config(overrides=["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
+                                 "model.seq_length=16", "model.pipeline_model_parallel_size=2"])
+    initialize_parallel(1, 2, accelerator="cpu")
+    task = GPTTask(cfg, torch.device("cpu"))
+    model = task.build_model()
+    assert getattr(model, "is_pipeline", False)
+    from megatron_ext.training.archive import save_to
+
+    save_to(model, dst, tokenizer=task.tokenizer, config=cfg)
+    destroy_parallel()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1] == "--pipeline":
+        pipeline(sys.argv[2])
+    else:
+        main(*sys.argv[1:4])
