@@ -81,19 +81,23 @@ class LM:
 
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
-    def __call__(self, x, get_embeddings: bool = False):
-        """Full-vocabulary logits ``[b, s, vocab]`` of a GPT / Mega LM for a string, id list, 1-D tensor or a
-        ``[b, s]`` batch. With ``get_embeddings=True``: ``{"logits", "embeddings"}``, embeddings
-        ``[b, layers + 1, s, hidden]`` (the embedding output, then every layer's output)."""
-        if self.family == "encdec":
-            raise TypeError("an encoder-decoder LM needs source and target: use lm.generate(...) or lm.model")
-        tokens = self.as_batch(x)
-        self.model.eval()
-        if not get_embeddings:
-            return self.model.gather_logits(self.model(tokens))
+    def __call__(self, x, get_embeddings: bool = False, source=None):
+        """Full-vocabulary logits ``[b, s, vocab]`` for a string, id list, 1-D tensor or a ``[b, s]`` batch (for
+        an encoder-decoder: the decoder input, given ``source``). With ``get_embeddings=True``:
+        ``{"logits", "embeddings"}``, embeddings ``[b, layers + 1, s, hidden]`` (the stack's input, then every
+        layer's output). The model's train/eval mode is left as it was."""
         from megatron_ext.inference.explorer import get_embeddings as _emb
 
-        return _emb(self, tokens)
+        tokens = self.as_batch(x)
+        if self.family == "encdec" or get_embeddings:
+            out = _emb(self, tokens, source=source)
+            return out if get_embeddings else out["logits"]
+        was = self.model.training
+        self.model.eval()
+        try:
+            return self.model.gather_logits(self.model(tokens))
+        finally:
+            self.model.train(was)
 
     # ------------------------------------------------------------------ generation / scoring
     def generate(self, prompts, **kwargs):
