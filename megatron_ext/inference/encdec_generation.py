@@ -1,9 +1,12 @@
 """Autoregressive decoding for the encoder-decoder from a given encoder memory (``[S, B, H]`` + mask).
 
-``generate_from_memory(model, memory, memory_mask, bos, eos, max_new_tokens, ...)`` runs the decoder step by
-step (no KV cache: each step re-runs the decoder over the prefix, fine for the short texts of latent tools), picks
-the next token greedily or by sampling (temperature, top-k, top-p) over the full, padding-free vocabulary
-(``gather_logits`` trims the padded ids), stops a sequence at ``eos`` and returns token lists without bos/eos.
+``generate_from_memory(model, memory, memory_mask, bos, eos, max_new_tokens, ...)`` decodes with the decoder's
+inference cache (``EncoderDecoderModel.new_inference_cache``: self-attention keys/values appended step by step,
+cross-attention keys/values projected from the memory once; a Mega decoder uses its own state) through the shared
+decoding session and sampling code of ``megatron_ext.inference.generation``: the next token is picked greedily or
+by sampling (temperature, top-k, top-p) over the full, padding-free vocabulary (``gather_logits`` trims the padded
+ids), a sequence stops at ``eos`` (finished rows leave the batch) and token lists come back without bos/eos.
+``use_cache=False`` re-runs the decoder over the prefix at every step (the reference; same tokens).
 """
 from __future__ import annotations
 
@@ -11,20 +14,12 @@ from typing import List, Optional
 
 import torch
 
+from megatron_ext.inference.generation import EncDecSession, choose_tokens, filter_logits, process_logits
+
 
 def _filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    if top_k and top_k > 0:
-        k = min(int(top_k), logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        cum = probs.cumsum(dim=-1)
-        remove = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p (always >= 1 token)
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    return logits
+    """``filter_logits`` with this module's historical conventions (``top_k=0`` / ``top_p=1.0`` = off)."""
+    return filter_logits(logits, top_k if top_k and top_k > 0 else None, top_p if top_p < 1.0 else None)
 
 
 @torch.no_grad()
@@ -42,44 +37,51 @@ def generate_from_memory(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     banned_ids: Optional[List[int]] = None,
+    use_cache: bool = True,
 ) -> List[List[int]]:
-    """Decode ``B`` sequences from ``memory`` ``[S, B, H]``. ``banned_ids`` (e.g. pad, mask) are never produced."""
-    if max_new_tokens < 1:
+    """Decode ``B`` sequences from ``memory`` ``[S, B, H]``. ``banned_ids`` (e.g. pad, mask) are never produced.
+    At most ``min(max_new_tokens, seq_length_dec - 1)`` tokens (the decoder was trained on ``seq_length_dec``
+    positions: bos + text)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature={temperature}: expected > 0 when sampling")
-    was_training = model.training
-    model.eval()
-    b = memory.shape[1]
-    device = memory.device
-    tokens = torch.full((b, 1), int(bos), dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    out: List[List[int]] = [[] for _ in range(b)]
+    if memory.dim() != 3:
+        raise ValueError(f"memory must be [S, B, H], got shape {tuple(memory.shape)}")
     limit = max_new_tokens
     cfg = getattr(model, "config", None)
     if cfg is not None:  # the decoder was trained on seq_length_dec positions (bos + text)
         from megatron_ext.models.encoder_decoder import resolve_seq_length_dec
 
-        limit = min(limit, resolve_seq_length_dec(cfg) - 1)
+        limit = max(1, min(limit, resolve_seq_length_dec(cfg) - 1))
+    top_k = int(top_k) if top_k and top_k > 0 else None
+    top_p = float(top_p) if top_p < 1.0 else None
+    was_training = model.training
+    model.eval()
+    b = memory.shape[1]
+    out: List[List[int]] = [[] for _ in range(b)]
     try:
-        for _ in range(limit):
-            logits = model.gather_logits(model.decode(tokens, memory, memory_mask))[:, -1, :].float()
-            if banned_ids:
-                logits[:, list(banned_ids)] = float("-inf")
-            if greedy:
-                nxt = logits.argmax(dim=-1)
-            else:
-                probs = torch.softmax(_filter_logits(logits / temperature, top_k, top_p), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            for i in range(b):
-                if not done[i]:
-                    if int(nxt[i]) == eos:
-                        done[i] = True
-                    else:
-                        out[i].append(int(nxt[i]))
-            if bool(done.all()):
+        session = EncDecSession(model, memory, memory_mask, start_id=int(bos), max_new_tokens=limit,
+                                use_cache=bool(use_cache) and bool(getattr(model, "supports_inference_cache", True)))
+        active = list(range(b))
+        for step in range(limit):
+            logits = process_logits(session.logits, banned=banned_ids)
+            nxt = choose_tokens(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator)
+            keep = []
+            for j, tok in enumerate(nxt.tolist()):
+                if int(tok) == int(eos):
+                    continue
+                out[active[j]].append(int(tok))
+                keep.append(j)
+            if not keep or step == limit - 1:
                 break
-            tokens = torch.cat([tokens, nxt.view(b, 1)], dim=1)
+            if len(keep) < len(active):
+                rows = torch.tensor(keep, dtype=torch.long, device=nxt.device)
+                session.select(rows)
+                nxt = nxt.index_select(0, rows)
+                active = [active[j] for j in keep]
+            session.step(nxt)
     finally:
         model.train(was_training)
     return out

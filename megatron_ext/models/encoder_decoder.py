@@ -45,12 +45,20 @@ Perceiver latents are Xavier-normal; biases 0, norm weights 1.
 
 Padded vocabulary: as GPT (``mask_vocab_padding``): the padding logits are -inf, so the loss does
 not depend on the TP size. Pipeline parallelism is not supported (ConfigError).
+
+Incremental decoding (generation only; the training forward is unchanged): ``new_inference_cache(b, max_length)``
+gives a per-rank ``KVCache`` for the transformer decoder (self-attention keys/values appended step by step, the
+cross-attention keys/values projected from the encoder memory on the first step and reused) or a
+``MegaInferenceCache`` for a Mega decoder (Mega's own state, cross-attention keys/values included), and
+``decode(new_tokens, hiddens, hiddens_mask, inference_cache=cache)`` runs the decoder on the new tokens only, at
+positions continuing from the cache (learned decoder positions / rope angles offset accordingly).
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.errors import ConfigError, DataError
@@ -283,21 +291,30 @@ class EncoderDecoderEmbedding(nn.Module):
         self.encoder_position_embeddings = tables["encoder"]
         self.decoder_position_embeddings = tables["decoder"]
 
-    def _embed(self, tokens: torch.Tensor, table: Optional[nn.Embedding], p: float, side: str) -> torch.Tensor:
+    def _embed(self, tokens: torch.Tensor, table: Optional[nn.Embedding], p: float, side: str,
+               position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.word_embeddings(tokens)
         if table is not None:
             s = tokens.shape[1]
-            if s > self.max_position_embeddings:
-                raise DataError(f"{side} input length {s} exceeds model.max_position_embeddings="
-                                f"{self.max_position_embeddings}")
-            x = x + table.weight[:s]
+            if position_ids is not None:
+                top = int(position_ids.max().item()) if position_ids.numel() else -1
+                if top >= self.max_position_embeddings:
+                    raise DataError(f"{side} position {top} is beyond model.max_position_embeddings="
+                                    f"{self.max_position_embeddings} (learned positions)")
+                x = x + F.embedding(position_ids, table.weight)
+            else:
+                if s > self.max_position_embeddings:
+                    raise DataError(f"{side} input length {s} exceeds model.max_position_embeddings="
+                                    f"{self.max_position_embeddings}")
+                x = x + table.weight[:s]
         return dropout(x, p, self.training)
 
     def embed_encoder(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._embed(tokens, self.encoder_position_embeddings, self.enc_dropout, "encoder")
 
-    def embed_decoder(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._embed(tokens, self.decoder_position_embeddings, self.dec_dropout, "decoder")
+    def embed_decoder(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``position_ids`` ``[b, s]`` (incremental decoding) index the decoder table; default ``0 .. s-1``."""
+        return self._embed(tokens, self.decoder_position_embeddings, self.dec_dropout, "decoder", position_ids)
 
 
 class EncoderDecoderModel(LMHeadMixin, nn.Module):
@@ -314,6 +331,9 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
     The decoder is causal and needs no mask of its own (padding sits after the real tokens and is
     excluded by the loss mask). A sample whose ``enc_mask`` (or ``hiddens_mask``) has no True entry is
     treated as all-real (its padding is attended), so it stays finite on every attention backend.
+
+    Generation: ``decode(new_tokens, hiddens, hiddens_mask, inference_cache=model.new_inference_cache(b, n))``
+    decodes incrementally (module docstring); pass the same ``hiddens`` / ``hiddens_mask`` at every step.
     """
 
     def __init__(
@@ -467,15 +487,41 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
                                                                              device=enc_tokens.device)
         return {"hiddens": hiddens, "hiddens_mask": hiddens_mask}
 
+    @property
+    def supports_inference_cache(self) -> bool:
+        if self.decoder_arch == "mega":
+            return self.decoder.supports_inference_cache
+        return True
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The longest encoder / decoder input the learned positions allow; None with rope."""
+        return self.max_position_embeddings if self.embedding.decoder_position_embeddings is not None else None
+
+    def new_inference_cache(self, batch_size: int, max_length: int):
+        """An empty decoder cache for ``batch_size`` rows of up to ``max_length`` decoder positions."""
+        if self.decoder_arch == "mega":
+            from megatron_ext.models.mega_lm import MegaInferenceCache
+
+            if not self.decoder.supports_inference_cache:
+                raise ValueError(f"model.decoder.mega.truncation={self.config.decoder.mega.truncation!r}: a "
+                                 f"truncated EMA has no finite state to cache; generate with use_cache=False")
+            return MegaInferenceCache(batch_size, max_length)
+        from megatron_ext.modules.attention import KVCache
+
+        return KVCache(batch_size, max_length)
+
     def decode(
         self,
         dec_tokens: torch.Tensor,
         hiddens: torch.Tensor,
         hiddens_mask: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        inference_cache=None,
     ) -> torch.Tensor:
         """``dec_tokens`` ``[b, s_dec]``, ``hiddens`` ``[S_enc, b, h]``, ``hiddens_mask`` ``[b, S_enc]`` (True = attend;
-        None = all) -> per-token CE ``[b, s_dec]`` (with ``labels``) or vocab-parallel logits."""
+        None = all) -> per-token CE ``[b, s_dec]`` (with ``labels``) or vocab-parallel logits. With
+        ``inference_cache`` ``dec_tokens`` are the new tokens of an incremental step (logits only)."""
         if dec_tokens.dim() != 2:
             raise DataError(f"dec_tokens must be [batch, seq], got shape {tuple(dec_tokens.shape)}")
         b = dec_tokens.shape[0]
@@ -490,6 +536,10 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
                                 f"[S_enc={s_enc}, batch={b}]")
             keep_mask = _no_empty_rows(hiddens_mask.bool())
             context_mask = (~keep_mask).view(b, 1, 1, s_enc)
+        if inference_cache is not None:
+            if labels is not None:
+                raise DataError("inference_cache: labels are not accepted (incremental decoding)")
+            return self._decode_cached(dec_tokens, hiddens, keep_mask, context_mask, inference_cache)
         y = self.embedding.embed_decoder(dec_tokens)
         context = hiddens.transpose(0, 1).contiguous()
         if self.decoder_arch == "mega":
@@ -500,6 +550,27 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
         if labels is None:
             return logits
         return self.loss_from_logits(logits, labels)
+
+    def _decode_cached(self, dec_tokens, hiddens, keep_mask, context_mask, cache) -> torch.Tensor:
+        positions = cache.begin_step(None, dec_tokens.shape[1], dec_tokens.device)
+        try:
+            y = self.embedding.embed_decoder(dec_tokens, positions)
+            if self.decoder_arch == "mega":
+                first = cache.past is None
+                context = hiddens.transpose(0, 1) if first else None  # later steps reuse the cached keys/values
+                y = self.decoder.incremental(y, cache, context, keep_mask)
+            else:
+                first = not cache.layers or cache.layers[0].cross_k is None
+                context = hiddens.transpose(0, 1) if first else None
+                rotary = None
+                if self.decoder_rotary_pos_emb is not None:
+                    rotary = self.decoder_rotary_pos_emb.cos_sin(y.shape[1], y.device, y.dtype, positions)
+                y = self.decoder(y, context, None, context_mask, rotary, None, inference_cache=cache)
+        except BaseException:
+            cache.abort_step()
+            raise
+        cache.end_step()
+        return self.compute_logits(y)
 
     def encode_latents(self, enc_tokens: torch.Tensor, enc_mask: Optional[torch.Tensor] = None,
                        batch_data: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:

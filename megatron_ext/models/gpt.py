@@ -25,6 +25,12 @@ at full size on the CPU, each component (embedding, layer i, output layer) from 
 seeded by ``(init_seed, component)`` (``init_seed_scope``), so the same seed gives the same full
 model at any TP size *and* any pipeline split (a pipeline stage builds only its own components).
 
+Generation (``megatron_ext.inference.generation``): ``forward(..., padding_mask=[b, s])`` runs a left-padded
+batch of prompts as if every prompt were alone (each row's positions start at its first real token, padding keys
+are masked out); ``forward(..., inference_cache=model.new_inference_cache(b, max_length))`` is incremental decoding
+with a per-rank key/value cache (``megatron_ext.modules.attention.KVCache``: learned positions / rope angles at
+each row's own offsets). Neither is used by training, whose forward is unchanged.
+
 Padded vocabulary: the vocabulary is padded to a multiple of ``make_vocab_size_divisible_by * tp``
 for even TP shards. The padding columns of the logits are set to ``-inf`` before the loss, so they
 never enter the softmax: the loss does not depend on the padding (Megatron-LM and NeMo let them
@@ -283,6 +289,22 @@ def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, cache: Optional[di
     return logits.masked_fill(mask, float("-inf"))
 
 
+def padded_causal_mask(padding_mask: torch.Tensor):
+    """Left-padded batch without a cache: ``padding_mask`` ``[b, s]`` (True = real token) -> (``attention_mask``
+    ``[b, 1, s, s]`` bool, True = may NOT attend (megatron convention): causal, padding keys masked, every query
+    sees at least itself; ``position_ids`` ``[b, s]``: each row counts its real tokens from 0)."""
+    if padding_mask.dim() != 2:
+        raise DataError(f"padding_mask must be [batch, seq] (True = real token), got shape "
+                        f"{tuple(padding_mask.shape)}")
+    real = padding_mask.bool()
+    s = real.shape[1]
+    pos = torch.arange(s, device=real.device)
+    causal = pos[None, :] <= pos[:, None]  # [s, s]: key j <= query i
+    allowed = (causal & real[:, None, :]) | torch.eye(s, dtype=torch.bool, device=real.device)
+    position_ids = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+    return ~allowed[:, None], position_ids
+
+
 class LMHeadMixin:
     """The LM head shared by ``GPTModel`` and ``EncoderDecoderModel``. Needs ``embedding.word_embeddings``,
     ``output_layer`` (a column-parallel projection, weight-less when tied), ``share_embeddings_and_output_weights``,
@@ -332,7 +354,13 @@ class GPTModel(LMHeadMixin, nn.Module):
     ``attention_mask`` (optional, megatron convention: bool, ``True`` = may not attend,
     broadcastable to ``[b, 1, s, s]``, already causal) replaces the built-in causal mask, e.g.
     for ``reset_attention_mask`` documents. Activations are ``[b, s, h]``.
+
+    Generation only (see the module docstring): ``padding_mask`` ``[b, s]`` (True = real token) for a left-padded
+    batch, and ``inference_cache`` (from ``new_inference_cache``) for incremental decoding -- ``tokens`` are then
+    the new tokens only (``padding_mask`` covers them), positions continue from the cache.
     """
+
+    supports_inference_cache = True
 
     def __init__(
         self,
@@ -399,19 +427,60 @@ class GPTModel(LMHeadMixin, nn.Module):
             hidden_states.shape[1], hidden_states.device, hidden_states.dtype, position_ids
         )
 
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The longest sequence the positions allow (learned table size), None for rope (unbounded)."""
+        return self.embedding.max_position_embeddings
+
+    def new_inference_cache(self, batch_size: int, max_length: int):
+        """An empty per-rank ``KVCache`` for ``batch_size`` rows of up to ``max_length`` positions."""
+        from megatron_ext.modules.attention import KVCache
+
+        return KVCache(batch_size, max_length)
+
     def forward(
         self,
         tokens: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        inference_cache=None,
     ) -> torch.Tensor:
+        if inference_cache is not None:
+            return self._forward_cached(tokens, inference_cache, padding_mask, labels, attention_mask, position_ids)
+        if padding_mask is not None:
+            if attention_mask is not None or position_ids is not None:
+                raise DataError("padding_mask builds the attention mask and position ids itself: pass it without "
+                                "attention_mask / position_ids")
+            attention_mask, position_ids = padded_causal_mask(padding_mask)
         hidden = self.embedding(tokens, position_ids)
         hidden = self.decoder(hidden, attention_mask, self.rotary_cos_sin(hidden, position_ids))
         logits = self.compute_logits(hidden)
         if labels is None:
             return logits
         return self.loss_from_logits(logits, labels)
+
+    def _forward_cached(self, tokens, cache, padding_mask, labels, attention_mask, position_ids) -> torch.Tensor:
+        """Incremental step: ``tokens`` ``[b, s]`` are appended to ``cache`` -> their vocab-parallel logits."""
+        if labels is not None or attention_mask is not None or position_ids is not None:
+            raise DataError("inference_cache: labels, attention_mask and position_ids are not accepted (the cache "
+                            "tracks positions and masks; pass padding_mask for padded prompts)")
+        if tokens.dim() != 2:
+            raise DataError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        positions = cache.begin_step(padding_mask, tokens.shape[1], tokens.device)
+        try:
+            limit = self.max_positions
+            if limit is not None and cache.max_position() >= limit:
+                raise DataError(f"position {cache.max_position()} is beyond model.max_position_embeddings={limit} "
+                                f"(learned positions): the prompt plus the generated tokens must fit")
+            hidden = self.embedding(tokens, positions)
+            hidden = self.decoder(hidden, None, self.rotary_cos_sin(hidden, positions), inference_cache=cache)
+        except BaseException:
+            cache.abort_step()
+            raise
+        cache.end_step()
+        return self.compute_logits(hidden)
 
 
 __all__ = [
@@ -424,6 +493,7 @@ __all__ = [
     "mask_vocab_padding",
     "gather_vocab_parallel_logits",
     "GPTEmbedding",
+    "padded_causal_mask",
     "validate_model_config",
     "resolve_ffn_hidden_size",
     "resolve_max_position_embeddings",

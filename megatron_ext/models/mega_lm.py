@@ -16,6 +16,16 @@ them are set to something other than their default. Mega's layers are plain ``nn
 parallelism are refused with a clear error; data parallelism and ZeRO 0-3 work.
 
 A pre-norm Mega stack (``normalize_before_mega``) ends with a final norm of ``normalization_type``.
+
+Incremental decoding reuses Mega's own per-layer state (``megatron_ext.modules.mega.MegaCache``: the current
+chunk's keys/values, the EMA state, the cross-attention keys/values) wrapped in :class:`MegaInferenceCache`, which
+shares the bookkeeping of the transformer ``KVCache`` (``megatron_ext.modules.attention.InferenceCache``: length,
+real-token history mask, row selection), so generation drives every family the same way:
+``MegaGPTModel.forward(new_tokens, padding_mask=..., inference_cache=model.new_inference_cache(b, max_length))``.
+A left-padded batch is exact without chunking (padding is zeroed before the EMA and masked as keys, and the
+relative bias only depends on distances); with ``chunk_size > 0`` the chunk boundaries move with the padding, so
+``megatron_ext.inference.generation`` runs prompts of different lengths as separate sub-batches there. A truncated
+EMA (``model.mega.truncation``) has no finite state: ``supports_inference_cache`` is then False.
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ from torch import nn
 
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.models.gpt import LMHeadMixin
+from megatron_ext.modules.attention import InferenceCache
 from megatron_ext.modules.mega_ema import EMA_IMPL_CHOICES
 
 log = logging.getLogger("megatron_ext")
@@ -172,8 +183,48 @@ class MegaStack(nn.Module):
         """``hidden_states`` ``[b, s, D]``; masks ``[b, s]`` / ``[b, S]`` with 1/True = real token."""
         out = self.mega(inputs_embeds=hidden_states, attention_mask=attention_mask,
                         encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
-                        return_dict=True).last_hidden_state
+                        use_cache=False, return_dict=True).last_hidden_state
         return self.final_norm(out) if self.final_norm is not None else out
+
+    @property
+    def supports_inference_cache(self) -> bool:
+        """A causal stack without EMA truncation (a truncated EMA has no finite recurrent state)."""
+        return bool(self.config.is_decoder) and self.config.truncation is None
+
+    def incremental(self, hidden_states: torch.Tensor, cache: "MegaInferenceCache",
+                    encoder_hidden_states: Optional[torch.Tensor] = None,
+                    encoder_attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One decoding step over the new tokens' embeddings ``[b, s, D]``; ``cache.begin_step`` must have been
+        called (it holds the real-token history). Updates ``cache.past`` in place."""
+        if not self.supports_inference_cache:
+            raise ValueError("this Mega stack cannot decode incrementally: it needs is_decoder=True and no EMA "
+                             f"truncation (model.mega.truncation={self.config.truncation!r})")
+        out = self.mega(inputs_embeds=hidden_states, attention_mask=cache.history_mask(),
+                        encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                        past_key_values=cache.past, use_cache=True, return_dict=True)
+        cache.past = out.past_key_values
+        hidden = out.last_hidden_state
+        return self.final_norm(hidden) if self.final_norm is not None else hidden
+
+
+class MegaInferenceCache(InferenceCache):
+    """The incremental state of a Mega stack: ``past`` (a tuple with one ``MegaCache`` per layer, None before the
+    first step) plus the shared bookkeeping of ``InferenceCache`` (see the module docstring)."""
+
+    def __init__(self, batch_size: int, max_length: int):
+        super().__init__(batch_size, max_length)
+        self.past: Optional[tuple] = None
+
+    def _index_select_state(self, rows: torch.Tensor) -> None:
+        if self.past is None:
+            return
+        from megatron_ext.modules.mega import MegaCache
+
+        self.past = tuple(
+            MegaCache(tuple(None if t is None else t.index_select(0, rows.to(t.device)) for t in layer),
+                      seen_tokens=getattr(layer, "seen_tokens", None))
+            for layer in self.past
+        )
 
 
 def build_mega_stack(stack_cfg, *, seq_length: int, is_decoder: bool, add_cross_attention: bool = False) -> MegaStack:
@@ -191,6 +242,9 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
     ``forward(tokens [b, s], position_ids=None, labels=None, attention_mask=None)``: per-token CE ``[b, s]`` with
     ``labels``, else vocab-parallel logits ``[b, s, padded_vocab]``. Positions come from Mega's relative bias, so
     ``position_ids`` is ignored; ``attention_mask`` (document-reset masks) is not supported (an error).
+
+    Generation only: ``padding_mask`` ``[b, s]`` (True = real token; a left-padded batch) and ``inference_cache``
+    (``new_inference_cache(b, max_length)``; ``tokens`` are then the new tokens) -- see the module docstring.
     """
 
     def __init__(self, cfg, vocab_size: int, *, init_seed: Optional[int] = None, use_cuda: Optional[bool] = None,
@@ -239,14 +293,44 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
                                                    tied=self.share_embeddings_and_output_weights)
         self._pad_masks: dict = {}
 
+    @property
+    def supports_inference_cache(self) -> bool:
+        return self.decoder.supports_inference_cache
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """Mega has no position table: None (the simple relative bias's window is checked by the layers)."""
+        return None
+
+    def new_inference_cache(self, batch_size: int, max_length: int) -> MegaInferenceCache:
+        if not self.supports_inference_cache:
+            raise ValueError(f"model.mega.truncation={self.config.mega.truncation!r}: a truncated EMA has no "
+                             f"finite state to cache; generate with use_cache=False")
+        return MegaInferenceCache(batch_size, max_length)
+
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                padding_mask: Optional[torch.Tensor] = None, inference_cache=None) -> torch.Tensor:
         if attention_mask is not None:
             raise DataError("model.arch=mega does not take an explicit attention_mask (document-reset masks, "
                             "model.data.reset_attention_mask): Mega's EMA runs across the whole sequence")
         if tokens.dim() != 2:
             raise DataError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-        hidden = self.decoder(self.embedding(tokens))
+        if padding_mask is not None and tuple(padding_mask.shape) != tuple(tokens.shape):
+            raise DataError(f"padding_mask shape {tuple(padding_mask.shape)} does not match tokens "
+                            f"{tuple(tokens.shape)}")
+        if inference_cache is not None:
+            if labels is not None:
+                raise DataError("inference_cache: labels are not accepted (incremental decoding)")
+            inference_cache.begin_step(padding_mask, tokens.shape[1], tokens.device)
+            try:
+                hidden = self.decoder.incremental(self.embedding(tokens), inference_cache)
+            except BaseException:
+                inference_cache.abort_step()
+                raise
+            inference_cache.end_step()
+            return self.compute_logits(hidden)
+        hidden = self.decoder(self.embedding(tokens), padding_mask)
         logits = self.compute_logits(hidden)
         if labels is None:
             return logits
@@ -272,4 +356,5 @@ class _MegaEmbedding(nn.Module):
         return nn.functional.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
 
-__all__ = ["MegaGPTModel", "MegaStack", "build_mega_stack", "mega_config_from", "validate_mega_arch"]
+__all__ = ["MegaGPTModel", "MegaStack", "MegaInferenceCache", "build_mega_stack", "mega_config_from",
+           "validate_mega_arch"]

@@ -12,11 +12,34 @@ position that may **not** be attended (broadcastable to ``[b, heads, s_q, s_kv]`
 mask, self-attention is causal via SDPA's ``is_causal=True`` (fused kernel, no mask tensor).
 Attention-probability dropout runs inside the RNG tracker's model-parallel fork, so each TP rank
 draws an independent mask for its own heads.
+
+Incremental decoding (KV cache)
+-------------------------------
+The design follows megatron's ``InferenceParams``: one mutable :class:`KVCache` object per generation batch is
+passed down the stack (``GPTModel.forward(..., inference_cache=cache)`` -> ``TransformerBlock`` -> every layer
+gets ``cache.layer(i)``, a :class:`LayerKVCache`). It is off unless asked: without ``inference_cache`` /
+``kv_cache`` the training forward runs exactly as before (no buffer, no extra mask).
+
+* Buffers: per layer ``k``/``v`` ``[b, heads_on_this_rank, max_length, head_dim]``, allocated on the first write
+  (dtype/device of the keys). With TP > 1 each rank caches only its own heads -- the cache is per rank, and the
+  QKV/output projections' collectives are the same as in the uncached forward. Cross-attention (the
+  encoder-decoder's decoder) caches its projected ``cross_k``/``cross_v`` ``[b, heads, S_enc, head_dim]`` on the
+  first call, so the encoder memory is projected once per generation.
+* Bookkeeping shared by every family (:class:`InferenceCache`, also the base of the Mega state cache):
+  ``length`` (positions written, the same for every row), ``key_mask`` ``[b, max_length]`` (True = real token;
+  ``None`` while every position is real) and ``num_real`` ``[b]`` (real tokens per row). A model step
+  (``begin_step(new_mask, s)``) derives the new tokens' position ids from ``num_real`` -- a left-padded row's
+  first real token gets position 0, as if the prompt were alone -- and records their padding; ``end_step(s)``
+  advances ``length`` once the whole stack has run.
+* Masks: the step's SDPA mask allows query ``length + i`` to see key ``j <= length + i`` whose ``key_mask`` is
+  True, plus always its own position (so a padding query row is never empty; its output is never read). With no
+  padding a one-token step needs no mask at all and a prefill uses the causal kernel.
+* ``index_select(rows)`` reorders / drops / repeats rows of every buffer (beam search, finished rows).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +210,11 @@ class ParallelSelfAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        kv_cache: Optional["LayerKVCache"] = None,
     ) -> torch.Tensor:
+        """``kv_cache`` (incremental decoding, see the module docstring): ``hidden_states`` are the new tokens;
+        their keys/values are appended to the cache and the queries attend to every cached position under the
+        cache's step mask (``attention_mask`` must then be None)."""
         b, s, _ = hidden_states.shape
         nh, hd = self.num_heads_per_partition, self.head_dim
         qkv, _ = self.linear_qkv(hidden_states)  # [b, s, nh * 3 * hd]
@@ -197,9 +224,19 @@ class ParallelSelfAttention(nn.Module):
             q = apply_rotary(q, cos, sin)
             k = apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, nh, s, hd]
-        mask = _sdpa_mask(attention_mask)
         dropout_p = self.attention_dropout if self.training else 0.0
-        ctx = _sdpa(q, k, v, mask, self.causal and mask is None, dropout_p)  # [b, nh, s, hd]
+        if kv_cache is not None:
+            if attention_mask is not None:
+                raise ValueError("attention_mask must be None with a KV cache: the cache builds the step mask "
+                                 "from its key padding mask")
+            if not self.causal:
+                raise ValueError("a KV cache needs causal self-attention (a decoder)")
+            k, v = kv_cache.append(k, v)  # [b, nh, length + s, hd]
+            mask, causal = kv_cache.owner.step_mask()
+            ctx = _sdpa(q, k, v, mask, causal, dropout_p)
+        else:
+            mask = _sdpa_mask(attention_mask)
+            ctx = _sdpa(q, k, v, mask, self.causal and mask is None, dropout_p)  # [b, nh, s, hd]
         ctx = ctx.transpose(1, 2).reshape(b, s, nh * hd)
         out, _ = self.linear_proj(ctx)
         return out
@@ -256,23 +293,34 @@ class ParallelCrossAttention(nn.Module):
         context: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         key_rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        kv_cache: Optional["LayerKVCache"] = None,
     ) -> torch.Tensor:
         """``hidden_states`` ``[b, s_q, h]``, ``context`` ``[b, s_kv, h_kv]``; ``attention_mask``
         (True = masked) broadcastable to ``[b, heads, s_q, s_kv]``, e.g. ``[b, 1, 1, s_kv]`` padding.
 
         ``key_rotary_cos_sin`` (optional, from ``RotaryEmbedding.cos_sin`` over the context positions) rotates the
         keys only: every query sits at position 0, so the score depends on the key's position (the Perceiver's
-        latents have no order, but its token inputs would otherwise carry no position under rope)."""
+        latents have no order, but its token inputs would otherwise carry no position under rope).
+
+        ``kv_cache`` (incremental decoding): the projected keys/values of ``context`` are computed on the first
+        call and reused afterwards (``context`` is then not read; it may be None)."""
         b, sq, _ = hidden_states.shape
-        skv = context.shape[1]
         nh, hd = self.num_heads_per_partition, self.head_dim
         q, _ = self.linear_q(hidden_states)
-        kv, _ = self.linear_kv(context)
         q = q.view(b, sq, nh, hd).transpose(1, 2)
-        k, v = kv.view(b, skv, nh, 2, hd).unbind(3)  # [b, skv, nh, hd]
-        if key_rotary_cos_sin is not None:
-            k = apply_rotary(k, *key_rotary_cos_sin)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None and kv_cache.cross_k is not None:
+            k, v = kv_cache.cross_k, kv_cache.cross_v
+        else:
+            if context is None:
+                raise ValueError("cross-attention needs the context (encoder output) on its first call")
+            skv = context.shape[1]
+            kv, _ = self.linear_kv(context)
+            k, v = kv.view(b, skv, nh, 2, hd).unbind(3)  # [b, skv, nh, hd]
+            if key_rotary_cos_sin is not None:
+                k = apply_rotary(k, *key_rotary_cos_sin)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            if kv_cache is not None:
+                kv_cache.cross_k, kv_cache.cross_v = k, v
         dropout_p = self.attention_dropout if self.training else 0.0
         ctx = _sdpa(q, k, v, _sdpa_mask(attention_mask), False, dropout_p)
         ctx = ctx.transpose(1, 2).reshape(b, sq, nh * hd)
@@ -280,4 +328,195 @@ class ParallelCrossAttention(nn.Module):
         return out
 
 
-__all__ = ["ParallelSelfAttention", "ParallelCrossAttention", "ensure_rng_tracker_seeded"]
+# ---------------------------------------------------------------------------------------------------------------
+# incremental decoding
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected an integer >= {minimum}")
+    return int(value)
+
+
+class InferenceCache:
+    """Family-independent incremental-decoding bookkeeping (see the module docstring): ``length``,
+    ``key_mask`` (True = real token, None while all are real), ``num_real`` (real tokens per row).
+    Subclasses hold the model state (:class:`KVCache`: attention keys/values; the Mega models' state cache)."""
+
+    def __init__(self, batch_size: int, max_length: int):
+        self.batch_size = _check_count("batch_size", batch_size, 1)
+        self.max_length = _check_count("max_length", max_length, 1)
+        self.length = 0
+        self.key_mask: Optional[torch.Tensor] = None
+        self.num_real: Optional[torch.Tensor] = None
+        self._step: Optional[int] = None  # tokens of the step in progress
+        self._num_real_before: Optional[torch.Tensor] = None
+
+    def begin_step(self, new_mask: Optional[torch.Tensor], s: int, device: torch.device) -> torch.Tensor:
+        """Start a step of ``s`` new tokens per row; ``new_mask`` ``[b, s]`` (True = real; None = all real).
+        Records their padding and returns their position ids ``[b, s]`` (real tokens counted per row)."""
+        if self._step is not None:
+            raise RuntimeError("InferenceCache: the previous step did not finish (an error inside the model?); "
+                               "start generation again with a new cache")
+        if s < 1:
+            raise ValueError("an incremental step needs at least one new token")
+        if self.length + s > self.max_length:
+            raise ValueError(f"the cache holds max_length={self.max_length} positions; {self.length} are used and "
+                             f"{s} more were given")
+        b = self.batch_size
+        if self.num_real is None:
+            self.num_real = torch.zeros(b, dtype=torch.long, device=device)
+        self._num_real_before = self.num_real
+        if new_mask is not None:
+            if tuple(new_mask.shape) != (b, s):
+                raise ValueError(f"padding_mask shape {tuple(new_mask.shape)}: expected [batch={b}, new tokens={s}]")
+            new_mask = new_mask.to(device=device, dtype=torch.bool)
+            if self.key_mask is None:
+                self.key_mask = torch.ones(b, self.max_length, dtype=torch.bool, device=device)
+            self.key_mask[:, self.length:self.length + s] = new_mask
+            counts = new_mask.long().cumsum(dim=1)
+            positions = (self.num_real[:, None] + counts - 1).clamp(min=0)
+            self.num_real = self.num_real + counts[:, -1]
+        else:
+            if self.key_mask is not None:
+                self.key_mask[:, self.length:self.length + s] = True
+            positions = self.num_real[:, None] + torch.arange(s, device=device)
+            self.num_real = self.num_real + s
+        self._step = s
+        return positions
+
+    def end_step(self) -> None:
+        self.length += int(self._step)
+        self._step = None
+
+    def abort_step(self) -> None:
+        """Forget the step in progress (the model raised): positions and length are as before it."""
+        if self._step is not None:
+            self.num_real = self._num_real_before
+        self._step = None
+
+    def history_mask(self) -> Optional[torch.Tensor]:
+        """``[b, length + s]`` real-token mask of everything seen so far including the step in progress."""
+        if self.key_mask is None:
+            return None
+        return self.key_mask[:, : self.length + (self._step or 0)]
+
+    def max_position(self) -> int:
+        """The largest position id used so far (-1 before the first step)."""
+        return -1 if self.num_real is None else int(self.num_real.max().item()) - 1
+
+    def index_select(self, rows: torch.Tensor) -> None:
+        """Keep rows ``rows`` (a 1-D index: reorder, drop or repeat rows) of every state tensor."""
+        rows = rows.to(dtype=torch.long)
+        if rows.dim() != 1 or rows.numel() < 1:
+            raise ValueError("index_select needs a non-empty 1-D index of rows")
+        if self.num_real is not None:
+            rows = rows.to(self.num_real.device)
+            self.num_real = self.num_real.index_select(0, rows)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, rows.to(self.key_mask.device))
+        self._index_select_state(rows)
+        self.batch_size = int(rows.numel())
+
+    def _index_select_state(self, rows: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LayerKVCache:
+    """One attention layer's buffers in a :class:`KVCache`: self-attention ``k``/``v``
+    ``[b, heads_on_this_rank, max_length, head_dim]`` and the cross-attention ``cross_k``/``cross_v``."""
+
+    __slots__ = ("owner", "k", "v", "cross_k", "cross_v")
+
+    def __init__(self, owner: "KVCache"):
+        self.owner = owner
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        self.cross_k: Optional[torch.Tensor] = None
+        self.cross_v: Optional[torch.Tensor] = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's keys/values ``[b, nh, s, hd]`` at ``owner.length``; -> all keys/values so far."""
+        owner = self.owner
+        b, nh, s, hd = k.shape
+        if b != owner.batch_size:
+            raise ValueError(f"the KV cache holds {owner.batch_size} rows, the input has {b}")
+        if self.k is None:
+            shape = (b, nh, owner.max_length, hd)
+            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+        start, end = owner.length, owner.length + s
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def index_select(self, rows: torch.Tensor) -> None:
+        for name in ("k", "v", "cross_k", "cross_v"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, rows.to(t.device)))
+
+
+class KVCache(InferenceCache):
+    """Key/value cache of a transformer stack (see the module docstring). ``layer(i)`` is layer ``i``'s
+    :class:`LayerKVCache`; ``step_mask()`` the SDPA mask of the step in progress (built once per step)."""
+
+    def __init__(self, batch_size: int, max_length: int):
+        super().__init__(batch_size, max_length)
+        self.layers: List[LayerKVCache] = []
+        self._mask: Optional[Tuple[Optional[torch.Tensor], bool]] = None
+
+    def layer(self, i: int) -> LayerKVCache:
+        while len(self.layers) <= i:
+            self.layers.append(LayerKVCache(self))
+        return self.layers[i]
+
+    def begin_step(self, new_mask, s, device):
+        positions = super().begin_step(new_mask, s, device)
+        self._mask = None
+        return positions
+
+    def end_step(self) -> None:
+        super().end_step()
+        self._mask = None
+
+    def abort_step(self) -> None:
+        super().abort_step()
+        self._mask = None
+
+    def step_mask(self) -> Tuple[Optional[torch.Tensor], bool]:
+        """(SDPA mask ``[b, 1, s, length + s]`` with True = may attend, or None; is_causal) for the step."""
+        if self._mask is None:
+            self._mask = self._build_mask()
+        return self._mask
+
+    def _build_mask(self) -> Tuple[Optional[torch.Tensor], bool]:
+        s = int(self._step or 0)
+        start, end = self.length, self.length + s
+        if self.key_mask is None:
+            if s == 1:
+                return None, False  # one new query sees every cached key
+            if start == 0:
+                return None, True  # a fresh prefill: the causal kernel
+        device = self.num_real.device
+        qpos = torch.arange(start, end, device=device)[:, None]
+        kpos = torch.arange(end, device=device)[None, :]
+        allowed = kpos <= qpos  # [s, end]
+        if self.key_mask is not None:
+            allowed = (allowed & self.key_mask[:, None, :end]) | (kpos == qpos)  # [b, s, end]
+            return allowed[:, None], False
+        return allowed, False
+
+    def _index_select_state(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.index_select(rows)
+
+
+__all__ = [
+    "ParallelSelfAttention",
+    "ParallelCrossAttention",
+    "ensure_rng_tracker_seeded",
+    "InferenceCache",
+    "KVCache",
+    "LayerKVCache",
+]

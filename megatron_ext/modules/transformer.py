@@ -20,6 +20,11 @@ Encoder-decoder layers (``CrossAttentionTransformerLayer`` / ``CrossAttentionTra
 
 ``TransformerLayer(causal=False)`` with a padding mask ``[b, 1, 1, s]`` is the bidirectional
 encoder layer.
+
+Incremental decoding: ``TransformerBlock.forward(..., inference_cache=KVCache)`` (and the cross-attention block's)
+runs the layers on the new tokens only, layer ``i`` reading and extending ``inference_cache.layer(i)`` (see
+``megatron_ext.modules.attention``). The cache path never checkpoints (it runs under ``no_grad`` in practice); the
+training path is unchanged when no cache is given.
 """
 from __future__ import annotations
 
@@ -101,8 +106,9 @@ class TransformerLayer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        kv_cache=None,
     ) -> torch.Tensor:
-        attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_cos_sin)
+        attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_cos_sin, kv_cache)
         hidden_states = _residual_add(dropout(attn, self.hidden_dropout, self.training), hidden_states)
         mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
         return _residual_add(dropout(mlp, self.hidden_dropout, self.training), hidden_states)
@@ -179,12 +185,23 @@ class TransformerBlock(nn.Module):
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states
 
+    def _run_cached(self, hidden_states: torch.Tensor, inference_cache, *layer_args) -> torch.Tensor:
+        """Every layer on the new tokens with its slice of ``inference_cache``, then the final norm."""
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, *layer_args, kv_cache=inference_cache.layer(i))
+        if self.final_layernorm is not None:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        inference_cache=None,
     ) -> torch.Tensor:
+        if inference_cache is not None:
+            return self._run_cached(hidden_states, inference_cache, attention_mask, rotary_cos_sin)
         return self._run(hidden_states, attention_mask, rotary_cos_sin)
 
 
@@ -225,15 +242,16 @@ class CrossAttentionTransformerLayer(TransformerLayer):
         context_mask: Optional[torch.Tensor] = None,
         rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         context_rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        kv_cache=None,
     ) -> torch.Tensor:
         """``hidden_states`` ``[b, s, h]``, ``context`` ``[b, s_ctx, h_kv]``; ``attention_mask`` for the
         self-attention (None: causal or full per ``causal``), ``context_mask`` (True = masked) broadcastable
         to ``[b, heads, s, s_ctx]``; ``rotary_cos_sin`` rotates self-attention q/k, ``context_rotary_cos_sin``
-        the cross-attention keys."""
-        attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_cos_sin)
+        the cross-attention keys; ``kv_cache`` (a ``LayerKVCache``) for incremental decoding."""
+        attn = self.self_attention(self.input_layernorm(hidden_states), attention_mask, rotary_cos_sin, kv_cache)
         hidden_states = _residual_add(dropout(attn, self.hidden_dropout, self.training), hidden_states)
         cross = self.cross_attention(self.pre_cross_attn_layernorm(hidden_states), context, context_mask,
-                                     context_rotary_cos_sin)
+                                     context_rotary_cos_sin, kv_cache)
         hidden_states = _residual_add(dropout(cross, self.hidden_dropout, self.training), hidden_states)
         mlp = self.mlp(self.pre_mlp_layernorm(hidden_states))
         return _residual_add(dropout(mlp, self.hidden_dropout, self.training), hidden_states)
@@ -253,7 +271,11 @@ class CrossAttentionTransformerBlock(TransformerBlock):
         context_mask: Optional[torch.Tensor] = None,
         rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
         context_rotary_cos_sin: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        inference_cache=None,
     ) -> torch.Tensor:
+        if inference_cache is not None:
+            return self._run_cached(hidden_states, inference_cache, context, attention_mask, context_mask,
+                                    rotary_cos_sin, context_rotary_cos_sin)
         return self._run(hidden_states, context, attention_mask, context_mask, rotary_cos_sin,
                          context_rotary_cos_sin)
 
