@@ -307,3 +307,22 @@ def test_save_to_from_a_pipeline(tmp_path):
         if k.endswith(A.VOCAB_SUFFIXES):
             a, b = a[:vocab], b[:vocab]
         assert torch.equal(a, b), k
+
+
+def test_save_to_and_restore_from_on_the_model_classes(tmp_path):
+    from megatron_ext.models.encoder_decoder import EncoderDecoderModel
+    from megatron_ext.models.gpt import GPTModel
+
+    lm = _lm("gpt")
+    with pytest.raises(CheckpointError, match="pass them"):
+        lm.model.save_to(str(tmp_path / "x.mext"))
+    path = lm.model.save_to(str(tmp_path / "m.mext"), tokenizer=lm.tokenizer, config=lm.config)
+    model = GPTModel.restore_from(path)
+    assert isinstance(model, GPTModel) and model.tokenizer.vocab_size == lm.tokenizer.vocab_size
+    x = torch.randint(0, 200, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model(x), lm.model(x))
+    again = model.save_to(str(tmp_path / "again.mext"))  # carries its tokenizer and config
+    assert LM.restore_from(again).family == "gpt"
+    with pytest.raises(CheckpointError, match="not a EncoderDecoderModel"):
+        EncoderDecoderModel.restore_from(path)
