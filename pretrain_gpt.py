@@ -4,6 +4,8 @@
     python pretrain_gpt.py +experiment=gpt_125m trainer.accelerator=gpu
     python pretrain_gpt.py --config-path=/my/configs --config-name=my_gpt model.optim.lr=3e-4
     python pretrain_gpt.py trainer.devices=2                 # starts 2 processes itself (no launcher needed)
+    python pretrain_gpt.py +experiment=copy_task             # a synthetic task (megatron_ext/data/synthetic.py)
+    python pretrain_gpt.py -m model.hidden_size=128,256 model.optim.lr=1e-3,3e-4   # 4 runs, one directory each
     NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh trainer.max_steps=1000   # see launch/
 
 Config: configs/gpt/megatron_gpt_config.yaml over the schema in megatron_ext/config/schema.py
@@ -12,7 +14,6 @@ Config: configs/gpt/megatron_gpt_config.yaml over the schema in megatron_ext/con
 Exit status: 0 ok; 2 bad input (one line ``error: ...``); 3 a collective failed or timed out (one line
 ``error: rank R: ...``: another rank died or hung).
 """
-import os
 import sys
 
 import megatron_ext  # noqa: F401  (sets DS_ACCELERATOR=cpu when there is no GPU, before deepspeed loads)
@@ -30,8 +31,10 @@ register_schemas()
 @hydra.main(config_path="configs/gpt", config_name="megatron_gpt_config", version_base=None)
 def main(cfg: DictConfig) -> None:
     from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
+    from megatron_ext.training.exp_manager import check_sweep_launch
 
     try:
+        check_sweep_launch(cfg)  # -m: each job has its own run directory (exp_manager.resolve_run_dir)
         rc = maybe_self_launch(cfg)  # trainer.devices > 1 and no launcher: start the workers, wait for them
         if rc:
             sys.exit(rc)

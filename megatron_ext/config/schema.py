@@ -61,8 +61,8 @@ class ExpManagerConfig:
 
 @dataclass
 class TokenizerConfig:
-    library: str = "byte"  # byte | sentencepiece
-    model: Optional[str] = None  # sentencepiece .model path
+    library: str = "byte"  # byte | char | sentencepiece (or a registered library)
+    model: Optional[str] = None  # sentencepiece .model path; char: optional file listing the characters
 
 
 @dataclass
@@ -78,6 +78,12 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
+    # a synthetic task (megatron_ext.data.synthetic: copy | reverse | sort | histogram | registered ones) instead
+    # of the indexed datasets; null = data_prefix. Character-level tasks need model.tokenizer.library=char.
+    task: Optional[str] = None
+    # the task's parameters: min_len, max_len, alphabet, num_train/num_val/num_test (null = drawn on the fly),
+    # val_fraction, test_fraction, bos, plus the task's own (histogram: count); checked when the task is built
+    task_params: Dict[str, Any] = field(default_factory=dict)
 
 
 def _default_optim() -> Dict[str, Any]:

@@ -9,6 +9,9 @@ Every tokenizer is usable as megatron-core's ``GPTDatasetConfig(tokenizer=...)``
 ``tokenize_batch``, ``tokenize_batch_flat``, ``detokenize``, ``bos``, ``name`` and
 ``describe()``; see :class:`megatron_ext.tokenizers.base.Tokenizer`.
 
+Built in: ``byte`` (UTF-8 bytes), ``char`` (one id per character of a fixed set; see
+:mod:`megatron_ext.tokenizers.char`), ``sentencepiece``.
+
 New libraries are added with :func:`register_tokenizer`; the class is called as
 ``cls(model=<model path or None>)``.
 
@@ -24,6 +27,7 @@ from typing import Any, Callable, Dict, Optional
 from megatron_ext.errors import ConfigError
 from megatron_ext.tokenizers.base import Tokenizer
 from megatron_ext.tokenizers.byte import ByteTokenizer
+from megatron_ext.tokenizers.char import CharTokenizer
 from megatron_ext.tokenizers.sentencepiece_tokenizer import (
     SentencePieceTokenizer,
     train_sentencepiece,
@@ -41,6 +45,7 @@ __all__ = [
     "AddedSpecialTokens",
     "MASK_TOKEN",
     "ByteTokenizer",
+    "CharTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
     "build_tokenizer",
@@ -70,6 +75,7 @@ def register_tokenizer(name: str, cls: Callable[..., Tokenizer], *, overwrite: b
 
 
 register_tokenizer("byte", ByteTokenizer)
+register_tokenizer("char", CharTokenizer)
 register_tokenizer("sentencepiece", SentencePieceTokenizer)
 
 

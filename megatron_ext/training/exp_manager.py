@@ -10,6 +10,15 @@ Layout of a run (NeMo-style)::
         checkpoints/         see megatron_ext.training.checkpointing
 
 Only global rank 0 writes; the version is chosen on rank 0 and broadcast so all ranks agree.
+
+Hydra sweeps (``python pretrain_gpt.py -m model.hidden_size=128,256 model.optim.lr=1e-3,3e-4``): every job of
+the sweep gets its own run directory, ``<version>_job<N>_<swept overrides>`` -- ``<version>`` is
+``exp_manager.version``, or when that is null the sweep's start time (shared by the jobs Hydra's default launcher
+runs in this process), ``N`` Hydra's job number and the swept overrides those of this job as ``key-value`` joined
+by ``+`` (e.g. ``2025-01-31_12-00-00_job1_model.hidden_size-128+model.optim.lr-0.0003``), so no job overwrites
+another and each directory holds its own resolved config.yaml. A swept ``exp_manager.version`` already names
+each job and is used as is. With ``resume_if_exists`` and no version, a job resumes the newest directory of the
+same job number and swept values.
 """
 from __future__ import annotations
 
@@ -17,8 +26,10 @@ import json
 import logging
 import math
 import os
+import re
+import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -54,17 +65,115 @@ def _has_checkpoint(version_dir: str) -> bool:
     return os.path.isfile(os.path.join(version_dir, "checkpoints", "latest"))
 
 
+# ------------------------------------------------------------------------------------------- Hydra sweeps
+_SWEEP_STAMPS: Dict[str, str] = {}  # sweep directory -> the start time naming its jobs (jobs run in one process)
+# what stays in a job's directory name: safe in paths and in an unquoted Hydra override value (the name is passed
+# on to self-launched workers as exp_manager.version=<name>)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@%-]+")
+
+
+def _override_key(parser, text: str) -> Optional[str]:
+    try:
+        return parser.parse_override(text).key_or_group
+    except Exception:  # not an override (a flag, a config name)
+        return None
+
+
+def _swept_keys(hc, argv) -> Set[str]:
+    """Keys swept by this multirun: overrides on the command line with several values (``a=1,2``, ``range()``,
+    ``choice()``, ...) and the keys of ``hydra.sweeper.params``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys: Set[str] = set()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            o = parser.parse_override(arg)
+        except Exception:
+            continue
+        if o.is_sweep_override():
+            keys.add(o.key_or_group)
+    params = hc.sweeper.get("params", None) if hasattr(hc.sweeper, "get") else None
+    for k, v in (params or {}).items():
+        key = _override_key(parser, f"{k}={v}")
+        if key is not None:
+            keys.add(key)
+    return keys
+
+
+def sweep_job() -> Optional[Dict[str, Any]]:
+    """When this process runs a job of a Hydra multirun: ``{"num", "overrides" (the swept ones, as given to this
+    job), "swept_keys", "sweep_dir"}``; else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        swept = _swept_keys(hc, sys.argv[1:])
+        parser = OverridesParser.create()
+        mine = [o for o in hc.overrides.task if _override_key(parser, o) in swept]
+        return {"num": int(hc.job.num), "overrides": mine, "swept_keys": swept, "sweep_dir": str(hc.sweep.dir)}
+    except Exception:  # no Hydra / an unexpected Hydra layout: behave as a single run
+        return None
+
+
+def sweep_job_tag(job: Dict[str, Any]) -> str:
+    """``job<N>_<key>-<value>+<key>-<value>...`` for the swept overrides of the job; characters that are unsafe in a
+    directory name or a Hydra override value become ``_``."""
+    pairs = []
+    for o in job["overrides"]:
+        key, _, value = o.lstrip("+~").partition("=")
+        pairs.append(f"{_UNSAFE.sub('_', key)}-{_UNSAFE.sub('_', value)}")
+    swept = "+".join(pairs)[:120]
+    return f"job{job['num']}" + (f"_{swept}" if swept else "")
+
+
+def check_sweep_launch(cfg: DictConfig) -> None:
+    """Before a sweep job starts its own ``trainer.devices`` workers (no launcher): a fixed, non-swept
+    ``exp_manager.version`` cannot be made per-job for the workers (they get the job's overrides, in which the
+    version is the same for every job), so it is refused rather than letting the jobs share one directory."""
+    job = sweep_job()
+    if job is None or cfg.exp_manager.version is None or "exp_manager.version" in job["swept_keys"]:
+        return
+    if int(cfg.trainer.devices) > 1:
+        from megatron_ext.parallel.state import read_dist_env
+
+        if not read_dist_env().launched:
+            raise ConfigError(
+                f"exp_manager.version={cfg.exp_manager.version!r} with a -m sweep and trainer.devices="
+                f"{cfg.trainer.devices}: every job would write to the same run directory; leave exp_manager.version "
+                f"null (each job gets <start time>_job<N>_<swept overrides>) or sweep it too"
+            )
+
+
 def resolve_run_dir(em: DictConfig, rank: int) -> str:
-    """exp_dir/name/version. With resume_if_exists and no version, reuse the newest version that has a checkpoint."""
+    """exp_dir/name/version. With resume_if_exists and no version, reuse the newest version that has a checkpoint.
+    In a Hydra multirun, each job gets ``<version or sweep start time>_<job tag>`` (module docstring)."""
     base = os.path.abspath(os.path.join(em.exp_dir, em.name))
     version = em.version
-    if version is None and rank == 0:
-        if em.resume_if_exists and os.path.isdir(base):
-            cands = [d for d in sorted(os.listdir(base)) if _has_checkpoint(os.path.join(base, d))]
+    if rank == 0:
+        job = sweep_job()
+        tag = sweep_job_tag(job) if job is not None else None
+        if tag is not None and version is not None and "exp_manager.version" not in job["swept_keys"]:
+            version = f"{version}_{tag}"
+        if version is None and em.resume_if_exists and os.path.isdir(base):
+            cands = [d for d in sorted(os.listdir(base)) if _has_checkpoint(os.path.join(base, d))
+                     and (tag is None or d.endswith(f"_{tag}"))]
             if cands:
                 version = max(cands, key=lambda d: os.path.getmtime(os.path.join(base, d, "checkpoints", "latest")))
         if version is None:
-            version = time.strftime("%Y-%m-%d_%H-%M-%S")
+            stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+            if tag is not None:
+                stamp = _SWEEP_STAMPS.setdefault(job["sweep_dir"], stamp)
+            version = stamp if tag is None else f"{stamp}_{tag}"
     version = _broadcast_str(str(version) if version is not None else "")
     return os.path.join(base, version)
 

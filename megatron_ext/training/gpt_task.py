@@ -19,6 +19,10 @@ class GPTTask:
         tok = cfg.model.tokenizer
         self.tokenizer = build_tokenizer(tok.library, tok.model)
         self.model = None
+        # model.data.task: a synthetic task (megatron_ext.data.synthetic) instead of the indexed datasets
+        from megatron_ext.data.synthetic import resolve_synthetic
+
+        self.synthetic = resolve_synthetic(cfg.model.data, self.tokenizer, cfg.model.seq_length, tok.library)
 
     # --------------------------------------------------------------- building
     def build_model(self) -> torch.nn.Module:
@@ -61,16 +65,46 @@ class GPTTask:
 
         d = self.cfg.model.data
         seed = d.seed if d.seed is not None else self.cfg.trainer.seed
+        if self.synthetic is not None:
+            from megatron_ext.data.synthetic import build_synthetic_datasets
+
+            if self.cfg.model.pipeline_model_parallel_size > 1:
+                log.warning("model.data.task=%s with pipeline parallelism: val/exact_match is not computed (the "
+                            "pipeline engine computes the loss itself)", self.synthetic.spec.name)
+            return build_synthetic_datasets(self.synthetic, self.tokenizer, num_samples, seed)
         return build_gpt_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
 
     # --------------------------------------------------------------- stepping
     def loss(self, model, batch: Dict[str, torch.Tensor]):
         tokens, labels = batch["tokens"], batch["labels"]
-        per_token = model(tokens, position_ids=batch.get("position_ids"), labels=labels)
+        extras: Dict[str, Any] = {}
+        if self.synthetic is None:
+            per_token = model(tokens, position_ids=batch.get("position_ids"), labels=labels)
+        else:
+            per_token, extras = self._loss_and_accuracy(model, batch)
         mask = batch["loss_mask"].to(per_token.dtype)
         ntok = mask.sum()
         loss = (per_token.float() * mask.float()).sum() / ntok.float().clamp(min=1.0)
-        return loss, ntok, {}
+        return loss, ntok, extras
+
+    @staticmethod
+    def _loss_and_accuracy(model, batch: Dict[str, torch.Tensor]):
+        """Synthetic tasks: the per-token loss plus, as (numerator, denominator) pairs the trainer sums over the
+        validation batches, ``exact_match`` -- sequences whose every loss position (the target and its <eod>) is
+        predicted by the argmax under teacher forcing, i.e. greedy generation after <sep> gives exactly the
+        target -- and ``token_accuracy`` over the loss positions."""
+        labels = batch["labels"]
+        logits = model(batch["tokens"], position_ids=batch.get("position_ids"))
+        net = getattr(model, "module", model)  # the DeepSpeed engine wraps the model
+        with torch.no_grad():  # before the loss: its kernel may overwrite fp32 logits in place
+            pred = net.gather_logits(logits).argmax(dim=-1)
+            scored = batch["loss_mask"] > 0
+            right = (pred == labels) & scored
+            has_target = scored.any(dim=-1)
+            exact = ((right | ~scored).all(dim=-1) & has_target).sum().float()
+            extras = {"exact_match": (exact, has_target.sum().float()),
+                      "token_accuracy": (right.sum().float(), scored.sum().float())}
+        return net.loss_from_logits(logits, labels), extras
 
     def tokens_per_sample(self) -> int:
         return int(self.cfg.model.seq_length)
@@ -81,4 +115,7 @@ class GPTTask:
         return float(gpt_flops_per_iteration(self.cfg.model, self.tokenizer.vocab_size, global_batch_size))
 
     def describe(self) -> Dict[str, Any]:
-        return {"tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size}
+        out = {"tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size}
+        if self.synthetic is not None:
+            out["task"] = self.synthetic.spec.name
+        return out
