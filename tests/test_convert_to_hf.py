@@ -41,10 +41,18 @@ def _tp1():
 
 
 def shakespeare_lines(n=None):
-    if not os.path.isfile(SHARED_DATA):
-        return []
-    with open(SHARED_DATA, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f]
+    """tinyshakespeare lines when ../shared is there, else English text every Python ships (help topics), so a
+    clean clone without ../shared trains the same kind of tokenizer."""
+    if os.path.isfile(SHARED_DATA):
+        with open(SHARED_DATA, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    else:
+        from pydoc_data.topics import topics
+
+        lines = [" ".join(p.split()) for k in sorted(topics) for p in topics[k].split("\n") if p.strip()]
+        # prose lines only: a long run of one symbol ("=====") can segment differently in HF tokenizers than in
+        # sentencepiece's unigram Viterbi (a known limit, README "Hugging Face export")
+        lines = [t for t in lines if sum(c.isalpha() or c == " " for c in t) >= 0.7 * len(t)]
     return lines[:n] if n else lines
 
 
