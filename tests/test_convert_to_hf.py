@@ -209,7 +209,10 @@ def test_char_tokenizer_roundtrip(tmp_path):
     model = perturbed_model(tiny_cfg(), vocab=ours.vocab_size)
     info = export_to_hf(consolidated_from_model(model), str(tmp_path / "hf"), tokenizer=ours)
     assert info["tokenizer_mismatches"] == []  # the probe texts it cannot encode are skipped, see below
-    texts = shakespeare_lines() + ["héllo wörld ñ 日本語 😀\tend", "<pad> <eod> <bos> <sep> literal"]
+    known = set(chars.read_text(encoding="utf-8"))  # the corpus lines the character list covers
+    texts = [t for t in shakespeare_lines() if set(t) <= known] + ["héllo wörld ñ 日本語 😀\tend",
+                                                                   "<pad> <eod> <bos> <sep> literal"]
+    assert len(texts) > 100
     tok = _check_tokenizer(str(tmp_path / "hf"), ours, texts)
     assert tok.decode(ours.tokenize(texts[-2]) + [ours.eod], skip_special_tokens=True) == texts[-2]
     assert (tok.eos_token_id, tok.pad_token_id) == (ours.eod, ours.pad)
