@@ -57,3 +57,54 @@ def run_script(args, env, timeout=600, cwd=REPO):
     """Run a repo script in a subprocess; returns CompletedProcess with text output."""
     return subprocess.run([sys.executable] + list(args), cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def perturb(model, seed: int = 3, scale: float = 0.3):
+    """Add seeded noise to every parameter, so no bias/norm is trivially 0/1 and an untrained model's predictions
+    spread out (greedy outputs are not one repeated token). Returns the model."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_lm(family: str, *, seq_length: int = None, num_layers: int = 2, chunk_size: int = -1, **gpt_kw):
+    """A small perturbed ``LM`` (byte tokenizer) of one family: "gpt" (``gpt_kw`` go to ModelConfig), "mega" or
+    "encdec" (seq 12 -> 10)."""
+    from megatron_ext.config.schema import (EncoderDecoderModelConfig, MegaArchConfig, ModelConfig,
+                                            TransformerStackConfig)
+    from megatron_ext.inference.lm import LM
+    from megatron_ext.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("byte")
+    if family == "gpt":
+        from megatron_ext.models.gpt import GPTModel
+
+        base = dict(num_layers=num_layers, hidden_size=32, num_attention_heads=4, seq_length=seq_length or 32,
+                    hidden_dropout=0.1, attention_dropout=0.1, make_vocab_size_divisible_by=8)
+        base.update(gpt_kw)
+        model = perturb(GPTModel(ModelConfig(**base), tok.vocab_size, init_seed=1))
+    elif family == "mega":
+        from megatron_ext.models.mega_lm import MegaGPTModel
+
+        cfg = ModelConfig(arch="mega", num_layers=num_layers, hidden_size=32, seq_length=seq_length or 16,
+                          hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=8,
+                          mega=MegaArchConfig(ema_projection_size=4, shared_representation_size=16,
+                                              intermediate_size=32, nffn_hidden_size=32, ema_impl="fft",
+                                              chunk_size=chunk_size))
+        model = perturb(MegaGPTModel(cfg, tok.vocab_size, init_seed=2), scale=0.1)
+    elif family == "encdec":
+        from megatron_ext.models.encoder_decoder import EncoderDecoderModel
+
+        common = dict(num_layers=num_layers, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0,
+                      attention_dropout=0.0)
+        cfg = EncoderDecoderModelConfig(encoder=TransformerStackConfig(**common),
+                                        decoder=TransformerStackConfig(**common), seq_length=12, seq_length_dec=10,
+                                        make_vocab_size_divisible_by=8)
+        model = perturb(EncoderDecoderModel(cfg, tok.vocab_size, init_seed=4))
+    else:
+        raise ValueError(family)
+    return LM(model, tok, {})

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import torch
 
-from conftest import REPO, launch_cmd, multiprocess_env, run_script
+from conftest import REPO, launch_cmd, multiprocess_env, perturb, run_script
 from megatron_ext.config.loader import load_config
 from megatron_ext.config.schema import BARTConfig
 from megatron_ext.errors import CheckpointError
@@ -30,13 +30,6 @@ def _tp1():
     yield
 
 
-def _perturb(model, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
-
-
 def _lm(family, overrides=(), tokenizer_model=None):
     if family == "encdec":
         from megatron_ext.training.bart_task import BARTTask as Task
@@ -54,7 +47,7 @@ def _lm(family, overrides=(), tokenizer_model=None):
         cfg.model.tokenizer.model = tokenizer_model
     task = Task(cfg, torch.device("cpu"))
     model = task.build_model()
-    _perturb(model)
+    perturb(model, seed=5)
     return LM(model.eval(), task.tokenizer, cfg)
 
 

@@ -7,21 +7,10 @@ import sys
 import pytest
 import torch
 
-from conftest import run_script
-from megatron_ext.config.schema import (
-    EncoderDecoderModelConfig,
-    MegaArchConfig,
-    ModelConfig,
-    TransformerStackConfig,
-)
+from conftest import run_script, tiny_lm
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.inference import explorer
-from megatron_ext.inference.lm import LM
-from megatron_ext.models.encoder_decoder import EncoderDecoderModel
-from megatron_ext.models.gpt import GPTModel
-from megatron_ext.models.mega_lm import MegaGPTModel
 from megatron_ext.parallel.state import initialize_parallel
-from megatron_ext.tokenizers import build_tokenizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,41 +21,16 @@ def _tp1():
     yield
 
 
-def _perturb(model, seed=3, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
 def gpt_lm(pos="learned_absolute"):
-    tok = build_tokenizer("byte")
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=32, hidden_dropout=0.1,
-                      attention_dropout=0.1, make_vocab_size_divisible_by=8, position_embedding_type=pos)
-    model = GPTModel(cfg, tok.vocab_size, init_seed=1)
-    _perturb(model)
-    return LM(model, tok, {})
+    return tiny_lm("gpt", position_embedding_type=pos)
 
 
 def mega_lm(chunk_size=-1):
-    tok = build_tokenizer("byte")
-    cfg = ModelConfig(arch="mega", num_layers=2, hidden_size=32, seq_length=16, hidden_dropout=0.0,
-                      attention_dropout=0.0, make_vocab_size_divisible_by=8,
-                      mega=MegaArchConfig(ema_projection_size=4, shared_representation_size=16, intermediate_size=32,
-                                          nffn_hidden_size=32, ema_impl="fft", chunk_size=chunk_size))
-    model = MegaGPTModel(cfg, tok.vocab_size, init_seed=2)
-    _perturb(model, scale=0.1)
-    return LM(model, tok, {})
+    return tiny_lm("mega", chunk_size=chunk_size)
 
 
 def encdec_lm():
-    tok = build_tokenizer("byte")
-    common = dict(num_layers=2, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0, attention_dropout=0.0)
-    cfg = EncoderDecoderModelConfig(encoder=TransformerStackConfig(**common), decoder=TransformerStackConfig(**common),
-                                    seq_length=12, seq_length_dec=10, make_vocab_size_divisible_by=8)
-    model = EncoderDecoderModel(cfg, tok.vocab_size, init_seed=4)
-    _perturb(model)
-    return LM(model, tok, {})
+    return tiny_lm("encdec")
 
 
 def _close(a, b, tol=1e-5):

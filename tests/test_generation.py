@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, launch_cmd, multiprocess_env
+from conftest import REPO, launch_cmd, multiprocess_env, perturb
 from megatron_ext.config.schema import EncoderDecoderModelConfig, MegaArchConfig, ModelConfig, TransformerStackConfig
 from megatron_ext.inference.generation import (
     GenerationError,
@@ -50,11 +50,7 @@ def _tp1():
 
 
 def _perturb(model, seed=5, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return perturb(model, seed, scale).eval()
 
 
 def gpt_lm(pos="learned_absolute", seed=0, **kw):

@@ -9,21 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from conftest import REPO, run_script
-from megatron_ext.config.schema import (
-    EncoderDecoderModelConfig,
-    MegaArchConfig,
-    ModelConfig,
-    TransformerStackConfig,
-)
+from conftest import REPO, perturb, run_script, tiny_lm
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.inference.lm import LM
 from megatron_ext.inference.scoring import perplexities
-from megatron_ext.models.encoder_decoder import EncoderDecoderModel
-from megatron_ext.models.gpt import GPTModel
-from megatron_ext.models.mega_lm import MegaGPTModel
 from megatron_ext.parallel.state import initialize_parallel
-from megatron_ext.tokenizers import build_tokenizer
 
 TEXTS = ["hello", "hi there", "a", "", "the quick brown fox"]
 
@@ -34,43 +24,16 @@ def _tp1():
     yield
 
 
-def _perturb(model, seed=3, scale=0.3):
-    """Random, larger weights: the per-token values spread out (an untrained model predicts ~uniformly)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
 def gpt_lm(seq_length=32, **kw):
-    tok = build_tokenizer("byte")
-    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=seq_length, hidden_dropout=0.1,
-                attention_dropout=0.1, make_vocab_size_divisible_by=8)
-    base.update(kw)
-    model = GPTModel(ModelConfig(**base), tok.vocab_size, init_seed=1)
-    _perturb(model)
-    return LM(model, tok, {})
+    return tiny_lm("gpt", seq_length=seq_length, **kw)
 
 
 def mega_lm(seq_length=16):
-    tok = build_tokenizer("byte")
-    cfg = ModelConfig(arch="mega", num_layers=2, hidden_size=32, seq_length=seq_length, hidden_dropout=0.0,
-                      attention_dropout=0.0, make_vocab_size_divisible_by=8,
-                      mega=MegaArchConfig(ema_projection_size=4, shared_representation_size=16, intermediate_size=32,
-                                          nffn_hidden_size=32, ema_impl="fft"))
-    model = MegaGPTModel(cfg, tok.vocab_size, init_seed=2)
-    _perturb(model, scale=0.1)
-    return LM(model, tok, {})
+    return tiny_lm("mega", seq_length=seq_length)
 
 
 def encdec_lm():
-    tok = build_tokenizer("byte")
-    common = dict(num_layers=1, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0, attention_dropout=0.0)
-    cfg = EncoderDecoderModelConfig(encoder=TransformerStackConfig(**common), decoder=TransformerStackConfig(**common),
-                                    seq_length=12, seq_length_dec=10, make_vocab_size_divisible_by=8)
-    model = EncoderDecoderModel(cfg, tok.vocab_size, init_seed=4)
-    _perturb(model)
-    return LM(model, tok, {})
+    return tiny_lm("encdec", num_layers=1)
 
 
 @torch.no_grad()
@@ -348,8 +311,7 @@ def _archive(tmp_path):
     cfg = load_config(overrides=["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=4",
                                  "model.seq_length=16", "model.hidden_dropout=0", "model.attention_dropout=0"])
     task = GPTTask(cfg, torch.device("cpu"))
-    model = task.build_model()
-    _perturb(model)
+    model = perturb(task.build_model())
     lm = LM(model.eval(), task.tokenizer, cfg)
     path = str(tmp_path / "tiny.mext")
     lm.save_to(path)

@@ -61,6 +61,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 from megatron_ext.errors import ConfigError, DataError, MegatronExtError  # noqa: E402
+from megatron_ext.text_files import detect_format  # noqa: E402
 from megatron_ext.tokenizers import build_tokenizer  # noqa: E402
 
 PROG = "preprocess_data"
@@ -116,26 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- input format
-def detect_format(path: str, requested: str = "auto") -> str:
-    if requested in ("text", "jsonl"):
-        return requested
-    if path.lower().endswith((".json", ".jsonl")):
-        return "jsonl"
-    with open(path, "rb") as f:
-        for raw in f:
-            line = raw.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    if isinstance(json.loads(line), dict):
-                        return "jsonl"
-                except ValueError:
-                    pass
-            return "text"
-    return "text"
-
-
 def iter_chunks(path: str, size: int, chunk_bytes: int):
     """Yield ``(start, end)`` byte ranges of whole lines, each about ``chunk_bytes`` long."""
     start = 0

@@ -34,6 +34,7 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from megatron_ext.errors import ConfigError, DataError, MegatronExtError  # noqa: E402
+from megatron_ext.text_files import detect_format  # noqa: E402
 from megatron_ext.tokenizers.sentencepiece_tokenizer import train_sentencepiece  # noqa: E402
 
 PROG = "train_tokenizer"
@@ -103,25 +104,6 @@ def _symbol_options(args) -> dict:
     return opts
 
 
-def _is_jsonl(path: str, requested: str) -> bool:
-    if requested != "auto":
-        return requested == "jsonl"
-    if path.lower().endswith((".json", ".jsonl")):
-        return True
-    with open(path, "rb") as f:
-        for raw in f:
-            line = raw.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    return isinstance(json.loads(line), dict)
-                except ValueError:
-                    return False
-            return False
-    return False
-
-
 def iter_jsonl_sentences(paths: Sequence[str], keys: Sequence[str]) -> Iterator[str]:
     """Yield the non-blank lines of the texts under ``keys`` of every JSONL record."""
     for path in paths:
@@ -171,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             paths.append(path)
         if args.vocab_size < 8:
             raise ConfigError(f"--vocab-size: expected an integer >= 8, got {args.vocab_size}")
-        kinds = {_is_jsonl(p, args.input_format) for p in paths}
+        kinds = {detect_format(p, args.input_format) == "jsonl" for p in paths}
         if len(kinds) > 1:
             raise ConfigError(
                 "--input: mixes JSONL and plain-text files; pass --input-format or train on one kind"

@@ -58,6 +58,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.text_files import detect_format
 
 PAIR_KEYS = ("source", "target")
 
@@ -187,30 +188,13 @@ def _sequence_item(lm, x, where: str) -> _Item:
     return _lm_item(ids, where)
 
 
-def _detect_jsonl(path: str) -> bool:
-    if path.lower().endswith((".json", ".jsonl")):
-        return True
-    with open(path, "rb") as f:
-        for raw in f:
-            line = raw.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
-            if not line:
-                continue
-            if line.startswith("{"):
-                try:
-                    return isinstance(json.loads(line), dict)
-                except ValueError:
-                    return False
-            return False
-    return False
-
-
 def _file_items(lm, path: str, text_key: str) -> Iterator[_Item]:
     shown = os.fspath(path)
     if not os.path.exists(shown):
         raise DataError(f"data='{shown}': no such file (pass a list of strings to score text directly)")
     if not os.path.isfile(shown):
         raise DataError(f"data='{shown}': not a file")
-    jsonl = _detect_jsonl(shown)
+    jsonl = detect_format(shown) == "jsonl"
     if lm.family == "encdec" and not jsonl:
         raise DataError(f"data='{shown}': an encoder-decoder LM scores (source, target) pairs; expected a JSONL file "
                         f"with '{PAIR_KEYS[0]}' and '{PAIR_KEYS[1]}' keys")

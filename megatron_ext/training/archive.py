@@ -488,16 +488,14 @@ def consolidate_any(path: str) -> Dict[str, Any]:
     dict of :mod:`megatron_ext.training.consolidated` with the run config added (``config``, ``family``,
     ``ckpt_path``). Tensor-parallel sharding is read from the parameters of the same model built at TP=1."""
     from megatron_ext.training.checkpointing import resolve_ckpt_path
-    from megatron_ext.training.consolidated import consolidate_checkpoint
+    from megatron_ext.training.consolidated import consolidate_checkpoint, read_meta
 
     ckpt_dir, tag = resolve_ckpt_path(path)
     ckpt = os.path.join(ckpt_dir, tag)
     config = _run_config_for(ckpt_dir)
     family = _family_of(config)
     rules = None
-    meta_tp = int(json.load(open(os.path.join(ckpt, "meta.json"))).get("tp", 1)) if os.path.isfile(
-        os.path.join(ckpt, "meta.json")) else 1
-    if meta_tp > 1:  # shard layout from a TP=1 build of the same model (its megatron-core attributes)
+    if int(read_meta(ckpt).get("tp", 1)) > 1:  # shard layout from a TP=1 build of the same model (its megatron-core attributes)
         tok = (config.get("model") or {}).get("tokenizer") or {}
         model, _, _ = build_model_from_config(config, family, tokenizer_model=tok.get("model"),
                                               device=torch.device("cpu"))
