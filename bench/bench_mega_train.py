@@ -47,7 +47,7 @@ def _build(shape):
     ds = build_ds_config(micro_batch_size=shape["batch"], global_batch_size=shape["batch"], accumulate_grad_batches=1,
                          precision="32", zero_stage=0, gradient_clip_val=1.0)
     engine, _, _ = build_engine(model, opt, None, ds)
-    task = GPTTask.__new__(GPTTask)
+    task = GPTTask(cfg, torch.device("cpu"))  # byte tokenizer; the model keeps the bench vocab
     mask = torch.ones(shape["batch"], shape["seq"])
 
     def step(x, y):

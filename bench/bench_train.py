@@ -173,7 +173,7 @@ def _build_ours(shape, precision):
     ds = build_ds_config(micro_batch_size=shape["batch"], global_batch_size=shape["batch"], accumulate_grad_batches=1,
                          precision=precision, zero_stage=0, gradient_clip_val=1.0)
     engine, _, _ = build_engine(model, opt, None, ds)
-    task = GPTTask.__new__(GPTTask)  # loss() needs no tokenizer
+    task = GPTTask(cfg, torch.device("cpu"))  # byte tokenizer; the model keeps the bench vocab
     mask = torch.ones(shape["batch"], shape["seq"])
 
     def step(x, y):
