@@ -15,6 +15,11 @@ the machine hits all of them alike. FLOPs: model FLOPs per iteration from megatr
 3x fwd, no recompute; formula in that module's docstring). MFU = achieved FLOP/s / peak, the peak being the best
 matmul FLOP/s of this machine measured in the same run, in the same dtype.
 
+Host memory: the process runs with the trainer's CPU allocator setting (``trainer.reuse_host_memory``, see
+megatron_ext/training/host_memory.py) for all three stacks alike, so the ratios compare model + engine and do not
+depend on what one stack leaves in malloc's heap for the next (``--default-malloc`` leaves glibc as it is;
+``page_faults_per_step_<stack>`` shows the effect).
+
     python bench/bench_train.py            # full shape: 6 layers, hidden 512, 8 heads, seq 512, vocab 8192, mb 4
     python bench/bench_train.py --quick    # smaller shape, under a minute
 """
@@ -24,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -191,7 +197,16 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--precisions", default="32,bf16")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc malloc as it is instead of the trainer's CPU setting (trainer.reuse_host_memory)")
     args = ap.parse_args()
+    # The trainer's CPU default, made process-wide here so all three stacks run on the same allocator. With glibc's
+    # defaults every large tensor is fresh mmap'd memory faulted in page by page, and how many faults a stack pays
+    # depends on what the stack before it left in malloc's heap (ours, run after HF, measured ~0 faults per step,
+    # HF ~100k): the ratios would reflect the round-robin order, not the stacks.
+    from megatron_ext.training.host_memory import reuse_host_memory
+
+    host_malloc = "default" if args.default_malloc or not reuse_host_memory() else "reuse"
     if args.quick:
         shape = dict(layers=2, hidden=256, heads=4, seq=256, vocab=8192, batch=4)
         steps, rounds = args.steps or 2, args.rounds or 2
@@ -219,16 +234,19 @@ def main():
             for _ in range(2):
                 fn(x, y)
         times = {k: [] for k in stacks}
+        faults = {k: 0 for k in stacks}
         for _ in range(rounds):
             for name, fn in stacks.items():
                 for _ in range(steps):
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t = time.perf_counter()
                     loss = fn(x, y)
                     times[name].append(time.perf_counter() - t)
+                    faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
                     assert math.isfinite(loss), (name, loss)
         peak = measure_matmul_tflops("cpu", precision, n=2048 if not args.quick else 1024, reps=5)
         conf = {**shape, "precision": precision, "device": "cpu", "threads": torch.get_num_threads(),
-                "peak_tflops_measured": round(peak, 4), "steps": steps * rounds}
+                "peak_tflops_measured": round(peak, 4), "steps": steps * rounds, "host_malloc": host_malloc}
         med = {k: statistics.median(v) for k, v in times.items()}
         for name, t in med.items():
             tflops = flops / t / 1e12
@@ -236,6 +254,7 @@ def main():
             print(json.dumps({"bench": "train_gpt", "metric": f"tokens_per_sec_{name}", "value": round(shape["batch"] * shape["seq"] / t, 1), "unit": "tokens/s", "config": tag}))
             print(json.dumps({"bench": "train_gpt", "metric": f"tflops_{name}", "value": round(tflops, 4), "unit": "TFLOP/s", "config": tag}))
             print(json.dumps({"bench": "train_gpt", "metric": f"mfu_{name}", "value": round(tflops / peak, 4), "unit": "fraction", "config": tag}))
+            print(json.dumps({"bench": "train_gpt", "metric": f"page_faults_per_step_{name}", "value": round(faults[name] / len(times[name])), "unit": "minor faults", "config": tag}))
         for base in [k for k in med if k != "ours"]:
             print(json.dumps({"bench": "train_gpt", "metric": f"speedup_vs_{base}", "value": round(med[base] / med["ours"], 3), "unit": "x", "config": conf}))
         sys.stdout.flush()

@@ -40,6 +40,10 @@ def test_fresh_run_writes_everything_and_loss_falls(run_env, tmp_path):
         run_env,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    from megatron_ext.training.host_memory import _glibc
+
+    # CPU default trainer.reuse_host_memory=null -> applied (glibc)
+    assert ("host memory: glibc malloc keeps freed blocks for reuse" in r.stderr) == (_glibc() is not None)
     run_dir = tmp_path / "megatron_gpt" / "v0"
     losses = _train_losses(run_dir)
     assert sorted(losses) == list(range(1, 41))
@@ -67,10 +71,12 @@ def test_fresh_run_writes_everything_and_loss_falls(run_env, tmp_path):
     # evaluation only from the checkpoint
     r = run_script(
         ["pretrain_gpt.py", *TINY, "trainer.limit_train_batches=0", f"model.ckpt_path={ckpts}",
-         f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=eval", "exp_manager.version=e0"],
+         f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=eval", "exp_manager.version=e0",
+         "trainer.reuse_host_memory=false"],
         run_env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "host memory:" not in r.stderr
     ev = _metrics(tmp_path / "eval" / "e0")
     assert len(ev) == 1 and ev[0]["step"] == 40
     assert ev[0]["val/loss"] == pytest.approx(vals[-1]["val/loss"], abs=1e-6)

@@ -28,6 +28,8 @@ class TrainerConfig:
     seed: int = 1234
     dist_timeout_minutes: float = 10.0
     deterministic: bool = False
+    # glibc malloc keeps freed host memory for reuse (no page faults on every new tensor); null = on for CPU runs
+    reuse_host_memory: Optional[bool] = None
 
 
 @dataclass

@@ -92,6 +92,10 @@ class Trainer:
         self.on_cuda = pstate.use_cuda(t.accelerator)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
         self.derived: Derived = validate_config(cfg, dist.get_world_size(), self.on_cuda)
+        from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
+
+        if resolve_reuse_host_memory(t.reuse_host_memory, self.on_cuda) and reuse_host_memory():
+            log.info("host memory: glibc malloc keeps freed blocks for reuse (trainer.reuse_host_memory)")
         self.dp_rank, self.dp_size = pstate.data_parallel_info()
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
