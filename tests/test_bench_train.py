@@ -1,4 +1,4 @@
-"""Smoke tests of bench/bench_train.py and bench/bench_mega_train.py in --quick mode.
+"""Smoke tests of bench/bench_train.py, bench/bench_mega_train.py and bench/bench_mega_decode.py in --quick mode.
 
 Speed is not asserted (DESIGN: speed lives in bench/). What is checked is that the benches still build our full
 stack (task, model, DeepSpeed engine) and every baseline, and print only JSON lines in the bench format with every
@@ -35,3 +35,12 @@ def test_bench_mega_train_quick(run_env):
                               run_env, timeout=300))
     assert all(x["value"] > 0 for x in lines if isinstance(x["value"], (int, float)))
     assert any(x["metric"].startswith("tokens_per_sec") for x in lines)
+
+
+def test_bench_mega_decode_quick(run_env):
+    lines = _lines(run_script(["bench/bench_mega_decode.py", "--quick", "--repeats", "1"], run_env, timeout=300))
+    metrics = {(x["metric"], x["config"]["batch"]) for x in lines}
+    for batch in (1, 8):
+        assert {("us_per_token_recurrence", batch), ("us_per_token_fft", batch),
+                ("speedup_vs_fft_recurrence", batch)} <= metrics
+    assert all(x["value"] > 0 and x["config"]["max_abs_diff"] < 1e-4 for x in lines)

@@ -295,6 +295,33 @@ def test_step_equals_forward_len1(impl):
     torch.testing.assert_close(m.step(x_t)[0], m(x_t)[0])
 
 
+@pytest.mark.parametrize("impl", ["fft", "auto"])
+def test_one_token_steps_use_the_recurrence_and_match_the_full_sequence(impl, monkeypatch):
+    """Decoding one token at a time takes the direct recurrence (no FFT per token) on the fft path and on auto's
+    fallback, and gives the full-sequence FFT's outputs, final state and parameter gradients."""
+    m = make(ndim=6, impl=impl)
+    x = torch.randn(2, 12, 8)
+    if impl == "auto":  # the fallback path: pretend the fused kernel is unavailable
+        monkeypatch.setattr(m, "_fused_unavailable_reason", lambda x: "not built (test)")
+    full, h_full = run(m, "fft", x, return_state=True)
+    full_grads = torch.autograd.grad(full.square().sum(), [m.delta, m.alpha, m.beta, m.gamma])
+    m.impl = impl
+    fft_lengths = []
+    real_fft = m._ema_fft
+    monkeypatch.setattr(m, "_ema_fft", lambda xx, h0, rs: fft_lengths.append(xx.shape[-1]) or real_fft(xx, h0, rs))
+    h, outs = None, []
+    for t in range(x.shape[1]):
+        out, h = m.step(x[:, t], h)
+        outs.append(out)
+    steps = torch.stack(outs, 1)
+    assert fft_lengths == []  # no FFT for a one-token step
+    torch.testing.assert_close(steps, full, **TOL)
+    torch.testing.assert_close(h, h_full, **TOL)
+    step_grads = torch.autograd.grad(steps.square().sum(), [m.delta, m.alpha, m.beta, m.gamma])
+    for g_step, g_full in zip(step_grads, full_grads):
+        torch.testing.assert_close(g_step, g_full, atol=1e-4, rtol=1e-4)
+
+
 def test_empty_chunk_keeps_state():
     m = make()
     h0 = torch.randn(2, 8, 16)

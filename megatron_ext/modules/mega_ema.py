@@ -297,13 +297,20 @@ class MultiHeadEMA(nn.Module):
     def _ema(self, x: Tensor, h0: Optional[Tensor], return_state: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """EMA of ``x`` ``[B, D, L]`` (masked, compute dtype) -> (``y`` ``[B, D, L]``, state or None)."""
         impl = self.impl
+        # One causal step (incremental decoding): the recurrence h = q*h0 + p*beta*x, y = sum(gamma*scale*h) is a
+        # handful of [B, D, N] ops, where the FFT path would build a kernel, its powers and three transforms.
+        one_step = x.shape[-1] == 1 and not self.bidirectional and self.truncation is None
         if impl == "auto":
             reason = self._fused_unavailable_reason(x)
             if reason is None:
                 return self._ema_fused(x, h0, return_state)
+            if one_step:
+                return self._ema_scan(x, h0, return_state)
             _warn_fallback(x.device.type, reason)
             return self._ema_fft(x, h0, return_state)
         if impl == "fft":
+            if one_step:
+                return self._ema_scan(x, h0, return_state)
             return self._ema_fft(x, h0, return_state)
         if impl == "scan":
             return self._ema_scan(x, h0, return_state)
