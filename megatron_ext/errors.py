@@ -20,3 +20,19 @@ class DataError(MegatronExtError, ValueError):
 
 class CheckpointError(MegatronExtError, RuntimeError):
     """A checkpoint cannot be found or does not match the model/layout."""
+
+
+def run_entry_point(prog, fn, *args):
+    """The error handling every tool's ``main`` shares: returns ``(0, fn(*args))``; a ``MegatronExtError`` prints
+    ``<prog>: error: <message>`` on stderr and returns ``(2, None)``; Ctrl-C prints ``<prog>: interrupted`` and
+    returns ``(130, None)``. Usage: ``rc, result = run_entry_point(PROG, run, args); if rc: return rc``."""
+    import sys
+
+    try:
+        return 0, fn(*args)
+    except MegatronExtError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130, None

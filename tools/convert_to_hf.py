@@ -36,7 +36,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from megatron_ext.errors import MegatronExtError  # noqa: E402
+from megatron_ext.errors import run_entry_point  # noqa: E402
 
 PROG = "convert_to_hf"
 
@@ -98,11 +98,9 @@ def _quiet_transformers() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        info = run(args)
-    except MegatronExtError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    rc, info = run_entry_point(PROG, run, args)
+    if rc:
+        return rc
     tok = info["tokenizer"] or "no"
     exact = "" if not info["tokenizer"] else (", tokenizer exact on the probe texts" if not
                                                info["tokenizer_mismatches"] else ", tokenizer NOT exact (see warning)")

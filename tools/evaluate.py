@@ -119,16 +119,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_ext.errors import MegatronExtError
+    from megatron_ext.errors import run_entry_point
 
-    try:
-        result = run(args)
-    except MegatronExtError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    rc, result = run_entry_point(PROG, run, args)
+    if rc:
+        return rc
     text = json.dumps(result, allow_nan=False)
     if args.output is not None:
         with open(args.output, "w", encoding="utf-8") as f:

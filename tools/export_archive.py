@@ -15,35 +15,36 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ext.errors import MegatronExtError  # noqa: E402
+from megatron_ext.errors import MegatronExtError, run_entry_point  # noqa: E402
+
+
+PROG = "export_archive"
+
+
+def run(args) -> None:
+    if not os.path.isdir(args.input):
+        raise MegatronExtError(f"--input {args.input}: not a directory (expected a run or checkpoint directory)")
+    if not args.output.endswith(".mext"):
+        raise MegatronExtError(f"--output {args.output}: an archive name must end in .mext")
+    import json
+    import tarfile
+
+    from megatron_ext.training.archive import archive_from_checkpoint
+
+    path = archive_from_checkpoint(args.input, args.output)
+    with tarfile.open(path) as tf:
+        manifest = json.load(tf.extractfile("manifest.json"))
+    src = manifest["source"]
+    print(f"{src['checkpoint']} (step {src['step']}, tp {src['layout'].get('tp')}, pp {src['layout'].get('pp')}, "
+          f"ZeRO {src['layout'].get('zero_stage')}) -> {path}: {manifest['family']}, vocab "
+          f"{manifest['vocab_size']}, {os.path.getsize(path) / 1e6:.1f} MB")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="run directory, checkpoints directory or checkpoints/step_N")
     ap.add_argument("--output", required=True, help="archive to write (.mext)")
-    args = ap.parse_args(argv)
-    try:
-        if not os.path.isdir(args.input):
-            raise MegatronExtError(f"--input {args.input}: not a directory (expected a run or checkpoint directory)")
-        if not args.output.endswith(".mext"):
-            raise MegatronExtError(f"--output {args.output}: an archive name must end in .mext")
-        import json
-        import tarfile
-
-        from megatron_ext.training.archive import archive_from_checkpoint
-
-        path = archive_from_checkpoint(args.input, args.output)
-        with tarfile.open(path) as tf:
-            manifest = json.load(tf.extractfile("manifest.json"))
-        src = manifest["source"]
-        print(f"{src['checkpoint']} (step {src['step']}, tp {src['layout'].get('tp')}, pp {src['layout'].get('pp')}, "
-              f"ZeRO {src['layout'].get('zero_stage')}) -> {path}: {manifest['family']}, vocab "
-              f"{manifest['vocab_size']}, {os.path.getsize(path) / 1e6:.1f} MB")
-    except MegatronExtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point(PROG, run, ap.parse_args(argv))[0]
 
 
 if __name__ == "__main__":

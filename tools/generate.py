@@ -146,16 +146,10 @@ def run(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_ext.errors import MegatronExtError
+    from megatron_ext.errors import run_entry_point
 
-    try:
-        return run(args)
-    except MegatronExtError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    rc, result = run_entry_point(PROG, run, args)
+    return rc or result
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 
-from megatron_ext.errors import ConfigError, DataError, MegatronExtError  # noqa: E402
+from megatron_ext.errors import ConfigError, DataError, run_entry_point  # noqa: E402
 from megatron_ext.text_files import detect_format  # noqa: E402
 from megatron_ext.tokenizers import build_tokenizer  # noqa: E402
 
@@ -508,14 +508,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        stats = run(args)
-    except MegatronExtError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    rc, stats = run_entry_point(PROG, run, args)
+    if rc:
+        return rc
     if stats["documents"] == 0:
         print(f"{PROG}: warning: no documents found in '{stats['input']}'", file=sys.stderr)
     outs = ", ".join(stats["outputs"])

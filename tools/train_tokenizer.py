@@ -33,7 +33,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from megatron_ext.errors import ConfigError, DataError, MegatronExtError  # noqa: E402
+from megatron_ext.errors import ConfigError, DataError, run_entry_point  # noqa: E402
 from megatron_ext.text_files import detect_format  # noqa: E402
 from megatron_ext.tokenizers.sentencepiece_tokenizer import train_sentencepiece  # noqa: E402
 
@@ -141,48 +141,49 @@ def iter_jsonl_sentences(paths: Sequence[str], keys: Sequence[str]) -> Iterator[
                             yield sentence
 
 
+def _train(args) -> str:
+    """Check the inputs and train; returns the written .model path."""
+    paths: List[str] = []
+    for p in args.input:
+        path = os.path.abspath(os.path.expanduser(p))
+        if not os.path.isfile(path):
+            what = "does not exist" if not os.path.exists(path) else "is not a file"
+            raise DataError(f"--input: input file '{path}' {what}")
+        paths.append(path)
+    if args.vocab_size < 8:
+        raise ConfigError(f"--vocab-size: expected an integer >= 8, got {args.vocab_size}")
+    kinds = {detect_format(p, args.input_format) == "jsonl" for p in paths}
+    if len(kinds) > 1:
+        raise ConfigError(
+            "--input: mixes JSONL and plain-text files; pass --input-format or train on one kind"
+        )
+    common = dict(
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        input_sentence_size=args.input_sentence_size,
+        shuffle_input_sentence=not args.no_shuffle,
+        byte_fallback=args.byte_fallback,
+        num_threads=args.num_threads or None,
+        verbose=args.verbose,
+        extra_options=_symbol_options(args) or None,
+    )
+    if kinds.pop():
+        model = train_sentencepiece(
+            args.model_prefix,
+            args.vocab_size,
+            sentences=iter_jsonl_sentences(paths, args.json_keys),
+            **common,
+        )
+    else:
+        model = train_sentencepiece(args.model_prefix, args.vocab_size, input_files=paths, **common)
+    return model
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        paths: List[str] = []
-        for p in args.input:
-            path = os.path.abspath(os.path.expanduser(p))
-            if not os.path.isfile(path):
-                what = "does not exist" if not os.path.exists(path) else "is not a file"
-                raise DataError(f"--input: input file '{path}' {what}")
-            paths.append(path)
-        if args.vocab_size < 8:
-            raise ConfigError(f"--vocab-size: expected an integer >= 8, got {args.vocab_size}")
-        kinds = {detect_format(p, args.input_format) == "jsonl" for p in paths}
-        if len(kinds) > 1:
-            raise ConfigError(
-                "--input: mixes JSONL and plain-text files; pass --input-format or train on one kind"
-            )
-        common = dict(
-            model_type=args.model_type,
-            character_coverage=args.character_coverage,
-            input_sentence_size=args.input_sentence_size,
-            shuffle_input_sentence=not args.no_shuffle,
-            byte_fallback=args.byte_fallback,
-            num_threads=args.num_threads or None,
-            verbose=args.verbose,
-            extra_options=_symbol_options(args) or None,
-        )
-        if kinds.pop():
-            model = train_sentencepiece(
-                args.model_prefix,
-                args.vocab_size,
-                sentences=iter_jsonl_sentences(paths, args.json_keys),
-                **common,
-            )
-        else:
-            model = train_sentencepiece(args.model_prefix, args.vocab_size, input_files=paths, **common)
-    except MegatronExtError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    rc, model = run_entry_point(PROG, _train, args)
+    if rc:
+        return rc
 
     from megatron_ext.tokenizers import SentencePieceTokenizer
 
