@@ -6,7 +6,7 @@ with ``munmap`` when the tensor is freed, so in a training step on CPU nearly ev
 logits tensor is new memory that the kernel maps in one 4 KiB page at a time on first write. Measured on the
 2-core CI machine: a 2048 x 8192 fp32 logits matmul into a fresh tensor makes 16,385 minor page faults and takes
 ~62 ms against ~47 ms into reused memory; a whole step of the bench GPT (6 layers, hidden 512, seq 512, mb 4)
-makes 40-100 thousand faults, 5-10% of the step. This is the reason Intel's tuning guides run PyTorch CPU
+makes 40-150 thousand faults, 5-10% of the step. This is the reason Intel's tuning guides run PyTorch CPU
 training under jemalloc or tcmalloc (``torch.backends.xeon.run_cpu --enable_jemalloc``); with glibc the same
 effect needs no preload, only two ``mallopt`` settings made at run time:
 
@@ -15,15 +15,15 @@ effect needs no preload, only two ``mallopt`` settings made at run time:
 * ``M_TRIM_THRESHOLD`` = 2 GiB - 1: free memory at the top of the heap is not handed back after every step.
 
 The cost is resident memory: the process keeps its heap instead of shrinking between steps, and the heap can
-hold more than one step's peak, because PyTorch allocates with ``posix_memalign`` (64-byte alignment) and glibc
-answers an aligned request with a slightly larger search than the block a freed tensor of the same size left, so
-the first few steps leave holes before the heap settles. Measured: the bench GPT (6 layers, hidden 512) +5% peak
-RSS; a loop dominated by a few 64 MiB tensors (tests/test_host_memory.py's probe) about +50%. Set
-``trainer.reuse_host_memory=false`` where host memory is tight. That is the right trade for a CPU training process
-whose peak repeats every step, and the wrong one for GPU training, where large tensors live on the device and host memory peaks are
-one-off (checkpoint staging); so the trainer applies it by default on CPU only (``trainer.reuse_host_memory``:
-null = on for CPU runs, true / false to force). Other C libraries (macOS, musl) have no ``mallopt``: nothing is
-changed there and :func:`reuse_host_memory` says so by returning False.
+hold more than one step's peak: PyTorch allocates with ``posix_memalign`` (64-byte alignment), for which glibc
+looks for a block slightly larger than the one a freed tensor of the same size left, so the first steps leave
+holes before the heap settles. Measured: the bench GPT (6 layers, hidden 512) +5% peak RSS; a loop dominated by a
+few 64 MiB tensors (tests/test_host_memory.py's probe) about +50%. Set ``trainer.reuse_host_memory=false`` where
+host memory is tight. It is the right trade for a CPU training process, whose peak repeats every step, and the
+wrong one for GPU training, where large tensors live on the device and host peaks are one-off (checkpoint
+staging); so the trainer applies it by default on CPU only (``trainer.reuse_host_memory``: null = on for CPU runs,
+true / false to force). Other C libraries (macOS, musl) have no ``mallopt``: nothing is changed there and
+:func:`reuse_host_memory` says so by returning False.
 """
 from __future__ import annotations
 
