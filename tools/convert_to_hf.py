@@ -17,7 +17,14 @@ Then ``AutoModelForCausalLM.from_pretrained("hf/gpt")`` gives the same logits as
 SwiGLU + RMSNorm models as ``LlamaForCausalLM``; any other combination, Mega and encoder-decoder models are
 refused with a message naming the ``model.*`` keys in the way. The tokenizer is the one the checkpoint was
 trained with (``model.tokenizer``; the archive's own copy for ``.mext``); ``--tokenizer-library`` /
-``--tokenizer-model`` replace it, e.g. when the sentencepiece file has moved. See
+``--tokenizer-model`` replace it, e.g. when the sentencepiece file has moved.
+
+Before anything is written, the exported tokenizer (``tokenizers`` and ``AutoTokenizer``, as loaded from the
+files) is checked against ours on built-in probe texts and on a sample of up to 2000 lines of each
+``--verify-text FILE`` (default: the text a sentencepiece tokenizer was trained on, when its recorded input file
+is still there; give the training text explicitly otherwise). Any line encoded to other ids (or decoded to
+another text) refuses the export, naming the first such line and both id lists;
+``--allow-tokenizer-mismatch`` exports anyway and prints how many lines differ. See
 ``megatron_ext/inference/hf_export.py`` for the weight mapping and the tokenizer representation.
 
 Needs ``transformers`` (``pip install transformers``). Errors print one line ``convert_to_hf: error: ...`` and
@@ -52,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved weights (default float32)")
     p.add_argument("--tokenizer-library", default=None, help="override the tokenizer library (byte | sentencepiece)")
     p.add_argument("--tokenizer-model", default=None, help="override the tokenizer model file (sentencepiece .model)")
+    p.add_argument("--verify-text", action="append", default=None, metavar="FILE",
+                   help="a text file (e.g. the training text) whose lines (a sample) the exported tokenizer must "
+                        "encode to our ids; repeatable (default: the tokenizer's recorded training input, if found)")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="export even if the Hugging Face tokenizer encodes some checked lines differently (it "
+                        "prints how many); without it such an export is refused")
     return p
 
 
@@ -76,7 +89,8 @@ def run(args: argparse.Namespace) -> dict:
         _quiet_transformers()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            info = export_to_hf(obj, args.output, arch=args.arch, tokenizer=tokenizer, dtype=args.dtype)
+            info = export_to_hf(obj, args.output, arch=args.arch, tokenizer=tokenizer, dtype=args.dtype,
+                                verify_text=args.verify_text, allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
     from megatron_ext.inference.hf_export import HFExportWarning
 
     for w in caught:  # ours, one line each (megatron-core's import-time notes are left out)
@@ -102,8 +116,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rc:
         return rc
     tok = info["tokenizer"] or "no"
-    exact = "" if not info["tokenizer"] else (", tokenizer exact on the probe texts" if not
-                                               info["tokenizer_mismatches"] else ", tokenizer NOT exact (see warning)")
+    checked = f"{info['tokenizer_checked']} lines ({', '.join(info['tokenizer_sources'])})"
+    exact = "" if not info["tokenizer"] else (f", tokenizer exact on {checked}" if not info["tokenizer_mismatches"]
+                                              else f", tokenizer NOT exact on {len(info['tokenizer_mismatches'])} of "
+                                                   f"{checked}")
     step = f" (step {info['step']})" if info.get("step") is not None else ""
     print(f"{PROG}: wrote {info['model_class']}{step}, {info['dtype']}, vocab {info['vocab_size']}, {tok} tokenizer"
           f"{exact} -> {info['out_dir']}", flush=True)

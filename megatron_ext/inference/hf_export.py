@@ -107,8 +107,17 @@ TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special
                              "tokenizer.model"})
 
 
+#: lines of each verification text file the exported tokenizer is checked on, and how much of a file is read
+VERIFY_LINES = 2000
+VERIFY_READ_BYTES = 16 << 20
+
+
 class HFExportWarning(UserWarning):
-    """The export is usable but not exact (e.g. the tokenizer encodes some probe text differently)."""
+    """An export that was asked to go on although its tokenizer encodes some checked text differently."""
+
+
+class TokenizerMismatchError(ConfigError):
+    """The exported tokenizer would encode some checked text to other ids than the training tokenizer."""
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -464,12 +473,17 @@ def _sp_backend(tokenizer):
     user_symbols = [piece for piece, _, t in pieces if t == USER_DEFINED]
 
     if kind in ("unigram", "char"):
+        # control / unknown / byte pieces stay in the lattice of tokenizers' Unigram (it has no way to leave a piece
+        # out), so they get a score no path through known characters can lose to; the unknown-id score (this minimum
+        # less 10) moves with it, which changes nothing: every path covers an unknown character with the unknown id
+        longest = max((len(piece) for piece, _, t in pieces if t != NORMAL), default=1)
+        unreachable = (min_score - 1.0) * 1000.0 * (longest + 1)
         vocab = []
         for piece, score, t in pieces:
             if t == USER_DEFINED:  # sentencepiece gives them a bonus so they are always one piece
                 score = len(piece) * max_score + 1.0
-            elif t != NORMAL:  # never produced from text by sentencepiece: as unlikely as allowed here
-                score = min_score
+            elif t != NORMAL:  # never cut out of text by sentencepiece: never worth a path here (see above)
+                score = unreachable
             vocab.append((piece, score))
         model = models.Unigram(vocab, unk_id=unk_id, byte_fallback=byte_fallback)
     else:
@@ -506,6 +520,14 @@ def _sp_backend(tokenizer):
     if ts.split_by_whitespace and ns.escape_whitespaces:  # pieces never span a "▁" boundary: cut the words apart
         behaviour = "merged_with_previous" if ts.treat_whitespace_as_suffix else "merged_with_next"
         pre.append(pre_tokenizers.Split("\u2581", behavior=behaviour))
+    if kind in ("unigram", "char"):
+        # a run of characters that have no piece of their own is sentencepiece's unknown id (no normal piece holds
+        # such a character): cut it out, so that a control piece spelling it (``</s>`` when ``/`` is unknown) cannot
+        # cover it in the lattice -- it would beat the unknown id, whose score is below every piece's
+        known = {piece for piece, _, t in pieces if t in (NORMAL, USER_DEFINED) and len(piece) == 1}
+        known |= {c for u in user_symbols for c in u} | {"\u2581"}
+        pre.append(pre_tokenizers.Split(Regex("[^" + "".join(f"\\x{{{ord(c):x}}}" for c in sorted(known)) + "]+"),
+                                        behavior="isolated"))
     if kind == "bpe" and user_symbols:  # sentencepiece's bpe takes them as whole symbols before merging
         alternatives = "|".join(re.escape(u) for u in sorted(user_symbols, key=len, reverse=True))
         pre.append(pre_tokenizers.Split(Regex(alternatives), behavior="isolated"))
@@ -517,6 +539,8 @@ def _sp_backend(tokenizer):
     dec += [decoders.Fuse()]
     if ns.add_dummy_prefix and ns.escape_whitespaces:
         dec.append(decoders.Strip(" ", 0, 1) if ts.treat_whitespace_as_suffix else decoders.Strip(" ", 1, 0))
+    if unk_id is not None:  # sentencepiece decodes the unknown id as " ⁇ " (its unk_surface)
+        dec.insert(0, decoders.Replace(pieces[unk_id][0], ts.unk_surface or " \u2047 "))
     tok.decoder = decoders.Sequence(dec)
     specials = [piece for piece, _, t in pieces if t in (CONTROL, UNKNOWN)]
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
@@ -555,20 +579,60 @@ def build_hf_tokenizer(tokenizer):
     return fast, info["extra_files"]
 
 
-def compare_tokenizers(ours, hf, texts: Sequence[str]) -> List[Tuple[str, List[int], List[int]]]:
-    """``(text, our ids, HF ids)`` for every text the two encode differently (HF: no special tokens added). Texts
-    our tokenizer refuses (the char tokenizer's unknown characters) are skipped."""
+def write_hf_tokenizer(tokenizer, out_dir: str, model_max_length: Optional[int] = None) -> List[str]:
+    """Write our tokenizer as Hugging Face files into ``out_dir``; returns the file names written.
+
+    ``tokenizer.json`` lists no added tokens: ``tokenizers`` matches an added token anywhere in the input text and
+    cannot be told otherwise from the file (its ``encode_special_tokens`` switch is not saved), while ours never
+    cuts a special piece out of text. The special pieces stay in the model's vocabulary (so ``token_to_id`` and
+    decoding know them) and ``tokenizer_config.json`` names them with ``split_special_tokens: true``, so
+    ``AutoTokenizer`` knows them as special tokens without matching them in text either."""
+    hf_tok, extra_files = build_hf_tokenizer(tokenizer)
+    if model_max_length is not None:
+        hf_tok.model_max_length = int(model_max_length)
+    os.makedirs(out_dir, exist_ok=True)
+    hf_tok.save_pretrained(out_dir)
+    p = os.path.join(out_dir, "tokenizer.json")
+    with open(p, encoding="utf-8") as f:
+        spec = json.load(f)
+    specials = sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []) if t.get("special"))
+    spec["added_tokens"] = []
+    _portable_tokenizer_config(out_dir, specials)
+    with open(p, "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    for name, src in extra_files.items():
+        shutil.copyfile(src, os.path.join(out_dir, name))
+    return [n for n in sorted(TOKENIZER_FILES) if os.path.isfile(os.path.join(out_dir, n))]
+
+
+def compare_tokenizers(ours, hf_dir: str, texts: Sequence[Any]) -> List[Tuple[str, str, List[int], List[int]]]:
+    """Check the tokenizer files in ``hf_dir`` against ours: ``(where, text, our ids, Hugging Face ids)`` for every
+    text that ``tokenizers.Tokenizer.from_file(tokenizer.json).encode`` or ``AutoTokenizer.from_pretrained(hf_dir)``
+    (both with their defaults, no special tokens added) encodes differently, or whose ids either decodes to another
+    string than ours. ``texts``: strings or ``(where, text)`` pairs. Texts ours refuses (the char tokenizer's
+    unknown characters) are skipped."""
+    from tokenizers import Tokenizer as RawTokenizer
+
     from megatron_ext.errors import DataError
 
+    transformers = _import_transformers()
+    raw = RawTokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    auto.model_max_length = 1 << 40  # no warning about lines longer than the model's context
     bad = []
-    for t in texts:
+    for i, item in enumerate(texts):
+        where, t = item if isinstance(item, tuple) else (f"text {i + 1}", item)
         try:
             a = list(ours.tokenize(t))
+            text_back = ours.detokenize(a)
         except DataError:
             continue
-        b = list(hf(t, add_special_tokens=False)["input_ids"])
-        if a != b:
-            bad.append((t, a, b))
+        b = list(raw.encode(t, add_special_tokens=False).ids)
+        c = list(auto(t, add_special_tokens=False)["input_ids"])
+        if b != a or c != a:
+            bad.append((where, t, a, b if b != a else c))
+        elif raw.decode(a) != text_back or auto.decode(a) != text_back:
+            bad.append((where, t, a, a))  # the same ids, another decoded text
     return bad
 
 
@@ -626,16 +690,24 @@ def _no_init():
 
 
 def export_to_hf(consolidated: Dict[str, Any], out_dir: str, *, arch: str = "auto", tokenizer: Any = None,
-                 dtype: Any = torch.float32, probe_texts: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                 dtype: Any = torch.float32, probe_texts: Optional[Sequence[str]] = None,
+                 verify_text: Optional[Sequence[str]] = None, allow_tokenizer_mismatch: bool = False,
+                 ) -> Dict[str, Any]:
     """Write a Hugging Face model directory for a consolidated GPT checkpoint.
 
     ``consolidated``: ``{"state_dict": {GPTModel name: full tensor, vocab rows trimmed}, "vocab_size",
     "model_config": {model.* keys}}`` (``consolidate_checkpoint`` / ``read_consolidated`` / ``read_archive`` /
     :func:`consolidated_from_model`); ``arch``: auto | gpt2 | llama; ``tokenizer``: see :func:`resolve_tokenizer`;
     ``dtype``: torch dtype or one of float32 / bfloat16 / float16 (the saved weights); ``probe_texts``: extra
-    texts the exported tokenizer is checked on. Returns a summary: ``arch``, ``model_class``, ``out_dir``,
-    ``dtype``, ``vocab_size``, ``tokenizer`` (library or None), ``tokenizer_mismatches`` (probe texts encoded
-    differently; empty = exact on all of them).
+    texts the exported tokenizer is checked on; ``verify_text``: text files whose lines (a sample of up to
+    :data:`VERIFY_LINES`) it is checked on (None: the tokenizer's own training input where that is recorded and
+    still there, see :func:`training_text_files`). The tokenizer files are written and checked (both
+    ``tokenizers`` and ``AutoTokenizer``, see :func:`compare_tokenizers`) before anything goes to ``out_dir``: any
+    line encoded differently raises :class:`TokenizerMismatchError` unless ``allow_tokenizer_mismatch`` (then an
+    ``HFExportWarning`` counts the lines). Returns a summary: ``arch``, ``model_class``, ``out_dir``, ``dtype``,
+    ``vocab_size``, ``tokenizer`` (library or None), ``tokenizer_checked`` (lines compared),
+    ``tokenizer_sources`` (where they came from), ``tokenizer_mismatches`` (``(where, text, ours, HF)``; empty =
+    exact on all of them).
     """
     if not isinstance(consolidated, dict) or "state_dict" not in consolidated:
         raise CheckpointError("consolidated: expected a dict with 'state_dict', 'vocab_size' and 'model_config' "
@@ -678,32 +750,98 @@ def export_to_hf(consolidated: Dict[str, Any], out_dir: str, *, arch: str = "aut
 
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"{out_dir}: exists and is not a directory (expected an output directory)")
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    mismatches: List[Tuple[str, List[int], List[int]]] = []
-    written = set()
-    if ours is not None:
-        hf_tok, extra_files = build_hf_tokenizer(ours)
-        written = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", *extra_files}
-        hf_tok.model_max_length = int(config.max_position_embeddings if target == "llama" else config.n_positions)
-        hf_tok.save_pretrained(out_dir)
-        _portable_tokenizer_config(out_dir)
-        for name, src in extra_files.items():
-            shutil.copyfile(src, os.path.join(out_dir, name))
-        texts = list(PROBE_TEXTS) + _symbol_probes(ours) + list(probe_texts or [])
-        mismatches = compare_tokenizers(ours, hf_tok, texts)
-        if mismatches:
-            t, a, b = mismatches[0]
-            warnings.warn(f"the exported Hugging Face tokenizer encodes {len(mismatches)} of {len(texts)} probe texts "
-                          f"differently from {ours.name} (first: {t[:60]!r}: ours {a[:12]} vs HF {b[:12]}); "
-                          f"AutoTokenizer ids may differ from training ids for such text", HFExportWarning,
-                          stacklevel=2)
-    for name in TOKENIZER_FILES - written:  # a tokenizer left by an earlier export would not match this model
+    import tempfile
+
+    mismatches: List[Tuple[str, str, List[int], List[int]]] = []
+    written: List[str] = []
+    checked, sources = 0, []
+    with tempfile.TemporaryDirectory(prefix="hf_tokenizer-") as tok_dir:
+        if ours is not None:
+            max_len = config.max_position_embeddings if target == "llama" else config.n_positions
+            written = write_hf_tokenizer(ours, tok_dir, max_len)
+            files = list(verify_text) if verify_text is not None else training_text_files(ours)
+            texts = [(f"probe text {i + 1}", t) for i, t in
+                     enumerate(list(PROBE_TEXTS) + _symbol_probes(ours) + list(probe_texts or []))]
+            for path in files:
+                texts += sample_lines(path, VERIFY_LINES)
+            checked, sources = len(texts), ["probe texts", *files]
+            mismatches = compare_tokenizers(ours, tok_dir, texts)
+            if mismatches:
+                where, t, a, b = mismatches[0]
+                msg = (f"the exported Hugging Face tokenizer encodes {len(mismatches)} of {len(texts)} lines "
+                       f"differently from {ours.name} (first: {where} {_abbrev(t)}: ours {_abbrev(a)} vs Hugging "
+                       f"Face {_abbrev(b)}{' (same ids, other decoded text)' if a == b else ''})")
+                if not allow_tokenizer_mismatch:
+                    raise TokenizerMismatchError(f"{msg}; nothing was written to {out_dir} (export anyway with "
+                                                 f"--allow-tokenizer-mismatch / allow_tokenizer_mismatch=True)")
+                warnings.warn(f"{msg}; exported anyway: AutoTokenizer ids differ from training ids for such "
+                              f"text", HFExportWarning, stacklevel=2)
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir)
+        for name in written:
+            shutil.copyfile(os.path.join(tok_dir, name), os.path.join(out_dir, name))
+    for name in TOKENIZER_FILES - set(written):  # a tokenizer left by an earlier export would not match this model
         if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     return {"arch": target, "model_class": TARGETS[target][0], "out_dir": out_dir,
             "dtype": str(torch_dtype).replace("torch.", ""), "vocab_size": vocab,
-            "tokenizer": ours.name if ours is not None else None, "tokenizer_mismatches": mismatches}
+            "tokenizer": ours.name if ours is not None else None, "tokenizer_mismatches": mismatches,
+            "tokenizer_checked": checked, "tokenizer_sources": sources}
+
+
+def _abbrev(x: Any, n: int = 12) -> str:
+    """A text (first 60 characters, repr) or an id list (first ``n`` ids) for a one-line message."""
+    if isinstance(x, str):
+        return repr(x[:60]) + ("..." if len(x) > 60 else "")
+    x = list(x)
+    return "[" + ", ".join(map(str, x[:n])) + (f", ... ({len(x)} ids)]" if len(x) > n else "]")
+
+
+def training_text_files(tokenizer) -> List[str]:
+    """The text a tokenizer was trained on, where it records it and the files are still there: a sentencepiece
+    model's ``trainer_spec.input`` (the ``--input`` of ``tools/train_tokenizer.py``). Other tokenizers record none
+    (the run's ``model.data.data_prefix`` is token ids, not text): give ``verify_text``."""
+    sp = getattr(tokenizer, "processor", None)
+    if sp is None:
+        return []
+    from sentencepiece import sentencepiece_model_pb2 as pb2
+
+    proto = pb2.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    return [p for p in proto.trainer_spec.input if os.path.isfile(p)]
+
+
+def sample_lines(path: str, max_lines: int = 0) -> List[Tuple[str, str]]:
+    """``(path:line, text)`` for up to ``max_lines`` lines spread evenly over a text file (all when 0). A file
+    larger than :data:`VERIFY_READ_BYTES` is sampled from that many bytes spread over it (``path@byte``)."""
+    from megatron_ext.errors import DataError
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size <= VERIFY_READ_BYTES:
+                found = [(f"{path}:{i + 1}", line) for i, line in enumerate(f.read().split(b"\n"))]
+            else:
+                found, chunks = [], 64
+                for k in range(chunks):
+                    off = k * (size // chunks)
+                    f.seek(off)
+                    block = f.read(VERIFY_READ_BYTES // chunks).split(b"\n")[1:-1]  # whole lines only
+                    found += [(f"{path}@byte {off}", line) for line in block]
+    except OSError as e:
+        raise DataError(f"--verify-text {path}: cannot read it ({e.strerror or e}); expected a text file") from None
+    out = []
+    for where, line in found:
+        try:
+            text = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            raise DataError(f"--verify-text {where}: not UTF-8 text") from None
+        if text.strip():
+            out.append((where, text))
+    if max_lines and len(out) > max_lines:
+        step = len(out) / max_lines
+        out = [out[int(i * step)] for i in range(max_lines)]
+    return out
 
 
 def _symbol_probes(tokenizer) -> List[str]:
@@ -722,12 +860,19 @@ def _symbol_probes(tokenizer) -> List[str]:
     return out
 
 
-def _portable_tokenizer_config(out_dir: str) -> None:
-    """Name the generic fast-tokenizer class that both transformers 4.x and 5.x resolve."""
+def _portable_tokenizer_config(out_dir: str, specials: Sequence[Tuple[int, str]] = ()) -> None:
+    """Name the generic fast-tokenizer class that both transformers 4.x and 5.x resolve, never match special tokens
+    in text, and list the special pieces ``(id, piece)`` (``tokenizer.json`` does not, see
+    :func:`write_hf_tokenizer`)."""
     p = os.path.join(out_dir, "tokenizer_config.json")
     with open(p) as f:
         cfg = json.load(f)
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["split_special_tokens"] = True  # AutoTokenizer's default for this directory: never match them in text
+    if specials:
+        cfg["added_tokens_decoder"] = {str(i): {"content": piece, "lstrip": False, "normalized": False,
+                                                "rstrip": False, "single_word": False, "special": True}
+                                       for i, piece in specials}
     with open(p, "w") as f:
         json.dump(cfg, f, indent=2, ensure_ascii=False)
 
@@ -800,4 +945,5 @@ def read_export_input(path: str, extract_dir: Optional[str] = None, key: str = "
 
 __all__ = ["ARCHS", "DTYPES", "TARGETS", "PROBE_TEXTS", "HFExportWarning", "export_to_hf", "resolve_arch",
            "model_family", "gpt2_state_dict", "llama_state_dict", "hf_config", "build_hf_tokenizer",
-           "compare_tokenizers", "resolve_tokenizer", "consolidated_from_model", "read_export_input"]
+           "compare_tokenizers", "write_hf_tokenizer", "training_text_files",
+           "sample_lines", "TokenizerMismatchError", "resolve_tokenizer", "consolidated_from_model", "read_export_input"]
