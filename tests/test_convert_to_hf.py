@@ -413,16 +413,26 @@ def test_cli_mext_archive(tmp_path, capsys, spm_models):
     _check_tokenizer(str(tmp_path / "hf"), ours, shakespeare_lines(500) + NON_ASCII)
 
 
-def test_probe_mismatch_warns(tmp_path, spm_models):
-    """A tokenizer that cannot be represented exactly is reported: sentencepiece never cuts a control piece out of
-    text, Hugging Face's unigram lattice can (documented limitation)."""
+def test_probe_mismatch_refused_or_warned(tmp_path, spm_models):
+    """Literal control pieces are exact now; a text the bpe export still cuts differently (a user-defined symbol
+    glued to a control piece: tokenizers takes the rest as one whole vocabulary entry) refuses the export, or warns
+    when asked to go on."""
+    from megatron_ext.inference.hf_export import TokenizerMismatchError
     from megatron_ext.tokenizers import SentencePieceTokenizer
 
     ours = SentencePieceTokenizer(spm_models["unigram"])
     obj = consolidated_from_model(perturbed_model(tiny_cfg(), vocab=ours.vocab_size))
-    with pytest.warns(HFExportWarning, match=r"encodes 1 of \d+ probe texts differently from sentencepiece"):
-        info = export_to_hf(obj, str(tmp_path), tokenizer=ours, probe_texts=["say </s> and <s>"])
-    assert [t for t, _, _ in info["tokenizer_mismatches"]] == ["say </s> and <s>"]
+    info = export_to_hf(obj, str(tmp_path), tokenizer=ours, probe_texts=["say </s> and <s>"])
+    assert info["tokenizer_mismatches"] == []
+    ours = SentencePieceTokenizer(spm_models["bpe-bytefallback"])
+    obj = consolidated_from_model(perturbed_model(tiny_cfg(), vocab=ours.vocab_size))
+    with pytest.raises(TokenizerMismatchError, match=r"encodes 1 of \d+ lines differently from sentencepiece"):
+        export_to_hf(obj, str(tmp_path / "b"), tokenizer=ours, probe_texts=["<mask></s>"])
+    assert not (tmp_path / "b").exists()
+    with pytest.warns(HFExportWarning, match=r"encodes 1 of \d+ lines differently from sentencepiece"):
+        info = export_to_hf(obj, str(tmp_path / "b"), tokenizer=ours, probe_texts=["<mask></s>"],
+                            allow_tokenizer_mismatch=True)
+    assert [t for _, t, _, _ in info["tokenizer_mismatches"]] == ["<mask></s>"]
 
 
 # --------------------------------------------------------------------------------------------- end to end

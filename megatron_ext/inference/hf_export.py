@@ -39,20 +39,33 @@ Tokenizer: written as a ``tokenizers`` ``tokenizer.json`` (loaded by ``AutoToken
 * byte tokenizer: ids 0..255 are the UTF-8 bytes (a byte-level BPE with no merges whose 256 symbols have id =
   byte value), 256 ``<eod>``, 257 ``<pad>``, 258 ``<bos>`` as special tokens. Exact for any text that is valid
   Unicode (a lone surrogate, which our tokenizer passes through with ``surrogatepass``, cannot reach the Rust
-  tokenizer at all).
+  tokenizer at all). ``<eod>`` spelled in text is five bytes, as in ours.
 * char tokenizer: one id per character of its list, its special ids as special tokens. Exact for every text ours
   accepts; a character outside the list (ours raises ``DataError``) is silently dropped by the HF tokenizer.
 * sentencepiece (unigram, bpe, char): the model's pieces and scores, its normalization rules (the precompiled
   charsmap), dummy prefix, whitespace collapsing and byte fallback rebuilt from the ``.model`` proto; the
-  ``.model`` file is copied along as ``tokenizer.model``. Known limits (reported by the probe check below when
-  they show): text that spells a control/byte piece literally (e.g. ``"</s>"`` or ``"<0x41>"``) may be cut
-  differently, because ``tokenizers`` cannot keep pieces out of its lattice the way sentencepiece does; ``word``
-  models are refused. User-defined symbols (``--user-defined-symbols``) stay one piece: unigram models get
-  sentencepiece's score bonus for them, bpe models cut them out before merging (and then take a word that is a
-  whole vocabulary entry as it is, ``ignore_merges``).
+  ``.model`` file is copied along as ``tokenizer.model``. Text that spells a control, unknown or byte piece
+  literally (``</s>``, ``<unk>``, ``<0x41>``) is cut as sentencepiece cuts it: bpe merges never build those
+  pieces; in unigram models they get a score no path through known characters loses to, and a run of characters
+  that have no piece of their own is cut out before the lattice (it is the unknown id; a control piece spelling
+  such a character would otherwise beat it). The unknown id decodes as sentencepiece's `` ⁇ ``. User-defined
+  symbols (``--user-defined-symbols``) stay one piece: unigram models get sentencepiece's score bonus for them,
+  bpe models cut them out before merging (and then take a word that is a whole vocabulary entry as it is,
+  ``ignore_merges``; so a control piece glued to a symbol, ``<mask></s>``, is the one case left that the check
+  below refuses). ``word`` models are refused.
 
-Special tokens are never matched in input text (``split_special_tokens``), as in ours. Every export checks the
-new tokenizer against ours on built-in probe texts and warns (``HFExportWarning``) if any id differs.
+Special tokens are never matched in input text, as in ours: ``tokenizer.json`` lists no added tokens (``tokenizers``
+would match them anywhere in the text, and its ``encode_special_tokens`` switch is not saved in the file); the
+special pieces are in the model's vocabulary with their ids, and ``tokenizer_config.json`` names them
+(``added_tokens_decoder``) with ``split_special_tokens: true``, so ``AutoTokenizer`` with its defaults knows them
+without matching them either.
+
+Verification: before anything is written, the tokenizer files are loaded back both ways
+(``tokenizers.Tokenizer.from_file`` and ``AutoTokenizer.from_pretrained``) and compared with ours on built-in probe
+texts and on a sample of up to :data:`VERIFY_LINES` lines of each ``verify_text`` file (default: the text a
+sentencepiece model was trained on, its recorded ``trainer_spec.input``, when the files are still there): ids and
+decoded text. Any difference raises :class:`TokenizerMismatchError` naming the first differing line and both id
+lists; ``allow_tokenizer_mismatch=True`` exports anyway with an ``HFExportWarning`` that counts the lines.
 
 Generation ids: GPT pretraining separates documents with ``eod`` and never shows ``bos``, so ``eos_token_id`` =
 ``bos_token_id`` = eod (like GPT-2's ``<|endoftext|>``: unconditional generation starts after a document end)
