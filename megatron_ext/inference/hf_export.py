@@ -958,5 +958,5 @@ def read_export_input(path: str, extract_dir: Optional[str] = None, key: str = "
 
 __all__ = ["ARCHS", "DTYPES", "TARGETS", "PROBE_TEXTS", "HFExportWarning", "export_to_hf", "resolve_arch",
            "model_family", "gpt2_state_dict", "llama_state_dict", "hf_config", "build_hf_tokenizer",
-           "compare_tokenizers", "write_hf_tokenizer", "training_text_files",
-           "sample_lines", "TokenizerMismatchError", "resolve_tokenizer", "consolidated_from_model", "read_export_input"]
+           "compare_tokenizers", "write_hf_tokenizer", "training_text_files", "sample_lines", "TokenizerMismatchError",
+           "VERIFY_LINES", "resolve_tokenizer", "consolidated_from_model", "read_export_input"]
