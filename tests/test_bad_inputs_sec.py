@@ -125,8 +125,7 @@ def test_sec_every_pt_entry_point_refuses_pickled_code(run_env, tmp_path):
 
 def test_sec_in_process_readers_refuse_pickled_code(tmp_path):
     """The library readers behind those entry points: consolidated files, checkpoint directories (plain and ZeRO,
-    whose zero_to_fp32 reader unpickles in full), RNG states and archive weights."""
-    from megatron_ext.checkpoint.safe_load import load_untrusted
+    whose zero_to_fp32 reader unpickles in full) and RNG states."""
     from megatron_ext.training.checkpointing import Checkpointer
     from megatron_ext.training.consolidated import consolidate_checkpoint, read_consolidated
 
@@ -139,7 +138,6 @@ def test_sec_in_process_readers_refuse_pickled_code(tmp_path):
         (lambda: consolidate_checkpoint(str(plain)), "mp_rank_00_model_states.pt"),
         (lambda: consolidate_checkpoint(str(zero)), "_states.pt"),
         (lambda: Checkpointer.load_rng(str(plain / "checkpoints"), "step_0000002"), "rng_state_rank00000.pt"),
-        (lambda: load_untrusted(evil, "latents file"), "evil.pt"),
     ]
     for fn, name in calls:
         with pytest.raises(CheckpointError, match=rf"{name}: refused: .* \(global posix\.system\)") as ei:
