@@ -184,8 +184,11 @@ def test_malicious_archives_refused(tmp_path, good_archive, monkeypatch):
     refused(base + [_file("extra.py", b"print(1)")], "unexpected member")
     refused([e for e in base if e[0].name != "model_weights.pt"], "no model_weights.pt")
     refused(base + [_file("config.yaml", b"model: {}\n")], "appears twice")
-    # a modified member fails its checksum
-    refused([_file(n, d + b"\n# edited\n" if n == "config.yaml" else d) for n, d in good.items()], "checksum")
+    # a modified member fails its checksum; one whose size differs from the manifest is refused before writing
+    refused([_file(n, d.replace(b"model:", b"modeL:", 1) if n == "config.yaml" else d) for n, d in good.items()],
+            "checksum")
+    refused([_file(n, d + b"\n# edited\n" if n == "config.yaml" else d) for n, d in good.items()],
+            "'config.yaml' declares .* bytes but manifest.json lists")
     # pickled code with a correct checksum: torch.load(weights_only=True) refuses it, nothing runs
     pwn = tmp_path / "pwned"
     monkeypatch.setenv("MEXT_PWN", str(pwn))

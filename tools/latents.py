@@ -50,7 +50,16 @@ def main(argv=None) -> int:
 
     from megatron_ext.inference.latents import LatentTools
 
+    from megatron_ext.checkpoint.safe_load import load_untrusted
+
     try:
+        if args.command == "decode":  # the input file is checked before the model is built
+            if not args.latents:
+                raise MegatronExtError("decode needs --latents (from `encode --out`)")
+            obj = load_untrusted(args.latents, "latents file")
+            if not isinstance(obj, dict) or not isinstance(obj.get("z"), torch.Tensor):
+                raise MegatronExtError(f"--latents {args.latents}: expected a latents file written by `encode --out` "
+                                       f"(a dict with a tensor 'z')")
         lt = LatentTools.from_checkpoint(args.ckpt)
         g = torch.Generator().manual_seed(args.seed)
         dec = dict(greedy=not args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -69,9 +78,6 @@ def main(argv=None) -> int:
                     print(json.dumps({"text": t, "shape": list(v.shape), "norm": float(v.norm()),
                                       "mean": float(v.mean())}))
         elif args.command == "decode":
-            if not args.latents:
-                raise MegatronExtError("decode needs --latents (from `encode --out`)")
-            obj = torch.load(args.latents, weights_only=False)
             for t in lt.decode(obj["z"], obj.get("mask"), **dec):
                 print(_line(t))
         elif args.command == "sample":

@@ -18,10 +18,13 @@ Format: an uncompressed tar with exactly these members::
                         vocab_size (padding rows are never used: the logits mask them)
     tokenizer/<file>    the tokenizer model file (sentencepiece), when the tokenizer has one
 
-Reading is defensive: members are checked before anything is written (no absolute paths, no ``..``, no links or
-devices, nothing outside the list above, no duplicates), written by us into a fresh temporary directory (never
-``extractall``), their SHA-256 checked against the manifest, and the weights loaded with
-``torch.load(weights_only=True)`` -- a pickle that would run code is refused, with a message naming the file.
+Reading is defensive: the manifest is read first (size-capped) and every member header is checked against it
+before anything is written (no absolute paths, no ``..``, regular files only -- no sparse files, links or devices --,
+nothing outside the list above or absent from the manifest, no duplicates, each declared size equal to the
+manifest's ``bytes``); members are then written by us into a fresh temporary directory (never ``extractall``) with
+a running byte cap, hashed as they are written and checked against the manifest's SHA-256. Every path the manifest
+names (``files``, ``tokenizer.file``) is such a checked member. The weights are read by
+``megatron_ext.checkpoint.safe_load`` -- a pickle that would run code is refused, with a message naming the file.
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import platform
 import posixpath
 import shutil
@@ -256,81 +258,159 @@ def save_to(model, path: str, *, tokenizer, config, source: Optional[Dict[str, A
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _check_member(m: tarfile.TarInfo, path: str) -> None:
-    name = m.name
+MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few kB; a larger one is refused before it is read
+
+
+def _check_name(name: str, path: str, what: str = "member") -> None:
     parts = name.split("/")
     if name.startswith("/") or os.path.isabs(name) or "\\" in name or ".." in parts or ":" in parts[0]:
-        raise CheckpointError(f"{path}: refused: member {name!r} points outside the archive")
-    if not (m.isfile() or m.isdir()):
-        raise CheckpointError(f"{path}: refused: member {name!r} is a link or special file")
-    if m.isdir():
-        if name.rstrip("/") != TOKENIZER_DIR:
-            raise CheckpointError(f"{path}: refused: unexpected directory {name!r}")
-        return
+        raise CheckpointError(f"{path}: refused: {what} {name!r} points outside the archive")
     if name in (MANIFEST, CONFIG, WEIGHTS):
         return
     if len(parts) == 2 and parts[0] == TOKENIZER_DIR and parts[1] and not parts[1].startswith("."):
         return
-    raise CheckpointError(f"{path}: refused: unexpected member {name!r} (expected {MANIFEST}, {CONFIG}, {WEIGHTS}, "
+    raise CheckpointError(f"{path}: refused: unexpected {what} {name!r} (expected {MANIFEST}, {CONFIG}, {WEIGHTS}, "
                           f"{TOKENIZER_DIR}/<file>)")
 
 
+def _check_member(m: tarfile.TarInfo, path: str) -> None:
+    """A member's header: a plain regular file (no sparse file, link, device or fifo) with an expected name, or the
+    ``tokenizer`` directory entry."""
+    name = m.name
+    if m.isdir() and name.rstrip("/") == TOKENIZER_DIR:
+        return
+    _check_name(name, path)
+    if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or m.sparse is not None:
+        kind = "sparse file" if (m.type == tarfile.GNUTYPE_SPARSE or m.sparse is not None) else \
+            "directory" if m.isdir() else "link or special file"
+        raise CheckpointError(f"{path}: refused: member {name!r} is a {kind} (only regular files are accepted)")
+
+
+def _read_manifest(tf: tarfile.TarFile, m: tarfile.TarInfo, path: str) -> Dict[str, Any]:
+    """The manifest member, read into memory (size-capped) and checked: format, and a ``files`` table whose every
+    name is an expected member with a SHA-256 and a size; ``tokenizer.file`` one of those names."""
+    if m.size > MANIFEST_MAX_BYTES:
+        raise CheckpointError(f"{path}: refused: {MANIFEST} declares {m.size} bytes (at most {MANIFEST_MAX_BYTES})")
+    try:
+        manifest = json.loads(tf.extractfile(m).read(MANIFEST_MAX_BYTES + 1).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{path}: {MANIFEST} has format {got!r}, expected {FORMAT!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{path}: {MANIFEST} has no 'files' table")
+    for name, meta in files.items():
+        _check_name(name, path, f"{MANIFEST} file")
+        if name == MANIFEST:
+            raise CheckpointError(f"{path}: refused: {MANIFEST} lists itself")
+        sha, size = (meta or {}).get("sha256") if isinstance(meta, dict) else None, \
+            meta.get("bytes") if isinstance(meta, dict) else None
+        if not (isinstance(sha, str) and len(sha) == 64) or not (isinstance(size, int) and size >= 0):
+            raise CheckpointError(f"{path}: {MANIFEST} entry {name!r} needs a 'sha256' (64 hex digits) and "
+                                  f"'bytes' (a size)")
+    for required in (CONFIG, WEIGHTS):
+        if required not in files:
+            raise CheckpointError(f"{path}: incomplete archive, no {required} in {MANIFEST}")
+    tok = manifest.get("tokenizer")
+    tok_file = tok.get("file") if isinstance(tok, dict) else None
+    if tok_file is not None and (not isinstance(tok_file, str) or tok_file not in files
+                                 or not tok_file.startswith(TOKENIZER_DIR + "/")):
+        raise CheckpointError(f"{path}: refused: {MANIFEST} tokenizer.file {tok_file!r} is not a {TOKENIZER_DIR}/ "
+                              f"member listed in its files")
+    return manifest
+
+
+def _check_end(tf: tarfile.TarFile, members, path: str) -> None:
+    """tarfile stops quietly at the end of the data: a tar cut short must still hold its last member's data and the
+    end-of-archive marker (two zero blocks) after it."""
+    end = max((m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for m in members), default=0)
+    tf.fileobj.seek(end)
+    if tf.fileobj.read(2 * tarfile.BLOCKSIZE) != tarfile.NUL * (2 * tarfile.BLOCKSIZE):
+        raise CheckpointError(f"{path}: truncated or corrupt .mext archive (it ends before its end-of-archive "
+                              f"marker)")
+
+
 def extract_archive(path: str, dest: str) -> Dict[str, Any]:
-    """Check and unpack ``path`` into the (empty) directory ``dest``; returns the manifest."""
+    """Check and unpack ``path`` into the (empty) directory ``dest``; returns the manifest.
+
+    Nothing is written before every member header is checked against the manifest (names, regular files only,
+    declared size equal to the manifest's ``bytes``, every listed file present once); members are then streamed
+    out with a byte cap per member and in total (the manifest's sum), hashed while written. A truncated or corrupt
+    tar is a ``CheckpointError`` naming the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such archive")
+    try:
+        return _extract(path, dest)
+    except (tarfile.TarError, EOFError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt .mext archive ({e})") from None
+
+
+def _extract(path: str, dest: str) -> Dict[str, Any]:
     try:
         tf = tarfile.open(path, "r:")
     except (tarfile.TarError, OSError) as e:
         raise CheckpointError(f"{path} is not a .mext archive (not an uncompressed tar file: {e})") from None
     with tf:
-        members = tf.getmembers()
-        seen = set()
+        members = tf.getmembers()  # headers only
+        seen: Dict[str, tarfile.TarInfo] = {}
         for m in members:
             _check_member(m, path)
             if m.name in seen:
                 raise CheckpointError(f"{path}: refused: member {m.name!r} appears twice")
-            seen.add(m.name)
-        for required in (MANIFEST, CONFIG, WEIGHTS):
-            if required not in seen:
-                raise CheckpointError(f"{path}: incomplete archive, no {required}")
-        for m in members:
-            if not m.isfile():
+            seen[m.name] = m
+        _check_end(tf, members, path)
+        if MANIFEST not in seen:
+            raise CheckpointError(f"{path}: incomplete archive, no {MANIFEST}")
+        manifest = _read_manifest(tf, seen[MANIFEST], path)
+        files = manifest["files"]
+        for name, m in seen.items():
+            if name == MANIFEST or m.isdir():
                 continue
-            target = os.path.join(dest, *m.name.split("/"))
+            if name not in files:
+                raise CheckpointError(f"{path}: refused: member {name!r} is not listed in {MANIFEST}")
+            if m.size != files[name]["bytes"]:
+                raise CheckpointError(f"{path}: refused: member {name!r} declares {m.size} bytes but {MANIFEST} "
+                                      f"lists {files[name]['bytes']} (the archive is corrupt or was modified)")
+        for name in files:
+            if name not in seen:
+                raise CheckpointError(f"{path}: incomplete archive, no {name} ({MANIFEST} lists it)")
+        budget = sum(int(v["bytes"]) for v in files.values())
+        for name, m in seen.items():
+            if name == MANIFEST or m.isdir():
+                continue
+            target = os.path.join(dest, *name.split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
+            cap = min(int(files[name]["bytes"]), budget)
+            h, n = hashlib.sha256(), 0
             src = tf.extractfile(m)
-            with open(target, "wb") as f:
-                shutil.copyfileobj(src, f)
-    try:
-        with open(os.path.join(dest, MANIFEST)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable {MANIFEST}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: {MANIFEST} has format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                              f"expected {FORMAT!r}")
-    files = manifest.get("files") or {}
-    for m in seen - {MANIFEST}:
-        if not m.endswith("/") and m != TOKENIZER_DIR and m not in files:
-            raise CheckpointError(f"{path}: refused: member {m!r} is not listed in {MANIFEST}")
-    for m, meta in files.items():
-        p = os.path.join(dest, *m.split("/"))
-        if not os.path.isfile(p):
-            raise CheckpointError(f"{path}: {MANIFEST} lists {m!r} but the archive does not hold it")
-        if _sha256(p) != meta.get("sha256"):
-            raise CheckpointError(f"{path}: checksum mismatch for {m!r}: the archive is corrupt or was modified")
+            with open(target, "xb") as f:
+                while True:
+                    chunk = src.read(min(1 << 20, cap - n + 1))
+                    if not chunk:
+                        break
+                    n += len(chunk)
+                    if n > cap:
+                        raise CheckpointError(f"{path}: refused: member {name!r} holds more than the "
+                                              f"{files[name]['bytes']} bytes {MANIFEST} lists")
+                    h.update(chunk)
+                    f.write(chunk)
+            budget -= n
+            if n != files[name]["bytes"]:
+                raise CheckpointError(f"{path}: member {name!r} is truncated ({n} of {files[name]['bytes']} bytes)")
+            if h.hexdigest() != files[name]["sha256"]:
+                raise CheckpointError(f"{path}: checksum mismatch for {name!r}: the archive is corrupt or was "
+                                      f"modified")
+    with open(os.path.join(dest, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
     return manifest
 
 
 def load_weights(path: str, where: str) -> Dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{where}: refused: {WEIGHTS} holds pickled objects other than tensors "
-                              f"(loading it would run code): {str(e).splitlines()[0]}") from None
-    except Exception as e:  # truncated / not a torch file
-        raise CheckpointError(f"{where}: {WEIGHTS} could not be read: {e}") from None
+    from megatron_ext.checkpoint.safe_load import load_untrusted
+
+    sd = load_untrusted(path, WEIGHTS, where=where)
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise CheckpointError(f"{where}: {WEIGHTS} must be a dict of name -> tensor")
     return sd

@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ext.checkpoint.safe_load import load_untrusted
 from megatron_ext.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,8 @@ class Checkpointer:
                 load_lr_scheduler_states=load_optimizer,
                 load_module_only=not load_optimizer,
             )
+        except CheckpointError:  # a file refused by the safe loader (names the file)
+            raise
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(
                 f"checkpoint {path} does not match this model/layout (saved with tp={meta.get('tp')}, "
@@ -182,4 +185,4 @@ class Checkpointer:
         if not os.path.exists(path):
             log.warning("no RNG state for this rank in %s (different world size?); RNG not restored", path)
             return None
-        return torch.load(path, weights_only=False)
+        return load_untrusted(path, "RNG state")

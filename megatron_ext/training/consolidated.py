@@ -83,12 +83,9 @@ def merge_shards(shards: list, dim: int, stride: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- reading DS files
 def _load(path: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file missing: {path}") from None
-    except Exception as e:  # truncated / not a torch file
-        raise CheckpointError(f"cannot read checkpoint file {path}: {str(e).splitlines()[0]}") from None
+    from megatron_ext.checkpoint.safe_load import load_untrusted
+
+    return load_untrusted(path, "checkpoint file")
 
 
 def _module_states_pp1(path: str, tp_rank: int) -> Dict[str, torch.Tensor]:
@@ -122,9 +119,12 @@ def _zero_fp32_states(path: str, tp_rank: int) -> Dict[str, torch.Tensor]:
 
     zero_to_fp32 expects a single model-parallel rank (it globs every ``*_optim_states.pt`` and reads
     ``mp_rank_00``); it is pointed at a temporary directory of links holding just this TP rank's files,
-    renamed to ``mp_rank_00``.
+    renamed to ``mp_rank_00``. zero_to_fp32 unpickles them itself without ``weights_only``, so every file is first
+    read by ``check_untrusted`` (a file holding anything but tensors and plain values is refused, naming it).
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from megatron_ext.checkpoint.safe_load import check_untrusted
 
     tag = "t"
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,6 +138,8 @@ def _zero_fp32_states(path: str, tp_rank: int) -> Dict[str, torch.Tensor]:
                 n += 1
         if n == 0:
             raise CheckpointError(f"{path}: no files for tensor-parallel rank {tp_rank} ({mine}_*)")
+        for f in sorted(os.listdir(d)):  # zero_to_fp32 unpickles them in full: refuse any holding code first
+            check_untrusted(os.path.join(d, f), "checkpoint file", where=os.path.realpath(os.path.join(d, f)))
         try:
             sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
         except (FileNotFoundError, KeyError, ValueError, AssertionError) as e:

@@ -153,6 +153,7 @@ def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, ds_config: Dic
         dist_init_required=False,
     )
     _skip_single_replica_allreduce(engine)
+    _safe_checkpoint_loading(engine)
     if own_clip is not None:
         install_fp32_clipping(engine, own_clip)
     return engine, optimizer, lr_scheduler
@@ -228,3 +229,13 @@ def _skip_single_replica_allreduce(engine) -> None:
     if getattr(engine, "has_moe_layers", False) or getattr(engine, "dp_world_size", None) != 1:
         return
     engine.enable_backward_allreduce = False
+
+
+def _safe_checkpoint_loading(engine) -> None:
+    """DeepSpeed unpickles its checkpoint files in full (its torch checkpoint engine calls ``torch.load`` without
+    ``weights_only``): a checkpoint directory from elsewhere -- ``model.ckpt_path=<dir>``, or a resumed run
+    directory -- could run code. Its checkpoint engine reads through ``megatron_ext.checkpoint.safe_load`` instead
+    (tensors, plain values and DeepSpeed's few optimizer-state types; anything else is refused naming the file)."""
+    from megatron_ext.checkpoint.safe_load import install_safe_checkpoint_engine
+
+    install_safe_checkpoint_engine(engine)
