@@ -249,7 +249,7 @@ def test_runs_disk_full_while_saving_names_the_path_and_keeps_latest(_runs_train
             from megatron_ext.training.checkpointing import Checkpointer
 
             with pytest.raises(CheckpointError) as e:
-                trainer._save(Checkpointer(str(ckpts)), 2, 4, 5.0)
+                Checkpointer(str(ckpts)).save(trainer.engine, 2, 4, trainer._rng_states(), trainer._meta())
             msg = str(e.value)
             assert "the disk is full" in msg and str(ckpts / ".tmp-step_0000002") in msg
             assert "'latest' still names step_0000001" in msg
