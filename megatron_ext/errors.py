@@ -22,6 +22,15 @@ class CheckpointError(MegatronExtError, RuntimeError):
     """A checkpoint cannot be found or does not match the model/layout."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is missing, truncated or unreadable (the message names it); an older checkpoint may load."""
+
+
+class UnsafeFileError(CheckpointError):
+    """A file's pickle needs more than tensors, plain values and the few allowed types: loading it could run code,
+    so it is refused (the message names the file and the refused global)."""
+
+
 def run_entry_point(prog, fn, *args):
     """The error handling every tool's ``main`` shares: returns ``(0, fn(*args))``; a ``MegatronExtError`` prints
     ``<prog>: error: <message>`` on stderr and returns ``(2, None)``; Ctrl-C prints ``<prog>: interrupted`` and

@@ -5,8 +5,9 @@ DeepSpeed model / optimizer states, archive weights.
 few non-tensor types our runs write besides tensors and plain Python values (``ALLOWED_GLOBALS``: DeepSpeed's loss
 scaler, ZeRO stage enum and fragment addresses, which its bf16 / ZeRO optimizer states hold). Unpickling never
 calls anything else, so a file whose pickle would run code (``os.system``, ``eval``, any class outside the list)
-is refused -- before any of it runs -- with a ``CheckpointError`` naming the file and the refused global. A
-missing, truncated or non-torch file is a ``CheckpointError`` naming the file too.
+is refused -- before any of it runs -- with an ``UnsafeFileError`` naming the file and the refused global. A
+missing, truncated or non-torch file is a ``CorruptCheckpointError`` naming the file (a resume falls back to the
+previous complete checkpoint on that one, never on a refused file).
 
 DeepSpeed reads its checkpoint files through its engine's checkpoint engine: ``install_safe_checkpoint_engine``
 points that at this loader, so resuming a run and ``model.ckpt_path=<checkpoint dir>`` never unpickle code either.
@@ -22,7 +23,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from megatron_ext.errors import CheckpointError
+from megatron_ext.errors import CheckpointError, CorruptCheckpointError, UnsafeFileError
 
 # (module, name) of the non-tensor types written by the runs we load; anything else in a pickle is refused
 ALLOWED_GLOBALS = (
@@ -65,18 +66,18 @@ def load_untrusted(path: str, what: str = "checkpoint file", *, where: Optional[
     ``CheckpointError``. ``what`` says what the file is, ``where`` how the user knows it (default: ``path``)."""
     where = where or str(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{where}: no such {what}")
+        raise CorruptCheckpointError(f"{where}: no such {what}")
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
-            raise CheckpointError(f"{where}: refused: {what} holds pickled objects other than tensors and plain "
+            raise UnsafeFileError(f"{where}: refused: {what} holds pickled objects other than tensors and plain "
                                   f"values ({_refused_global(str(e))}); loading it could run code") from None
-        raise CheckpointError(f"{where}: {what} could not be read (corrupt: {str(e).splitlines()[0]})") from None
+        raise CorruptCheckpointError(f"{where}: {what} could not be read (corrupt: {str(e).splitlines()[0]})") from None
     except Exception as e:  # truncated / not a torch file / wrong zip
         first = (str(e).splitlines() or [""])[0].split(". ")[0]
-        raise CheckpointError(f"{where}: {what} could not be read (truncated or not a torch file: "
+        raise CorruptCheckpointError(f"{where}: {what} could not be read (truncated or not a torch file: "
                               f"{type(e).__name__}: {first})") from None
 
 

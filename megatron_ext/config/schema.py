@@ -59,6 +59,9 @@ class ExpManagerConfig:
     checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
     resume_if_exists: bool = False
     resume_ignore_no_checkpoint: bool = True
+    # a fresh run (resume_if_exists=false) in a version directory that holds checkpoints is refused; true deletes
+    # those checkpoints first (README "Run directories")
+    overwrite: bool = False
 
 
 @dataclass

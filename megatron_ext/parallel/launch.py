@@ -106,16 +106,15 @@ def _free_port() -> int:
 
 
 def _pinned_version(cfg) -> Optional[str]:
-    """The run version every worker must use (exp_manager.version, else what rank 0 would pick)."""
+    """The run version every worker must use (exp_manager.version, else what rank 0 would pick: the newest version
+    with a checkpoint for resume_if_exists, or a new unique start-time directory, created here). A ConfigError
+    (``exp_dir`` is a file, ...) reaches the user before any worker starts; the lock is taken by worker rank 0."""
     em = cfg.exp_manager
     if em.version is not None:
         return None  # already the same in every worker
-    try:
-        from megatron_ext.training.exp_manager import resolve_run_dir
+    from megatron_ext.training.exp_manager import resolve_run_dir
 
-        return os.path.basename(resolve_run_dir(em, 0))  # resume_if_exists: the newest version with a checkpoint
-    except Exception:
-        return time.strftime("%Y-%m-%d_%H-%M-%S")
+    return os.path.basename(resolve_run_dir(em, 0))
 
 
 # ----------------------------------------------------------------------------------------------- self-launch

@@ -14,14 +14,26 @@ A save goes to ``.tmp-step_N/``, which is renamed to ``step_N/`` only after ever
 ``meta.json`` is in place; ``latest`` is then replaced with ``os.replace``. A crash at any point leaves either the
 previous checkpoint as "latest" or the new one, never a half-written one. On load, a ``latest`` pointing at a
 missing/incomplete directory falls back to the newest complete one (with a warning).
+
+Pruning (``save_top_k``) first renames ``step_N`` to ``.del-step_N`` and then deletes it, so a kill mid-prune never
+leaves a ``step_N`` fragment; :func:`remove_incomplete` (after every save and at the start of a run, which owns the
+directory) deletes ``.del-*`` leftovers and incomplete ``step_N`` / ``.tmp-step_N`` directories older than the newest
+complete checkpoint -- never a newer one, which may be the one being written.
+
+A save stops with one line (CheckpointError) when the disk is full, naming the path; the partial ``.tmp-step_N`` is
+removed and ``latest`` still names the previous checkpoint. On resume, :func:`check_files` reads every checkpoint
+file's zip directory and ``meta.json`` first (cheap: no tensor data), so a truncated or corrupt file is reported by
+name and the previous complete checkpoint is loaded instead (``Trainer._restore``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -29,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.checkpoint.safe_load import load_untrusted
-from megatron_ext.errors import CheckpointError
+from megatron_ext.errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +98,85 @@ def find_latest(ckpt_dir: str) -> Optional[str]:
     return done[-1][1] if done else None
 
 
+def _tag_step(name: str) -> Optional[int]:
+    m = re.match(r"^(?:\.tmp-|\.del-)?step_(\d+)$", name)
+    return int(m.group(1)) if m else None
+
+
+def remove_incomplete(ckpt_dir: str) -> list:
+    """Delete ``.del-step_N`` leftovers of an interrupted prune, ``.tmp-step_N`` (never renamed) and ``step_N``
+    without ``meta.json`` whose step is older than the newest complete checkpoint (a newer one may be being written).
+    Rank 0 only, by the run that holds the directory's lock. Returns the names removed."""
+    done = list_complete(ckpt_dir)
+    newest = done[-1][0] if done else None
+    removed = []
+    for d in sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []:
+        step = _tag_step(d)
+        path = os.path.join(ckpt_dir, d)
+        if step is None or not os.path.isdir(path):
+            continue
+        if d.startswith(".del-") or (newest is not None and step < newest
+                                      and (d.startswith(".tmp-") or not is_complete(path))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(d)
+    if removed:
+        log.warning("removed incomplete checkpoint directories in %s: %s", ckpt_dir, ", ".join(removed))
+    return removed
+
+
+def read_meta(path: str) -> Dict[str, Any]:
+    """``<checkpoint>/meta.json`` as a dict with ``step`` and ``consumed_samples``; CorruptCheckpointError naming the
+    file otherwise."""
+    meta_path = os.path.join(path, META)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        int(meta["step"]), int(meta["consumed_samples"])
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(
+            f"{meta_path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
+            f"expected a JSON object with 'step' and 'consumed_samples'"
+        ) from None
+
+
+def check_files(path: str) -> Dict[str, Any]:
+    """Check one checkpoint directory without loading tensors: ``meta.json`` parses, and every ``*.pt`` file (all
+    ranks') is a readable zip archive (a truncated torch file has lost its zip directory). Returns the meta;
+    raises CorruptCheckpointError naming the first bad file."""
+    meta = read_meta(path)
+    for root, _, files in os.walk(path):
+        for name in sorted(files):
+            if not name.endswith(".pt"):
+                continue
+            fp = os.path.join(root, name)
+            try:
+                with zipfile.ZipFile(fp) as z:
+                    z.infolist()
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise CorruptCheckpointError(
+                    f"{fp} is truncated or corrupt ({e}); expected a complete torch.save file"
+                ) from None
+    return meta
+
+
+def is_disk_full(exc: BaseException, path: str) -> bool:
+    """Whether ``exc`` (raised while writing under ``path``) means the disk or quota is full: an OSError
+    ENOSPC/EDQUOT, or any write error (torch's zip writer raises a RuntimeError without the errno, e.g.
+    "basic_ios::clear: iostream error") while the filesystem of ``path`` has less than 1 MiB left."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(exc):
+        return True
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
 @dataclass
 class LoadedState:
     step: int
@@ -128,17 +219,22 @@ class Checkpointer:
             os.makedirs(tmp_path)
         _barrier()
         client_state = {"step": step, "consumed_samples": consumed_samples}
-        engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-        torch.save(rng_states, os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt"))
-        _barrier()
+        failure = None
+        try:
+            engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+            torch.save(rng_states, os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt"))
+            if rank == 0:
+                meta = {
+                    "step": step,
+                    "consumed_samples": consumed_samples,
+                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    **meta_extra,
+                }
+                _atomic_write_text(os.path.join(tmp_path, META), json.dumps(meta, indent=2))
+        except (OSError, RuntimeError) as e:
+            failure = e
+        self._all_ok(failure, tmp_path)
         if rank == 0:
-            meta = {
-                "step": step,
-                "consumed_samples": consumed_samples,
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                **meta_extra,
-            }
-            _atomic_write_text(os.path.join(tmp_path, META), json.dumps(meta, indent=2))
             if os.path.exists(final_path):
                 shutil.rmtree(final_path)
             os.rename(tmp_path, final_path)
@@ -148,18 +244,42 @@ class Checkpointer:
         _barrier()
         return final_path
 
+    def _all_ok(self, failure: Optional[BaseException], tmp_path: str) -> None:
+        """After every rank wrote its files (in place of a barrier): when any rank failed, every rank removes the
+        partial ``tmp_path`` (rank 0) and raises -- CheckpointError saying the disk is full where it is."""
+        failed = torch.tensor([0 if failure is None else (2 if is_disk_full(failure, self.ckpt_dir) else 1)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if int(failed) == 0:
+            return
+        if _rank() == 0:
+            shutil.rmtree(tmp_path, ignore_errors=True)
+        _barrier()
+        latest = find_latest(self.ckpt_dir)
+        still = f"'latest' still names {latest}" if latest else "no earlier checkpoint exists"
+        if int(failed) == 2:
+            raise CheckpointError(
+                f"the disk is full: could not write checkpoint {tmp_path} (free space where "
+                f"{self.ckpt_dir} lives, or set exp_manager.checkpoint_callback_params.save_top_k); {still}"
+            ) from None
+        if failure is not None:
+            raise failure
+        raise CheckpointError(f"another rank failed to write checkpoint {tmp_path}; {still}")
+
     def _prune(self) -> None:
         if self.save_top_k is None or self.save_top_k < 0:
             return
         done = list_complete(self.ckpt_dir)
         for _, d in done[: max(0, len(done) - max(1, self.save_top_k))]:
-            shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
+            gone = os.path.join(self.ckpt_dir, ".del-" + d)
+            os.rename(os.path.join(self.ckpt_dir, d), gone)  # atomic: no step_N fragment if killed while deleting
+            shutil.rmtree(gone, ignore_errors=True)
+        remove_incomplete(self.ckpt_dir)
 
     @staticmethod
     def load(engine, ckpt_dir: str, tag: str, load_optimizer: bool = True) -> LoadedState:
         path = os.path.join(ckpt_dir, tag)
-        with open(os.path.join(path, META)) as f:
-            meta = json.load(f)
+        meta = read_meta(path)
         try:
             load_path, client = engine.load_checkpoint(
                 ckpt_dir,

@@ -11,6 +11,14 @@ Layout of a run (NeMo-style)::
 
 Only global rank 0 writes; the version is chosen on rank 0 and broadcast so all ranks agree.
 
+A run owns its directory: rank 0 holds an exclusive ``flock`` on ``<run dir>/.lock`` (which records the holder's
+pid and host) for the run's life, so a second run on the same directory stops at once with one line naming the
+directory and the holder; the kernel drops the lock when the process dies, so a crashed run leaves no stale lock.
+A default version (no ``exp_manager.version``) is a start time created with ``os.mkdir``, which fails when the
+directory exists: runs started in the same second get ``<time>_2``, ``<time>_3``... A fresh run (no
+``resume_if_exists``) is refused in a directory that already holds checkpoints unless ``exp_manager.overwrite`` is
+set, which removes them first (one log line), so no step of an earlier run survives beside the new run's.
+
 Hydra sweeps (``python pretrain_gpt.py -m model.hidden_size=128,256 model.optim.lr=1e-3,3e-4``): every job of
 the sweep gets its own run directory, ``<version>_job<N>_<swept overrides>`` -- ``<version>`` is
 ``exp_manager.version``, or when that is null the sweep's start time (shared by the jobs Hydra's default launcher
@@ -22,11 +30,14 @@ same job number and swept values.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
 import re
+import shutil
+import socket
 import sys
 import time
 from typing import Any, Dict, Optional, Set
@@ -63,6 +74,49 @@ def _broadcast_str(value: str) -> str:
 
 def _has_checkpoint(version_dir: str) -> bool:
     return os.path.isfile(os.path.join(version_dir, "checkpoints", "latest"))
+
+
+_CKPT_ENTRY = re.compile(r"^(\.tmp-|\.del-)?step_\d+$|^latest$")
+
+
+def _checkpoint_entries(ckpt_dir: str) -> list:
+    """The checkpoint entries (``step_N``, ``.tmp-step_N``, ``.del-step_N``, ``latest``) in ``ckpt_dir``."""
+    try:
+        return sorted(d for d in os.listdir(ckpt_dir) if _CKPT_ENTRY.match(d))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _check_exp_dir(em: DictConfig, base: str) -> None:
+    """``exp_manager.exp_dir`` (and ``<exp_dir>/<name>``) must be directories or not exist yet."""
+    path = os.path.abspath(em.exp_dir)
+    while True:  # the nearest existing ancestor must be a directory
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise ConfigError(f"exp_manager.exp_dir={em.exp_dir!r}: {path} is a file, expected a directory "
+                                  f"(or a path that does not exist yet)")
+            break
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if os.path.exists(base) and not os.path.isdir(base):
+        raise ConfigError(f"exp_manager.name={em.name!r}: {base} is a file, expected a directory")
+
+
+def _new_version_dir(base: str, stamp: str, tag: Optional[str]) -> str:
+    """Create ``base/<stamp>[_<tag>]`` atomically (``os.mkdir``); when it exists (a run started in the same
+    second), ``<stamp>_2``, ``<stamp>_3``... Returns the version name."""
+    os.makedirs(base, exist_ok=True)
+    n = 1
+    while True:
+        s = stamp if n == 1 else f"{stamp}_{n}"
+        version = s if tag is None else f"{s}_{tag}"
+        try:
+            os.mkdir(os.path.join(base, version))
+            return version
+        except FileExistsError:
+            n += 1
 
 
 # ------------------------------------------------------------------------------------------- Hydra sweeps
@@ -156,26 +210,47 @@ def check_sweep_launch(cfg: DictConfig) -> None:
 
 def resolve_run_dir(em: DictConfig, rank: int) -> str:
     """exp_dir/name/version. With resume_if_exists and no version, reuse the newest version that has a checkpoint.
-    In a Hydra multirun, each job gets ``<version or sweep start time>_<job tag>`` (module docstring)."""
+    In a Hydra multirun, each job gets ``<version or sweep start time>_<job tag>`` (module docstring). A new default
+    version is created here (unique, module docstring). Raises ConfigError (on every rank) when ``exp_dir`` or
+    ``<exp_dir>/<name>`` is a file."""
     base = os.path.abspath(os.path.join(em.exp_dir, em.name))
     version = em.version
+    err = ""
     if rank == 0:
-        job = sweep_job()
-        tag = sweep_job_tag(job) if job is not None else None
-        if tag is not None and version is not None and "exp_manager.version" not in job["swept_keys"]:
-            version = f"{version}_{tag}"
-        if version is None and em.resume_if_exists and os.path.isdir(base):
-            cands = [d for d in sorted(os.listdir(base)) if _has_checkpoint(os.path.join(base, d))
-                     and (tag is None or d.endswith(f"_{tag}"))]
-            if cands:
-                version = max(cands, key=lambda d: os.path.getmtime(os.path.join(base, d, "checkpoints", "latest")))
-        if version is None:
-            stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-            if tag is not None:
-                stamp = _SWEEP_STAMPS.setdefault(job["sweep_dir"], stamp)
-            version = stamp if tag is None else f"{stamp}_{tag}"
+        try:
+            version = _pick_version(em, base)
+        except ConfigError as e:
+            err = str(e)
+    err = _broadcast_str(err)
+    if err:
+        raise ConfigError(err)
     version = _broadcast_str(str(version) if version is not None else "")
     return os.path.join(base, version)
+
+
+def _pick_version(em: DictConfig, base: str) -> str:
+    """The version on rank 0 (see resolve_run_dir)."""
+    version = em.version
+    _check_exp_dir(em, base)
+    job = sweep_job()
+    tag = sweep_job_tag(job) if job is not None else None
+    if tag is not None and version is not None and "exp_manager.version" not in job["swept_keys"]:
+        version = f"{version}_{tag}"
+    if version is None and em.resume_if_exists and os.path.isdir(base):
+        cands = [d for d in sorted(os.listdir(base)) if _has_checkpoint(os.path.join(base, d))
+                 and (tag is None or d.endswith(f"_{tag}"))]
+        if cands:
+            version = max(cands, key=lambda d: os.path.getmtime(os.path.join(base, d, "checkpoints", "latest")))
+    if version is None:
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+        if tag is not None:
+            stamp = _SWEEP_STAMPS.setdefault(job["sweep_dir"], stamp)
+        try:
+            version = _new_version_dir(base, stamp, tag)
+        except OSError as e:
+            raise ConfigError(f"exp_manager.exp_dir={em.exp_dir!r}: cannot create a run directory in {base} "
+                              f"({e.strerror or e})") from None
+    return version
 
 
 class ExpManager:
@@ -189,10 +264,78 @@ class ExpManager:
         self._tb = None
         self._wandb = None
         self._metrics_f = None
+        self._lock_f = None
+        err = ""
         if rank == 0:
-            os.makedirs(self.ckpt_dir, exist_ok=True)
+            try:
+                self._own_run_dir()
+            except ConfigError as e:
+                err = str(e)
+        err = _broadcast_str(err)  # every rank stops with the same message
+        if err:
+            raise ConfigError(err)
         if dist.is_initialized():
             dist.barrier()
+
+    def _own_run_dir(self) -> None:
+        """Rank 0: create the run directory, take its lock, refuse (or with ``overwrite`` clear) the checkpoints of
+        an earlier run when this one starts fresh, and remove incomplete checkpoint directories."""
+        from megatron_ext.training.checkpointing import remove_incomplete
+
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"exp_manager.exp_dir={self.em.exp_dir!r}: cannot create the run directory "
+                              f"{self.run_dir} ({e.strerror or e})") from None
+        self._lock()
+        try:
+            writes_checkpoints = self.em.create_checkpoint_callback and self.cfg.trainer.get("limit_train_batches") != 0
+            old = _checkpoint_entries(self.ckpt_dir)
+            if old and writes_checkpoints and not self.em.resume_if_exists:
+                if not self.em.get("overwrite", False):
+                    raise ConfigError(
+                        f"{self.ckpt_dir} already holds checkpoints of an earlier run ({', '.join(old[:3])}"
+                        f"{', ...' if len(old) > 3 else ''}); add exp_manager.resume_if_exists=true to continue that "
+                        f"run, or exp_manager.overwrite=true to delete its checkpoints and start fresh"
+                    )
+                shutil.rmtree(self.ckpt_dir)
+                log.warning("exp_manager.overwrite=true: deleted the %d checkpoint entries of an earlier run in %s "
+                            "(%s)", len(old), self.ckpt_dir, ", ".join(old))
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            remove_incomplete(self.ckpt_dir)
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _lock(self) -> None:
+        """Hold an exclusive flock on ``<run dir>/.lock`` (pid and host written inside) until ``close``."""
+        import fcntl
+
+        path = os.path.join(self.run_dir, ".lock")
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                f.close()
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "unknown process"
+            f.close()
+            raise ConfigError(
+                f"run directory {self.run_dir} is in use by another run ({holder}); wait for it to finish, or give "
+                f"this run another exp_manager.version (or leave it null for a new one)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._lock_f = f
+
+    def _unlock(self) -> None:
+        if self._lock_f is not None:
+            self._lock_f.close()  # closing the descriptor releases the flock
+            self._lock_f = None
 
     # ------------------------------------------------------------------ setup
     def start(self, resumed_step: Optional[int]) -> None:
@@ -281,6 +424,7 @@ class ExpManager:
             self._wandb.log(clean, step=step)
 
     def close(self) -> None:
+        """Close the loggers and release the run directory's lock."""
         if self.rank != 0:
             return
         if self._metrics_f is not None:
@@ -293,3 +437,4 @@ class ExpManager:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        self._unlock()

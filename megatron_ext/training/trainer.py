@@ -19,9 +19,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from megatron_ext.config.loader import Derived, check_schema, validate_config
-from megatron_ext.errors import CheckpointError, ConfigError, MegatronExtError
+from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointError, MegatronExtError
 from megatron_ext.parallel import state as pstate
-from megatron_ext.training.checkpointing import Checkpointer, find_latest, resolve_ckpt_path
+from megatron_ext.training.checkpointing import Checkpointer, check_files, find_latest, read_meta, resolve_ckpt_path
 from megatron_ext.training.engine import build_ds_config, build_engine
 from megatron_ext.training.exp_manager import ExpManager
 from megatron_ext.training.throughput import peak_tflops
@@ -248,23 +248,11 @@ class Trainer:
 
     def _restore(self) -> tuple[int, int]:
         """Resume (exp_manager.resume_if_exists) or start from model.ckpt_path. Returns (step, consumed)."""
-        from megatron_ext.parallel.random import set_all_rng_states
-
         em, m = self.cfg.exp_manager, self.cfg.model
         if em.resume_if_exists:
             tag = find_latest(self.exp.ckpt_dir)
             if tag is not None:
-                with open(os.path.join(self.exp.ckpt_dir, tag, "meta.json")) as f:
-                    import json
-
-                    self._check_layout(json.load(f), os.path.join(self.exp.ckpt_dir, tag))
-                st = Checkpointer.load(self.engine, self.exp.ckpt_dir, tag, load_optimizer=True)
-                rng = Checkpointer.load_rng(self.exp.ckpt_dir, tag)
-                if rng is not None:
-                    set_all_rng_states(rng)
-                log.info("resumed from %s at step %d (%d samples consumed)",
-                         os.path.join(self.exp.ckpt_dir, tag), st.step, st.consumed_samples)
-                return st.step, st.consumed_samples
+                return self._resume(tag)
             if not em.resume_ignore_no_checkpoint:
                 raise CheckpointError(
                     f"exp_manager.resume_if_exists=true but {self.exp.ckpt_dir} holds no complete checkpoint "
@@ -273,14 +261,82 @@ class Trainer:
             log.info("no checkpoint in %s; starting fresh", self.exp.ckpt_dir)
         if m.ckpt_path and not os.path.isfile(m.ckpt_path):  # a file: consolidated weights, loaded in _build
             ckpt_dir, tag = resolve_ckpt_path(m.ckpt_path)
-            import json
-
-            with open(os.path.join(ckpt_dir, tag, "meta.json")) as f:
-                self._check_layout(json.load(f), os.path.join(ckpt_dir, tag))
+            self._check_layout(check_files(os.path.join(ckpt_dir, tag)), os.path.join(ckpt_dir, tag))
             st = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=False)
             log.info("loaded model weights from %s (step %d)", os.path.join(ckpt_dir, tag), st.step)
             self._loaded_step = st.step
         return 0, 0
+
+    def _resume(self, latest: str) -> tuple[int, int]:
+        """Load ``latest``, or when one of its files is truncated/corrupt (a warning names it) the newest older
+        complete checkpoint that loads. Rank 0 checks the files (``check_files``) and all ranks follow its choice;
+        a layout mismatch is not a corrupt file and stops at once."""
+        from megatron_ext.parallel.random import set_all_rng_states
+        from megatron_ext.training.checkpointing import list_complete
+        from megatron_ext.training.exp_manager import _broadcast_str
+
+        ckpt_dir = self.exp.ckpt_dir
+        older = [d for _, d in reversed(list_complete(ckpt_dir)) if d < latest]
+        bad = []
+        for tag in [latest] + older:
+            path = os.path.join(ckpt_dir, tag)
+            why = ""
+            if self.rank == 0:
+                try:
+                    check_files(path)
+                except CorruptCheckpointError as e:
+                    why = str(e)
+            why = _broadcast_str(why)
+            if not why:
+                self._check_layout(read_meta(path), path)
+                try:
+                    st = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=True)
+                    rng = Checkpointer.load_rng(ckpt_dir, tag)
+                except CorruptCheckpointError as e:
+                    why = str(e)
+            if why:
+                bad.append(why)
+                log.warning("cannot resume from %s: %s; trying the previous complete checkpoint", path, why)
+                continue
+            if rng is not None:
+                set_all_rng_states(rng)
+            log.info("resumed from %s at step %d (%d samples consumed)", path, st.step, st.consumed_samples)
+            return st.step, st.consumed_samples
+        raise CheckpointError(
+            f"no checkpoint in {ckpt_dir} could be loaded ({len(bad)} tried; newest: {bad[0]}); move the broken "
+            f"step directories away, or start fresh with exp_manager.overwrite=true"
+        )
+
+    def _nonfinite(self, loss: Optional[float]) -> str:
+        """Why the state after this step must not become a checkpoint ('' when it may): a non-finite loss or
+        pre-clipping grad norm of the step (when known; with fp16 loss scaling an overflow only skips the update),
+        or a non-finite parameter on any rank (a huge update can overflow the weights from finite gradients)."""
+        if self.derived.precision != "16":
+            gn = getattr(self.engine, "mext_grad_norm", None) if hasattr(self.engine, "mext_grad_norm") \
+                else self.engine.get_global_grad_norm()
+            if loss is not None and not math.isfinite(loss):
+                return f"the loss is {loss}"
+            if gn is not None and not math.isfinite(float(gn)):
+                return f"the grad norm is {float(gn)}"
+        bad = torch.zeros((), dtype=torch.float32)
+        for p in self.engine.module.parameters():
+            t = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition
+            t = p if t is None else t
+            if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+                bad += 1
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            bad = bad.to(self.device) if self.on_cuda else bad
+            dist.all_reduce(bad)
+        return f"{int(bad)} parameter tensors hold inf/nan" if int(bad) else ""
+
+    def _save(self, ckpt: Checkpointer, step: int, consumed: int, loss: Optional[float]) -> None:
+        """Write a checkpoint of this step unless its state is non-finite (then warn; ``latest`` stays put)."""
+        why = self._nonfinite(loss)
+        if why:
+            log.warning("step %d: not writing a checkpoint because %s; 'latest' stays on %s", step, why,
+                        find_latest(ckpt.ckpt_dir) or "(none)")
+            return
+        ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta())
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -340,12 +396,12 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         t = self.cfg.trainer
         self._loaded_step = 0
-        train_ds, val_ds, test_ds = self.task.build_datasets(self._num_samples())
-        self._build()
-        step, consumed = self._restore()
-        self.exp.start(resumed_step=step if step > 0 else None)
-        result: Dict[str, Any] = {"run_dir": self.exp.run_dir}
-        try:
+        try:  # exp.close (in finally) also releases the run directory's lock
+            train_ds, val_ds, test_ds = self.task.build_datasets(self._num_samples())
+            self._build()
+            step, consumed = self._restore()
+            self.exp.start(resumed_step=step if step > 0 else None)
+            result: Dict[str, Any] = {"run_dir": self.exp.run_dir}
             if t.limit_train_batches == 0:
                 val = self.validate(val_ds, max(1, t.limit_val_batches))
                 extra = getattr(self, "_val_extras", {})
@@ -439,10 +495,10 @@ class Trainer:
                     log.info("step %d | val/loss %.4f | val/ppl %.3f%s", step, last_val, ppl,
                              "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
             if ckpt is not None and ckpt_every and step % ckpt_every == 0:
-                ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta())
+                self._save(ckpt, step, consumed, loss_avg)
                 saved_at = step
         if ckpt is not None and cfg.exp_manager.checkpoint_callback_params.save_last and saved_at != step and step > first_step:
-            ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta())
+            self._save(ckpt, step, consumed, last_loss)
         elapsed = time.perf_counter() - t_start
         log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
         return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}
