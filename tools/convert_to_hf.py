@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the saved weights (default float32)")
     p.add_argument("--tokenizer-library", default=None, help="override the tokenizer library (byte | sentencepiece)")
     p.add_argument("--tokenizer-model", default=None, help="override the tokenizer model file (sentencepiece .model)")
+    p.add_argument("--overwrite", action="store_true", help="write into --output even if it is not empty")
     return p
 
 
@@ -62,6 +63,10 @@ def run(args: argparse.Namespace) -> dict:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ConfigError(f"--output {args.output}: exists and is not a directory (expected the model directory "
                           f"to write)")
+    from megatron_ext.output_files import check_outputs
+
+    check_outputs([("--output", os.path.join(args.output, ""))], [args.input, args.tokenizer_model],
+                  overwrite=args.overwrite)
     tokenizer = None
     if args.tokenizer_library or args.tokenizer_model:
         library = args.tokenizer_library or ("sentencepiece" if args.tokenizer_model else None)

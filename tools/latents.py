@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--text", action="append", default=[], help="input text (repeat for several)")
     ap.add_argument("--latents", help="a .pt file written by `encode --out`")
     ap.add_argument("--out", help="encode: write latents here (.pt)")
+    ap.add_argument("--overwrite", action="store_true", help="encode: replace --out if it exists")
     ap.add_argument("--input", help="reconstruct: held-out text file, one document per line")
     ap.add_argument("--max-lines", type=int, default=200)
     ap.add_argument("--num", type=int, default=4)
@@ -51,6 +52,10 @@ def main(argv=None) -> int:
     from megatron_ext.inference.latents import LatentTools
 
     try:
+        if args.out:
+            from megatron_ext.output_files import check_outputs
+
+            check_outputs([("--out", args.out)], [args.ckpt, args.latents, args.input], overwrite=args.overwrite)
         lt = LatentTools.from_checkpoint(args.ckpt)
         g = torch.Generator().manual_seed(args.seed)
         dec = dict(greedy=not args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
