@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target-pp", type=int, default=1)
     ap.add_argument("--target-dp", type=int, default=1, help="data-parallel size of the new layout (default 1)")
     ap.add_argument("--target-zero-stage", type=int, default=0)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --output file / write into a non-empty --output-dir")
     args = ap.parse_args(argv)
     if not args.output and not args.output_dir:
         ap.error("give --output (consolidated .pt) and/or --output-dir (checkpoint for a new layout)")
@@ -112,6 +114,12 @@ def main(argv=None) -> int:
         for k in ("target_tp", "target_pp", "target_dp"):
             if getattr(args, k) < 1:
                 raise MegatronExtError(f"--{k.replace('_', '-')}={getattr(args, k)}: expected an integer >= 1")
+        from megatron_ext.output_files import check_outputs
+
+        outputs = [("--output", args.output)] if args.output else []
+        if args.output_dir:
+            outputs.append(("--output-dir", os.path.join(args.output_dir, "")))
+        check_outputs(outputs, [args.input], overwrite=args.overwrite)
         from megatron_ext.training.consolidated import save_consolidated
 
         obj = _consolidated_from(args.input)

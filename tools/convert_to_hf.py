@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-tokenizer-mismatch", action="store_true",
                    help="export even if the Hugging Face tokenizer encodes some checked lines differently (it "
                         "prints how many); without it such an export is refused")
+    p.add_argument("--overwrite", action="store_true", help="write into --output even if it is not empty")
     return p
 
 
@@ -75,6 +76,10 @@ def run(args: argparse.Namespace) -> dict:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ConfigError(f"--output {args.output}: exists and is not a directory (expected the model directory "
                           f"to write)")
+    from megatron_ext.output_files import check_outputs
+
+    check_outputs([("--output", os.path.join(args.output, ""))], [args.input, args.tokenizer_model],
+                  overwrite=args.overwrite)
     tokenizer = None
     if args.tokenizer_library or args.tokenizer_model:
         library = args.tokenizer_library or ("sentencepiece" if args.tokenizer_model else None)

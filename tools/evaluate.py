@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: max-length // 2)")
     p.add_argument("--device", default="cpu", help="device to run on: cpu (default) or cuda[:N]")
     p.add_argument("--output", default=None, help="also write the JSON object to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return p
 
 
@@ -78,6 +79,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         out_dir = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(out_dir):
             raise ConfigError(f"--output: directory '{out_dir}' does not exist")
+        from megatron_ext.output_files import check_outputs
+
+        check_outputs([("--output", args.output)], [args.model, args.input], overwrite=args.overwrite)
     dev = str(args.device)
     if not (dev == "cpu" or dev.startswith("cuda")):
         raise ConfigError(f"--device: expected cpu or cuda[:N], got '{dev}'")
@@ -126,8 +130,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return rc
     text = json.dumps(result, allow_nan=False)
     if args.output is not None:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        from megatron_ext.output_files import write_error
+
+        try:
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        except OSError as exc:
+            print(f"{PROG}: error: {write_error(exc, args.output, '--output', 'the result is not saved')}",
+                  file=sys.stderr)
+            return 2
     print(text, flush=True)
     return 0
 

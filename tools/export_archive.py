@@ -26,6 +26,9 @@ def run(args) -> None:
         raise MegatronExtError(f"--input {args.input}: not a directory (expected a run or checkpoint directory)")
     if not args.output.endswith(".mext"):
         raise MegatronExtError(f"--output {args.output}: an archive name must end in .mext")
+    from megatron_ext.output_files import check_outputs
+
+    check_outputs([("--output", args.output)], [args.input], overwrite=args.overwrite)
     import json
     import tarfile
 
@@ -44,6 +47,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="run directory, checkpoints directory or checkpoints/step_N")
     ap.add_argument("--output", required=True, help="archive to write (.mext)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return run_entry_point(PROG, run, ap.parse_args(argv))[0]
 
 

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--text", action="append", default=[], help="input text (repeat for several)")
     ap.add_argument("--latents", help="a .pt file written by `encode --out`")
     ap.add_argument("--out", help="encode: write latents here (.pt)")
+    ap.add_argument("--overwrite", action="store_true", help="encode: replace --out if it exists")
     ap.add_argument("--input", help="reconstruct: held-out text file, one document per line")
     ap.add_argument("--max-lines", type=int, default=200)
     ap.add_argument("--num", type=int, default=4)
@@ -48,11 +49,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from megatron_ext.inference.latents import LatentTools
-
     from megatron_ext.checkpoint.safe_load import load_untrusted
+    from megatron_ext.inference.latents import LatentTools
+    from megatron_ext.output_files import check_outputs
 
     try:
+        if args.out:
+            check_outputs([("--out", args.out)], [args.ckpt, args.latents, args.input], overwrite=args.overwrite)
         if args.command == "decode":  # the input file is checked before the model is built
             if not args.latents:
                 raise MegatronExtError("decode needs --latents (from `encode --out`)")

@@ -32,8 +32,13 @@ How it is fast
   ~4 bytes per document plus a few chunks in flight. The output does not depend on
   ``--workers`` or ``--chunk-bytes``.
 
-Errors (missing file, invalid JSON line, missing key, bad tokenizer model, ...) print one
-message naming the file/line/key and exit with status 2.
+Refused before anything is read: an output (``.bin``, ``.idx``, ``--stats-json``) that is the input
+or the tokenizer model (same path, a symlink or a hard link), and an output that already exists
+unless ``--overwrite`` is given (``megatron_ext/output_files.py``).
+
+Errors (missing file, invalid JSON line, missing key, bad tokenizer model, an input with no
+documents or no tokens, a read-only output directory, a full disk, ...) print one message naming
+the file/line/key and exit with status 2; no ``.bin``/``.idx`` (final or temporary) is left behind.
 """
 from __future__ import annotations
 
@@ -61,6 +66,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 from megatron_ext.errors import ConfigError, DataError, run_entry_point  # noqa: E402
+from megatron_ext.output_files import check_outputs, write_error  # noqa: E402
 from megatron_ext.text_files import detect_format  # noqa: E402
 from megatron_ext.tokenizers import build_tokenizer  # noqa: E402
 
@@ -110,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of input per work item (0 = automatic); does not change the output",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace output files that already exist"
+    )
     p.add_argument(
         "--stats-json", default=None, help="also write the run statistics to this JSON file"
     )
@@ -341,6 +350,21 @@ def _fmt_rate(x: float) -> str:
     return f"{x:.0f}"
 
 
+class _writing:
+    """Turn an ``OSError`` raised while writing ``path`` (read-only, disk full, ...) into one DataError."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, OSError):
+            raise write_error(exc, self.path, "--output-prefix") from None
+        return False
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     t_start = time.perf_counter()
     path = os.path.abspath(os.path.expanduser(args.input))
@@ -355,6 +379,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     keys = list(args.json_keys)
     if len(set(keys)) != len(keys) or any(not k or "/" in k for k in keys):
         raise ConfigError(f"--json-keys: expected distinct non-empty keys, got {keys}")
+    out_prefix = os.path.abspath(os.path.expanduser(args.output_prefix))
+    prefixes = [output_prefix_for(out_prefix, k) for k in keys]
+    inputs = [path, args.tokenizer_model]
+    outputs = [("--output-prefix", p + ext) for p in prefixes for ext in (".bin", ".idx")]
+    if getattr(args, "stats_json", None):
+        outputs.append(("--stats-json", args.stats_json))
+    check_outputs(outputs, inputs, overwrite=getattr(args, "overwrite", False))
+    temporaries = [("--output-prefix", p + ext) for p in prefixes for ext in (".bin.tmp", ".idx.tmp")]
+    check_outputs(temporaries, inputs, overwrite_flag=None)
 
     tokenizer = build_tokenizer(
         args.tokenizer_library,
@@ -369,13 +402,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             f"({' '.join(keys)}); use JSONL input or a single key"
         )
 
-    out_prefix = os.path.abspath(os.path.expanduser(args.output_prefix))
     out_dir = os.path.dirname(out_prefix)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"--output-prefix: cannot create directory '{out_dir}': {exc.strerror}")
-    prefixes = [output_prefix_for(out_prefix, k) for k in keys]
+        raise write_error(exc, out_dir, "--output-prefix") from None
 
     size = os.path.getsize(path)
     workers = args.workers
@@ -432,9 +463,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             for pre in prefixes:
                 tmp_bin = pre + ".bin.tmp"
                 tmp_paths.extend([tmp_bin, pre + ".idx.tmp"])
-                builders.append(_make_builder(tmp_bin, dtype))
+                with _writing(pre + ".bin"):
+                    builders.append(_make_builder(tmp_bin, dtype))
         for i, (tokens, lengths) in enumerate(columns):
-            builders[i].add_documents(tokens, lengths)
+            with _writing(prefixes[i] + ".bin"):
+                builders[i].add_documents(tokens, lengths)
             n_tokens_key[i] += int(tokens.shape[0])
             n_tokens += int(tokens.shape[0])
         n_docs += docs
@@ -458,13 +491,25 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     consume(pending.popleft().get())
             while pending:
                 consume(pending.popleft().get())
-        if builders is None:  # empty input: still write valid (empty) datasets
-            consume((0, 0, [(np.zeros(0, np.int32), np.zeros(0, np.int64)) for _ in keys]))
+        if n_docs == 0:
+            raise DataError(
+                f"--input: {path} is empty: it has no documents (the file is empty or has only "
+                f"blank lines); no dataset was written"
+            )
+        for key, count in zip(keys, n_tokens_key):
+            if count == 0:
+                what = f"every '{key}' text" if fmt == "jsonl" else "every document"
+                raise DataError(
+                    f"--input: {path} gives an empty dataset: {what} is empty (0 tokens in "
+                    f"{n_docs} documents); no dataset was written"
+                )
         for pre, builder in zip(prefixes, builders):
-            builder.finalize(pre + ".idx.tmp")
+            with _writing(pre + ".idx"):
+                builder.finalize(pre + ".idx.tmp")
         for pre in prefixes:
-            os.replace(pre + ".bin.tmp", pre + ".bin")
-            os.replace(pre + ".idx.tmp", pre + ".idx")
+            with _writing(pre + ".bin"):
+                os.replace(pre + ".bin.tmp", pre + ".bin")
+                os.replace(pre + ".idx.tmp", pre + ".idx")
         ok = True
     finally:
         bar.leave = ok  # on error, clear the bar so the one-line message stands alone
@@ -511,8 +556,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rc, stats = run_entry_point(PROG, run, args)
     if rc:
         return rc
-    if stats["documents"] == 0:
-        print(f"{PROG}: warning: no documents found in '{stats['input']}'", file=sys.stderr)
     outs = ", ".join(stats["outputs"])
     print(
         f"{PROG}: {stats['documents']} docs, {stats['tokens']} tokens in "
@@ -521,8 +564,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         flush=True,
     )
     if args.stats_json:
-        with open(args.stats_json, "w", encoding="utf-8") as f:
-            json.dump(stats, f, indent=2)
+        try:
+            with open(args.stats_json, "w", encoding="utf-8") as f:
+                json.dump(stats, f, indent=2)
+        except OSError as exc:
+            print(f"{PROG}: error: {write_error(exc, args.stats_json, '--stats-json', 'the dataset was written')}", file=sys.stderr)
+            return 2
     return 0
 
 

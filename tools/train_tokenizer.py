@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_tokenizer.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="input file(s): text or JSONL")
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--overwrite", action="store_true", help="replace PREFIX.model / PREFIX.vocab if they exist")
     p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (incl. specials)")
     p.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     p.add_argument(
@@ -150,6 +151,10 @@ def _train(args) -> str:
             what = "does not exist" if not os.path.exists(path) else "is not a file"
             raise DataError(f"--input: input file '{path}' {what}")
         paths.append(path)
+    from megatron_ext.output_files import check_outputs
+
+    check_outputs([("--model-prefix", args.model_prefix + ext) for ext in (".model", ".vocab")], paths,
+                  overwrite=args.overwrite)
     if args.vocab_size < 8:
         raise ConfigError(f"--vocab-size: expected an integer >= 8, got {args.vocab_size}")
     kinds = {detect_format(p, args.input_format) == "jsonl" for p in paths}

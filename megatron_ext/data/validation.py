@@ -153,7 +153,7 @@ def read_idx_header(idx_path: str) -> _Header:
             f"{doc_len} document-table entries) needs {expected} bytes -- re-create it with "
             f"tools/preprocess_data.py"
         )
-    if size == expected + num_seq:
+    if num_seq and size == expected + num_seq:  # (with no sequences the two layouts are the same file)
         raise DataError(
             f"{idx_path}: this is a multimodal index (one mode byte per sequence); GPT datasets "
             f"expect a plain token index"

@@ -19,16 +19,28 @@ baseline variants of the kernels and picks one at run time, so the key need not 
 
 Loading happens at most once per process and library; a failure is remembered with its reason
 (the first compiler error line for a failed build).
+
+Builds never wait silently on a lock. ``torch.utils.cpp_extension`` guards a build directory with an empty
+``lock`` file (``FileBaton``) that a killed builder leaves behind, and every later build then waits on it
+forever. Each build here first takes :class:`BuildLock`, an ``flock`` on ``<build dir>/megatron_ext.build.lock``
+holding the builder's pid, host and start time: the kernel releases it when the builder dies, so a lock whose
+builder is gone is never waited on; while holding it, a torch ``lock`` file in the directory can only be a dead
+builder's, and is removed (with a line on stderr naming it). A waiter prints what it waits on (file, pid, host)
+after 10 s and every minute, and gives up after ``$MEGATRON_EXT_KERNELS_LOCK_TIMEOUT`` seconds (default 1800)
+with an error naming the lock.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -195,6 +207,111 @@ def _precheck(kind: str) -> Optional[str]:
     return None
 
 
+LOCK_NAME = "megatron_ext.build.lock"
+TORCH_LOCK_NAME = "lock"  # torch.utils.cpp_extension's FileBaton in the build directory
+LOCK_REPORT_AFTER_S = 10.0
+LOCK_REPORT_EVERY_S = 60.0
+
+
+def lock_timeout() -> float:
+    """Seconds a build waits for another live builder of the same directory: ``$MEGATRON_EXT_KERNELS_LOCK_TIMEOUT``
+    (default 1800)."""
+    raw = os.environ.get("MEGATRON_EXT_KERNELS_LOCK_TIMEOUT", "").strip()
+    try:
+        return float(raw) if raw else 1800.0
+    except ValueError:
+        raise KernelUnavailableError(f"MEGATRON_EXT_KERNELS_LOCK_TIMEOUT={raw!r}: expected a number of seconds") from None
+
+
+def _note(msg: str) -> None:
+    print(f"megatron_ext kernels: {msg}", file=sys.stderr, flush=True)
+
+
+class BuildLock:
+    """Exclusive right to build in ``directory`` (see the module docstring). Use as a context manager."""
+
+    def __init__(self, directory: Path, what: str, timeout: Optional[float] = None,
+                 report_after: float = LOCK_REPORT_AFTER_S, poll: float = 0.2) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self.what = what
+        self.timeout = lock_timeout() if timeout is None else float(timeout)
+        self.report_after = report_after
+        self.poll = poll
+        self._fd: Optional[int] = None
+
+    def holder(self) -> str:
+        """Who holds the lock, as its file says ("pid 12 on host h, building x since ..."), or "unknown"."""
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            text = ""
+        return text or "an unknown process"
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        start = time.monotonic()
+        next_report = start + self.report_after
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                now = time.monotonic()
+                if now - start >= self.timeout:
+                    raise KernelUnavailableError(
+                        f"gave up after {self.timeout:.0f} s waiting for the build lock {self.path}, held by "
+                        f"{self.holder()} (a live process); wait for it to finish, or raise "
+                        f"MEGATRON_EXT_KERNELS_LOCK_TIMEOUT")
+                if now >= next_report:
+                    _note(f"waiting {now - start:.0f} s for the build lock {self.path}, held by {self.holder()}")
+                    next_report = now + LOCK_REPORT_EVERY_S
+                time.sleep(self.poll)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on host {socket.gethostname()}, building {self.what} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n").encode())
+        self._clear_dead_torch_lock()
+
+    def _clear_dead_torch_lock(self) -> None:
+        """Every builder of this directory holds this lock first, so torch's ``lock`` file is a dead builder's."""
+        baton = self.directory / TORCH_LOCK_NAME
+        if baton.exists():
+            _note(f"removing {baton}, left by a build that did not finish (its builder is gone)")
+            try:
+                baton.unlink()
+            except FileNotFoundError:
+                pass
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "BuildLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def _build_and_load(kind: str, verbose: bool) -> str:
     from torch.utils import cpp_extension
 
@@ -208,8 +325,9 @@ def _build_and_load(kind: str, verbose: bool) -> str:
     else:
         kwargs = dict(sources=[str(src / f) for f in CUDA_SOURCES], extra_cflags=list(CUDA_CFLAGS),
                       extra_cuda_cflags=list(CUDA_NVCC_FLAGS), with_cuda=True)
-    path = cpp_extension.load(name=name, build_directory=str(directory), verbose=verbose,
-                              extra_include_paths=[str(src)], is_python_module=False, **kwargs)
+    with BuildLock(directory, name):
+        path = cpp_extension.load(name=name, build_directory=str(directory), verbose=verbose,
+                                  extra_include_paths=[str(src)], is_python_module=False, **kwargs)
     return str(path) if isinstance(path, (str, os.PathLike)) else str(directory / f"{name}.so")
 
 
@@ -240,6 +358,8 @@ def _try_load(kind: str, verbose: bool) -> Tuple[Optional[str], Optional[str]]:
         return None, reason
     try:
         return _build_and_load(kind, verbose), None
+    except KernelUnavailableError as err:  # the build lock: its message names the file
+        return None, f"the {kind.upper()} kernel was not built: {err}"
     except Exception as err:  # compiler errors, linker errors, load errors
         what = "build" if "Error building extension" in str(err) else "build/load"
         return None, f"the {kind.upper()} kernel {what} failed: {first_error_line(str(err))}"
