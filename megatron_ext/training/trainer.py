@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from megatron_ext.config.loader import Derived, check_schema, validate_config
+from megatron_ext.config.loader import Derived, check_config, validate_config
 from megatron_ext.errors import CheckpointError, ConfigError, MegatronExtError
 from megatron_ext.parallel import state as pstate
 from megatron_ext.training.checkpointing import Checkpointer, find_latest, resolve_ckpt_path
@@ -78,7 +78,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, task_factory, schema=None):
         from megatron_ext.config.schema import GPTConfig
 
-        cfg = check_schema(cfg, schema or GPTConfig)
+        cfg = check_config(cfg, schema or GPTConfig)
         self.cfg = cfg
         t = cfg.trainer
         denv = pstate.initialize_parallel(
@@ -258,7 +258,12 @@ class Trainer:
                     import json
 
                     self._check_layout(json.load(f), os.path.join(self.exp.ckpt_dir, tag))
+                from megatron_ext.training.lr_schedulers import config_state, keep_config_on_resume
+
+                configured = config_state(self.optimizer, self.scheduler)
                 st = Checkpointer.load(self.engine, self.exp.ckpt_dir, tag, load_optimizer=True)
+                for line in keep_config_on_resume(self.optimizer, self.scheduler, configured):
+                    log.info("resume: the config overrides the restored optimizer/scheduler state: %s", line)
                 rng = Checkpointer.load_rng(self.exp.ckpt_dir, tag)
                 if rng is not None:
                     set_all_rng_states(rng)
