@@ -16,17 +16,16 @@ import sys
 
 import megatron_ext  # noqa: F401  (sets DS_ACCELERATOR=cpu when there is no GPU, before deepspeed loads)
 
-import hydra
 from omegaconf import DictConfig
 
-from megatron_ext.config.loader import register_schemas
+from megatron_ext.config.loader import hydra_main, register_schemas
 from megatron_ext.errors import MegatronExtError
 from megatron_ext.parallel.launch import strip_launcher_args
 
 register_schemas()
 
 
-@hydra.main(config_path="configs/bart", config_name="megatron_bart_config", version_base=None)
+@hydra_main(config_path="configs/bart", config_name="megatron_bart_config")
 def main(cfg: DictConfig) -> None:
     from megatron_ext.config.schema import BARTConfig
     from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures

@@ -11,24 +11,23 @@
 Config: configs/gpt/megatron_gpt_config.yaml over the schema in megatron_ext/config/schema.py
 (precedence CLI > YAML > dataclass defaults). See README.md.
 
-Exit status: 0 ok; 2 bad input (one line ``error: ...``); 3 a collective failed or timed out (one line
-``error: rank R: ...``: another rank died or hung).
+Exit status: 0 ok; 2 bad input (one line ``error: ...``, or Hydra's message for its own config errors); 3 a
+collective failed or timed out (one line ``error: rank R: ...``: another rank died or hung).
 """
 import sys
 
 import megatron_ext  # noqa: F401  (sets DS_ACCELERATOR=cpu when there is no GPU, before deepspeed loads)
 
-import hydra
 from omegaconf import DictConfig
 
-from megatron_ext.config.loader import register_schemas
+from megatron_ext.config.loader import hydra_main, register_schemas
 from megatron_ext.errors import MegatronExtError
 from megatron_ext.parallel.launch import strip_launcher_args
 
 register_schemas()
 
 
-@hydra.main(config_path="configs/gpt", config_name="megatron_gpt_config", version_base=None)
+@hydra_main(config_path="configs/gpt", config_name="megatron_gpt_config")
 def main(cfg: DictConfig) -> None:
     from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
     from megatron_ext.training.exp_manager import check_sweep_launch

@@ -5,13 +5,18 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from megatron_ext.config.schema import BARTConfig, GPTConfig
+from megatron_ext.config.schema import BARTConfig, GPTConfig, default_optim
 from megatron_ext.errors import ConfigError
 
 SCHEMAS = {"gpt_schema": GPTConfig, "bart_schema": BARTConfig}
+
+# Nodes whose keys depend on a name inside them (the optimizer's / scheduler's params class): a dict given for
+# one of them on the command line (``model.optim={name: sgd, lr: 0.1}``) replaces the node instead of being
+# merged into the YAML's, which would leave the previous optimizer's keys behind.
+REPLACED_BY_DICT = ("model.optim", "model.optim.sched")
 
 PRECISIONS = {
     "32": "32",
@@ -32,6 +37,40 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     for name, node in SCHEMAS.items():
         cs.store(name=name, node=node)
+
+
+def hydra_main(config_path: str, config_name: str):
+    """``@hydra.main`` for the entry points, with one exit status for every bad input: an error Hydra reports
+    itself before the task function runs (unknown override key, bad override syntax, missing config file or
+    group) exits with 2, as a ``MegatronExtError`` does, instead of Hydra's 1. Hydra's message is unchanged;
+    an exit after the task function started is passed through."""
+    import functools
+    import sys
+
+    import hydra
+
+    def decorate(fn):
+        entered = []
+
+        @functools.wraps(fn)
+        def task(cfg):
+            entered.append(True)
+            return fn(cfg)
+
+        app = hydra.main(config_path=config_path, config_name=config_name, version_base=None)(task)
+
+        @functools.wraps(fn)
+        def run() -> None:
+            try:
+                app()
+            except SystemExit as e:
+                if e.code == 1 and not entered:
+                    sys.exit(2)
+                raise
+
+        return run
+
+    return decorate
 
 
 def _explain(e: OmegaConfBaseException) -> str:
@@ -62,13 +101,97 @@ def load_config(
             y.pop("defaults", None)
             y.pop("hydra", None)
             cfg = OmegaConf.merge(cfg, y)
-        overrides = list(overrides)
-        if overrides:
-            cleaned = [o[2:] if o.startswith("++") else (o[1:] if o.startswith("+") else o) for o in overrides]
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(cleaned))
+        for key, value, delete in _parse_overrides(list(overrides)):
+            if delete:
+                _delete(cfg, key)
+            elif key in REPLACED_BY_DICT and isinstance(value, dict):
+                OmegaConf.update(cfg, key, value, merge=False)
+            else:
+                nested: Any = value
+                for part in reversed(key.split(".")):
+                    nested = {part: nested}
+                cfg = OmegaConf.merge(cfg, nested)
+        _fill_defaults(cfg)
     except (ConfigKeyError, ConfigAttributeError, ValidationError) as e:
         raise ConfigError(_explain(e)) from None
     return cfg
+
+
+def _parse_overrides(overrides: list) -> list:
+    """``(key, value, is_delete)`` per override, parsed with Hydra's grammar (the command line's): ``a.b=1``,
+    ``+a.b=1``, ``++a.b=1``, ``~a.b``, ``a={x: 1, y: [1, 2]}``."""
+    if not overrides:
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+    return [(o.key_or_group, None if o.is_delete() else o.value(), o.is_delete()) for o in parsed]
+
+
+def _delete(cfg: DictConfig, key: str) -> None:
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent:
+        raise ConfigError(f"~{key}: there is no config key '{key}' to delete")
+    try:
+        del parent[leaf]
+    except OmegaConfBaseException:
+        raise ConfigError(f"~{key}: a key of the schema cannot be deleted; set it instead") from None
+
+
+def _fill_defaults(cfg: DictConfig) -> None:
+    """An empty (or removed) ``model.optim`` becomes the default optimizer; see ``schema.default_optim``."""
+    if "model" in cfg and not cfg.model.get("optim"):
+        cfg.model.optim = default_optim()
+
+
+def _hydra_dict_overrides() -> list:
+    """``(key, dict)`` for each command-line override of a :data:`REPLACED_BY_DICT` node by a dict, with the later
+    overrides of keys under it, in command-line order; empty outside a Hydra app."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        if not HydraConfig.initialized():
+            return []
+        parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    except Exception:  # not a Hydra run, or overrides Hydra itself already accepted and applied
+        return []
+    out, replaced = [], []
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_delete():
+            continue
+        if key in REPLACED_BY_DICT and isinstance(o.value(), dict):
+            out.append((key, o.value()))
+            replaced.append(key)
+        elif any(key.startswith(r + ".") for r in replaced):
+            out.append((key, o.value()))
+    return out
+
+
+def check_config(cfg: DictConfig, schema: type = GPTConfig) -> DictConfig:
+    """The config of a run, checked: :func:`check_schema`, then the checks that need no process
+    (``megatron_ext.config.validation.check_run_config``). Called before any worker is started and again by
+    each process (``Trainer``); every error is a ``ConfigError`` naming the key."""
+    from megatron_ext.config.validation import check_run_config
+
+    redo = _hydra_dict_overrides()
+    if redo:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            for key, value in redo:
+                if isinstance(value, dict) and key in REPLACED_BY_DICT:
+                    OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+                else:
+                    OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+    checked = check_schema(cfg, schema)
+    check_run_config(checked)
+    return checked
 
 
 def check_schema(cfg: DictConfig, schema: type = GPTConfig) -> DictConfig:
@@ -80,7 +203,9 @@ def check_schema(cfg: DictConfig, schema: type = GPTConfig) -> DictConfig:
     try:
         data = OmegaConf.to_container(cfg, resolve=False)
         data.pop("hydra", None)
-        return OmegaConf.merge(OmegaConf.structured(schema), data)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+        _fill_defaults(merged)
+        return merged
     except (ConfigKeyError, ConfigAttributeError, ValidationError) as e:
         raise ConfigError(_explain(e)) from None
 

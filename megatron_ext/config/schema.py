@@ -4,7 +4,8 @@ Precedence is CLI > YAML > these defaults (Hydra merges the YAML and the command
 onto the schema). The schema is *closed*: a key that is not declared here is an error
 that names the key, except under ``model.optim`` / ``model.optim.sched`` whose keys
 depend on the chosen optimizer/scheduler and are checked against that class's
-parameters when it is built (see ``megatron_ext.training.optim``).
+parameters when it is built (see ``megatron_ext.training.optim``). ``model.optim`` has no defaults of its
+own to merge under the user's: an empty one becomes :func:`default_optim`, anything else is taken as given.
 """
 from __future__ import annotations
 
@@ -91,7 +92,10 @@ class DataConfig:
     task_params: Dict[str, Any] = field(default_factory=dict)
 
 
-def _default_optim() -> Dict[str, Any]:
+def default_optim() -> Dict[str, Any]:
+    """``model.optim`` when a config gives none (an empty ``model.optim``). Not merged under a given
+    ``model.optim``: a key the user removes or leaves out stays out, and the chosen optimizer/scheduler's
+    params class supplies its defaults (``megatron_ext.training.optim``, ``lr_schedulers``)."""
     return {
         "name": "adamw",
         "lr": 1e-3,
@@ -167,7 +171,7 @@ class ModelConfig:
     mega: MegaArchConfig = field(default_factory=MegaArchConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: Dict[str, Any] = field(default_factory=_default_optim)
+    optim: Dict[str, Any] = field(default_factory=dict)  # empty = default_optim()
 
 
 @dataclass
@@ -250,7 +254,7 @@ class EncoderDecoderModelConfig:
     ckpt_path: Optional[str] = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: BARTDataConfig = field(default_factory=BARTDataConfig)
-    optim: Dict[str, Any] = field(default_factory=_default_optim)
+    optim: Dict[str, Any] = field(default_factory=dict)  # empty = default_optim()
     # the hiddens module between encoder and decoder (MIM / VAE); configured by a later part of the project
     hiddens: Dict[str, Any] = field(default_factory=dict)  # empty = no hiddens module
 

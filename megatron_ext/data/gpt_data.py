@@ -40,8 +40,8 @@ and the training loop does not depend on which ranks have data.
 Batches (via :mod:`megatron_ext.data.samplers`) hold ``tokens``/``labels`` (int64, ``[b, s]``),
 ``loss_mask`` (float32) and ``position_ids`` (int64). No attention mask is built
 (``create_attention_mask=False``): the model uses causal SDPA. ``reset_position_ids`` and
-``eod_mask_loss`` act on the batch; ``reset_attention_mask`` is passed through but, without an
-attention mask, it only has an effect if the model itself masks across ``eod``.
+``eod_mask_loss`` act on the batch; ``reset_attention_mask=true`` is refused by the config checks
+(``megatron_ext.config.validation``) until documents are masked from each other.
 """
 from __future__ import annotations
 

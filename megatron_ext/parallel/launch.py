@@ -144,14 +144,15 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
     config the workers would reject anyway (checked once here, before N processes start), and for
     ``trainer.num_nodes > 1`` without a launcher.
     """
-    from megatron_ext.config.loader import check_schema, validate_config
+    from megatron_ext.config.loader import check_config, validate_config
     from megatron_ext.parallel.state import read_dist_env, use_cuda
 
     denv = read_dist_env()
     if denv.launched:
         _die_with_parent()
         return None
-    t = cfg.trainer
+    checked = check_config(cfg, schema) if schema is not None else check_config(cfg)  # before any process starts
+    t = checked.trainer
     if t.num_nodes is not None and t.num_nodes > 1:
         raise ConfigError(
             f"trainer.num_nodes={t.num_nodes} but no launcher started this process (no RANK/WORLD_SIZE or SLURM "
@@ -160,7 +161,6 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
         )
     if t.devices == 1:
         return None
-    checked = check_schema(cfg, schema) if schema is not None else check_schema(cfg)
     on_cuda = use_cuda(checked.trainer.accelerator)
     validate_config(checked, t.devices * t.num_nodes, on_cuda)  # trainer.devices < 1 etc. -> ConfigError
     if on_cuda:

@@ -30,7 +30,9 @@ Common to the ``Warmup*`` family (NeMo semantics):
 Every schedule of this module is a closed-form function of ``s`` and ``base_lrs``, so it is
 deterministic and ``state_dict()`` / ``load_state_dict()`` restores it exactly; loading also
 writes ``lr(s)`` back into the optimizer's param groups, so a resumed run continues the same
-curve whether or not the optimizer state is loaded after it. The torch schedulers
+curve whether or not the optimizer state is loaded after it. On a resume the trainer keeps the
+schedule of the config instead (:func:`keep_config_on_resume`): only the position in the schedule
+comes from the checkpoint. The torch schedulers
 (``StepLR``, ``ExponentialLR``, ``CyclicLR``) are restored together with the optimizer state,
 as usual in torch.
 
@@ -73,6 +75,8 @@ __all__ = [
     "register_scheduler",
     "get_scheduler",
     "build_scheduler",
+    "config_state",
+    "keep_config_on_resume",
 ]
 
 SCHEDULER_META_KEYS = ("name", "max_steps", "monitor", "reduce_on_plateau", "interval")
@@ -651,3 +655,86 @@ def build_scheduler(
         raise
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{key_prefix}: invalid settings for {what}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------- resume with a new config
+# A scheduler's state_dict entries that say where in the schedule it is; the rest is the schedule itself.
+_POSITION_KEYS = ("last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial")
+# Optimizer param-group entries that the scheduler sets (lr) or that are not hyperparameters.
+_GROUP_SKIP = ("params", "lr", "initial_lr", "step")
+
+
+def config_state(optimizer: torch.optim.Optimizer, scheduler: Optional[LRScheduler]) -> Dict[str, Any]:
+    """The hyperparameters an optimizer and scheduler were built with from the config (call before a checkpoint
+    is loaded into them; give the result to :func:`keep_config_on_resume` after)."""
+    skip = _GROUP_SKIP if scheduler is not None else tuple(k for k in _GROUP_SKIP if k != "lr")  # no scheduler: lr too
+    groups = [{k: v for k, v in g.items() if k not in skip} for g in optimizer.param_groups]
+    sched = {} if scheduler is None else {
+        k: v for k, v in scheduler.__dict__.items() if k not in _POSITION_KEYS and k != "optimizer"}
+    return {"groups": groups, "sched": sched}
+
+
+def _config_key(attr: str, optimizer_side: bool) -> str:
+    if attr == "base_lrs":
+        return "model.optim.lr"
+    return f"model.optim.{attr}" if optimizer_side else f"model.optim.sched.{attr}"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)) and value and len({repr(v) for v in value}) == 1 and \
+            not isinstance(value[0], (list, tuple)):
+        value = value[0]  # one value for every param group
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def keep_config_on_resume(optimizer: torch.optim.Optimizer, scheduler: Optional[LRScheduler],
+                          configured: Dict[str, Any]) -> List[str]:
+    """After a checkpoint was loaded: put back the hyperparameters of the config (``configured`` from
+    :func:`config_state`) over those restored from the checkpoint, keeping the restored position in the schedule
+    (its step count) and the optimizer's moments, and set each param group's lr for that step.
+
+    So ``model.optim.lr``, ``model.optim.<key>`` (weight_decay, betas ...) and ``model.optim.sched.<key>``
+    (min_lr, warmup_steps, max_steps ...) given for a resumed run take effect (Megatron-LM's
+    ``--override-opt_param-scheduler``). Returns ``'<config key>: <checkpoint> -> <config>'`` for each value that
+    differed (empty when the config is unchanged)."""
+    changed: List[str] = []
+    if scheduler is not None:
+        restored = scheduler.__dict__
+        for k, v in configured["sched"].items():
+            if not k.startswith("_") and k in restored and not _same(restored[k], v):
+                changed.append(f"{_config_key(k, False)}: {_fmt(restored[k])} -> {_fmt(v)}")
+        scheduler.__dict__.update(configured["sched"])
+    for i, (group, conf) in enumerate(zip(optimizer.param_groups, configured["groups"])):
+        for k, v in conf.items():
+            if k in group and not _same(group[k], v):
+                line = f"{_config_key(k, True)}: {_fmt(group[k])} -> {_fmt(v)}"
+                if line not in changed:
+                    changed.append(line)
+            if k == "lr":
+                _set_group_lr(group, v)
+            else:
+                group[k] = v
+    if scheduler is not None:
+        if isinstance(scheduler, _ClosedFormScheduler):
+            values = scheduler.lr_at(scheduler.last_epoch)
+        elif hasattr(scheduler, "_get_closed_form_lr"):
+            values = scheduler._get_closed_form_lr()
+        else:
+            scheduler._get_lr_called_within_step = True
+            try:
+                values = scheduler.get_lr()
+            finally:
+                scheduler._get_lr_called_within_step = False
+        for group, value, base in zip(optimizer.param_groups, values, scheduler.base_lrs):
+            _set_group_lr(group, float(value))
+            group["initial_lr"] = base
+        scheduler._last_lr = [float(v) for v in values]
+    return changed
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from megatron_ext.config.loader import Derived, check_schema, validate_config
+from megatron_ext.config.loader import Derived, check_config, validate_config
 from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointError, MegatronExtError
 from megatron_ext.parallel import state as pstate
 from megatron_ext.training.checkpointing import Checkpointer, check_files, find_latest, read_meta, resolve_ckpt_path
@@ -78,7 +78,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, task_factory, schema=None):
         from megatron_ext.config.schema import GPTConfig
 
-        cfg = check_schema(cfg, schema or GPTConfig)
+        cfg = check_config(cfg, schema or GPTConfig)
         self.cfg = cfg
         t = cfg.trainer
         denv = pstate.initialize_parallel(
@@ -274,8 +274,10 @@ class Trainer:
         from megatron_ext.parallel.random import set_all_rng_states
         from megatron_ext.training.checkpointing import list_complete
         from megatron_ext.training.exp_manager import _broadcast_str
+        from megatron_ext.training.lr_schedulers import config_state, keep_config_on_resume
 
         ckpt_dir = self.exp.ckpt_dir
+        configured = config_state(self.optimizer, self.scheduler)  # before any (maybe partial) load changes it
         older = [d for _, d in reversed(list_complete(ckpt_dir)) if d < latest]
         bad = []
         for tag in [latest] + older:
@@ -294,6 +296,9 @@ class Trainer:
                     rng = Checkpointer.load_rng(ckpt_dir, tag)
                 except CorruptCheckpointError as e:
                     why = str(e)
+                else:
+                    for line in keep_config_on_resume(self.optimizer, self.scheduler, configured):
+                        log.info("resume: the config overrides the restored optimizer/scheduler state: %s", line)
             if why:
                 bad.append(why)
                 log.warning("cannot resume from %s: %s; trying the previous complete checkpoint", path, why)
