@@ -108,3 +108,15 @@ def tiny_lm(family: str, *, seq_length: int = None, num_layers: int = 2, chunk_s
     else:
         raise ValueError(family)
     return LM(model, tok, {})
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny models: OpenMP barriers cost more than the math), restored after so
+    the setting never leaks into later tests of the session."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -36,8 +36,10 @@ LLAMA = dict(position_embedding_type="rope", activation="swiglu", normalization=
 @pytest.fixture(autouse=True, scope="module")
 def _tp1():
     initialize_parallel(1, 1, accelerator="cpu")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
 
 
 def shakespeare_lines(n=None):

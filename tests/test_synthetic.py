@@ -306,12 +306,11 @@ def _greedy_exact(model, sample, tok):
     return out == want
 
 
-def test_exact_match_equals_greedy_generation():
+def test_exact_match_equals_greedy_generation(one_thread):
     from megatron_ext.parallel.state import initialize_parallel
     from megatron_ext.training.gpt_task import GPTTask
 
     initialize_parallel(1, 1, accelerator="cpu")
-    torch.set_num_threads(1)
     cfg = load_config(overrides=[
         "model.tokenizer.library=char", "model.data.task=copy", "model.seq_length=12", "model.num_layers=2",
         "model.hidden_size=48", "model.num_attention_heads=4", "model.hidden_dropout=0", "model.attention_dropout=0",
