@@ -144,9 +144,14 @@ def _delete(cfg: DictConfig, key: str) -> None:
 
 
 def _fill_defaults(cfg: DictConfig) -> None:
-    """An empty (or removed) ``model.optim`` becomes the default optimizer; see ``schema.default_optim``."""
-    if "model" in cfg and not cfg.model.get("optim"):
-        cfg.model.optim = default_optim()
+    """A ``model.optim`` that names no optimizer (empty, removed, or only ``model.optim.lr=...`` on a config without
+    an optimizer block) is laid over the default optimizer (``schema.default_optim``); one that names an optimizer is
+    taken as given."""
+    if "model" not in cfg:
+        return
+    optim = cfg.model.get("optim")
+    if not optim or optim.get("name") is None:
+        cfg.model.optim = OmegaConf.merge(default_optim(), optim or {})
 
 
 def _hydra_dict_overrides() -> list:

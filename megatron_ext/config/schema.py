@@ -5,7 +5,8 @@ onto the schema). The schema is *closed*: a key that is not declared here is an 
 that names the key, except under ``model.optim`` / ``model.optim.sched`` whose keys
 depend on the chosen optimizer/scheduler and are checked against that class's
 parameters when it is built (see ``megatron_ext.training.optim``). ``model.optim`` has no defaults of its
-own to merge under the user's: an empty one becomes :func:`default_optim`, anything else is taken as given.
+own to merge under the user's: one that names no optimizer (no ``name``) is laid over :func:`default_optim`, one
+that names an optimizer is taken as given.
 """
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ class ModelConfig:
     mega: MegaArchConfig = field(default_factory=MegaArchConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: Dict[str, Any] = field(default_factory=dict)  # empty = default_optim()
+    optim: Dict[str, Any] = field(default_factory=dict)  # no name = over default_optim()
 
 
 @dataclass
@@ -254,7 +255,7 @@ class EncoderDecoderModelConfig:
     ckpt_path: Optional[str] = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: BARTDataConfig = field(default_factory=BARTDataConfig)
-    optim: Dict[str, Any] = field(default_factory=dict)  # empty = default_optim()
+    optim: Dict[str, Any] = field(default_factory=dict)  # no name = over default_optim()
     # the hiddens module between encoder and decoder (MIM / VAE); configured by a later part of the project
     hiddens: Dict[str, Any] = field(default_factory=dict)  # empty = no hiddens module
 
