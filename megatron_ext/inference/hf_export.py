@@ -536,11 +536,16 @@ def _sp_backend(tokenizer):
     if kind in ("unigram", "char"):
         # a run of characters that have no piece of their own is sentencepiece's unknown id (no normal piece holds
         # such a character): cut it out, so that a control piece spelling it (``</s>`` when ``/`` is unknown) cannot
-        # cover it in the lattice -- it would beat the unknown id, whose score is below every piece's
-        known = {piece for piece, _, t in pieces if t in (NORMAL, USER_DEFINED) and len(piece) == 1}
-        known |= {c for u in user_symbols for c in u} | {"\u2581"}
-        pre.append(pre_tokenizers.Split(Regex("[^" + "".join(f"\\x{{{ord(c):x}}}" for c in sorted(known)) + "]+"),
-                                        behavior="isolated"))
+        # cover it in the lattice -- it would beat the unknown id, whose score is below every piece's. User-defined
+        # symbols are cut out whole first (always one piece): their characters may have no piece of their own
+        # (``<`` of ``<mask>``), and outside a symbol such a character joins the unknown run, as in sentencepiece
+        known = {piece for piece, _, t in pieces if t in (NORMAL, USER_DEFINED) and len(piece) == 1} | {"\u2581"}
+        unknown = "[^" + "".join(f"\\x{{{ord(c):x}}}" for c in sorted(known)) + "]"
+        pattern = unknown + "+"
+        if user_symbols:
+            symbols = "|".join(re.escape(u) for u in sorted(user_symbols, key=len, reverse=True))
+            pattern = f"{symbols}|(?:(?!{symbols}){unknown})+"
+        pre.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
     if kind == "bpe" and user_symbols:  # sentencepiece's bpe takes them as whole symbols before merging
         alternatives = "|".join(re.escape(u) for u in sorted(user_symbols, key=len, reverse=True))
         pre.append(pre_tokenizers.Split(Regex(alternatives), behavior="isolated"))
