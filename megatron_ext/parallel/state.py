@@ -80,11 +80,15 @@ def init_distributed(accelerator: str = "auto", timeout_minutes: float = 10.0) -
     c10d.default_pg_timeout = td
     if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
         c10d.default_pg_nccl_timeout = td
+    # a world of one needs no rendezvous: an in-process store (no TCP port that another process may take between
+    # picking it and listening on it)
+    store = dist.HashStore() if not denv.launched and denv.world_size == 1 else None
     dist.init_process_group(
         backend="nccl" if cuda else "gloo",
         rank=denv.rank,
         world_size=denv.world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
+        store=store,
     )
     return denv
 
