@@ -126,10 +126,11 @@ def test_cached_logits_match_uncached_at_every_step(name):
     a = open_session(lm, prompts, max_new_tokens=NEW, use_cache=True)
     b = open_session(lm, prompts, max_new_tokens=NEW, use_cache=False)
     assert a.cache is not None and b.cache is None
-    worst = 0.0
+    worst = scale = 0.0
     for step in range(NEW - 1):
         assert a.logits.shape == b.logits.shape == (a.logits.shape[0], lm.model.vocab_size)
         worst = max(worst, (a.logits - b.logits).abs().max().item())
+        scale = max(scale, b.logits.abs().max().item())
         nxt = a.logits.argmax(dim=-1)
         if step == 10:  # drop a row and reorder the rest, as finished rows / beams do
             rows = torch.tensor([2, 0, 1])
@@ -138,7 +139,9 @@ def test_cached_logits_match_uncached_at_every_step(name):
             nxt = nxt[rows]
         a.step(nxt)
         b.step(nxt)
-    assert worst < 1e-5, worst
+    # fp32 rounding only: relative to the logits' size (rotary on one position vs the whole sequence rounds
+    # differently: 1.5-2.4e-6 relative on an AMD EPYC, 2e-5 absolute); a wrong cache is off by O(1)
+    assert worst < 5e-6 * max(1.0, scale), (worst, scale)
     assert a.logits.shape[0] == 3
 
 
