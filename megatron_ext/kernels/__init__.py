@@ -23,6 +23,7 @@ from megatron_ext.kernels._build import (
     csrc_dir,
     library_status,
     load_library,
+    torch_extension_lock,
 )
 from megatron_ext.kernels.ema import (
     EMAScanFunction,
@@ -68,6 +69,7 @@ __all__ = [
     "ema_step",
     "is_available",
     "library_status",
+    "torch_extension_lock",
     "load_library",
     "unavailable_reason",
 ]

@@ -312,6 +312,15 @@ class BuildLock:
         self.release()
 
 
+def torch_extension_lock(name: str) -> BuildLock:
+    """:class:`BuildLock` on the directory ``torch.utils.cpp_extension.load(name=...)`` builds in (under
+    ``TORCH_EXTENSIONS_DIR``): DeepSpeed's JIT ops (``cpu_adam``, ``fused_adam``) are built there, and torch's own
+    ``lock`` file of a killed build would otherwise make every later build wait forever."""
+    from torch.utils import cpp_extension
+
+    return BuildLock(Path(cpp_extension._get_build_directory(name, verbose=False)), name)
+
+
 def _build_and_load(kind: str, verbose: bool) -> str:
     from torch.utils import cpp_extension
 

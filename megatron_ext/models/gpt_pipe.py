@@ -175,13 +175,11 @@ def build_gpt_pipeline(cfg: ModelConfig, vocab_size: int, *, init_seed: int,
 
     from megatron_ext.parallel.pipeline import pipeline_topology
 
-    import deepspeed
-    import torch.distributed as tdist
+    from megatron_ext.parallel.state import attach_deepspeed_comm
 
     validate_model_config(cfg, vocab_size, use_cuda=use_cuda)
     check_pipeline_config(cfg)
-    # PipelineModule talks through deepspeed.comm: attach it to the existing torch.distributed world
-    deepspeed.init_distributed(dist_backend=tdist.get_backend(), dist_init_required=False)
+    attach_deepspeed_comm()  # PipelineModule talks through deepspeed.comm
     shared = _Shared(cfg, vocab_size, params_dtype, init_seed)
     layers = []
     if shared.tied:

@@ -192,3 +192,27 @@ def is_rank_zero() -> bool:
 def barrier(group: Optional[object] = None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
+
+
+def attach_deepspeed_comm() -> None:
+    """Attach ``deepspeed.comm`` to the existing ``torch.distributed`` world, without building DeepSpeed's
+    ``deepspeed_shm_comm`` op. Every place that hands the world to DeepSpeed (``build_engine``, the pipeline
+    builder) calls this first.
+
+    On the CPU accelerator, DeepSpeed's communication backend (``deepspeed.comm.torch.TorchBackend``) JIT-builds that
+    op with ``torch.utils.cpp_extension`` when it is created (``deepspeed.init_distributed``, or the first
+    ``deepspeed.initialize``); its only user is ``inference_all_reduce`` (DeepSpeed-Inference's tensor-parallel
+    all-reduce), while training's collectives go through ``torch.distributed`` (gloo). The build costs a C++ compile
+    on a fresh ``TORCH_EXTENSIONS_DIR``, and a build killed half way leaves a ``lock`` file that makes every later
+    run wait on it forever, silently. The backend builds the op only when ``deepspeed.ops.__compatible_ops__`` marks
+    it compatible (the dict is probed once per process and kept, so the mark set here holds); the op then stays
+    unbuilt and ``inference_all_reduce`` falls back to ``torch.distributed``.
+    """
+    import deepspeed  # optional at import time of this module: only the training and pipeline paths need it
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu" and isinstance(deepspeed.ops.__compatible_ops__, dict):
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)

@@ -127,29 +127,6 @@ def build_ds_config(
     return merged
 
 
-def skip_unused_shm_comm_build() -> None:
-    """Keep DeepSpeed from JIT-building its ``deepspeed_shm_comm`` op, which training never uses.
-
-    On the CPU accelerator, DeepSpeed's communication backend (``deepspeed.comm.torch.TorchBackend``) builds that
-    op with ``torch.utils.cpp_extension`` whenever it is created, i.e. at the first ``deepspeed.initialize``; the
-    only user of the op is ``inference_all_reduce`` (DeepSpeed-Inference's tensor-parallel all-reduce), while
-    training's collectives go through ``torch.distributed`` (gloo). The build costs a C++ compile on a fresh
-    ``TORCH_EXTENSIONS_DIR``, and a build killed half way leaves a ``lock`` file that makes every later run wait on
-    it forever. The backend builds the op only when ``deepspeed.ops.__compatible_ops__`` marks it compatible (the
-    dict is probed once per process and kept, so the mark set here holds); the op then stays unbuilt and
-    ``inference_all_reduce`` falls back to ``torch.distributed``.
-    """
-    try:
-        import deepspeed.ops
-        from deepspeed.accelerator import get_accelerator
-    except ImportError:  # pragma: no cover - build_engine needs deepspeed anyway
-        return
-    if get_accelerator().device_name() != "cpu":
-        return
-    compatible = deepspeed.ops.__compatible_ops__
-    if isinstance(compatible, dict):
-        compatible["deepspeed_shm_comm"] = False
-
 
 def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, ds_config: Dict[str, Any]):
     """``deepspeed.initialize`` with megatron-core's parallel groups (through ``MPUAdapter``).
@@ -160,9 +137,9 @@ def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, ds_config: Dic
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
-    from megatron_ext.parallel.state import MPUAdapter
+    from megatron_ext.parallel.state import MPUAdapter, attach_deepspeed_comm
 
-    skip_unused_shm_comm_build()
+    attach_deepspeed_comm()
     own_clip = None
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     mixed = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")

@@ -45,6 +45,7 @@ import torch
 from omegaconf import MISSING
 
 from megatron_ext.errors import ConfigError
+from megatron_ext.kernels import torch_extension_lock
 
 __all__ = [
     "AVAILABLE_OPTIMIZERS",
@@ -245,8 +246,9 @@ def _load_deepspeed_op(name: str) -> Optional[str]:
         builder = get_accelerator().create_op_builder(_DEEPSPEED_OP_BUILDERS[name])
         if builder is None:
             return "DeepSpeed has no such op for this accelerator"
-        builder.load(verbose=False)
-    except Exception as e:  # compiler missing, CUDA mismatch, build error ...
+        with torch_extension_lock(builder.name):  # never a silent wait on a killed build's lock
+            builder.load(verbose=False)
+    except Exception as e:  # compiler missing, CUDA mismatch, build error, a live builder's lock timed out ...
         return f"{type(e).__name__}: {e}"
     return None
 
