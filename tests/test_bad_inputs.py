@@ -971,7 +971,9 @@ def test_tools_build_lock_names_a_live_holder_and_ignores_a_dead_one(tmp_path, c
         assert f"pid {os.getpid()}" in open(tmp_path / "megatron_ext.build.lock").read()
 
 
-_TOOLS_ENGINE_SCRIPT = """
+_TOOLS_DS_SCRIPTS = {
+    # deepspeed.initialize (every training run)
+    "engine": """
 import torch
 from megatron_ext.parallel.state import initialize_parallel
 from megatron_ext.training.engine import build_engine
@@ -979,23 +981,65 @@ initialize_parallel(accelerator="cpu")
 m = torch.nn.Linear(4, 4)
 engine, _, _ = build_engine(m, torch.optim.SGD(m.parameters(), lr=0.1), None,
                             {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
-print("ENGINE", type(engine).__name__, flush=True)
-"""
+print("BUILT", type(engine).__name__, flush=True)
+""",
+    # deepspeed.init_distributed of the pipeline builder (runs before deepspeed.initialize)
+    "pipeline": """
+from megatron_ext.config.schema import ModelConfig
+from megatron_ext.models.gpt_pipe import build_gpt_pipeline
+from megatron_ext.parallel.state import initialize_parallel
+initialize_parallel(accelerator="cpu")
+m = build_gpt_pipeline(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16), 64,
+                       init_seed=1, use_cuda=False)
+print("BUILT", type(m).__name__, flush=True)
+""",
+}
 
 
-def test_tools_deepspeed_cpu_init_does_not_build_the_shm_op(tmp_path):
-    """A killed build of DeepSpeed's deepspeed_shm_comm op leaves its lock; CPU training does not need the op."""
+@pytest.mark.parametrize("path", sorted(_TOOLS_DS_SCRIPTS))
+def test_tools_deepspeed_cpu_init_does_not_build_the_shm_op(tmp_path, path):
+    """A killed build of DeepSpeed's deepspeed_shm_comm op leaves its lock; CPU training does not need the op, on
+    any path that hands the world to DeepSpeed."""
     ext = tmp_path / "torch_extensions"
     (ext / "deepspeed_shm_comm").mkdir(parents=True)
     (ext / "deepspeed_shm_comm" / "lock").touch()
     try:
-        r = subprocess.run([sys.executable, "-c", _TOOLS_ENGINE_SCRIPT], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-c", _TOOLS_DS_SCRIPTS[path]], capture_output=True, text=True,
                            timeout=150, env=_tools_env(TORCH_EXTENSIONS_DIR=str(ext), DS_ACCELERATOR="cpu",
                                                        CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
     except subprocess.TimeoutExpired:
         pytest.fail(f"deepspeed init waited on {ext / 'deepspeed_shm_comm' / 'lock'} without end")
-    assert r.returncode == 0 and "ENGINE DeepSpeedEngine" in r.stdout, r.stderr[-2000:]
+    assert r.returncode == 0 and "BUILT" in r.stdout, r.stderr[-2000:]
     assert os.listdir(ext / "deepspeed_shm_comm") == ["lock"]  # not built at all
+_TOOLS_CPU_ADAM_SCRIPT = """
+import torch
+from megatron_ext.training.optim import build_optimizer
+opt = build_optimizer(torch.nn.Linear(4, 4), {"name": "cpu_adam", "lr": 0.01})
+print("OPTIMIZER", type(opt).__name__, flush=True)
+"""
+
+
+def test_tools_deepspeed_op_build_does_not_wait_on_a_dead_builders_lock():
+    """A killed JIT build of DeepSpeed's cpu_adam op leaves torch's ``lock`` in its build directory; building the
+    optimizer later must not wait on it forever (before: no output, no end). Runs in the suite's own
+    TORCH_EXTENSIONS_DIR, so the op it builds is the one the optimizer tests use."""
+    from megatron_ext.kernels import torch_extension_lock
+    from megatron_ext.training.optim import AVAILABLE_OPTIMIZERS
+
+    if "cpu_adam" not in AVAILABLE_OPTIMIZERS:
+        pytest.skip("DeepSpeed's cpu_adam op cannot be built here")
+    lock = torch_extension_lock("cpu_adam").directory / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()  # as a build killed between creating the lock and removing it leaves it
+    try:
+        r = subprocess.run([sys.executable, "-c", _TOOLS_CPU_ADAM_SCRIPT], capture_output=True, text=True,
+                           timeout=480, env=_tools_env(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES=""))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"building cpu_adam waited on {lock} without end")
+    finally:
+        lock.unlink(missing_ok=True)
+    assert r.returncode == 0 and "OPTIMIZER DeepSpeedCPUAdam" in r.stdout, r.stderr[-2000:]
+    assert f"removing {lock}, left by a build that did not finish" in r.stderr
 
 
 ######################################################################################################################
