@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import uuid
 
 import numpy as np
 import pytest
@@ -45,6 +44,26 @@ from megatron_ext.parallel.state import initialize_parallel
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import convert_to_hf  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------- shared helpers
+@contextlib.contextmanager
+def _tmpfs(directory, options="size=48k"):
+    """``directory`` (created) as a real tmpfs with mount ``options`` (``size=48k`` for a nearly full disk, ``ro``
+    for a read-only one); yields whether mounting was permitted (root), else the plain directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                             capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            import gc
+
+            gc.collect()  # file objects of the failed write
+            if subprocess.run(["umount", str(directory)], capture_output=True).returncode:
+                subprocess.run(["umount", "-l", str(directory)], check=False)
+
 
 
 ######################################################################################################################
@@ -340,6 +359,22 @@ def test_sec_truncated_archive_is_one_error_naming_it(tmp_path):
             read_archive(str(bad), str(tmp_path / f"d{cut}"))
 
 
+
+def test_sec_disk_full_while_unpacking_is_one_error_naming_it(tmp_path):
+    from megatron_ext.errors import MegatronExtError
+    from megatron_ext.training.archive import write_archive, read_archive
+
+    path = write_archive(str(tmp_path / "big.mext"), state_dict={"w": torch.ones(100_000)},  # 400 kB of weights
+                         config={"model": {"num_layers": 1}}, family="gpt", vocab_size=259, tokenizer_library="byte")
+    disk = tmp_path / "disk"
+    with _tmpfs(disk, "size=64k") as mounted:
+        if not mounted:
+            pytest.skip("mounting a small tmpfs is not permitted here")
+        with pytest.raises(MegatronExtError) as e:
+            read_archive(path, str(disk / "d"))
+    msg = str(e.value)
+    assert "disk full" in msg and str(disk / "d") in msg and "big.mext" in msg and "\n" not in msg, msg
+
 ######################################################################################################################
 # 2. Runs own their directories; checkpoints are never lost, mixed or non-finite (items 4, 6, 7, 11)
 #
@@ -543,25 +578,6 @@ def test_runs_no_loadable_checkpoint_is_one_clear_error(_runs_trained, tmp_path)
     assert "\n" not in msg
 
 
-@contextlib.contextmanager
-def _runs_small_disk(tmp_path, size="48k"):
-    """A real tmpfs of ``size`` (root); None where mounting is not permitted."""
-    d = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        yield None
-        return
-    try:
-        yield d
-    finally:
-        import gc
-
-        gc.collect()  # file objects of the failed write
-        if subprocess.run(["umount", str(d)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(d)], check=False)
-
-
 def test_runs_disk_full_while_saving_names_the_path_and_keeps_latest(_runs_trained, tmp_path, monkeypatch):
     from megatron_ext.errors import CheckpointError
     from megatron_ext.training.gpt_task import GPTTask
@@ -570,13 +586,14 @@ def test_runs_disk_full_while_saving_names_the_path_and_keeps_latest(_runs_train
     trainer = Trainer(_runs_cfg(tmp_path, "exp_manager.version=t", corpus=_runs_trained[1]), GPTTask)
     try:
         trainer._build()
-        with _runs_small_disk(tmp_path) as disk:
-            ckpts = (disk or tmp_path) / "checkpoints"
+        disk = tmp_path / "disk"
+        with _tmpfs(disk) as mounted:
+            ckpts = disk / "checkpoints"
             ckpts.mkdir()
             (ckpts / "latest").write_text("step_0000001")
             (ckpts / "step_0000001").mkdir()  # a complete previous checkpoint (meta.json marks it)
             (ckpts / "step_0000001" / "meta.json").write_text('{"step": 1, "consumed_samples": 2}')
-            if disk is None:  # no tmpfs here: the write fails as on a full disk
+            if not mounted:  # no tmpfs here: the write fails as on a full disk
                 def full(*a, **k):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -593,6 +610,45 @@ def test_runs_disk_full_while_saving_names_the_path_and_keeps_latest(_runs_train
     finally:
         trainer.exp.close()
 
+
+@pytest.mark.parametrize("stage", ["directory", "latest"])
+def test_runs_failed_first_or_last_write_of_a_save_keeps_latest(_runs_trained, tmp_path, monkeypatch, stage):
+    """The steps around the guarded writes: creating ``.tmp-step_N`` (a read-only checkpoints directory) and
+    replacing ``latest`` (the disk full at that moment)."""
+    from megatron_ext.errors import CheckpointError
+    from megatron_ext.training import checkpointing
+    from megatron_ext.training.gpt_task import GPTTask
+    from megatron_ext.training.trainer import Trainer
+
+    trainer = Trainer(_runs_cfg(tmp_path, f"exp_manager.version={stage}", corpus=_runs_trained[1]), GPTTask)
+    try:
+        trainer._build()
+        ckpts = _runs_copy(_runs_trained, tmp_path / "copy")
+        if stage == "latest":
+            real_fsync = os.fsync
+
+            def fsync(fd):  # a full disk often shows only here (delayed allocation)
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(ckpts / "latest.tmp.")):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                real_fsync(fd)
+
+            monkeypatch.setattr(os, "fsync", fsync)
+            ctx = contextlib.nullcontext(True)
+        else:
+            ctx = _tmpfs(ckpts, "ro")  # an empty read-only checkpoints directory over the copy
+        with ctx as mounted:
+            if not mounted:
+                pytest.skip("mounting a read-only tmpfs is not permitted here")
+            before = sorted(os.listdir(ckpts))
+            with pytest.raises(CheckpointError) as e:
+                checkpointing.Checkpointer(str(ckpts)).save(trainer.engine, 9, 18, trainer._rng_states(),
+                                                           trainer._meta())
+            msg = str(e.value)
+            assert str(ckpts / (".tmp-step_0000009" if stage == "directory" else "step_0000009")) in msg, msg
+            assert ("disk is full" in msg) if stage == "latest" else ("Read-only" in msg), msg
+            assert sorted(os.listdir(ckpts)) == before  # no new step, no temporary file, latest unchanged
+    finally:
+        trainer.exp.close()
 
 def test_runs_exp_dir_that_is_a_file_is_one_line(tmp_path, run_env):
     from megatron_ext.errors import ConfigError
@@ -876,40 +932,30 @@ def test_tools_empty_dataset_is_reported_as_empty_not_multimodal(tmp_path):
 
 
 # ------------------------------------------------------------------ read-only directory / full disk
-def _tools_mount_tmpfs(directory, options):
-    directory.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)], capture_output=True)
-    return r.returncode == 0
-
-
 @pytest.mark.parametrize("case", ["read_only", "disk_full"])
 def test_tools_preprocess_unwritable_output_is_one_line(tmp_path, capsys, monkeypatch, case):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"document number {i} " * 30 + "\n" for i in range(400)))  # ~250 kB
     out = tmp_path / "out"
     options = "size=1m,ro" if case == "read_only" else "size=64k"
-    mounted = _tools_mount_tmpfs(out, options)
-    if not mounted:  # no permission to mount: inject the error at the write of the .bin
-        import builtins
+    with _tmpfs(out, options) as mounted:
+        if not mounted:  # no permission to mount: inject the error at the write of the .bin
+            import builtins
 
-        code = errno.EROFS if case == "read_only" else errno.ENOSPC
-        real_open = builtins.open
+            code = errno.EROFS if case == "read_only" else errno.ENOSPC
+            real_open = builtins.open
 
-        def failing_open(file, *a, **k):
-            if str(file).endswith(".bin.tmp"):
-                raise OSError(code, os.strerror(code), str(file))
-            return real_open(file, *a, **k)
+            def failing_open(file, *a, **k):
+                if str(file).endswith(".bin.tmp"):
+                    raise OSError(code, os.strerror(code), str(file))
+                return real_open(file, *a, **k)
 
-        monkeypatch.setattr(builtins, "open", failing_open)
-    try:
+            monkeypatch.setattr(builtins, "open", failing_open)
         rc, _, err = _tools_preprocess(capsys, "--input", corpus, "--output-prefix", out / "c")
         assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert str(out / "c_text_document.bin") in err
         assert ("read-only" in err) if case == "read_only" else ("disk full" in err)
         assert os.listdir(out) == []  # no partial .bin/.idx, temporary or final
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(out)], check=False)
 
 
 # ------------------------------------------------------------------ build locks left by killed builders

@@ -45,6 +45,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_ext.errors import CheckpointError
+from megatron_ext.output_files import write_error
 
 FORMAT = "megatron_ext.archive.v1"
 MANIFEST, CONFIG, WEIGHTS, TOKENIZER_DIR = "manifest.json", "config.yaml", "model_weights.pt", "tokenizer"
@@ -345,6 +346,8 @@ def extract_archive(path: str, dest: str) -> Dict[str, Any]:
         return _extract(path, dest)
     except (tarfile.TarError, EOFError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt .mext archive ({e})") from None
+    except OSError as e:  # unpacking into dest: a full disk, a read-only or missing temp directory
+        raise write_error(e, dest, note=f"could not unpack {path} (it needs the sizes its {MANIFEST} lists)") from None
 
 
 def _extract(path: str, dest: str) -> Dict[str, Any]:

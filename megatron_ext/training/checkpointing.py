@@ -64,11 +64,16 @@ def _barrier() -> None:
 
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def is_complete(ckpt_path: str) -> bool:
@@ -213,11 +218,15 @@ class Checkpointer:
         tmp_path = os.path.join(self.ckpt_dir, tmp_tag)
         final_path = os.path.join(self.ckpt_dir, tag)
         rank = _rank()
+        failure = None
         if rank == 0:
-            if os.path.exists(tmp_path):
-                shutil.rmtree(tmp_path)
-            os.makedirs(tmp_path)
-        _barrier()
+            try:
+                if os.path.exists(tmp_path):
+                    shutil.rmtree(tmp_path)
+                os.makedirs(tmp_path)
+            except OSError as e:
+                failure = e
+        self._all_ok(failure, tmp_path)  # in place of a barrier; every rank stops if the directory is not there
         client_state = {"step": step, "consumed_samples": consumed_samples}
         failure = None
         try:
@@ -235,36 +244,44 @@ class Checkpointer:
             failure = e
         self._all_ok(failure, tmp_path)
         if rank == 0:
-            if os.path.exists(final_path):
-                shutil.rmtree(final_path)
-            os.rename(tmp_path, final_path)
-            _atomic_write_text(os.path.join(self.ckpt_dir, "latest"), tag)
+            try:
+                if os.path.exists(final_path):
+                    shutil.rmtree(final_path)
+                os.rename(tmp_path, final_path)
+                _atomic_write_text(os.path.join(self.ckpt_dir, "latest"), tag)
+            except OSError as e:  # 'latest' not updated: the new step goes too, so 'latest' stays the newest
+                failure = e
+                shutil.rmtree(final_path, ignore_errors=True)
+        self._all_ok(failure, final_path)
+        if rank == 0:
             self._prune()
             log.info("saved checkpoint %s", final_path)
         _barrier()
         return final_path
 
-    def _all_ok(self, failure: Optional[BaseException], tmp_path: str) -> None:
-        """After every rank wrote its files (in place of a barrier): when any rank failed, every rank removes the
-        partial ``tmp_path`` (rank 0) and raises -- CheckpointError saying the disk is full where it is."""
+    def _all_ok(self, failure: Optional[BaseException], path: str) -> None:
+        """In place of a barrier after a step of a save: when any rank failed, rank 0 removes the partial checkpoint
+        directory ``path`` and every rank raises one CheckpointError naming it (saying so when the disk is full)."""
         failed = torch.tensor([0 if failure is None else (2 if is_disk_full(failure, self.ckpt_dir) else 1)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if int(failed) == 0:
             return
         if _rank() == 0:
-            shutil.rmtree(tmp_path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
         _barrier()
         latest = find_latest(self.ckpt_dir)
         still = f"'latest' still names {latest}" if latest else "no earlier checkpoint exists"
         if int(failed) == 2:
             raise CheckpointError(
-                f"the disk is full: could not write checkpoint {tmp_path} (free space where "
+                f"the disk is full: could not write checkpoint {path} (free space where "
                 f"{self.ckpt_dir} lives, or set exp_manager.checkpoint_callback_params.save_top_k); {still}"
             ) from None
-        if failure is not None:
-            raise failure
-        raise CheckpointError(f"another rank failed to write checkpoint {tmp_path}; {still}")
+        if failure is None:
+            raise CheckpointError(f"another rank failed to write checkpoint {path}; {still}")
+        cause = (failure.strerror if isinstance(failure, OSError) and failure.strerror else str(failure))
+        raise CheckpointError(f"could not write checkpoint {path} ({(cause.splitlines() or [''])[0]}); {still}") \
+            from None
 
     def _prune(self) -> None:
         if self.save_top_k is None or self.save_top_k < 0:
