@@ -8,6 +8,18 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
 
+# overrides of a GPT small enough for a training subprocess in a test
+TINY_GPT = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.seq_length=32",
+    "model.micro_batch_size=2",
+    "model.global_batch_size=4",
+    "trainer.log_every_n_steps=1",
+    "trainer.limit_val_batches=1",
+]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -116,6 +128,21 @@ def one_thread():
     the setting never leaks into later tests of the session."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tp1_one_thread():
+    """For in-process model tests: megatron-core's parallel state at TP1 x PP1 in this process, and torch on one
+    thread for the module (restored after)."""
+    import torch
+
+    from megatron_ext.parallel.state import initialize_parallel
+
+    initialize_parallel(1, 1, accelerator="cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

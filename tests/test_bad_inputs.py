@@ -34,13 +34,12 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 
-from conftest import REPO, SHARED_DATA, run_script
+from conftest import REPO, SHARED_DATA, TINY_GPT, run_script
 
 from megatron_ext.config.schema import ModelConfig
 from megatron_ext.errors import CheckpointError, DataError
 from megatron_ext.inference.hf_export import consolidated_from_model, export_to_hf
 from megatron_ext.models.gpt import GPTModel
-from megatron_ext.parallel.state import initialize_parallel
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import convert_to_hf  # noqa: E402
@@ -672,17 +671,7 @@ def test_runs_exp_dir_that_is_a_file_is_one_line(tmp_path, run_env):
 # with one line and the documented exit status (2).
 ######################################################################################################################
 
-_CFG_TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.num_attention_heads=4",
-    "model.seq_length=32",
-    "model.micro_batch_size=2",
-    "model.global_batch_size=4",
-    "trainer.log_every_n_steps=1",
-    "trainer.limit_val_batches=1",
-    "trainer.val_check_interval=0",
-]
+_CFG_TINY = [*TINY_GPT, "trainer.val_check_interval=0"]
 _CFG_YAML = os.path.join(REPO, "configs", "gpt", "megatron_gpt_config.yaml")
 
 
@@ -1100,15 +1089,6 @@ def test_tools_deepspeed_op_build_does_not_wait_on_a_dead_builders_lock():
 _HF_LITERALS = ["<unk>", "<s>", "</s>", "<pad>", "<mask>", "<eod>", "<bos>", "<0x41>", "<0x0A>", "▁</s>"]
 
 
-@pytest.fixture(scope="module")
-def _hf_tp1():
-    initialize_parallel(1, 1, accelerator="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _hf_corpus_lines(n=1500):
     """Corpus lines (tinyshakespeare when ../shared has it, else the built-in corpus) with a literal control piece
     inserted into two lines of three (at word boundaries and glued to words)."""
@@ -1163,7 +1143,7 @@ def _hf_consolidated(vocab):
 
 @pytest.mark.parametrize("kind", ["byte", "char", "sp-unigram", "sp-bpe", "sp-char", "sp-unigram-bytes",
                                   "sp-unigram-mask"])
-@pytest.mark.usefixtures("_hf_tp1")
+@pytest.mark.usefixtures("tp1_one_thread")
 def test_hf_literal_control_pieces_encode_to_training_ids(tmp_path, _hf_corpus, kind):
     """Every corpus line (two in three spell a control piece) gets our ids from tokenizer.json and from
     AutoTokenizer (defaults), and our ids decode to our text through both."""
@@ -1217,7 +1197,7 @@ def _hf_pt(tmp_path, ours):
     return str(tmp_path / "m.pt")
 
 
-@pytest.mark.usefixtures("_hf_tp1")
+@pytest.mark.usefixtures("tp1_one_thread")
 def test_hf_export_refuses_a_tokenizer_that_differs_on_the_training_text(tmp_path, capsys):
     """A sentencepiece bpe model with a user-defined symbol: a line where the symbol is glued to a literal control
     piece (``<mask></s>``) is still cut differently by tokenizers' BPE (the piece after the symbol is a whole
@@ -1253,7 +1233,7 @@ def test_hf_export_refuses_a_tokenizer_that_differs_on_the_training_text(tmp_pat
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 
 
-@pytest.mark.usefixtures("_hf_tp1")
+@pytest.mark.usefixtures("tp1_one_thread")
 def test_hf_export_checks_the_training_text_by_default(tmp_path, capsys, _hf_corpus):
     """Without --verify-text the sentencepiece model's recorded training input is sampled; the summary says so."""
     corpus_path, lines = _hf_corpus

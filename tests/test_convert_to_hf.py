@@ -21,7 +21,6 @@ from megatron_ext.inference.hf_export import (  # noqa: E402
     resolve_arch,
 )
 from megatron_ext.models.gpt import GPTModel  # noqa: E402
-from megatron_ext.parallel.state import initialize_parallel  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import convert_to_hf  # noqa: E402
@@ -33,13 +32,7 @@ NON_ASCII = ["héllo wörld, naïve café, Ærøskøbing", "日本語のテキ�
 LLAMA = dict(position_embedding_type="rope", activation="swiglu", normalization="rmsnorm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _tp1():
-    initialize_parallel(1, 1, accelerator="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tp1_one_thread")
 
 
 def shakespeare_lines(n=None):

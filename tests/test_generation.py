@@ -31,7 +31,6 @@ from megatron_ext.inference.lm import LM
 from megatron_ext.models.encoder_decoder import EncoderDecoderModel
 from megatron_ext.models.gpt import GPTModel
 from megatron_ext.models.mega_lm import MegaGPTModel
-from megatron_ext.parallel.state import initialize_parallel
 from megatron_ext.tokenizers import build_tokenizer, ensure_mask_token
 
 NEW = 24  # new tokens per greedy comparison (>= 20)
@@ -40,13 +39,7 @@ MEGA_ARCH = dict(shared_representation_size=16, intermediate_size=32, nffn_hidde
                  ema_impl="fft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _tp1():
-    initialize_parallel(1, 1, accelerator="cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # decode steps are tiny ops: OpenMP barriers on a shared CPU cost more than the math
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tp1_one_thread")  # decode steps are tiny ops: one thread
 
 
 def _perturb(model, seed=5, scale=0.3):

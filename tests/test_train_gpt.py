@@ -9,18 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_script
-
-TINY = [
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.num_attention_heads=4",
-    "model.seq_length=32",
-    "model.micro_batch_size=2",
-    "model.global_batch_size=4",
-    "trainer.log_every_n_steps=1",
-    "trainer.limit_val_batches=1",
-]
+from conftest import REPO, TINY_GPT as TINY, run_script
 
 
 def _metrics(run_dir):
