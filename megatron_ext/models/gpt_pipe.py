@@ -47,6 +47,7 @@ from megatron_ext.modules.common import (
     make_parallel_config,
     scaled_init_method_normal,
 )
+from megatron_ext.modules.cross_entropy import masked_token_loss
 from megatron_ext.modules.norms import build_norm
 from megatron_ext.modules.rotary import RotaryEmbedding
 from megatron_ext.modules.transformer import TransformerLayer, _tracker_replay_context
@@ -150,12 +151,16 @@ class OutputLayerPipe(nn.Module):
         return mask_vocab_padding(logits, self.vocab_size, self._pad_masks)
 
 
-def gpt_pipe_loss(logits: torch.Tensor, labels_and_mask: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the loss-mask tokens of one micro-batch (same as ``GPTTask.loss``)."""
-    labels, loss_mask = labels_and_mask
+def gpt_pipe_loss(logits: torch.Tensor, labels_and_mask: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The loss of one micro-batch, as ``GPTTask.loss``: ``masked_token_loss`` of the per-token cross-entropy.
+
+    ``labels_and_mask`` is ``(labels, loss_mask)`` (masked mean over this micro-batch) or ``(labels, loss_mask,
+    denominator)``: the trainer appends ``loss_token_denominator(...)`` of the global batch, counted before the
+    pipeline runs, so that the engine's average over micro-batches and data-parallel ranks is token-weighted."""
+    labels, loss_mask = labels_and_mask[0], labels_and_mask[1]
+    denominator = labels_and_mask[2] if len(labels_and_mask) > 2 else None
     per_token = GPTModel.loss_from_logits(logits, labels)
-    mask = loss_mask.float()
-    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    return masked_token_loss(per_token, loss_mask, denominator)[0]
 
 
 def check_pipeline_config(cfg: ModelConfig) -> None:

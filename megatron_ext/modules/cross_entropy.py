@@ -15,8 +15,17 @@ the exponent for stability, its position is never used). Values are identical: b
 largest element of each row (NaN if the row has one).
 
 Label smoothing, which our models do not use, goes to megatron-core's function unchanged.
+
+``masked_token_loss(per_token, loss_mask, denominator)`` is the one reduction of per-token losses to the loss a
+task backpropagates and reports: the sum of the per-token losses over the loss-mask tokens divided by a
+denominator. Alone (no denominator) it is the masked mean over one micro-batch; the trainer passes
+``loss_token_denominator(global_count, micro_batches, dp_size)`` so that the losses of all micro-batches and
+data-parallel ranks, averaged the way DeepSpeed averages them (1/accumulation per backward, mean over DP), add up
+to the token-weighted mean over the global batch: sum of token losses / global count of loss tokens.
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 from megatron.core.parallel_state import (
@@ -73,4 +82,34 @@ def vocab_parallel_cross_entropy(
     return _VocabParallelCrossEntropy.apply(vocab_parallel_logits, target)
 
 
-__all__ = ["vocab_parallel_cross_entropy"]
+def loss_token_count(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Number of loss tokens of a batch (``loss_mask`` is 1 where a token counts), as an fp64 scalar on the mask's
+    device (exact for any realistic global batch; summed and all-reduced without a host sync)."""
+    return loss_mask.detach().to(torch.float64).sum()
+
+
+def loss_token_denominator(global_count: torch.Tensor, micro_batches: int, dp_size: int) -> torch.Tensor:
+    """The per-micro-batch denominator that makes DeepSpeed's average of micro-batch losses token-weighted.
+
+    DeepSpeed backpropagates ``loss / micro_batches`` on each rank and averages gradients over the ``dp_size``
+    data-parallel ranks (its pipeline engine averages the reported loss the same way), so what it trains on and
+    reports is ``mean over micro-batches and ranks of loss_i``. With ``loss_i = S_i / d``, ``S_i`` a micro-batch's
+    sum of token losses and ``d = N / (micro_batches * dp_size)`` (``N`` = ``global_count``, the loss tokens of the
+    whole global batch, at least 1), that mean is exactly ``sum_i S_i / N``, and so is its gradient."""
+    return (global_count.clamp(min=1.0) / float(micro_batches * dp_size)).to(torch.float32)
+
+
+def masked_token_loss(per_token: torch.Tensor, loss_mask: torch.Tensor,
+                      denominator: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of per_token over the loss_mask tokens / denominator, number of loss tokens)`` in fp32.
+
+    ``denominator`` defaults to this batch's number of loss tokens (at least 1): the masked mean. The trainer
+    passes ``loss_token_denominator(...)`` to weight every token of the global batch equally."""
+    mask = loss_mask.to(torch.float32)
+    ntok = mask.sum()
+    if denominator is None:
+        denominator = ntok.clamp(min=1.0)
+    return (per_token.float() * mask).sum() / denominator, ntok
+
+
+__all__ = ["vocab_parallel_cross_entropy", "masked_token_loss", "loss_token_count", "loss_token_denominator"]

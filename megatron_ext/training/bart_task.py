@@ -13,11 +13,13 @@ and ``train/hiddens/<name>/<term>`` (and the same under ``val/``).
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+
+from megatron_ext.modules.cross_entropy import masked_token_loss
 
 log = logging.getLogger("megatron_ext")
 
@@ -71,7 +73,13 @@ class BARTTask:
         return build_bart_datasets(d, self.tokenizer, int(self.cfg.model.seq_length), self.seq_length_dec,
                                    num_samples, seed)
 
-    def loss(self, model, batch: Dict[str, torch.Tensor]):
+    def loss(self, model, batch: Dict[str, torch.Tensor], denominator: Optional[torch.Tensor] = None):
+        """(loss, loss tokens, extras). The token loss is the summed cross-entropy of the target's loss-mask tokens
+        divided by ``denominator`` (default: this micro-batch's loss-token count; the trainer passes the global
+        batch's, see ``modules.cross_entropy.loss_token_denominator``), so averaged over the step's micro-batches it
+        is token-weighted. With a hiddens module the joint loss adds the module's terms as they are defined there
+        (per-sample means over this micro-batch): averaged over micro-batches, each is a mean over the global
+        batch's samples, not weighted by tokens. Accuracies are (numerator, denominator) pairs: token-weighted."""
         from megatron_ext.models.gpt import GPTModel
 
         inner = getattr(model, "module", model)  # the DeepSpeed engine wraps the model
@@ -85,13 +93,9 @@ class BARTTask:
             pred = tp_argmax(logits.detach())
         labels = batch["labels"]
         per_token = GPTModel.loss_from_logits(logits, labels)  # vocab-parallel CE (megatron-core steps)
-        mask = batch["loss_mask"].float()
-        ntok = mask.sum()
-        denom = ntok.clamp(min=1.0)
-        loss = (per_token.float() * mask).sum() / denom
+        loss, ntok = masked_token_loss(per_token, batch["loss_mask"], denominator)
         correct = (pred == labels).float()
-        acc = (correct * mask).sum() / denom
-        extras = {"accuracy": acc.detach()}
+        extras = {"accuracy": ((correct * batch["loss_mask"].float()).sum().detach(), ntok.detach())}
         if hm is not None:  # joint loss: tokens_loss_weight * tokens_loss + sum_i loss_weight_i * loss_i
             loss, terms = hm.compute_loss(loss, hidden_outputs, batch)
             extras.update({k: v.detach() for k, v in terms.items()})

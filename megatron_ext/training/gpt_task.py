@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig
+
+from megatron_ext.modules.cross_entropy import masked_token_loss
 
 log = logging.getLogger("megatron_ext")
 
@@ -52,13 +54,18 @@ class GPTTask:
         return self.model
 
     @staticmethod
-    def pipeline_batch(batch: Dict[str, torch.Tensor]):
-        """A batch as DeepSpeed's pipeline engine wants it: (first-stage inputs, last-stage labels)."""
+    def pipeline_batch(batch: Dict[str, torch.Tensor], denominator: Optional[torch.Tensor] = None):
+        """A batch as DeepSpeed's pipeline engine wants it: (first-stage inputs, last-stage labels). ``denominator``
+        (the trainer's token-weighting denominator of the global batch, see ``loss``) travels with the labels to
+        the loss function of the last stage (``models.gpt_pipe.gpt_pipe_loss``)."""
         tokens = batch["tokens"]
         pos = batch.get("position_ids")
         if pos is None:
             pos = torch.arange(tokens.shape[1], dtype=torch.long).unsqueeze(0).expand_as(tokens).contiguous()
-        return (tokens, pos), (batch["labels"], batch["loss_mask"])
+        labels = (batch["labels"], batch["loss_mask"])
+        if denominator is not None:
+            labels = labels + (denominator.reshape(()),)
+        return (tokens, pos), labels
 
     def build_datasets(self, num_samples: tuple[int, int, int]):
         from megatron_ext.data.gpt_data import build_gpt_datasets
@@ -75,16 +82,17 @@ class GPTTask:
         return build_gpt_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
 
     # --------------------------------------------------------------- stepping
-    def loss(self, model, batch: Dict[str, torch.Tensor]):
+    def loss(self, model, batch: Dict[str, torch.Tensor], denominator: Optional[torch.Tensor] = None):
+        """(loss, loss tokens, extras): the summed cross-entropy of the loss-mask tokens divided by ``denominator``
+        (default: this micro-batch's loss-token count; the trainer passes the global batch's, see
+        ``modules.cross_entropy.loss_token_denominator``)."""
         tokens, labels = batch["tokens"], batch["labels"]
         extras: Dict[str, Any] = {}
         if self.synthetic is None:
             per_token = model(tokens, position_ids=batch.get("position_ids"), labels=labels)
         else:
             per_token, extras = self._loss_and_accuracy(model, batch)
-        mask = batch["loss_mask"].to(per_token.dtype)
-        ntok = mask.sum()
-        loss = (per_token.float() * mask.float()).sum() / ntok.float().clamp(min=1.0)
+        loss, ntok = masked_token_loss(per_token, batch["loss_mask"], denominator)
         return loss, ntok, extras
 
     @staticmethod

@@ -3,6 +3,17 @@
 One optimizer step consumes one *global batch* = micro_batch_size x data_parallel_size x accumulation
 micro-batches; DeepSpeed accumulates gradients over the micro-batches (scaling each backward by
 1/accumulation), clips, and steps the optimizer and LR scheduler at the boundary.
+
+The loss is token-weighted over the global batch: before the forward passes of a step the trainer counts the
+loss tokens of all its micro-batches and all-reduces the count over data parallel (one collective), and every
+micro-batch loss is its summed token loss divided by ``count / (accumulation x dp)``
+(``modules.cross_entropy.loss_token_denominator``). DeepSpeed's averaging over micro-batches and ranks then gives
+``train/loss = sum of token losses / count``, and the gradient is that loss's gradient. The pipeline engine gets
+the same denominator with the labels. ``val/loss`` is token-weighted over all validation batches.
+
+Losses stay on the device: the loop keeps each step's loss there and copies them to the host once per logged
+step (and at a checkpoint step), all-reduced over data parallel in the same single collective; that copy also
+detects a non-finite loss of any step since the previous one and stops the run naming that step.
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ from omegaconf import DictConfig
 
 from megatron_ext.config.loader import Derived, check_config, validate_config
 from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointError, MegatronExtError
+from megatron_ext.modules.cross_entropy import loss_token_count, loss_token_denominator
 from megatron_ext.parallel import state as pstate
 from megatron_ext.training.checkpointing import Checkpointer, check_files, find_latest, read_meta, resolve_ckpt_path
 from megatron_ext.training.engine import build_ds_config, build_engine
@@ -36,9 +48,13 @@ class Task(Protocol):
 
     def build_datasets(self, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]: ...
 
-    def loss(self, model, batch: Dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
-        """(mean loss to backprop, number of loss tokens, extra scalars to log as ``train/<name>`` and, token-
-        weighted over the validation batches, ``val/<name>``)."""
+    def loss(self, model, batch: Dict[str, torch.Tensor], denominator: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
+        """(loss to backprop: the summed token loss over ``batch["loss_mask"]`` divided by ``denominator``, by
+        default this batch's loss-token count; the number of loss tokens; extras to log as ``train/<name>`` and
+        ``val/<name>``). An extra is a scalar (averaged over a step's micro-batches and DP ranks for ``train/``,
+        token-weighted over the validation batches for ``val/``) or a (numerator, denominator) pair (both summed,
+        then divided)."""
         ...
 
     def flops_per_iteration(self, global_batch_size: int) -> float: ...
@@ -151,15 +167,6 @@ class Trainer:
 
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-    def _dp_mean(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dp_size > 1:
-            from megatron.core import parallel_state as ps
-
-            x = x.clone()
-            dist.all_reduce(x, group=ps.get_data_parallel_group())
-            x /= self.dp_size
-        return x
 
     def _rng_states(self) -> Dict[str, Any]:
         from megatron_ext.parallel.random import get_all_rng_states
@@ -346,6 +353,9 @@ class Trainer:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def validate(self, dataset, num_global_batches: int) -> Optional[float]:
+        """Token-weighted ``val/loss`` over the first ``num_global_batches`` global batches of ``dataset`` (sum of
+        token losses / loss tokens, over all of them and all DP ranks); ``self._val_extras`` gets ``val/<name>``.
+        Sums stay on the device and reach the host once."""
         if dataset is None or num_global_batches <= 0:
             return None
         if self.pipeline:
@@ -359,43 +369,112 @@ class Trainer:
             loss, ntok, extras = self.task.loss(self.engine, batch)
             if total is None:
                 names = sorted(extras)
-                total = torch.zeros(2 + 2 * len(names), dtype=torch.float64)
-            n = float(ntok)
-            vals = [loss.item() * n, n]
+            ntok = ntok.detach().double()
+            vals = [loss.detach().double() * ntok, ntok]
             for k in names:  # a scalar is token-weighted; a (numerator, denominator) pair is summed as such
                 v = extras[k]
-                vals += [float(v[0]), float(v[1])] if isinstance(v, (tuple, list)) else [float(v) * n, n]
-            total += torch.tensor(vals, dtype=torch.float64)
+                vals += [v[0], v[1]] if isinstance(v, (tuple, list)) else [v.detach().double() * ntok, ntok]
+            row = torch.stack([torch.as_tensor(x, device=self.device).double().reshape(()) for x in vals])
+            total = row if total is None else total + row
         if self.dp_size > 1:
             from megatron.core import parallel_state as ps
 
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         self.engine.train()
-        denom = max(total[1].item(), 1.0)
-        self._val_extras = {f"val/{k}": (total[2 + 2 * i] / max(total[3 + 2 * i].item(), 1.0)).item()
-                            for i, k in enumerate(names)}
-        return (total[0] / denom).item()
+        host = total.tolist()
+        self._val_extras = {f"val/{k}": host[2 + 2 * i] / max(host[3 + 2 * i], 1.0) for i, k in enumerate(names)}
+        return host[0] / max(host[1], 1.0)
 
     @torch.no_grad()
     def _validate_pipeline(self, dataset, num_global_batches: int) -> float:
-        """Pipeline engine: mean over micro-batches of the micro-batch mean loss (equal to the token-weighted mean
-        of the non-pipeline path when every micro-batch has the same number of loss tokens)."""
-        it = self._pipe_batches(self._iter(dataset, 0))
-        total = 0.0
+        """Pipeline engine: each global batch's loss is token-weighted (the denominator travels with the labels,
+        as in training); the batches are combined weighted by their loss tokens, as in ``validate``."""
+        it = self._iter(dataset, 0)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(num_global_batches):
-            out = self.engine.eval_batch(it, compute_loss=True, reduce_output="avg", bcast_loss=True)
-            total += float(out)
+            batches, count, denom = self._global_batch(it)
+            out = self.engine.eval_batch(iter([self.task.pipeline_batch(b, denom) for b in batches]),
+                                         compute_loss=True, reduce_output="avg", bcast_loss=True)
+            total += torch.stack([out.detach().double().reshape(()) * count, count])
         self.engine.train()
-        return total / num_global_batches
+        loss_sum, tokens = total.tolist()
+        return loss_sum / max(tokens, 1.0)
+
+    def _validate_and_log(self, val_ds, step: int) -> Optional[float]:
+        val = self.validate(val_ds, self.cfg.trainer.limit_val_batches)
+        if val is not None:
+            extra = getattr(self, "_val_extras", {})
+            ppl = self._ppl(val, extra)
+            self.exp.log_metrics(step, {"val/loss": val, "val/ppl": ppl, **extra})
+            log.info("step %d | val/loss %.4f | val/ppl %.3f%s", step, val, ppl,
+                     "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
+        return val
 
     @staticmethod
     def _ppl(val_loss: float, extras: Dict[str, float]) -> float:
         """Perplexity of the token loss (``val/tokens_loss`` when a task adds other terms to its loss)."""
         return math.exp(min(extras.get("val/tokens_loss", val_loss), 50))
 
-    def _pipe_batches(self, it: Iterator) -> Iterator:
-        for batch in it:
-            yield self.task.pipeline_batch(self._to_device(batch))
+    # ------------------------------------------------------------------ step
+    def _global_batch(self, it: Iterator) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """This rank's micro-batches of the next global batch (on the device), the loss tokens of the whole global
+        batch (counted before any forward pass, one all-reduce over data parallel), and the per-micro-batch loss
+        denominator that makes the step's loss token-weighted (``loss_token_denominator``)."""
+        accum = self.derived.accumulate_grad_batches
+        batches = [self._to_device(next(it)) for _ in range(accum)]
+        count = torch.stack([loss_token_count(b["loss_mask"]) for b in batches]).sum()
+        if self.dp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(count, group=ps.get_data_parallel_group())
+        return batches, count, loss_token_denominator(count, accum, self.dp_size)
+
+    def _train_step(self, it: Iterator, keep_extras: bool) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One optimizer step over a global batch. Returns the step's loss on the device -- the mean of this rank's
+        micro-batch losses, whose mean over DP is the token-weighted loss of the global batch (the pipeline engine
+        returns it already averaged over DP) -- and, with ``keep_extras``, each extra as a device tensor
+        ``[numerator, denominator]`` summed over the micro-batches (a scalar extra counts 1 per micro-batch)."""
+        batches, _, denom = self._global_batch(it)
+        if self.pipeline:  # the engine runs the 1F1B schedule over the micro-batches
+            loss = self.engine.train_batch(data_iter=iter([self.task.pipeline_batch(b, denom) for b in batches]))
+            return loss.detach().float().reshape(()), {}
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        extras: Dict[str, torch.Tensor] = {}
+        for batch in batches:
+            loss, _, micro_extras = self.task.loss(self.engine, batch, denom)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+            for k, v in micro_extras.items() if keep_extras else ():
+                num, den = v if isinstance(v, (tuple, list)) else (v, 1.0)
+                pair = torch.stack([torch.as_tensor(x, device=self.device).detach().float().reshape(())
+                                    for x in (num, den)])
+                extras[k] = extras[k] + pair if k in extras else pair
+        return total / len(batches), extras
+
+    def _sync(self, pending: list, extras: Dict[str, torch.Tensor], lr: float) -> tuple[float, Dict[str, float]]:
+        """The train loop's one host synchronisation per logged (or checkpoint) step: the losses of the steps since
+        the last one (``pending``: (step, device loss)) and the extras of this step, averaged over data parallel in
+        one all-reduce, come to the host in one copy. Raises when a step's loss is not finite (except with fp16
+        loss scaling, where an overflow only skips the update). Returns (the last step's loss, extras)."""
+        names = sorted(extras)
+        losses = torch.stack([loss for _, loss in pending]).double()
+        flat = torch.cat([losses] + [extras[k].double() for k in names])
+        if self.dp_size > 1 and not self.pipeline:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(flat, group=ps.get_data_parallel_group())
+            flat[: len(pending)] /= self.dp_size
+        host = flat.tolist()
+        if self.derived.precision != "16":
+            for (step, _), value in zip(pending, host):
+                if not math.isfinite(value):
+                    raise MegatronExtError(
+                        f"training loss is {value} at step {step} (lr {lr:.3e}); lower model.optim.lr, keep "
+                        f"trainer.gradient_clip_val > 0, or use trainer.precision=32 to find the cause"
+                    )
+        pairs = host[len(pending):]
+        return host[len(pending) - 1], {k: pairs[2 * i] / max(pairs[2 * i + 1], 1.0) for i, k in enumerate(names)}
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> Dict[str, Any]:
@@ -421,89 +500,97 @@ class Trainer:
             self.exp.close()
 
     def _train_loop(self, train_ds, val_ds, step: int, consumed: int) -> Dict[str, Any]:
-        cfg, t, m = self.cfg, self.cfg.trainer, self.cfg.model
-        gbs, accum = m.global_batch_size, self.derived.accumulate_grad_batches
+        t, gbs = self.cfg.trainer, self.cfg.model.global_batch_size
         last_step = t.max_steps if t.limit_train_batches is None else min(t.max_steps, step + t.limit_train_batches)
-        ckpt_every = cfg.exp_manager.checkpoint_callback_params.every_n_train_steps
-        ckpt = (Checkpointer(self.exp.ckpt_dir, cfg.exp_manager.checkpoint_callback_params.save_top_k)
-                if cfg.exp_manager.create_checkpoint_callback else None)
-        flops_iter = self.task.flops_per_iteration(gbs)
-        peak, peak_src = peak_tflops(self.device.type, self.derived.precision)
-        log.info("MFU peak: %.2f TFLOP/s per process (%s); model FLOPs per iteration %.3e", peak, peak_src, flops_iter)
-        it: Iterator = self._iter(train_ds, consumed)
-        if self.pipeline:
-            it = self._pipe_batches(it)
+        first_step, ckpt, meter = step, _CheckpointSchedule(self), _Throughput(self)
+        it = self._iter(train_ds, consumed)
         self.engine.train()
-        last_val, last_loss, saved_at = None, None, None
-        tokens_per_iter = gbs * self.task.tokens_per_sample()
-        world = self.derived.world_size
+        pending: list = []  # (step, loss on the device) since the last host sync
+        last_loss, last_val = None, None
         t_start = time.perf_counter()
-        first_step = step
         while step < last_step:
-            t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            loss_sum = torch.zeros((), dtype=torch.float32)
-            extras_sum: Dict[str, torch.Tensor] = {}
-            will_log = (step + 1) % t.log_every_n_steps == 0 or step + 1 == last_step or step == first_step
+            logs = (step + 1) % t.log_every_n_steps == 0 or step + 1 == last_step or step == first_step
             if hasattr(self.engine, "mext_want_norm"):  # fp32 ZeRO-0: our clipping computes the norm (if clip = 0: on demand)
-                self.engine.mext_want_norm = will_log
-            for micro in range(accum if not self.pipeline else 0):
-                batch = self._to_device(next(it))
-                loss, _, extras = self.task.loss(self.engine, batch)
-                self.engine.backward(loss)
-                self.engine.step()
-                loss_sum += loss.detach().float().cpu()
-                for k, v in extras.items():
-                    if isinstance(v, (tuple, list)):
-                        v = v[0] / torch.as_tensor(v[1]).clamp(min=1.0)
-                    extras_sum[k] = extras_sum.get(k, 0.0) + v.detach().float().cpu()
-            if self.pipeline:  # the engine runs the 1F1B schedule over `accum` micro-batches and averages over DP
-                loss_avg = float(self.engine.train_batch(data_iter=it))
-            else:
-                loss_avg = self._dp_mean(loss_sum / accum).item()
+                self.engine.mext_want_norm = logs
+            loss, extras = self._train_step(it, keep_extras=logs)
             step += 1
             consumed += gbs
-            if not math.isfinite(loss_avg) and self.derived.precision != "16":
-                raise MegatronExtError(
-                    f"training loss is {loss_avg} at step {step} (lr {lr:.3e}); lower model.optim.lr, keep "
-                    f"trainer.gradient_clip_val > 0, or use trainer.precision=32 to find the cause"
-                )
-            step_time = time.perf_counter() - t0
-            last_loss = loss_avg
-            if step % t.log_every_n_steps == 0 or step == last_step or step == first_step + 1:
-                gn = self._grad_norm()
-                tflops = flops_iter / step_time / world / 1e12
-                metrics = {
-                    "train/loss": loss_avg,
-                    "train/lr": lr,
-                    "train/grad_norm": gn,
-                    "train/tokens_per_sec": tokens_per_iter / step_time,
-                    "train/tflops": tflops,
-                    "train/mfu": tflops / peak if peak > 0 else float("nan"),
-                    "train/step_time": step_time,
-                    "train/consumed_samples": consumed,
-                }
-                for k, v in extras_sum.items():
-                    metrics[f"train/{k}"] = self._dp_mean(v / accum).item()
-                self.exp.log_metrics(step, metrics)
-                log.info(
-                    "step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %.0f tokens/s | %.3f TFLOP/s | MFU %.1f%%",
-                    step, last_step, loss_avg, lr, gn, metrics["train/tokens_per_sec"], tflops,
-                    100 * metrics["train/mfu"],
-                )
+            pending.append((step, loss))
+            meter.steps += 1
+            if logs or ckpt.due(step):
+                last_loss, extras = self._sync(pending, extras, lr)
+                pending = []
+            if logs:
+                self._log_train(step, last_step, consumed, last_loss, lr, extras, meter.interval())
             if t.val_check_interval and step % t.val_check_interval == 0 and t.limit_val_batches > 0:
-                last_val = self.validate(val_ds, t.limit_val_batches)
-                if last_val is not None:
-                    extra = getattr(self, "_val_extras", {})
-                    ppl = self._ppl(last_val, extra)
-                    self.exp.log_metrics(step, {"val/loss": last_val, "val/ppl": ppl, **extra})
-                    log.info("step %d | val/loss %.4f | val/ppl %.3f%s", step, last_val, ppl,
-                             "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
-            if ckpt is not None and ckpt_every and step % ckpt_every == 0:
-                self._save(ckpt, step, consumed, loss_avg)
-                saved_at = step
-        if ckpt is not None and cfg.exp_manager.checkpoint_callback_params.save_last and saved_at != step and step > first_step:
-            self._save(ckpt, step, consumed, last_loss)
+                last_val = self._validate_and_log(val_ds, step)
+                meter.restart()
+            if ckpt.due(step):
+                ckpt.save(step, consumed, last_loss)
+                meter.restart()
+        if ckpt.due_at_end(step, first_step):
+            ckpt.save(step, consumed, last_loss)
         elapsed = time.perf_counter() - t_start
         log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
         return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}
+
+    def _log_train(self, step: int, last_step: int, consumed: int, loss: float, lr: float, extras: Dict[str, float],
+                   perf: Dict[str, float]) -> None:
+        gn = self._grad_norm()
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": gn, **perf,
+                   "train/consumed_samples": consumed, **{f"train/{k}": v for k, v in extras.items()}}
+        self.exp.log_metrics(step, metrics)
+        log.info("step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f | %.0f tokens/s | %.3f TFLOP/s | MFU %.1f%%",
+                 step, last_step, loss, lr, gn, perf["train/tokens_per_sec"], perf["train/tflops"],
+                 100 * perf["train/mfu"])
+
+
+class _CheckpointSchedule:
+    """When the train loop writes a checkpoint: every ``every_n_train_steps`` steps, and at the end with
+    ``save_last`` unless the last step was just saved (``exp_manager.create_checkpoint_callback`` off: never)."""
+
+    def __init__(self, trainer: "Trainer"):
+        p = trainer.cfg.exp_manager.checkpoint_callback_params
+        self.trainer = trainer
+        self.every, self.save_last = p.every_n_train_steps, p.save_last
+        self.ckpt = Checkpointer(trainer.exp.ckpt_dir, p.save_top_k) if trainer.cfg.exp_manager.create_checkpoint_callback \
+            else None
+        self.saved_at: Optional[int] = None
+
+    def due(self, step: int) -> bool:
+        return self.ckpt is not None and bool(self.every) and step % self.every == 0
+
+    def due_at_end(self, step: int, first_step: int) -> bool:
+        return self.ckpt is not None and bool(self.save_last) and self.saved_at != step and step > first_step
+
+    def save(self, step: int, consumed: int, loss: Optional[float]) -> None:
+        self.trainer._save(self.ckpt, step, consumed, loss)
+        self.saved_at = step
+
+
+class _Throughput:
+    """Step time, tokens/s, model TFLOP/s per process and MFU, averaged over the steps since the last logged step
+    (read when the losses have reached the host, so queued device work is included); validation and checkpoint
+    writing restart the interval."""
+
+    def __init__(self, trainer: "Trainer"):
+        gbs = trainer.cfg.model.global_batch_size
+        self.flops_iter = trainer.task.flops_per_iteration(gbs)
+        self.tokens_iter = gbs * trainer.task.tokens_per_sample()
+        self.world = trainer.derived.world_size
+        self.peak, src = peak_tflops(trainer.device.type, trainer.derived.precision)
+        log.info("MFU peak: %.2f TFLOP/s per process (%s); model FLOPs per iteration %.3e", self.peak, src,
+                 self.flops_iter)
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def interval(self) -> Dict[str, float]:
+        """The ``train/`` throughput metrics since the last restart; restarts."""
+        step_time = (time.perf_counter() - self.t0) / max(self.steps, 1)
+        self.restart()
+        tflops = self.flops_iter / step_time / self.world / 1e12
+        return {"train/tokens_per_sec": self.tokens_iter / step_time, "train/tflops": tflops,
+                "train/mfu": tflops / self.peak if self.peak > 0 else float("nan"), "train/step_time": step_time}
