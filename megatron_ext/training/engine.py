@@ -196,10 +196,12 @@ def install_fp32_clipping(engine, clip: float) -> None:
     biases) only on the rank whose *pipeline x tensor* rank is 0, so later stages' are left out -- it discards the
     norm (``get_global_grad_norm()`` is None on this path, so a logged norm needed a second pass), and it rescales
     every gradient even when the norm is under the limit. Here ``model_parallel_grad_norm`` runs once per optimizer
-    step just before DeepSpeed's step (the engine is built with ``gradient_clipping: 0``), gradients are scaled
-    only when the norm exceeds ``clip`` (one ``torch._foreach_mul_``), and the pre-clipping norm is kept in
-    ``engine.mext_grad_norm``. With ``clip == 0`` the norm is computed only when ``engine.mext_want_norm`` is set
-    (the trainer sets it on the steps it logs).
+    step just before DeepSpeed's step (the engine is built with ``gradient_clipping: 0``) and stays on the device:
+    gradients are multiplied by ``min(1, clip / norm)`` (one ``torch._foreach_mul_`` by a device scalar; exact
+    when the norm is under the limit), so clipping never waits for the host. The pre-clipping norm is kept, as a
+    tensor, in ``engine.mext_grad_norm`` for the trainer to copy with the loss on the steps it logs. With
+    ``clip == 0`` the norm is computed only when ``engine.mext_want_norm`` is set (the trainer sets it on the
+    steps it logs).
     """
     original = engine._take_model_step
     engine.mext_grad_norm = None
@@ -209,10 +211,12 @@ def install_fp32_clipping(engine, clip: float) -> None:
         engine.mext_grad_norm = None
         if clip > 0 or engine.mext_want_norm:
             norm = model_parallel_grad_norm(engine.module)
-            engine.mext_grad_norm = float(norm)
-            if clip > 0 and engine.mext_grad_norm > clip:
+            engine.mext_grad_norm = norm
+            if clip > 0:
                 grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
-                torch._foreach_mul_(grads, clip / (engine.mext_grad_norm + 1e-6))
+                if grads:
+                    scale = torch.clamp(clip / (norm + 1e-6), max=1.0).to(grads[0].dtype)
+                    torch._foreach_mul_(grads, scale)
         return original(*args, **kwargs)
 
     engine._take_model_step = take_model_step

@@ -159,6 +159,8 @@ class Trainer:
         (``engine.install_fp32_clipping``), DeepSpeed's for ZeRO and mixed precision."""
         if hasattr(self.engine, "mext_grad_norm"):
             gn = self.engine.mext_grad_norm
+            if torch.is_tensor(gn):  # copied to the host by the step's one sync (``_sync``)
+                gn = getattr(self, "_synced_grad_norm", None)
         else:
             gn = self.engine.get_global_grad_norm()
         if gn is None:
@@ -459,13 +461,18 @@ class Trainer:
         loss scaling, where an overflow only skips the update). Returns (the last step's loss, extras)."""
         names = sorted(extras)
         losses = torch.stack([loss for _, loss in pending]).double()
-        flat = torch.cat([losses] + [extras[k].double() for k in names])
+        # our fp32 clipping leaves the step's grad norm on the device: it travels in the same copy (the same
+        # value on every data-parallel rank, so the mean below leaves it unchanged)
+        norm = getattr(self.engine, "mext_grad_norm", None)
+        norm = [norm.detach().double().reshape(1)] if torch.is_tensor(norm) else []
+        flat = torch.cat([losses] + norm + [extras[k].double() for k in names])
         if self.dp_size > 1 and not self.pipeline:
             from megatron.core import parallel_state as ps
 
             dist.all_reduce(flat, group=ps.get_data_parallel_group())
-            flat[: len(pending)] /= self.dp_size
+            flat[: len(pending) + len(norm)] /= self.dp_size
         host = flat.tolist()
+        self._synced_grad_norm = host.pop(len(pending)) if norm else None
         if self.derived.precision != "16":
             for (step, _), value in zip(pending, host):
                 if not math.isfinite(value):
