@@ -93,3 +93,35 @@ def test_single_replica_skips_deepspeed_allreduce_only_without_zero():
     z1 = _engine(_model(), 1.0, zero_stage=1)
     assert z1.enable_backward_allreduce is True  # ZeRO's reduce also fills its partitions
     assert not hasattr(z1, "mext_grad_norm")  # ZeRO clips (and records the norm) itself
+
+
+def test_changed_deepspeed_internals_fail_loudly(monkeypatch):
+    """A DeepSpeed whose engine lacks a member we patch stops with one error naming the version and the member,
+    instead of training on without our clipping / all-reduce skip."""
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from megatron_ext.errors import MegatronExtError
+    from megatron_ext.training.engine import TESTED_DEEPSPEED, DeepSpeedInternalsError
+
+    monkeypatch.delattr(DeepSpeedEngine, "_take_model_step")
+    with pytest.raises(DeepSpeedInternalsError) as info:
+        _engine(_model(), 1.0)
+    msg = str(info.value)
+    assert isinstance(info.value, MegatronExtError)  # an entry point prints it on one line, exit status 2
+    assert f"DeepSpeed {deepspeed.__version__}" in msg and "DeepSpeedEngine has no attribute '_take_model_step'" in msg
+    assert "gradient clipping" in msg and TESTED_DEEPSPEED in msg
+    monkeypatch.undo()
+
+    # the all-reduce switch: a renamed attribute would be set in vain, so its absence is refused too
+    monkeypatch.setattr(DeepSpeedEngine, "__init__", _without_allreduce_switch(DeepSpeedEngine.__init__))
+    with pytest.raises(DeepSpeedInternalsError, match="no attribute 'enable_backward_allreduce'.*all-reduce"):
+        _engine(_model(), 1.0)
+
+
+def _without_allreduce_switch(init):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        del self.enable_backward_allreduce  # as if DeepSpeed had renamed it
+
+    return wrapped
