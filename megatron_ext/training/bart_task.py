@@ -13,7 +13,7 @@ and ``train/hiddens/<name>/<term>`` (and the same under ``val/``).
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict
+from typing import Dict
 
 import torch
 import torch.distributed as dist
@@ -108,6 +108,3 @@ class BARTTask:
         from megatron_ext.models.flops import encdec_flops_per_iteration
 
         return float(encdec_flops_per_iteration(self.cfg.model, self.tokenizer.vocab_size, global_batch_size))
-
-    def describe(self) -> Dict[str, Any]:
-        return {"tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size}
