@@ -251,9 +251,9 @@ def install_fp32_clipping(engine, clip: float) -> None:
 def _skip_single_replica_allreduce(engine) -> None:
     """With one data-parallel replica and no ZeRO, DeepSpeed's gradient all-reduce is pure overhead: it still
     flattens every gradient into one buffer (``torch.cat`` over all parameters), all-reduces it over a group of one,
-    divides by 1 and copies the buffer back (~3% of a CPU training step of the bench GPT). Turn it off there; the
-    gradients are bit-for-bit the same. ZeRO >= 1 keeps it (its reduce also fills the optimizer's partitions), and
-    the pipeline engine reduces through its own schedule."""
+    divides by 1 and copies the buffer back. Turn it off there; the gradients are bit-for-bit the same. ZeRO >= 1
+    keeps it (its reduce also fills the optimizer's partitions), and the pipeline engine reduces through its own
+    schedule."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
     purpose = "skipping the gradient all-reduce of a single data-parallel replica"

@@ -658,7 +658,7 @@ def build_optimizer(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     groups = _as_param_groups(model_or_param_groups, kwargs.get("weight_decay"))
     if name in ("adam", "adamw") and "fused" not in kwargs and "foreach" not in kwargs and _fused_ok(groups):
-        # torch's fused Adam(W) kernel: ~4x faster steps than the foreach default on CPU (23M params: 15 vs 59 ms)
+        # torch's fused Adam(W) kernel: one kernel per step instead of foreach's several passes, on CPU too
         kwargs["fused"] = True
     env = _deepspeed_build_env() if name in _DEEPSPEED_OP_BUILDERS else contextlib.nullcontext()
     with env:
