@@ -113,15 +113,17 @@ def test_changed_deepspeed_internals_fail_loudly(monkeypatch):
     assert "gradient clipping" in msg and TESTED_DEEPSPEED in msg
     monkeypatch.undo()
 
-    # the all-reduce switch: a renamed attribute would be set in vain, so its absence is refused too
-    monkeypatch.setattr(DeepSpeedEngine, "__init__", _without_allreduce_switch(DeepSpeedEngine.__init__))
-    with pytest.raises(DeepSpeedInternalsError, match="no attribute 'enable_backward_allreduce'.*all-reduce"):
-        _engine(_model(), 1.0)
+    # an attribute that is set, not called: a renamed one would be set in vain, so its absence is refused too
+    for attr, purpose in (("enable_backward_allreduce", "all-reduce"), ("checkpoint_engine", "safe loader")):
+        monkeypatch.setattr(DeepSpeedEngine, "__init__", _without(attr, DeepSpeedEngine.__init__))
+        with pytest.raises(DeepSpeedInternalsError, match=f"no attribute '{attr}'.*{purpose}"):
+            _engine(_model(), 1.0)
+        monkeypatch.undo()
 
 
-def _without_allreduce_switch(init):
+def _without(attr, init):
     def wrapped(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        del self.enable_backward_allreduce  # as if DeepSpeed had renamed it
+        delattr(self, attr)  # as if DeepSpeed had renamed it
 
     return wrapped

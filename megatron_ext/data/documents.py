@@ -12,7 +12,8 @@ attribute columns; empty otherwise), ``len(source)`` (documents), ``lengths()`` 
 * :class:`JSONLDocuments`: the same over the ``text_key`` of a JSONL file
   (:class:`~megatron_ext.data.text_mmap.JSONLMemMapDataset`), with its numeric ``attribute_keys`` columns.
 
-Sources pickle without their open file handles (reopened when read in a worker).
+An :class:`IndexedDocuments` pickles without its open ``IndexedDataset``, which is reopened when first read (in a
+DataLoader worker, say).
 """
 from __future__ import annotations
 

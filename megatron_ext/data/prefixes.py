@@ -93,7 +93,7 @@ def parse_data_prefix(data_prefix: Any) -> Tuple[List[str], Optional[List[float]
 
 
 def parse_text_paths(data_prefix: Any, what: str = "text file (one document per line)"
-                      ) -> Tuple[List[str], Optional[List[float]]]:
+                     ) -> Tuple[List[str], Optional[List[float]]]:
     """``model.data.data_prefix`` of text/JSONL files -> ``(absolute paths, weights or None)``: ``[file]``,
     ``"file"``, or ``[w1, file1, w2, file2, ...]`` (a blend of one file has no weights); ``([], None)`` when empty.
     ``what`` names the kind of file in the errors."""

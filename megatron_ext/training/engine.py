@@ -273,4 +273,5 @@ def _safe_checkpoint_loading(engine) -> None:
     (tensors, plain values and DeepSpeed's few optimizer-state types; anything else is refused naming the file)."""
     from megatron_ext.checkpoint.safe_load import install_safe_checkpoint_engine
 
+    deepspeed_internal(engine, "checkpoint_engine", "reading checkpoints through the safe loader")
     install_safe_checkpoint_engine(engine)
