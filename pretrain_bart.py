@@ -10,7 +10,7 @@ Config: configs/bart/megatron_bart_config.yaml over the schema ``BARTConfig`` in
 (precedence CLI > YAML > dataclass defaults). Shares the trainer, exp manager, checkpoints, logging, launchers
 and tensor/data parallelism of pretrain_gpt.py. See README.md.
 
-Exit status: 0 ok; 2 bad input (one line ``error: ...``); 3 a collective failed or timed out.
+Exit status: 0 ok; 2 bad input (one line ``error: ...``); 3 a collective failed or timed out; 130 interrupted.
 """
 import sys
 
@@ -19,31 +19,33 @@ import megatron_ext  # noqa: F401  (sets DS_ACCELERATOR=cpu when there is no GPU
 from omegaconf import DictConfig
 
 from megatron_ext.config.loader import hydra_main, register_schemas
-from megatron_ext.errors import MegatronExtError
+from megatron_ext.errors import run_entry_point
 from megatron_ext.parallel.launch import strip_launcher_args
 
 register_schemas()
 
 
-@hydra_main(config_path="configs/bart", config_name="megatron_bart_config")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> int:
+    """Start the workers (trainer.devices > 1 and no launcher) and return their status, or train here (0)."""
     from megatron_ext.config.schema import BARTConfig
     from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
 
-    try:
-        rc = maybe_self_launch(cfg, schema=BARTConfig)
-        if rc:
-            sys.exit(rc)
-        if rc == 0:
-            return
-        from megatron_ext.training.bart_task import BARTTask
-        from megatron_ext.training.trainer import Trainer
+    rc = maybe_self_launch(cfg, schema=BARTConfig)
+    if rc is not None:
+        return rc
+    from megatron_ext.training.bart_task import BARTTask
+    from megatron_ext.training.trainer import Trainer
 
-        with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
-            Trainer(cfg, BARTTask, schema=BARTConfig).fit()
-    except MegatronExtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
+        Trainer(cfg, BARTTask, schema=BARTConfig).fit()
+    return 0
+
+
+@hydra_main(config_path="configs/bart", config_name="megatron_bart_config")
+def main(cfg: DictConfig) -> None:
+    rc, status = run_entry_point(None, train, cfg)
+    if rc or status:
+        sys.exit(rc or status)
 
 
 if __name__ == "__main__":

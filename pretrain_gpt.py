@@ -12,7 +12,7 @@ Config: configs/gpt/megatron_gpt_config.yaml over the schema in megatron_ext/con
 (precedence CLI > YAML > dataclass defaults). See README.md.
 
 Exit status: 0 ok; 2 bad input (one line ``error: ...``, or Hydra's message for its own config errors); 3 a
-collective failed or timed out (one line ``error: rank R: ...``: another rank died or hung).
+collective failed or timed out (one line ``error: rank R: ...``: another rank died or hung); 130 interrupted (Ctrl-C).
 """
 import sys
 
@@ -21,32 +21,34 @@ import megatron_ext  # noqa: F401  (sets DS_ACCELERATOR=cpu when there is no GPU
 from omegaconf import DictConfig
 
 from megatron_ext.config.loader import hydra_main, register_schemas
-from megatron_ext.errors import MegatronExtError
+from megatron_ext.errors import run_entry_point
 from megatron_ext.parallel.launch import strip_launcher_args
 
 register_schemas()
 
 
-@hydra_main(config_path="configs/gpt", config_name="megatron_gpt_config")
-def main(cfg: DictConfig) -> None:
+def train(cfg: DictConfig) -> int:
+    """Start the workers (trainer.devices > 1 and no launcher) and return their status, or train here (0)."""
     from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
     from megatron_ext.training.exp_manager import check_sweep_launch
 
-    try:
-        check_sweep_launch(cfg)  # -m: each job has its own run directory (exp_manager.resolve_run_dir)
-        rc = maybe_self_launch(cfg)  # trainer.devices > 1 and no launcher: start the workers, wait for them
-        if rc:
-            sys.exit(rc)
-        if rc == 0:
-            return  # (not sys.exit(0): a -m sweep goes on with its next job)
-        from megatron_ext.training.gpt_task import GPTTask
-        from megatron_ext.training.trainer import Trainer
+    check_sweep_launch(cfg)  # -m: each job has its own run directory (exp_manager.resolve_run_dir)
+    rc = maybe_self_launch(cfg)  # trainer.devices > 1 and no launcher: start the workers, wait for them
+    if rc is not None:
+        return rc
+    from megatron_ext.training.gpt_task import GPTTask
+    from megatron_ext.training.trainer import Trainer
 
-        with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
-            Trainer(cfg, GPTTask).fit()
-    except MegatronExtError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
+        Trainer(cfg, GPTTask).fit()
+    return 0
+
+
+@hydra_main(config_path="configs/gpt", config_name="megatron_gpt_config")
+def main(cfg: DictConfig) -> None:
+    rc, status = run_entry_point(None, train, cfg)
+    if rc or status:
+        sys.exit(rc or status)  # (0: no sys.exit(0), a -m sweep goes on with its next job)
 
 
 if __name__ == "__main__":

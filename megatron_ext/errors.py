@@ -32,16 +32,19 @@ class UnsafeFileError(CheckpointError):
 
 
 def run_entry_point(prog, fn, *args):
-    """The error handling every tool's ``main`` shares: returns ``(0, fn(*args))``; a ``MegatronExtError`` prints
-    ``<prog>: error: <message>`` on stderr and returns ``(2, None)``; Ctrl-C prints ``<prog>: interrupted`` and
-    returns ``(130, None)``. Usage: ``rc, result = run_entry_point(PROG, run, args); if rc: return rc``."""
+    """The error handling every tool's and entry point's ``main`` shares: returns ``(0, fn(*args))``; a
+    ``MegatronExtError`` prints ``<prog>: error: <message>`` on stderr and returns ``(2, None)``; Ctrl-C prints
+    ``<prog>: interrupted`` and returns ``(130, None)``. With ``prog=None`` the lines are ``error: <message>`` and
+    ``interrupted`` (the training entry points, whose workers' lines read the same). ``SystemExit`` passes through.
+    Usage: ``rc, result = run_entry_point(PROG, run, args); if rc: return rc``."""
     import sys
 
+    prefix = f"{prog}: " if prog else ""
     try:
         return 0, fn(*args)
     except MegatronExtError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}error: {exc}", file=sys.stderr)
         return 2, None
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prefix}interrupted", file=sys.stderr)
         return 130, None

@@ -93,3 +93,37 @@ def test_single_replica_skips_deepspeed_allreduce_only_without_zero():
     z1 = _engine(_model(), 1.0, zero_stage=1)
     assert z1.enable_backward_allreduce is True  # ZeRO's reduce also fills its partitions
     assert not hasattr(z1, "mext_grad_norm")  # ZeRO clips (and records the norm) itself
+
+
+def test_changed_deepspeed_internals_fail_loudly(monkeypatch):
+    """A DeepSpeed whose engine lacks a member we patch stops with one error naming the version and the member,
+    instead of training on without our clipping / all-reduce skip."""
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from megatron_ext.errors import MegatronExtError
+    from megatron_ext.training.engine import TESTED_DEEPSPEED, DeepSpeedInternalsError
+
+    monkeypatch.delattr(DeepSpeedEngine, "_take_model_step")
+    with pytest.raises(DeepSpeedInternalsError) as info:
+        _engine(_model(), 1.0)
+    msg = str(info.value)
+    assert isinstance(info.value, MegatronExtError)  # an entry point prints it on one line, exit status 2
+    assert f"DeepSpeed {deepspeed.__version__}" in msg and "DeepSpeedEngine has no attribute '_take_model_step'" in msg
+    assert "gradient clipping" in msg and TESTED_DEEPSPEED in msg
+    monkeypatch.undo()
+
+    # an attribute that is set, not called: a renamed one would be set in vain, so its absence is refused too
+    for attr, purpose in (("enable_backward_allreduce", "all-reduce"), ("checkpoint_engine", "safe loader")):
+        monkeypatch.setattr(DeepSpeedEngine, "__init__", _without(attr, DeepSpeedEngine.__init__))
+        with pytest.raises(DeepSpeedInternalsError, match=f"no attribute '{attr}'.*{purpose}"):
+            _engine(_model(), 1.0)
+        monkeypatch.undo()
+
+
+def _without(attr, init):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        delattr(self, attr)  # as if DeepSpeed had renamed it
+
+    return wrapped

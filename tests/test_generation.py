@@ -18,6 +18,7 @@ import torch
 from conftest import REPO, launch_cmd, multiprocess_env, perturb
 from megatron_ext.config.schema import EncoderDecoderModelConfig, MegaArchConfig, ModelConfig, TransformerStackConfig
 from megatron_ext.inference.generation import (
+    GenerationConfig,
     GenerationError,
     apply_repetition_penalty,
     beam_search,
@@ -294,6 +295,31 @@ def test_bad_arguments_one_clear_error(kw, words):
     with pytest.raises(GenerationError) as e:
         generate(lm, PROMPTS, **kw)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_generation_config_checked_once_and_normalized():
+    import numpy as np
+
+    cfg = GenerationConfig(max_new_tokens=np.int64(5), temperature=1, nucleus=0.5, seed=3)
+    assert (cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.nucleus, cfg.beam) == (5, 1.0, 0.5, None, False)
+    assert type(cfg.max_new_tokens) is int and type(cfg.temperature) is float
+    assert GenerationConfig(num_beams=3).beam is True and GenerationConfig(num_beams=3, beam=False).beam is False
+    with pytest.raises(GenerationError, match=r"^temperature=-1: expected a number >= 0"):
+        GenerationConfig(temperature=-1)  # at construction, without a model
+
+    lm = FAMILIES["gpt_learned"]()
+    with pytest.raises(GenerationError, match=r"stop_tokens: token id 999 is outside the vocabulary"):
+        GenerationConfig(stop_tokens=[999]).for_model(lm)  # the model-dependent options: checked by for_model
+    resolved = cfg.for_model(lm)
+    assert isinstance(resolved["generator"], torch.Generator) and resolved["banned"] == [int(lm.tokenizer.pad)]
+    # one config for many calls gives what the same keyword arguments give
+    kw = dict(max_new_tokens=6, temperature=0.9, top_k=7, seed=5, stop_tokens=[], output="tokens")
+    assert generate(lm, PROMPTS, config=GenerationConfig(**kw)) == generate(lm, PROMPTS, **kw)
+    assert lm.generate(PROMPTS[:2], config=GenerationConfig(**kw)) == generate(lm, PROMPTS[:2], **kw)
+    with pytest.raises(GenerationError, match=r"config= with max_new_tokens, top_k=\.\.\."):
+        generate(lm, PROMPTS, config=GenerationConfig(**kw), top_k=3, max_new_tokens=2)
+    with pytest.raises(GenerationError, match="expected a GenerationConfig"):
+        generate(lm, PROMPTS, config=dict(kw))
 
 
 def test_bad_prompts_and_position_limits():

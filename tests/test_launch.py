@@ -141,6 +141,39 @@ def test_failure_line_names_the_cause():
     assert line.startswith("error: rank 1 exited with status 2") and status == 2 and "rank 0" not in line
 
 
+def test_pinned_version_lets_run_dir_errors_through(tmp_path):
+    """The version the self-launcher gives its workers is the one rank 0 resolves (resume_if_exists: the newest
+    version with a checkpoint); an error resolving it reaches the user instead of becoming a fresh start-time
+    version (which would silently start a new run beside the one to resume)."""
+    from omegaconf import OmegaConf
+
+    from megatron_ext.errors import ConfigError
+    from megatron_ext.parallel.launch import _pinned_version
+
+    def cfg(exp_dir, **em):
+        return OmegaConf.create({"exp_manager": {"exp_dir": str(exp_dir), "name": "run", "version": None,
+                                                 "resume_if_exists": True, **em}})
+
+    for version, age in (("old", 100), ("new", 10), ("newer_no_ckpt", 0)):
+        d = tmp_path / "exp" / "run" / version
+        d.mkdir(parents=True)
+        if version != "newer_no_ckpt":
+            (d / "checkpoints").mkdir()
+            (d / "checkpoints" / "latest").write_text("step_1")
+            t = time.time() - age
+            os.utime(d / "checkpoints" / "latest", (t, t))
+    assert _pinned_version(cfg(tmp_path / "exp")) == "new"
+    assert _pinned_version(cfg(tmp_path / "exp", version="fixed")) is None  # the same in every worker already
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        _pinned_version(cfg(tmp_path / "file"))
+    with pytest.raises(Exception) as info:  # a config without resume_if_exists is a bug, not a new run
+        _pinned_version(OmegaConf.create({"exp_manager": {"exp_dir": str(tmp_path / "exp"), "name": "run",
+                                                          "version": None}}))
+    assert "resume_if_exists" in str(info.value)
+
+
 def test_slurm_task_env_and_arguments(env, tmp_path):
     """slurm_task.sh python mode: rank/world from SLURM_*, MASTER_ADDR = first host of a bracketed node list,
     MASTER_PORT from the job id, trainer.devices = tasks per node (a stub stands in for pretrain_gpt.py)."""

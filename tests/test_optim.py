@@ -470,3 +470,63 @@ def test_build_optimizer_applies_weight_decay_only_to_decay_group():
 def test_deepspeed_arch_list_drops_arch_specific_suffix():
     assert O._deepspeed_arch_list("8.0;9.0a 9.0+PTX;10.0f;8.0") == "8.0;9.0;9.0+PTX;10.0"
     assert O._deepspeed_arch_list("7.5") == "7.5"
+
+
+# ---------------------------------------------------------------------------------------
+# Errors keep their cause; an unavailable DeepSpeed optimizer says why
+# ---------------------------------------------------------------------------------------
+
+
+def test_optimizer_constructor_errors_are_config_errors_with_their_cause(clean_registries):
+    model = _tiny_model()
+    with pytest.raises(ConfigError, match=r"^model.optim: invalid settings for optimizer 'adam'") as info:
+        O.build_optimizer(model, {"name": "adam", "lr": 1e-3, "betas": [1.5, 0.9]})
+    assert isinstance(info.value.__cause__, ValueError) and "beta" in str(info.value.__cause__)
+    # torch refuses fused together with foreach with a RuntimeError: a config error naming the optimizer
+    with pytest.raises(ConfigError, match="optimizer 'adam' cannot be created here") as info:
+        O.build_optimizer(model, {"name": "adam", "lr": 1e-3, "fused": True, "foreach": True})
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+    class Broken(torch.optim.SGD):  # a bug inside an optimizer is not the user's config: it propagates as is
+        def __init__(self, params, lr, scale=1.0):
+            raise KeyError("internal bookkeeping")
+
+    O.register_optimizer("broken", Broken, SignSGDParams)
+    with pytest.raises(KeyError, match="internal bookkeeping"):
+        O.build_optimizer(model, {"name": "broken", "lr": 0.1})
+
+
+def test_unavailable_deepspeed_optimizer_names_the_reason(monkeypatch):
+    """When DeepSpeed's op builder reports FusedAdam incompatible, asking for ``fused_adam`` says why (the builder's
+    own message), instead of 'unknown optimizer'."""
+    import deepspeed.accelerator
+    from deepspeed.accelerator import get_accelerator
+
+    real = get_accelerator()
+    fused_cls = type(real.create_op_builder("FusedAdamBuilder"))
+
+    class NoToolchainFusedAdam(fused_cls):
+        def is_compatible(self, verbose=False):
+            if verbose:
+                self.warning("fused_adam requires a C++ compiler with AVX2 (none found)")
+            return False
+
+    class Accelerator(type(real)):
+        def create_op_builder(self, op_name):
+            if op_name == "FusedAdamBuilder":
+                return NoToolchainFusedAdam()
+            return super().create_op_builder(op_name)
+
+    for name in ("AVAILABLE_OPTIMIZERS", "OPTIMIZER_PARAMS", "_DEEPSPEED_CLASSES"):
+        live = getattr(O, name)
+        monkeypatch.setattr(O, name, {k: v for k, v in live.items() if k not in ("fused_adam", "cpu_adam")})
+    monkeypatch.setattr(O, "DEEPSPEED_UNAVAILABLE", {})
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Accelerator())
+    O._register_deepspeed_optimizers()
+
+    assert "fused_adam" not in O.AVAILABLE_OPTIMIZERS and "cpu_adam" in O.AVAILABLE_OPTIMIZERS
+    msg = _err(O.build_optimizer, _tiny_model(), {"name": "fused_adam", "lr": 1e-3})
+    assert msg.startswith("model.optim.name: optimizer 'fused_adam' is not available on this machine: ")
+    assert "FusedAdamBuilder reports it incompatible" in msg and "requires a C++ compiler with AVX2" in msg
+    assert "adamw" in msg  # what is available instead
+    assert "C++ compiler" in _err(O.get_optimizer, "FUSED_ADAM")

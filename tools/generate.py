@@ -24,6 +24,7 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -93,13 +94,27 @@ def read_prompts(args) -> List[str]:
 
 
 def run(args) -> int:
+    import torch
+
     from megatron_ext.errors import CheckpointError, DataError
-    from megatron_ext.inference.generation import GenerationError
+    from megatron_ext.inference.generation import GenerationConfig, GenerationError
 
     if args.batch_size < 1:
         raise GenerationError(f"--batch-size={args.batch_size}: expected an integer >= 1")
     if args.no_stop and (args.stop or args.stop_id):
         raise GenerationError("--no-stop with --stop/--stop-id: pass one or the other")
+    if args.seed is not None and args.seed < 0:
+        raise GenerationError(f"--seed={args.seed}: expected an integer >= 0")
+    stop = None
+    if args.no_stop:
+        stop = []
+    elif args.stop or args.stop_id:
+        stop = list(args.stop or []) + list(args.stop_id or [])
+    # the options are checked before the model loads; the stop tokens against its tokenizer once it has
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy,
+                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                              num_beams=args.num_beams, length_penalty=args.length_penalty, stop_tokens=stop,
+                              use_cache=not args.no_cache, output="both")
     prompts = read_prompts(args)
     if not os.path.exists(args.model):
         raise CheckpointError(f"--model {args.model}: no such file or directory (expected a .mext archive or a "
@@ -112,29 +127,12 @@ def run(args) -> int:
         if isinstance(e, (CheckpointError, DataError)):
             raise
         raise CheckpointError(f"--model {args.model}: cannot load on --device {args.device}: {e}") from None
-    stop = None
-    if args.no_stop:
-        stop = []
-    elif args.stop or args.stop_id:
-        stop = list(args.stop or []) + list(args.stop_id or [])
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, greedy=args.greedy,
-                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   num_beams=args.num_beams, length_penalty=args.length_penalty, stop_tokens=stop,
-                   use_cache=not args.no_cache, output="both")
-    import torch
-
-    generator = None
-    if args.seed is not None:
-        if args.seed < 0:
-            raise GenerationError(f"--seed={args.seed}: expected an integer >= 0")
-        generator = torch.Generator(device=lm.device).manual_seed(args.seed)
-    # validate every option once before the first batch prints anything
-    from megatron_ext.inference.generation import validate_options
-
-    validate_options(lm, **options)
+    if args.seed is not None:  # one random stream over all batches
+        config = dataclasses.replace(config, generator=torch.Generator(device=lm.device).manual_seed(args.seed))
+    config.for_model(lm)  # before the first batch prints anything
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start:start + args.batch_size]
-        results = lm.generate(batch, generator=generator, **options)
+        results = lm.generate(batch, config=config)
         for prompt, res in zip(batch, results):
             row = {"prompt": prompt, "text": res["text"], "tokens": res["tokens"],
                    "finish_reason": res["finish_reason"]}

@@ -3,6 +3,10 @@
 * :mod:`.default_corpus` -- the built-in English corpus (stdlib help topics + docstrings);
 * :mod:`.gpt_data` -- GPT train/valid/test datasets over Megatron ``.bin``/``.idx`` (blends, splits,
   sample-index cache that also works on node-local disks);
+* :mod:`.bart` -- BART denoising datasets (samples, blends, builder), over :mod:`.bart_noising` (text
+  infilling, sentence permutation) and :mod:`.documents` (``.bin``/``.idx``, text and JSONL document sources);
+* :mod:`.prefixes` -- ``model.data.data_prefix`` / ``splits_string`` parsing shared by GPT and BART data;
+* :mod:`.collective` -- a user error on one rank raised on every rank while the data is prepared;
 * :mod:`.validation` -- one clear ``DataError`` for every bad data file;
 * :mod:`.samplers` -- resumable, deterministic pretraining data loader and sample counts;
 * :mod:`.synthetic` -- synthetic tasks (copy, reverse, sort, histogram, registered ones) for ``model.data.task``.

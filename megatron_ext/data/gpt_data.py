@@ -46,7 +46,6 @@ Batches (via :mod:`megatron_ext.data.samplers`) hold ``tokens``/``labels`` (int6
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import uuid
@@ -54,110 +53,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
-from megatron_ext.errors import ConfigError, DataError, MegatronExtError
+from megatron_ext.data.collective import all_gather, collective_check, world
+from megatron_ext.data.prefixes import PREFIX_KEY, SPLITS_KEY, parse_data_prefix, parse_splits_string
+from megatron_ext.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-PREFIX_KEY = "model.data.data_prefix"
-SPLITS_KEY = "model.data.splits_string"
-
-
-# ------------------------------------------------------------------------ config parsing
-def _as_list(value: Any) -> Any:
-    try:
-        from omegaconf import ListConfig, OmegaConf
-
-        if isinstance(value, ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return value
-
-
-def _parse_weight(value: Any, index: int) -> float:
-    bad = ConfigError(
-        f"{PREFIX_KEY}[{index}]={value!r}: expected a positive number (the weight of the prefix that "
-        f"follows), as in [w1, prefix1, w2, prefix2, ...]"
-    )
-    if isinstance(value, bool):
-        raise bad
-    if isinstance(value, (int, float)):
-        weight = float(value)
-    elif isinstance(value, str):
-        try:
-            weight = float(value.strip())
-        except ValueError:
-            raise bad from None
-    else:
-        raise bad
-    if not math.isfinite(weight) or weight <= 0:
-        raise bad
-    return weight
-
-
-def _normalize_prefix(value: Any, index: Optional[int]) -> str:
-    where = PREFIX_KEY if index is None else f"{PREFIX_KEY}[{index}]"
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(
-            f"{where}={value!r}: expected a dataset prefix (a path string, without .bin/.idx)"
-        )
-    prefix = value.strip()
-    for ext in (".bin", ".idx"):
-        if prefix.endswith(ext):
-            prefix = prefix[: -len(ext)]
-    return os.path.abspath(os.path.expanduser(prefix))
-
-
-def parse_data_prefix(data_prefix: Any) -> Tuple[List[str], Optional[List[float]]]:
-    """``model.data.data_prefix`` -> ``(prefixes, weights or None)``. ``([], None)`` = default corpus.
-
-    Raises ConfigError naming ``model.data.data_prefix`` for any other shape.
-    """
-    data_prefix = _as_list(data_prefix)
-    if data_prefix is None:
-        return [], None
-    if isinstance(data_prefix, str):
-        return [_normalize_prefix(data_prefix, None)], None
-    if not isinstance(data_prefix, (list, tuple)):
-        raise ConfigError(
-            f"{PREFIX_KEY}={data_prefix!r}: expected a list: [] (built-in corpus), [prefix], or "
-            f"[w1, prefix1, w2, prefix2, ...]"
-        )
-    items = list(data_prefix)
-    if not items:
-        return [], None
-    if len(items) == 1:
-        return [_normalize_prefix(items[0], 0)], None
-    if len(items) % 2 != 0:
-        raise ConfigError(
-            f"{PREFIX_KEY} has {len(items)} entries: {items!r}; expected one prefix, or weight/prefix "
-            f"pairs [w1, prefix1, w2, prefix2, ...] (an even number of entries)"
-        )
-    weights = [_parse_weight(items[i], i) for i in range(0, len(items), 2)]
-    prefixes = [_normalize_prefix(items[i], i) for i in range(1, len(items), 2)]
-    if len(prefixes) == 1:
-        return prefixes, None  # [w, prefix]: a blend of one is just that dataset
-    return prefixes, weights
-
-
-def parse_splits_string(splits: Any) -> str:
-    """Validate ``model.data.splits_string`` ("949,50,1"); return it normalised ("949,50,1")."""
-    text = str(splits).strip().strip("'\"").strip()
-    parts = [p.strip() for p in text.replace("/", ",").split(",")]
-    bad = ConfigError(
-        f"{SPLITS_KEY}={splits!r}: expected 1 to 3 non-negative numbers separated by commas "
-        f"(train,valid,test weights), e.g. \"949,50,1\", with a positive sum"
-    )
-    if not 1 <= len(parts) <= 3:
-        raise bad
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise bad from None
-    if any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
-        raise bad
-    values += [0.0] * (3 - len(values))
-    return ",".join(f"{v:g}" for v in values)
 
 
 # ------------------------------------------------------------------------ tokenizer proxy
@@ -189,49 +90,13 @@ class TokenizerInfo:
         )
 
 
-# ------------------------------------------------------------------------ distributed help
-def _world() -> Tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather(obj: Any) -> List[Any]:
-    import torch.distributed as dist
-
-    out: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _collective_check(fn, *args, **kwargs):
-    """Run ``fn`` on every rank; if it raises a user error on any rank, raise it on all ranks
-    (so no rank is left waiting in a barrier)."""
-    rank, world = _world()
-    if world == 1:
-        return fn(*args, **kwargs)
-    result, error = None, None
-    try:
-        result = fn(*args, **kwargs)
-    except MegatronExtError as err:
-        error = (type(err).__name__, str(err))
-    errors = _all_gather(error)
-    for r, e in enumerate(errors):
-        if e is not None:
-            cls = ConfigError if e[0] == "ConfigError" else DataError
-            raise cls(e[1] if r == rank else f"{e[1]} (reported by rank {r})")
-    return result
-
-
 def plan_index_builders(cache_dir: str) -> bool:
     """Decide who builds the sample-index cache. Returns True if this rank (not rank 0) must
     build it locally before megatron-core runs. Collective: call on every rank."""
     import torch.distributed as dist
 
-    rank, world = _world()
-    if world == 1:
+    rank, size = world()
+    if size == 1:
         return False
     token = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(token, src=0)
@@ -247,7 +112,7 @@ def plan_index_builders(cache_dir: str) -> bool:
         except OSError:
             sees = False
     host = socket.gethostname()
-    table = _all_gather((host, sees))
+    table = all_gather((host, sees))
     dist.barrier()
     if rank == 0:
         try:
@@ -424,29 +289,29 @@ def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[
     split = parse_splits_string(data_cfg.splits_string)
     prefixes, weights = parse_data_prefix(data_cfg.data_prefix)
     data_seed = seed if getattr(data_cfg, "seed", None) is None else data_cfg.seed
-    rank, world = _world()
+    rank, size = world()
 
     if not prefixes:
         from megatron_ext.data.default_corpus import ensure_default_corpus
 
-        prefixes = [_collective_check(ensure_default_corpus, tokenizer, data_cfg.default_corpus_dir)]
-    cache_dir = _collective_check(_resolve_cache_dir, data_cfg, prefixes[0])
+        prefixes = [collective_check(ensure_default_corpus, tokenizer, data_cfg.default_corpus_dir)]
+    cache_dir = collective_check(_resolve_cache_dir, data_cfg, prefixes[0])
 
     tok = TokenizerInfo.from_tokenizer(tokenizer)
     cfg = _dataset_config(prefixes, weights, split, seq_length, data_seed, cache_dir, tok, data_cfg, sizes)
 
     check = (prefixes, weights is not None, tokenizer, cache_dir, cfg.split_matrix, sizes, data_cfg.splits_string)
-    if world == 1:
+    if size == 1:
         infos = _validate_inputs(*check)
     else:
         local_builder = plan_index_builders(cache_dir)
         is_builder = rank == 0 or local_builder
         # builders check first (filling the data-stats cache), then the others; an error on any
         # rank is raised on every rank, so none is left waiting in a barrier
-        infos = _collective_check(_validate_inputs if is_builder else _noop, *check)
-        infos = _collective_check(_noop if is_builder else _validate_inputs, *check) or infos
+        infos = collective_check(_validate_inputs if is_builder else _noop, *check)
+        infos = collective_check(_noop if is_builder else _validate_inputs, *check) or infos
         # ranks that cannot see rank 0's cache fill their own (rank 0 builds inside megatron-core)
-        _collective_check(_prebuild_in_child if local_builder else _noop, cfg, sizes)
+        collective_check(_prebuild_in_child if local_builder else _noop, cfg, sizes)
 
     if data_cfg.reset_attention_mask:
         logger.warning(

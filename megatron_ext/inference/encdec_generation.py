@@ -14,12 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from megatron_ext.inference.generation import EncDecSession, choose_tokens, filter_logits, process_logits
-
-
-def _filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """``filter_logits`` with this module's historical conventions (``top_k=0`` / ``top_p=1.0`` = off)."""
-    return filter_logits(logits, top_k if top_k and top_k > 0 else None, top_p if top_p < 1.0 else None)
+from megatron_ext.inference.generation import EncDecSession, choose_tokens, process_logits
 
 
 @torch.no_grad()

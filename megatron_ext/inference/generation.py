@@ -44,6 +44,11 @@ step (the reference; a truncated-EMA Mega model, which has no finite state, alwa
 same tokens. Under tensor parallelism every rank calls ``generate`` with the same arguments: the logits are
 gathered over TP, so every rank takes the same decisions (and draws, with the same seed).
 
+Options: the keyword arguments of :func:`generate` are the fields of :class:`GenerationConfig`, which checks and
+normalizes them once, when it is built (``generate(lm, prompts, config=GenerationConfig(...))`` reuses one config
+for many calls, as ``tools/generate.py`` does); :meth:`GenerationConfig.for_model` resolves the ones that need the
+model's tokenizer (stop and banned tokens) and the generator.
+
 Errors: every bad argument raises :class:`GenerationError` (a ``ValueError``) naming the argument and what was
 expected, before the model runs -- including a request that needs more positions than a model with learned
 positions has (the message names ``model.max_position_embeddings``).
@@ -55,8 +60,10 @@ The lower-level pieces are public too: :func:`process_logits` / :func:`filter_lo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -71,7 +78,7 @@ class GenerationError(MegatronExtError, ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# argument checks
+# options
 
 
 def _is_int(v) -> bool:
@@ -82,60 +89,90 @@ def _is_num(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _check_int(name: str, v, minimum: int) -> int:
-    if not _is_int(v) or int(v) < minimum:
-        raise GenerationError(f"{name}={v!r}: expected an integer >= {minimum}")
-    return int(v)
+@dataclass
+class GenerationConfig:
+    """Every option of :func:`generate` (module docstring), checked once when the config is built: a bad value is a
+    :class:`GenerationError` naming the option and what was expected, and the fields are normalized (ints, floats,
+    ``nucleus`` merged into ``top_p``, ``beam`` decided from ``num_beams`` when not given). The options that need
+    the model's tokenizer and vocabulary (``stop_tokens``, ``banned_tokens``) and the generator (built from
+    ``seed`` on the model's device) are resolved by :meth:`for_model`, which also checks them."""
 
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    greedy: bool = False
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    nucleus: Optional[float] = None
+    repetition_penalty: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    stop_tokens: Any = None
+    banned_tokens: Optional[Sequence[int]] = None
+    use_cache: bool = True
+    seed: Optional[int] = None
+    generator: Optional[torch.Generator] = None
+    output: str = "text"
+    beam: Optional[bool] = None  # None: beam search when num_beams > 1
 
-def _check_opt_int(name: str, v, minimum: int) -> Optional[int]:
-    return None if v is None else _check_int(name, v, minimum)
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, value: Any, expected: str) -> None:
+            if not ok:
+                raise GenerationError(f"{name}={value!r}: {expected}")
 
+        v = self.max_new_tokens
+        need(_is_int(v) and int(v) >= 1, "max_new_tokens", v, "expected an integer >= 1")
+        v = self.temperature
+        need(_is_num(v) and math.isfinite(float(v)) and float(v) >= 0, "temperature", v,
+             "expected a number >= 0 (0 = greedy argmax)")
+        need(isinstance(self.greedy, bool), "greedy", self.greedy, "expected True or False")
+        v = self.top_k
+        need(v is None or (_is_int(v) and int(v) >= 1), "top_k", v, "expected an integer >= 1")
+        if self.top_p is not None and self.nucleus is not None:
+            raise GenerationError(f"top_p={self.top_p!r} and nucleus={self.nucleus!r}: they are the same option "
+                                  f"(nucleus sampling); pass only one")
+        top_p_name = "top_p" if self.nucleus is None else "nucleus"
+        v = self.top_p if self.nucleus is None else self.nucleus
+        need(v is None or (_is_num(v) and 0.0 < float(v) <= 1.0), top_p_name, v, "expected a probability in (0, 1]")
+        self.max_new_tokens = int(self.max_new_tokens)
+        self.temperature = float(self.temperature)
+        self.top_k = None if self.top_k is None else int(self.top_k)
+        self.top_p, self.nucleus = (None if v is None else float(v)), None
+        if self.top_k is not None and self.top_p is not None:
+            raise GenerationError(f"top_k={self.top_k} and {top_p_name}={self.top_p}: top_k and top_p (nucleus) are "
+                                  f"mutually exclusive; pass one of them")
+        v = self.repetition_penalty
+        need(_is_num(v) and math.isfinite(float(v)) and float(v) > 0, "repetition_penalty", v,
+             "expected a number > 0 (1.0 = off)")
+        self.repetition_penalty = float(v)
+        v = self.num_beams
+        need(_is_int(v) and int(v) >= 1, "num_beams", v, "expected an integer >= 1")
+        self.num_beams = int(v)
+        v = self.length_penalty
+        need(_is_num(v) and math.isfinite(float(v)), "length_penalty", v, "expected a finite number")
+        self.length_penalty = float(v)
+        need(isinstance(self.use_cache, bool), "use_cache", self.use_cache, "expected True or False")
+        need(self.output in OUTPUTS, "output", self.output, f"expected one of {', '.join(OUTPUTS)}")
+        self.beam = self.num_beams > 1 if self.beam is None else bool(self.beam)
+        if self.beam and (self.top_k is not None or self.top_p is not None):
+            raise GenerationError(f"num_beams={self.num_beams} with top_k/top_p: beam search is deterministic; drop "
+                                  f"top_k and top_p (or use num_beams=1 to sample)")
+        if self.seed is not None and self.generator is not None:
+            raise GenerationError("seed and generator: pass only one (seed builds a generator)")
+        need(self.generator is None or isinstance(self.generator, torch.Generator), "generator", self.generator,
+             "expected a torch.Generator")
+        need(self.seed is None or (_is_int(self.seed) and int(self.seed) >= 0), "seed", self.seed,
+             "expected an integer >= 0")
 
-def _check_temperature(v) -> float:
-    if not _is_num(v) or not math.isfinite(float(v)) or float(v) < 0:
-        raise GenerationError(f"temperature={v!r}: expected a number >= 0 (0 = greedy argmax)")
-    return float(v)
-
-
-def _check_top_p(name: str, v) -> Optional[float]:
-    if v is None:
-        return None
-    if not _is_num(v) or not 0.0 < float(v) <= 1.0:
-        raise GenerationError(f"{name}={v!r}: expected a probability in (0, 1]")
-    return float(v)
-
-
-def _check_penalty(v) -> float:
-    if not _is_num(v) or not math.isfinite(float(v)) or float(v) <= 0:
-        raise GenerationError(f"repetition_penalty={v!r}: expected a number > 0 (1.0 = off)")
-    return float(v)
-
-
-def _check_bool(name: str, v) -> bool:
-    if not isinstance(v, bool):
-        raise GenerationError(f"{name}={v!r}: expected True or False")
-    return v
-
-
-def _resolve_top_p(top_p, nucleus) -> Optional[float]:
-    if top_p is not None and nucleus is not None:
-        raise GenerationError(f"top_p={top_p!r} and nucleus={nucleus!r}: they are the same option (nucleus "
-                              f"sampling); pass only one")
-    return _check_top_p("top_p" if top_p is not None else "nucleus", top_p if top_p is not None else nucleus)
-
-
-def _make_generator(seed, generator, device: torch.device) -> Optional[torch.Generator]:
-    if seed is not None and generator is not None:
-        raise GenerationError("seed and generator: pass only one (seed builds a generator)")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise GenerationError(f"generator={generator!r}: expected a torch.Generator")
-        return generator
-    if seed is None:
-        return None
-    seed = _check_int("seed", seed, 0)
-    return torch.Generator(device=device).manual_seed(seed)
+    def for_model(self, lm) -> Dict[str, Any]:
+        """The options that depend on ``lm``, checked against its tokenizer and vocabulary: ``stops`` (stop
+        sequences as id tuples), ``banned`` (ids) and ``generator`` (``generator``, or a new one seeded with
+        ``seed`` on ``lm.device``, or None)."""
+        vocab = int(lm.model.vocab_size)
+        generator = self.generator
+        if generator is None and self.seed is not None:
+            generator = torch.Generator(device=lm.device).manual_seed(int(self.seed))
+        return dict(stops=_stop_sequences(lm, self.stop_tokens, vocab),
+                    banned=_banned_ids(lm, self.banned_tokens, vocab), generator=generator)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -653,62 +690,46 @@ def generate(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     output: str = "text",
+    config: Optional[GenerationConfig] = None,
 ):
-    """Continue ``prompts`` (see the module docstring for every option).
+    """Continue ``prompts`` (see the module docstring for every option; or pass them as one
+    :class:`GenerationConfig` in ``config``, leaving the others at their defaults).
 
     Returns, per prompt, the *new* text (``output="text"``), the new token ids (``"tokens"``) or a dict
     ``{"text", "tokens", "finish_reason": "stop" | "length"}`` (+ ``"score"`` with beam search) (``"both"``); a
     single prompt gives a single result, a list a list. The stop sequence is not included. ``num_beams > 1``
     runs beam search (:func:`beam_search`), otherwise greedy decoding or sampling."""
-    opts = dict(locals())
-    del opts["lm"], opts["prompts"]
-    return _generate(lm, prompts, beam=None, **opts)
+    options = dict(locals())
+    del options["lm"], options["prompts"], options["config"]
+    return _generate(lm, prompts, _config(config, options))
+
+
+def _config(config: Optional[GenerationConfig], options: Dict[str, Any]) -> GenerationConfig:
+    """``config`` when given (then ``options`` must be the defaults), else a config from ``options``."""
+    if config is None:
+        return GenerationConfig(**options)
+    if not isinstance(config, GenerationConfig):
+        raise GenerationError(f"config={config!r}: expected a GenerationConfig")
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+    given = [k for k, v in options.items() if v is not defaults[k] and v != defaults[k]]
+    if given:
+        raise GenerationError(f"config= with {', '.join(sorted(given))}=...: pass the options in the "
+                              f"GenerationConfig only")
+    return config
 
 
 def beam_search(lm, prompts, *, num_beams: int = 4, length_penalty: float = 1.0, **kwargs):
     """Beam search for any ``num_beams >= 1`` (``generate`` uses it for ``num_beams > 1``; with one beam it is
     greedy decoding through the beam-search code). Other options as :func:`generate`."""
-    return _generate(lm, prompts, beam=True, num_beams=num_beams, length_penalty=length_penalty, **kwargs)
-
-
-def validate_options(lm, *, max_new_tokens: int = 64, temperature: float = 1.0, greedy: bool = False,
-                     top_k=None, top_p=None, nucleus=None, repetition_penalty: float = 1.0, num_beams: int = 1,
-                     length_penalty: float = 1.0, stop_tokens=None, banned_tokens=None, use_cache: bool = True,
-                     seed=None, generator=None, output: str = "text", beam: Optional[bool] = None) -> Dict[str, Any]:
-    """Check every option of :func:`generate` (GenerationError naming the first bad one) -> the normalized
-    options (``top_p`` merged with ``nucleus``, ``stops`` / ``banned`` as id tuples / lists, ``generator``)."""
-    vocab = int(lm.model.vocab_size)
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
-    temperature = _check_temperature(temperature)
-    greedy = _check_bool("greedy", greedy)
-    top_k = _check_opt_int("top_k", top_k, 1)
-    top_p_name = "top_p" if nucleus is None else "nucleus"
-    top_p = _resolve_top_p(top_p, nucleus)
-    if top_k is not None and top_p is not None:
-        raise GenerationError(f"top_k={top_k} and {top_p_name}={top_p}: top_k and top_p (nucleus) are mutually "
-                              f"exclusive; pass one of them")
-    repetition_penalty = _check_penalty(repetition_penalty)
-    num_beams = _check_int("num_beams", num_beams, 1)
-    if not _is_num(length_penalty) or not math.isfinite(float(length_penalty)):
-        raise GenerationError(f"length_penalty={length_penalty!r}: expected a finite number")
-    use_cache = _check_bool("use_cache", use_cache)
-    if output not in OUTPUTS:
-        raise GenerationError(f"output={output!r}: expected one of {', '.join(OUTPUTS)}")
-    beam = num_beams > 1 if beam is None else bool(beam)
-    if beam and (top_k is not None or top_p is not None):
-        raise GenerationError(f"num_beams={num_beams} with top_k/top_p: beam search is deterministic; drop top_k "
-                              f"and top_p (or use num_beams=1 to sample)")
-    return dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, top_k=top_k, top_p=top_p,
-                repetition_penalty=repetition_penalty, num_beams=num_beams, length_penalty=float(length_penalty),
-                use_cache=use_cache, output=output, beam=beam, stops=_stop_sequences(lm, stop_tokens, vocab),
-                banned=_banned_ids(lm, banned_tokens, vocab), generator=_make_generator(seed, generator, lm.device))
+    return _generate(lm, prompts, GenerationConfig(beam=True, num_beams=num_beams, length_penalty=length_penalty,
+                                                   **kwargs))
 
 
 @torch.no_grad()
-def _generate(lm, prompts, **options):
-    o = validate_options(lm, **options)
+def _generate(lm, prompts, config: GenerationConfig):
+    resolved = config.for_model(lm)
     vocab = int(lm.model.vocab_size)
-    max_new_tokens = o["max_new_tokens"]
+    max_new_tokens = config.max_new_tokens
     ids, single = _normalize_prompts(lm, prompts, vocab)
     if lm.family != "encdec":  # an empty prompt starts after a document boundary, as in training
         ids = [p if p else [int(lm.tokenizer.eod)] for p in ids]
@@ -721,20 +742,20 @@ def _generate(lm, prompts, **options):
     try:
         for group in _groups(lm, ids):
             sub = [ids[i] for i in group]
-            session = open_session(lm, sub, max_new_tokens=max_new_tokens, use_cache=o["use_cache"])
-            common = dict(max_new_tokens=max_new_tokens, stops=o["stops"], banned=o["banned"],
-                          repetition_penalty=o["repetition_penalty"], penalize_prompt=lm.family != "encdec")
-            if o["beam"]:
-                res = _beam_loop(session, sub, num_beams=o["num_beams"], length_penalty=o["length_penalty"],
+            session = open_session(lm, sub, max_new_tokens=max_new_tokens, use_cache=config.use_cache)
+            common = dict(max_new_tokens=max_new_tokens, stops=resolved["stops"], banned=resolved["banned"],
+                          repetition_penalty=config.repetition_penalty, penalize_prompt=lm.family != "encdec")
+            if config.beam:
+                res = _beam_loop(session, sub, num_beams=config.num_beams, length_penalty=config.length_penalty,
                                  **common)
             else:
-                res = _sample_loop(session, sub, greedy=o["greedy"], temperature=o["temperature"], top_k=o["top_k"],
-                                   top_p=o["top_p"], generator=o["generator"], **common)
+                res = _sample_loop(session, sub, greedy=config.greedy, temperature=config.temperature,
+                                   top_k=config.top_k, top_p=config.top_p, generator=resolved["generator"], **common)
             for i, r in zip(group, res):
                 results[i] = r
     finally:
         model.train(was_training)
-    return _format(lm, results, o["output"], single)
+    return _format(lm, results, config.output, single)
 
 
 @torch.no_grad()
@@ -747,12 +768,15 @@ def sample(lm, pref: Union[str, Sequence[int], torch.Tensor] = "", max_seq_len: 
     (``as_str``) or a list of ids; a prefix already ``max_seq_len`` long comes back unchanged. For an
     encoder-decoder ``pref`` is the source and ``max_seq_len`` bounds the generated target. Other keyword
     arguments go to :func:`generate` (``seed``, ``stop_tokens``, ``repetition_penalty``, ``use_cache``, ...)."""
-    max_seq_len = _check_int("max_seq_len", max_seq_len, 1)
-    as_str = _check_bool("as_str", as_str)
-    for key in ("prompts", "max_new_tokens", "output", "top_p"):
+    if not _is_int(max_seq_len) or int(max_seq_len) < 1:
+        raise GenerationError(f"max_seq_len={max_seq_len!r}: expected an integer >= 1")
+    max_seq_len = int(max_seq_len)
+    if not isinstance(as_str, bool):
+        raise GenerationError(f"as_str={as_str!r}: expected True or False")
+    for key in ("prompts", "max_new_tokens", "output", "top_p", "config"):
         if key in kwargs:
             raise GenerationError(f"sample() got {key}=...: use pref / max_seq_len / nucleus (or generate())")
-    validate_options(lm, temperature=temperature, nucleus=nucleus, top_k=top_k, **kwargs)
+    GenerationConfig(temperature=temperature, nucleus=nucleus, top_k=top_k, **kwargs).for_model(lm)
     prefix = _prompt_ids(lm, pref, "pref", int(lm.model.vocab_size))
     options = dict(temperature=temperature, nucleus=nucleus, top_k=top_k, output="tokens", **kwargs)
     if lm.family == "encdec":
@@ -769,7 +793,7 @@ __all__ = [
     "sample",
     "beam_search",
     "GenerationError",
-    "validate_options",
+    "GenerationConfig",
     "filter_logits",
     "apply_repetition_penalty",
     "process_logits",

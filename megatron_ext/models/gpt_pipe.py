@@ -242,34 +242,10 @@ def canonical_name(pipe_name: str, num_layers: int) -> Optional[str]:
     return None
 
 
-def layer_file_index(canonical: str, num_layers: int) -> int:
-    """Which ``layer_XX-model_YY-model_states.pt`` of a DeepSpeed pipeline checkpoint holds ``canonical``."""
-    if canonical.startswith("embedding."):
-        return 0
-    if canonical.startswith("decoder.layers."):
-        return 1 + int(canonical.split(".")[2])
-    if canonical.startswith("decoder.final_layernorm."):
-        return num_layers + 1
-    if canonical.startswith("output_layer."):
-        return num_layers + 2
-    raise KeyError(canonical)
-
-
-def local_key_in_layer_file(canonical: str) -> str:
-    """The key of ``canonical`` inside its pipeline layer file (that layer module's own state_dict)."""
-    if canonical.startswith("decoder.layers."):
-        return "layer." + canonical.split(".", 3)[3]
-    if canonical.startswith("decoder.final_layernorm."):
-        return canonical[len("decoder."):]
-    return canonical
-
-
 __all__ = [
     "build_gpt_pipeline",
     "gpt_pipe_loss",
     "canonical_name",
-    "layer_file_index",
-    "local_key_in_layer_file",
     "check_pipeline_config",
     "EmbeddingPipe",
     "TransformerLayerPipe",

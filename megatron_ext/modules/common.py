@@ -10,8 +10,9 @@ Conventions used by every module in this package:
   weight is drawn on every rank from the default CPU generator and each rank keeps its shard,
   so a model built with the same seed has the same full weights at any TP size;
 * dropout on activations that are replicated across TP ranks uses the default generator
-  (identical masks on every TP rank); dropout on TP-sharded activations runs inside
-  ``get_rng_tracker().fork()`` (different masks per TP rank).
+  (identical masks on every TP rank); dropout on TP-sharded activations (the attention
+  probabilities, ``modules/attention.py``) runs inside ``get_rng_tracker().fork()`` (different
+  masks per TP rank).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext.errors import ConfigError
-from megatron_ext.parallel.random import MODEL_PARALLEL_RNG_TRACKER_NAME, get_rng_tracker
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
@@ -113,14 +113,6 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p=p, training=True)
 
 
-def parallel_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout on TP-sharded activations: draws from the tracker's model-parallel stream."""
-    if p <= 0.0 or not training:
-        return x
-    with get_rng_tracker().fork(MODEL_PARALLEL_RNG_TRACKER_NAME):
-        return F.dropout(x, p=p, training=True)
-
-
 def check_divisible(numerator: int, denominator: int, what: str) -> None:
     if denominator <= 0 or numerator % denominator != 0:
         raise ConfigError(f"{what}: {numerator} is not divisible by {denominator}")
@@ -135,6 +127,5 @@ __all__ = [
     "ensure_model_parallel",
     "make_parallel_config",
     "dropout",
-    "parallel_dropout",
     "check_divisible",
 ]

@@ -32,10 +32,4 @@ def pipeline_topology():
     return topo
 
 
-def is_pipeline_engine(engine) -> bool:
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    return isinstance(engine, PipelineEngine)
-
-
-__all__ = ["pipeline_topology", "is_pipeline_engine"]
+__all__ = ["pipeline_topology"]

@@ -11,7 +11,6 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -183,15 +182,6 @@ def data_parallel_info() -> tuple[int, int]:
     from megatron.core import parallel_state as ps
 
     return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-
-
-def is_rank_zero() -> bool:
-    return (not dist.is_initialized()) or dist.get_rank() == 0
-
-
-def barrier(group: Optional[object] = None) -> None:
-    if dist.is_initialized():
-        dist.barrier(group=group)
 
 
 def attach_deepspeed_comm() -> None:

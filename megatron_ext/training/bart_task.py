@@ -112,6 +112,3 @@ class BARTTask:
         from megatron_ext.models.flops import encdec_flops_per_iteration
 
         return float(encdec_flops_per_iteration(self.cfg.model, self.tokenizer.vocab_size, global_batch_size))
-
-    def describe(self) -> Dict[str, Any]:
-        return {"tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size}

@@ -1,4 +1,11 @@
-"""DeepSpeed engine construction: the DeepSpeed JSON from our config keys, and ``deepspeed.initialize``."""
+"""DeepSpeed engine construction: the DeepSpeed JSON from our config keys, and ``deepspeed.initialize``.
+
+After ``deepspeed.initialize`` a few of the engine's private members are replaced or set (the fp32 clipping step,
+the single-replica all-reduce switch, the checkpoint loader). They exist in the DeepSpeed versions that
+``pyproject.toml`` allows (``TESTED_DEEPSPEED``); every one is looked up through :func:`deepspeed_internal`, so a
+DeepSpeed whose internals changed stops the run with one :class:`DeepSpeedInternalsError` naming the installed
+version and the missing member, rather than training on without the patch.
+"""
 from __future__ import annotations
 
 import copy
@@ -8,7 +15,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from megatron_ext.errors import ConfigError
+from megatron_ext.errors import ConfigError, MegatronExtError
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +23,29 @@ _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
 
 
 OFFLOAD_DEVICES = ("cpu", "nvme")
+
+# the DeepSpeed releases whose engine internals the patches below were run against (pyproject.toml pins the same)
+TESTED_DEEPSPEED = ">=0.16,<=0.19.8"
+
+
+class DeepSpeedInternalsError(MegatronExtError, RuntimeError):
+    """The installed DeepSpeed lacks an engine member that megatron_ext patches: a DeepSpeed outside
+    ``TESTED_DEEPSPEED`` whose internals changed."""
+
+
+def deepspeed_internal(obj: Any, name: str, purpose: str) -> Any:
+    """``getattr(obj, name)`` for a private DeepSpeed member that a patch here relies on; a missing one is a
+    :class:`DeepSpeedInternalsError` naming the DeepSpeed version, the class, the member and what needs it."""
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        import deepspeed  # already imported by whoever built obj
+
+        raise DeepSpeedInternalsError(
+            f"DeepSpeed {deepspeed.__version__}: {type(obj).__name__} has no attribute '{name}', which megatron_ext "
+            f"needs for {purpose}; its internals changed. Install a tested version: pip install "
+            f"'deepspeed{TESTED_DEEPSPEED}'"
+        ) from None
 
 
 def _zero_section(stage: int, offload_optimizer: Optional[str], offload_param: Optional[str]) -> Dict[str, Any]:
@@ -203,7 +233,7 @@ def install_fp32_clipping(engine, clip: float) -> None:
     ``clip == 0`` the norm is computed only when ``engine.mext_want_norm`` is set (the trainer sets it on the
     steps it logs).
     """
-    original = engine._take_model_step
+    original = deepspeed_internal(engine, "_take_model_step", "gradient clipping on the fp32 path")
     engine.mext_grad_norm = None
     engine.mext_want_norm = False
 
@@ -225,15 +255,18 @@ def install_fp32_clipping(engine, clip: float) -> None:
 def _skip_single_replica_allreduce(engine) -> None:
     """With one data-parallel replica and no ZeRO, DeepSpeed's gradient all-reduce is pure overhead: it still
     flattens every gradient into one buffer (``torch.cat`` over all parameters), all-reduces it over a group of one,
-    divides by 1 and copies the buffer back (~3% of a CPU training step of the bench GPT). Turn it off there; the
-    gradients are bit-for-bit the same. ZeRO >= 1 keeps it (its reduce also fills the optimizer's partitions), and
-    the pipeline engine reduces through its own schedule."""
+    divides by 1 and copies the buffer back. Turn it off there; the gradients are bit-for-bit the same. ZeRO >= 1
+    keeps it (its reduce also fills the optimizer's partitions), and the pipeline engine reduces through its own
+    schedule."""
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
+    purpose = "skipping the gradient all-reduce of a single data-parallel replica"
     if isinstance(engine, PipelineEngine) or engine.zero_optimization_stage() != 0:
         return
-    if getattr(engine, "has_moe_layers", False) or getattr(engine, "dp_world_size", None) != 1:
+    if deepspeed_internal(engine, "has_moe_layers", purpose) or deepspeed_internal(engine, "dp_world_size",
+                                                                                  purpose) != 1:
         return
+    deepspeed_internal(engine, "enable_backward_allreduce", purpose)  # a renamed switch would be set in vain
     engine.enable_backward_allreduce = False
 
 
@@ -244,4 +277,5 @@ def _safe_checkpoint_loading(engine) -> None:
     (tensors, plain values and DeepSpeed's few optimizer-state types; anything else is refused naming the file)."""
     from megatron_ext.checkpoint.safe_load import install_safe_checkpoint_engine
 
+    deepspeed_internal(engine, "checkpoint_engine", "reading checkpoints through the safe loader")
     install_safe_checkpoint_engine(engine)

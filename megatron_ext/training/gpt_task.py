@@ -121,9 +121,3 @@ class GPTTask:
         from megatron_ext.models.flops import gpt_flops_per_iteration
 
         return float(gpt_flops_per_iteration(self.cfg.model, self.tokenizer.vocab_size, global_batch_size))
-
-    def describe(self) -> Dict[str, Any]:
-        out = {"tokenizer": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size}
-        if self.synthetic is not None:
-            out["task"] = self.synthetic.spec.name
-        return out

@@ -44,7 +44,6 @@ be ``step``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -73,7 +72,6 @@ __all__ = [
     "InverseSquareRootAnnealing",
     "NoamAnnealing",
     "register_scheduler",
-    "get_scheduler",
     "build_scheduler",
     "config_state",
     "keep_config_on_resume",
@@ -533,12 +531,6 @@ def register_scheduler(name: str, scheduler: Callable[..., LRScheduler], schedul
         raise ValueError(f"scheduler for '{name}' must be callable, got {scheduler!r}")
     AVAILABLE_SCHEDULERS[name] = scheduler
     SCHEDULER_PARAMS[name] = scheduler_params
-
-
-def get_scheduler(name: str, **kwargs: Any) -> Callable[..., LRScheduler]:
-    """``functools.partial(scheduler_class, **kwargs)``: call it with the optimizer."""
-    key = _lookup_name(name, AVAILABLE_SCHEDULERS, "scheduler", "model.optim.sched.name", True)
-    return functools.partial(AVAILABLE_SCHEDULERS[key], **kwargs)
 
 
 def _accepts(fn: Callable[..., Any], arg: str) -> bool:

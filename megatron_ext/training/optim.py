@@ -21,9 +21,13 @@ parameters appear once.
 
 ``fused_adam`` (DeepSpeed ``FusedAdam``) and ``cpu_adam`` (DeepSpeed ``DeepSpeedCPUAdam``,
 the ZeRO-Offload optimizer) are registered when DeepSpeed is importable and its op builder
-reports the op as compatible with the current accelerator. Their C++ ops are JIT-compiled on
-first use (cached in ``~/.cache/torch_extensions``); a failed build is reported as a
-ConfigError naming ``model.optim.name``. Arch-specific entries of ``TORCH_CUDA_ARCH_LIST``
+reports the op as compatible with the current accelerator; otherwise asking for one is a
+ConfigError giving the reason (DeepSpeed's import error, or its op builder's own report), kept
+in ``DEEPSPEED_UNAVAILABLE``. Their C++ ops are JIT-compiled on first use (cached in
+``~/.cache/torch_extensions``); a failed build is reported as a ConfigError naming
+``model.optim.name``. An optimizer constructor's ``ValueError``/``TypeError`` (a rejected value)
+or ``RuntimeError`` (an option these parameters cannot have, e.g. ``fused``) becomes a
+ConfigError chained to it; any other exception propagates unchanged. Arch-specific entries of ``TORCH_CUDA_ARCH_LIST``
 (``9.0a``), which DeepSpeed's JIT builder cannot parse, are given to it as ``9.0`` while the
 op builds. They need parameters on the matching device
 (``cpu_adam``: CPU tensors; ``fused_adam``: the accelerator's tensors).
@@ -34,6 +38,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import io
 import math
 import os
 import re
@@ -254,31 +259,57 @@ def _load_deepspeed_op(name: str) -> Optional[str]:
 
 
 def _register_deepspeed_optimizers() -> None:
-    """Add ``fused_adam`` / ``cpu_adam`` when DeepSpeed can build them here (no build now)."""
+    """Add ``fused_adam`` / ``cpu_adam`` when DeepSpeed can build them here (no build now). When one cannot be
+    registered, why (DeepSpeed missing or broken, no such op for this accelerator, the op builder's own
+    incompatibility report) is kept in ``DEEPSPEED_UNAVAILABLE`` and given when a config asks for it."""
     try:
         from deepspeed.accelerator import get_accelerator
         from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
-    except Exception:  # deepspeed missing or broken: the torch optimizers remain
+    except Exception as e:  # deepspeed missing or broken (any error of its import): the torch optimizers remain
+        for name in _DEEPSPEED_OP_BUILDERS:
+            DEEPSPEED_UNAVAILABLE[name] = f"DeepSpeed cannot be imported ({type(e).__name__}: {e})"
         return
     try:
         accelerator = get_accelerator()
-    except Exception:
+    except Exception as e:  # DS_ACCELERATOR names an accelerator this machine lacks, ...
+        for name in _DEEPSPEED_OP_BUILDERS:
+            DEEPSPEED_UNAVAILABLE[name] = f"DeepSpeed has no accelerator here ({type(e).__name__}: {e})"
         return
-    for name, cls, params, builder_name in (
-        ("fused_adam", FusedAdam, FusedAdamParams, "FusedAdamBuilder"),
-        ("cpu_adam", DeepSpeedCPUAdam, CPUAdamParams, "CPUAdamBuilder"),
+    for name, cls, params in (
+        ("fused_adam", FusedAdam, FusedAdamParams),
+        ("cpu_adam", DeepSpeedCPUAdam, CPUAdamParams),
     ):
-        try:
-            builder = accelerator.create_op_builder(builder_name)
-            ok = builder is not None and bool(builder.is_compatible(verbose=False))
-        except Exception:
-            ok = False
-        if ok:
-            AVAILABLE_OPTIMIZERS[name] = cls
-            OPTIMIZER_PARAMS[name] = params
-            _DEEPSPEED_CLASSES[name] = cls
+        reason = _deepspeed_op_incompatibility(accelerator, _DEEPSPEED_OP_BUILDERS[name])
+        if reason is not None:
+            DEEPSPEED_UNAVAILABLE[name] = reason
+            continue
+        AVAILABLE_OPTIMIZERS[name] = cls
+        OPTIMIZER_PARAMS[name] = params
+        _DEEPSPEED_CLASSES[name] = cls
 
 
+def _deepspeed_op_incompatibility(accelerator: Any, builder_name: str) -> Optional[str]:
+    """Why DeepSpeed's ``builder_name`` op cannot be built for ``accelerator``, or None when it can. The builder's
+    own reason (``is_compatible(verbose=True)`` prints it and keeps the last one in ``error_log``) is captured into
+    the text instead of reaching the console."""
+    accel = type(accelerator).__name__
+    try:
+        builder = accelerator.create_op_builder(builder_name)
+        if builder is None:
+            return f"DeepSpeed's {accel} has no {builder_name}"
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            ok = bool(builder.is_compatible(verbose=True))
+    except Exception as e:  # a builder that fails while probing the system (compiler, CUDA lookup ...)
+        return f"DeepSpeed's {builder_name} failed its compatibility check ({type(e).__name__}: {e})"
+    if ok:
+        return None
+    said = " ".join(line.strip() for line in printed.getvalue().splitlines() if line.strip())
+    said = said or str(getattr(builder, "error_log", None) or "")
+    return f"DeepSpeed's {builder_name} reports it incompatible with {accel}" + (f": {said}" if said else "")
+
+
+DEEPSPEED_UNAVAILABLE: Dict[str, str] = {}
 _DEEPSPEED_CLASSES: Dict[str, type] = {}
 _register_deepspeed_optimizers()
 
@@ -310,7 +341,10 @@ def register_optimizer(name: str, optimizer: Callable[..., torch.optim.Optimizer
     OPTIMIZER_PARAMS[key] = optimizer_params
 
 
-def _lookup_name(name: Any, registry: Mapping[str, Any], what: str, key: str, case_insensitive: bool) -> str:
+def _lookup_name(name: Any, registry: Mapping[str, Any], what: str, key: str, case_insensitive: bool,
+                 unavailable: Mapping[str, str] = {}) -> str:
+    """The registry key for ``name``; a ConfigError naming ``key`` otherwise (with the reason when ``name`` is in
+    ``unavailable``: a known entry that cannot be offered here)."""
     if not isinstance(name, str) or not name:
         raise ConfigError(
             f"{key}: expected the name of {what} (one of: {', '.join(sorted(registry))}), got {name!r}"
@@ -320,6 +354,10 @@ def _lookup_name(name: Any, registry: Mapping[str, Any], what: str, key: str, ca
     folded = {k.lower(): k for k in registry}
     if case_insensitive and name.lower() in folded:
         return folded[name.lower()]
+    why = unavailable.get(name.lower() if case_insensitive else name)
+    if why is not None:
+        raise ConfigError(f"{key}: {what} '{name}' is not available on this machine: {why.rstrip('.')}. "
+                          f"Available: {', '.join(sorted(registry))}.")
     close = [k for k in folded if name.lower() in k] or difflib.get_close_matches(name.lower(), list(folded), n=1)
     hint = f" Did you mean '{folded[close[0]]}'?" if close else ""
     raise ConfigError(f"{key}: unknown {what} '{name}'. Available: {', '.join(sorted(registry))}.{hint}")
@@ -327,7 +365,8 @@ def _lookup_name(name: Any, registry: Mapping[str, Any], what: str, key: str, ca
 
 def get_optimizer_params(name: str) -> type:
     """The params dataclass of a registered optimizer."""
-    return OPTIMIZER_PARAMS[_lookup_name(name, OPTIMIZER_PARAMS, "optimizer", "model.optim.name", True)]
+    return OPTIMIZER_PARAMS[_lookup_name(name, OPTIMIZER_PARAMS, "optimizer", "model.optim.name", True,
+                                         DEEPSPEED_UNAVAILABLE)]
 
 
 def get_optimizer(name: str, **kwargs: Any) -> Callable[..., torch.optim.Optimizer]:
@@ -336,7 +375,7 @@ def get_optimizer(name: str, **kwargs: Any) -> Callable[..., torch.optim.Optimiz
     Unknown names raise ConfigError listing the available optimizers; ``kwargs`` are passed
     as given (use :func:`build_optimizer` for validated config input).
     """
-    key = _lookup_name(name, AVAILABLE_OPTIMIZERS, "optimizer", "model.optim.name", True)
+    key = _lookup_name(name, AVAILABLE_OPTIMIZERS, "optimizer", "model.optim.name", True, DEEPSPEED_UNAVAILABLE)
     return functools.partial(AVAILABLE_OPTIMIZERS[key], **kwargs)
 
 
@@ -605,7 +644,8 @@ def build_optimizer(
         raise ConfigError(
             f"{key_prefix}.name: required; one of: {', '.join(sorted(AVAILABLE_OPTIMIZERS))}"
         )
-    name = _lookup_name(cfg["name"], AVAILABLE_OPTIMIZERS, "optimizer", f"{key_prefix}.name", True)
+    name = _lookup_name(cfg["name"], AVAILABLE_OPTIMIZERS, "optimizer", f"{key_prefix}.name", True,
+                        DEEPSPEED_UNAVAILABLE)
     params_cls = OPTIMIZER_PARAMS[name]
     kwargs = validate_params(params_cls, cfg, key_prefix, f"optimizer '{name}'", extra_keys=("name", "sched"))
     lr = kwargs["lr"]
@@ -618,7 +658,7 @@ def build_optimizer(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     groups = _as_param_groups(model_or_param_groups, kwargs.get("weight_decay"))
     if name in ("adam", "adamw") and "fused" not in kwargs and "foreach" not in kwargs and _fused_ok(groups):
-        # torch's fused Adam(W) kernel: ~4x faster steps than the foreach default on CPU (23M params: 15 vs 59 ms)
+        # torch's fused Adam(W) kernel: one kernel per step instead of foreach's several passes, on CPU too
         kwargs["fused"] = True
     env = _deepspeed_build_env() if name in _DEEPSPEED_OP_BUILDERS else contextlib.nullcontext()
     with env:
@@ -633,10 +673,12 @@ def build_optimizer(
             return AVAILABLE_OPTIMIZERS[name](groups, **kwargs)
         except ConfigError:
             raise
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{key_prefix}: invalid settings for optimizer '{name}': {e}") from None
-        except Exception as e:  # e.g. a device the optimizer does not support
+        except (ValueError, TypeError) as e:  # a value or key the optimizer's constructor rejects
+            raise ConfigError(f"{key_prefix}: invalid settings for optimizer '{name}': {e}") from e
+        except RuntimeError as e:  # how torch/DeepSpeed constructors refuse an option for these parameters
+            # (fused=True with parameters on a device or dtype the kernel lacks, fused with foreach, amsgrad in
+            # FusedAdam); any other exception is a bug and propagates as it is
             raise ConfigError(
                 f"{key_prefix}.name: optimizer '{name}' cannot be created here "
                 f"({type(e).__name__}: {e}); use e.g. {key_prefix}.name=adamw"
-            ) from None
+            ) from e
