@@ -13,7 +13,7 @@ and ``train/hiddens/<name>/<term>`` (and the same under ``val/``).
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
