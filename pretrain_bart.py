@@ -31,11 +31,12 @@ def main(cfg: DictConfig) -> None:
     from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
 
     try:
-        rc = maybe_self_launch(cfg, schema=BARTConfig)
+        rc = maybe_self_launch(cfg, schema=BARTConfig)  # checks the whole config first, as in pretrain_gpt.py
         if rc:
             sys.exit(rc)
         if rc == 0:
             return
+        # start-up cost: the training stack is imported only once the config is known to be good
         from megatron_ext.training.bart_task import BARTTask
         from megatron_ext.training.trainer import Trainer
 

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_ext.config.model_validation import ACTIVATIONS
 from megatron_ext.errors import ConfigError
 from megatron_ext.modules.common import InitMethod, check_divisible, tp_group, tp_world_size
-
-ACTIVATIONS = ("gelu", "swiglu")
 
 
 class ParallelMLP(nn.Module):
