@@ -33,7 +33,7 @@ DECODER_ARCHS = ("transformer", "mega")  # model.decoder.arch
 ACTIVATIONS = ("gelu", "swiglu")  # transformer MLP (modules/mlp.py)
 NORMALIZATIONS = ("layernorm", "rmsnorm")  # transformer norms (modules/norms.py)
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
-CHECKPOINT_GRANULARITIES = ("full",)  # model.activations_checkpoint_granularity (or null)
+CHECKPOINT_GRANULARITIES = (None, "full")  # model.activations_checkpoint_granularity
 # Mega (modules/mega.py, modules/mega_ema.py; Hugging Face MegaConfig names)
 MEGA_NORMALIZATIONS = ("layernorm", "scalenorm", "rmsnorm", "batchnorm", "syncbatchnorm")
 MEGA_ATTENTION_ACTIVATIONS = ("softmax", "laplace", "relu2")
@@ -109,10 +109,21 @@ def _check_positive_numbers(cfg, prefix: str, keys) -> None:
             _fail(prefix + key, v, "expected a positive number")
 
 
+def normalize_checkpoint_granularity(value, key: str = "model.activations_checkpoint_granularity") -> Optional[str]:
+    """``None`` / ``"full"`` from a config value (``"none"``/``"null"``/``""`` mean ``None``); ConfigError otherwise."""
+    gran = value
+    if isinstance(gran, str) and gran.lower() in ("none", "null", ""):
+        gran = None
+    if gran is not None:
+        gran = str(gran).lower()
+    if gran not in CHECKPOINT_GRANULARITIES:
+        raise ConfigError(f"{key}={value!r}: expected null or 'full'")
+    return gran
+
+
 def _check_granularity(cfg, prefix: str) -> None:
-    gran = _get(cfg, "activations_checkpoint_granularity")
-    if gran is not None and str(gran).lower() not in CHECKPOINT_GRANULARITIES + ("none", "null", ""):
-        _fail(prefix + "activations_checkpoint_granularity", gran, "expected null or 'full'")
+    normalize_checkpoint_granularity(_get(cfg, "activations_checkpoint_granularity"),
+                                     f"model.{prefix}activations_checkpoint_granularity")
 
 
 def _check_heads(cfg, prefix: str, tp: int, pos_type: str) -> None:
@@ -353,7 +364,7 @@ __all__ = [
     "GPT_ARCHS", "ENCODER_ARCHS", "DECODER_ARCHS", "ACTIVATIONS", "NORMALIZATIONS", "POSITION_EMBEDDING_TYPES",
     "CHECKPOINT_GRANULARITIES", "MEGA_NORMALIZATIONS", "MEGA_ATTENTION_ACTIVATIONS",
     "MEGA_RELATIVE_POSITIONAL_BIASES", "MEGA_ACTIVATIONS", "EMA_IMPLS", "EMA_IMPL_CHOICES", "TRANSFORMER_ONLY_KEYS",
-    "resolve_ffn_hidden_size", "resolve_max_position_embeddings", "resolve_seq_length_dec",
+    "normalize_checkpoint_granularity", "resolve_ffn_hidden_size", "resolve_max_position_embeddings", "resolve_seq_length_dec",
     "resolve_encdec_max_position_embeddings", "check_vocab_size", "check_mega_arch", "check_gpt_model_config",
     "check_encoder_decoder_config", "check_model_config",
 ]
