@@ -33,6 +33,8 @@ def train(cfg: DictConfig) -> int:
     rc = maybe_self_launch(cfg, schema=BARTConfig)
     if rc is not None:
         return rc
+    # start-up cost: the training stack (deepspeed, megatron.core, torch.distributed) is imported only once the
+    # config is known to be good
     from megatron_ext.training.bart_task import BARTTask
     from megatron_ext.training.trainer import Trainer
 

@@ -33,9 +33,14 @@ def train(cfg: DictConfig) -> int:
     from megatron_ext.training.exp_manager import check_sweep_launch
 
     check_sweep_launch(cfg)  # -m: each job has its own run directory (exp_manager.resolve_run_dir)
-    rc = maybe_self_launch(cfg)  # trainer.devices > 1 and no launcher: start the workers, wait for them
+    # the whole config is checked first (schema, architecture, world size: a bad one exits 2 here, before any
+    # process, process group or the training stack); then trainer.devices > 1 without a launcher starts the
+    # workers and waits for them
+    rc = maybe_self_launch(cfg)
     if rc is not None:
         return rc
+    # start-up cost: the training stack (deepspeed, megatron.core, torch.distributed) is imported only once the
+    # config is known to be good
     from megatron_ext.training.gpt_task import GPTTask
     from megatron_ext.training.trainer import Trainer
 

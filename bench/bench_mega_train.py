@@ -42,7 +42,7 @@ def _build(shape):
         f"model.mega.chunk_size={shape['chunk']}", "model.mega.ema_impl=fft",
     ])
     initialize_parallel(1, 1, accelerator="cpu")
-    model = MegaGPTModel(cfg.model, shape["vocab"], init_seed=0, use_cuda=False)
+    model = MegaGPTModel(cfg.model, shape["vocab"], init_seed=0)
     opt = build_optimizer(model, {"name": "adamw", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.01})
     ds = build_ds_config(micro_batch_size=shape["batch"], global_batch_size=shape["batch"], accumulate_grad_batches=1,
                          precision="32", zero_stage=0, gradient_clip_val=1.0)

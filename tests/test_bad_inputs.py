@@ -1025,7 +1025,7 @@ from megatron_ext.models.gpt_pipe import build_gpt_pipeline
 from megatron_ext.parallel.state import initialize_parallel
 initialize_parallel(accelerator="cpu")
 m = build_gpt_pipeline(ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16), 64,
-                       init_seed=1, use_cuda=False)
+                       init_seed=1)
 print("BUILT", type(m).__name__, flush=True)
 """,
 }

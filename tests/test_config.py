@@ -158,3 +158,123 @@ def test_pipeline_and_zero_offload_checks():
         build_ds_config(**base, zero_stage=1, offload_optimizer="gpu")
     with pytest.raises(ConfigError, match="nvme_path"):
         build_ds_config(**base, zero_stage=3, offload_param="nvme")
+
+
+# ------------------------------------------------------------------ the config is checked once, before any process
+@pytest.fixture
+def no_process_group():
+    """No process group and no megatron-core parallel state in this process during the test (one an earlier test of
+    the session made is taken down first and made again after, at the same sizes)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_ext.parallel.state import destroy_parallel, init_distributed, initialize_parallel
+
+    sizes = None
+    if ps.model_parallel_is_initialized():
+        sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+    had_dist = dist.is_initialized()
+    destroy_parallel()
+    yield
+    destroy_parallel()
+    if sizes is not None:
+        initialize_parallel(*sizes, accelerator="cpu")
+    elif had_dist:
+        init_distributed("cpu")
+
+
+def _no_groups():
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    return not dist.is_initialized() and not ps.model_parallel_is_initialized() and \
+        ps.get_tensor_model_parallel_group(check_initialized=False) is None
+
+
+def test_tp_not_dividing_heads_fails_in_the_config_check_before_any_process_group(no_process_group):
+    from megatron_ext.config.loader import check_config
+    from megatron_ext.parallel.launch import maybe_self_launch
+
+    cfg = load_config(overrides=["trainer.devices=2", "model.tensor_model_parallel_size=2",
+                                 "model.num_attention_heads=3", "model.hidden_size=48"])
+    want = r"model\.num_attention_heads=3: must be divisible by model\.tensor_model_parallel_size=2"
+    with pytest.raises(ConfigError, match=want):
+        check_config(cfg)
+    assert _no_groups()
+    with pytest.raises(ConfigError, match=want):  # the entry points' first call: before any worker starts
+        maybe_self_launch(cfg)
+    assert _no_groups()
+
+
+@pytest.mark.parametrize("schema, overrides, key", [
+    ("gpt", ["model.arch=rnn"], "model.arch"),
+    ("gpt", ["model.arch=mega", "model.mega.chunk_size=0"], "model.mega.chunk_size"),
+    ("gpt", ["model.arch=mega", "model.mega.activation=gelu2"], "model.mega.activation"),
+    ("gpt", ["model.activation=relu"], "model.activation"),
+    ("gpt", ["model.position_embedding_type=rope", "model.hidden_size=36", "model.num_attention_heads=4"],
+     "model.hidden_size"),
+    ("gpt", ["model.sequence_parallel=true"], "model.sequence_parallel"),
+    ("bart", ["model.encoder.arch=perceiver", "model.encoder.hidden_steps=0"], "model.encoder.hidden_steps"),
+    ("bart", ["model.decoder.arch=perceiver"], "model.decoder.arch"),
+    ("bart", ["model.decoder.hidden_size=64"], "model.encoder.hidden_size"),
+])
+def test_model_config_errors_come_from_the_config_check(no_process_group, schema, overrides, key):
+    """Checks that used to run only when the model was built (after the process group and the datasets)."""
+    from megatron_ext.config.loader import check_config
+    from megatron_ext.config.schema import BARTConfig
+
+    sch = BARTConfig if schema == "bart" else GPTConfig
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check_config(load_config(sch, overrides=overrides), sch)
+    assert _no_groups()
+
+
+def test_typed_model_config_is_checked_at_construction():
+    from megatron_ext.config.schema import EncoderDecoderModelConfig, ModelConfig, TransformerStackConfig
+
+    with pytest.raises(ConfigError, match=r"model\.num_attention_heads=3: must be divisible by "
+                                          r"model\.tensor_model_parallel_size=2"):
+        ModelConfig(hidden_size=48, num_attention_heads=3, tensor_model_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"model\.encoder\.num_attention_heads=3"):
+        EncoderDecoderModelConfig(encoder=TransformerStackConfig(hidden_size=48, num_attention_heads=3),
+                                  decoder=TransformerStackConfig(hidden_size=48, num_attention_heads=4),
+                                  tensor_model_parallel_size=2)
+    ModelConfig(hidden_size=48, num_attention_heads=4, tensor_model_parallel_size=2)  # a good one is accepted
+
+
+def test_building_a_model_creates_no_process_group(no_process_group):
+    from megatron_ext.config.schema import ModelConfig
+    from megatron_ext.models.gpt import GPTModel
+
+    cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=16)
+    with pytest.raises(ConfigError, match=r"initialize_parallel\(1, \.\.\.\) before building the model"):
+        GPTModel(cfg, 64, init_seed=0)
+    assert _no_groups()
+
+
+def test_allowed_values_are_defined_once_in_config():
+    from megatron_ext.config import model_validation as mv
+    from megatron_ext.modules import mega, mega_ema, mlp, norms
+
+    assert mega.MEGA_NORMALIZATIONS is mv.MEGA_NORMALIZATIONS
+    assert mega.MEGA_ATTENTION_ACTIVATIONS is mv.MEGA_ATTENTION_ACTIVATIONS
+    assert mega.MEGA_RELATIVE_POSITIONAL_BIASES is mv.MEGA_RELATIVE_POSITIONAL_BIASES
+    assert mega.MEGA_ACTIVATIONS is mv.MEGA_ACTIVATIONS
+    assert mega_ema.EMA_IMPL_CHOICES is mv.EMA_IMPL_CHOICES
+    assert mlp.ACTIVATIONS is mv.ACTIVATIONS and norms.NORMALIZATIONS is mv.NORMALIZATIONS
+
+
+def test_bad_model_config_exits_before_the_training_stack_is_imported(run_env, tmp_path):
+    """pretrain_gpt.py with a bad architecture: exit 2 with one ``error:`` line, and neither megatron.core nor
+    deepspeed (the training stack) was imported (``python -X importtime`` lists every import on stderr)."""
+    from conftest import run_script
+
+    r = run_script(["-X", "importtime", "pretrain_gpt.py", "model.arch=mega", "model.mega.chunk_size=0",
+                    f"exp_manager.exp_dir={tmp_path}"], run_env, timeout=300)
+    lines = r.stderr.splitlines()
+    err = [line for line in lines if line.startswith("error:")]
+    assert r.returncode == 2 and len(err) == 1 and "model.mega.chunk_size" in err[0], r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in lines if line.startswith("import time:")}
+    assert "torch" in imported  # the listing works
+    assert not imported & {"megatron.core", "megatron.core.parallel_state", "deepspeed"}, sorted(imported)[:50]
+    assert "Traceback" not in r.stderr and "[launch] starting" not in r.stderr

@@ -114,12 +114,14 @@ def test_bad_inputs(tmp_path, env):
 def test_partition_rules_match_megatron_attributes():
     from megatron_ext.config.schema import ModelConfig
     from megatron_ext.models.gpt import GPTModel
+    from megatron_ext.parallel.state import initialize_parallel
     from megatron_ext.training.consolidated import merge_shards, partition_rule, shard_of
 
+    initialize_parallel(1, 1, accelerator="cpu")  # building a model needs the parallel state (it creates none)
     for act in ("gelu", "swiglu"):
         cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, activation=act,
                           share_embeddings_and_output_weights=False)
-        m = GPTModel(cfg, 100, init_seed=1, use_cuda=False)
+        m = GPTModel(cfg, 100, init_seed=1)
         for n, p in m.named_parameters():
             rule = partition_rule(n, act)
             if getattr(p, "tensor_model_parallel", False):

@@ -353,7 +353,7 @@ def test_sequence_too_long_for_learned_positions():
 )
 def test_config_errors_name_the_key(kw, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        EncoderDecoderModel(make_cfg(**kw), VOCAB, use_cuda=False)
+        EncoderDecoderModel(make_cfg(**kw), VOCAB)
 
 
 def test_bad_vocab_size():

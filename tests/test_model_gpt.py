@@ -243,7 +243,7 @@ def test_sequence_too_long_for_learned_positions():
 )
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        GPTModel(small_cfg(**overrides), VOCAB, use_cuda=False)
+        GPTModel(small_cfg(**overrides), VOCAB)
 
 
 def test_bad_vocab_size():

@@ -8,7 +8,9 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from megatron_ext.config.model_validation import check_model_config
 from megatron_ext.config.schema import BARTConfig, GPTConfig, default_optim
+from megatron_ext.config.validation import check_run_config
 from megatron_ext.errors import ConfigError
 
 SCHEMAS = {"gpt_schema": GPTConfig, "bart_schema": BARTConfig}
@@ -183,8 +185,6 @@ def check_config(cfg: DictConfig, schema: type = GPTConfig) -> DictConfig:
     """The config of a run, checked: :func:`check_schema`, then the checks that need no process
     (``megatron_ext.config.validation.check_run_config``). Called before any worker is started and again by
     each process (``Trainer``); every error is a ``ConfigError`` naming the key."""
-    from megatron_ext.config.validation import check_run_config
-
     redo = _hydra_dict_overrides()
     if redo:
         cfg = cfg.copy()
@@ -233,7 +233,8 @@ def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
 
 
 def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
-    """Check cross-key constraints and compute derived values. Raises ConfigError naming the key."""
+    """Check cross-key constraints (the model's architecture included: ``model_validation``, for this device) and
+    compute the values that depend on the world size. Raises ConfigError naming the key."""
     t, m = cfg.trainer, cfg.model
     prec = PRECISIONS.get(str(t.precision))
     if prec is None:
@@ -255,18 +256,8 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
             f"trainer.devices ({t.devices}) x trainer.num_nodes ({t.num_nodes}) = {expected_world} but the "
             f"launcher started {world_size} processes; make them agree"
         )
+    check_model_config(m, use_cuda=on_cuda)  # the architecture (model_validation), with this run's device
     tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
-    mega_keys = [k for k, node in (("model.arch", m), ("model.encoder.arch", m.get("encoder")),
-                                   ("model.decoder.arch", m.get("decoder")))
-                 if node is not None and str(node.get("arch", "")).lower() == "mega"]
-    if mega_keys and (tp > 1 or pp > 1 or m.get("sequence_parallel")):
-        what = (f"model.tensor_model_parallel_size={tp}" if tp > 1 else
-                f"model.pipeline_model_parallel_size={pp}" if pp > 1 else "model.sequence_parallel=true")
-        raise ConfigError(
-            f"{what}: the Mega architecture ({mega_keys[0]}=mega) supports neither tensor, pipeline nor sequence "
-            f"parallelism (its layers are not split over ranks); use 1 / false and scale with data parallelism "
-            f"and ZeRO (trainer.devices, model.zero_stage)"
-        )
     if world_size % (tp * pp):
         raise ConfigError(
             f"world size {world_size} is not divisible by model.tensor_model_parallel_size ({tp}) x "
@@ -290,24 +281,10 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
         raise ConfigError(f"model.zero_stage={m.zero_stage}: expected 0, 1, 2 or 3")
     if m.deepspeed_config is not None and not os.path.isfile(m.deepspeed_config):
         raise ConfigError(f"model.deepspeed_config: file not found: {m.deepspeed_config}")
-    gran = m.get("activations_checkpoint_granularity", None)
-    if gran not in (None, "full"):
-        raise ConfigError(f"model.activations_checkpoint_granularity={gran!r}: expected null or 'full'")
-    encdec = "encoder" in m
-    if encdec and pp > 1:
-        raise ConfigError(
-            f"model.pipeline_model_parallel_size={pp}: the encoder-decoder model does not support pipeline "
-            f"parallelism yet; use tensor and data parallelism (model.tensor_model_parallel_size, more devices)"
-        )
     if pp > 1 and m.zero_stage >= 2:
         raise ConfigError(
             f"model.zero_stage={m.zero_stage} cannot be combined with model.pipeline_model_parallel_size={pp}: "
             f"DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only"
-        )
-    if pp > 1 and not encdec and m.num_layers < pp:
-        raise ConfigError(
-            f"model.num_layers={m.num_layers} is smaller than model.pipeline_model_parallel_size={pp}: every "
-            f"pipeline stage needs at least one transformer layer"
         )
     return Derived(world_size=world_size, data_parallel_size=dp, accumulate_grad_batches=accum, precision=prec)
 

@@ -4,7 +4,9 @@ Precedence is CLI > YAML > these defaults (Hydra merges the YAML and the command
 onto the schema). The schema is *closed*: a key that is not declared here is an error
 that names the key, except under ``model.optim`` / ``model.optim.sched`` whose keys
 depend on the chosen optimizer/scheduler and are checked against that class's
-parameters when it is built (see ``megatron_ext.training.optim``). ``model.optim`` has no defaults of its
+parameters when it is built (see ``megatron_ext.training.optim``). The model configs (``ModelConfig``,
+``EncoderDecoderModelConfig``) check their architecture keys when constructed (``config.model_validation``); a
+config composed by Hydra/OmegaConf is checked by ``config.loader.check_config`` instead. ``model.optim`` has no defaults of its
 own to merge under the user's: one that names no optimizer (no ``name``) is laid over :func:`default_optim`, one
 that names an optimizer is taken as given.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from megatron_ext.config.model_validation import check_encoder_decoder_config, check_gpt_model_config
 
 
 @dataclass
@@ -174,6 +178,11 @@ class ModelConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: Dict[str, Any] = field(default_factory=dict)  # no name = over default_optim()
 
+    def __post_init__(self) -> None:
+        # validated once, at construction (a model built from this config trusts it); the device-dependent checks
+        # use this machine's (a run checks them for trainer.accelerator: config.validation.check_run_config)
+        check_gpt_model_config(self)
+
 
 @dataclass
 class GPTConfig:
@@ -258,6 +267,9 @@ class EncoderDecoderModelConfig:
     optim: Dict[str, Any] = field(default_factory=dict)  # no name = over default_optim()
     # the hiddens module between encoder and decoder (MIM / VAE); configured by a later part of the project
     hiddens: Dict[str, Any] = field(default_factory=dict)  # empty = no hiddens module
+
+    def __post_init__(self) -> None:
+        check_encoder_decoder_config(self)  # as ModelConfig.__post_init__
 
 
 @dataclass

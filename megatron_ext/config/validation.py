@@ -5,31 +5,30 @@
 started (``maybe_self_launch``) and in ``Trainer`` before the process group is initialised. A bad value here is
 one ``ConfigError`` naming the key, instead of N processes that each fail after building the model.
 
-It also refuses keys that are accepted by the schema but have no effect yet (an accepted key always does
-something). The model builders (models/gpt.py, models/encoder_decoder.py, models/mega_lm.py) keep their full
-architecture checks; the ones repeated here are those a wrong parallel layout turns into a late failure.
+The model's architecture keys are checked here in full (``megatron_ext.config.model_validation``, with the device
+of ``trainer.accelerator``): the models trust their config and check nothing again. It also refuses keys that are
+accepted by the schema but have no effect yet (an accepted key always does something).
 """
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig
 
+from megatron_ext.config.model_validation import check_model_config
 from megatron_ext.errors import ConfigError
 
 
-def _check_heads(node, prefix: str, tp: int) -> None:
-    """``hidden_size`` divisible by ``num_attention_heads``, the heads divisible by the tensor-parallel size."""
-    if node is None or str(node.get("arch", "transformer")).lower() == "mega":
-        return
-    heads, hidden = node.get("num_attention_heads"), node.get("hidden_size")
-    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
-        raise ConfigError(f"{prefix}num_attention_heads={heads!r}: expected a positive integer")
-    if isinstance(hidden, int) and hidden % heads:
-        raise ConfigError(f"{prefix}hidden_size={hidden}: must be divisible by {prefix}num_attention_heads={heads}")
-    if heads % tp:
-        raise ConfigError(
-            f"{prefix}num_attention_heads={heads}: must be divisible by model.tensor_model_parallel_size={tp} "
-            f"(every tensor-parallel rank holds the same number of heads)"
-        )
+def use_cuda(accelerator: str = "auto") -> bool:
+    """Whether ``trainer.accelerator`` means CUDA on this machine (``auto``: when a GPU is visible)."""
+    if accelerator == "cpu":
+        return False
+    if accelerator == "gpu":
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.accelerator=gpu but no CUDA device is available; use trainer.accelerator=cpu or auto")
+        return True
+    if accelerator != "auto":
+        raise ConfigError(f"trainer.accelerator={accelerator!r}: expected one of auto, cpu, gpu")
+    return torch.cuda.is_available()
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -41,14 +40,7 @@ def check_run_config(cfg: DictConfig) -> None:
             f"trainer.dist_timeout_minutes={timeout}: expected a number of minutes > 0 (how long a collective may "
             f"wait for the other ranks before the run stops with an error)"
         )
-    tp = m.get("tensor_model_parallel_size")
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-        raise ConfigError(f"model.tensor_model_parallel_size={tp!r}: expected a positive integer")
-    if "encoder" in m:
-        _check_heads(m.get("encoder"), "model.encoder.", tp)
-        _check_heads(m.get("decoder"), "model.decoder.", tp)
-    else:
-        _check_heads(m, "model.", tp)
+    check_model_config(m, use_cuda=use_cuda(t.accelerator))
     data = m.get("data")
     if data is not None and data.get("reset_attention_mask"):
         raise ConfigError(

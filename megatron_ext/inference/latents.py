@@ -56,6 +56,7 @@ class LatentTools:
     def from_checkpoint(cls, path: str, device: str = "cpu") -> "LatentTools":
         from omegaconf import OmegaConf
 
+        from megatron_ext.config.model_validation import check_encoder_decoder_config
         from megatron_ext.config.schema import EncoderDecoderModelConfig
         from megatron_ext.models.encoder_decoder import EncoderDecoderModel
         from megatron_ext.parallel.state import initialize_parallel
@@ -71,12 +72,13 @@ class LatentTools:
         cfg = OmegaConf.merge(OmegaConf.structured(EncoderDecoderModelConfig), meta["model_config"])
         cfg.tensor_model_parallel_size = 1
         cfg.pipeline_model_parallel_size = 1
+        check_encoder_decoder_config(cfg, use_cuda=device != "cpu")  # a received checkpoint's config
         initialize_parallel(1, 1, accelerator="cpu" if device == "cpu" else "gpu")
         tok = ensure_mask_token(build_tokenizer(cfg.tokenizer.library, cfg.tokenizer.model))
         if int(meta.get("vocab_size") or tok.vocab_size) != tok.vocab_size:
             raise CheckpointError(f"{full}: trained with vocabulary size {meta.get('vocab_size')} but the tokenizer "
                                   f"{cfg.tokenizer.library} {cfg.tokenizer.model or ''} gives {tok.vocab_size}")
-        model = EncoderDecoderModel(cfg, tok.vocab_size, init_seed=0, use_cuda=device != "cpu")
+        model = EncoderDecoderModel(cfg, tok.vocab_size, init_seed=0)
         state = _load_module_state(full, meta)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]

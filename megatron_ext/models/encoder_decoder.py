@@ -44,7 +44,7 @@ transformer layers (Perceiver: ``num_layers * (1 + num_self_attention_per_cross_
 Perceiver latents are Xavier-normal; biases 0, norm weights 1.
 
 Padded vocabulary: as GPT (``mask_vocab_padding``): the padding logits are -inf, so the loss does
-not depend on the TP size. Pipeline parallelism is not supported (ConfigError).
+not depend on the TP size. Pipeline parallelism is not supported (refused by ``config.model_validation``).
 
 Incremental decoding (generation only; the training forward is unchanged): ``new_inference_cache(b, max_length)``
 gives a per-rank ``KVCache`` for the transformer decoder (self-attention keys/values appended step by step, the
@@ -61,15 +61,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.config.model_validation import (
+    DECODER_ARCHS,
+    ENCODER_ARCHS,
+    check_vocab_size,
+    resolve_encdec_max_position_embeddings,
+    resolve_ffn_hidden_size,
+    resolve_seq_length_dec,
+)
+from megatron_ext.errors import DataError
 from megatron_ext.models.gpt import (
     LMHeadMixin,
-    POSITION_EMBEDDING_TYPES,
     build_output_layer,
-    check_sequence_parallel,
     init_seed_scope,
     padded_vocab_size,
-    resolve_ffn_hidden_size,
     transformer_layer_kwargs,
 )
 from megatron_ext.models.perceiver import PerceiverEncoder
@@ -81,29 +86,12 @@ from megatron_ext.modules.common import (
     scaled_init_method_normal,
     tp_group,
 )
-from megatron_ext.modules.mlp import ACTIVATIONS
-from megatron_ext.modules.norms import NORMALIZATIONS
 from megatron_ext.modules.rotary import RotaryEmbedding
 from megatron_ext.modules.transformer import CrossAttentionTransformerBlock, TransformerBlock
-
-ENCODER_ARCHS = ("transformer", "perceiver", "mega")
-DECODER_ARCHS = ("transformer", "mega")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # config helpers
-
-
-def resolve_seq_length_dec(cfg) -> int:
-    """``model.seq_length_dec``, default ``model.seq_length``."""
-    return int(cfg.seq_length_dec if cfg.seq_length_dec is not None else cfg.seq_length)
-
-
-def resolve_encdec_max_position_embeddings(cfg) -> int:
-    """``model.max_position_embeddings``, default ``max(seq_length, seq_length_dec)``."""
-    if cfg.max_position_embeddings is not None:
-        return int(cfg.max_position_embeddings)
-    return max(int(cfg.seq_length), resolve_seq_length_dec(cfg))
 
 
 def encoder_num_layer_modules(enc) -> int:
@@ -127,127 +115,6 @@ def encdec_component_ids() -> dict:
         "encoder_layer": lambda n: 8 + 2 * int(n),
         "decoder_layer": lambda n: 9 + 2 * int(n),
     }
-
-
-def _is_pos_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _fail(key: str, value, expected: str) -> None:
-    raise ConfigError(f"model.{key}={value!r}: {expected}")
-
-
-def _validate_stack(stack, side: str, tp: int, pos_type: str) -> None:
-    p = f"{side}."
-    if stack is None:
-        raise ConfigError(f"model.{side} is missing: expected the {side} settings (model.{side}.num_layers, ...)")
-    archs = ENCODER_ARCHS if side == "encoder" else DECODER_ARCHS
-    arch = str(stack.arch).lower()
-    if arch not in archs:
-        _fail(p + "arch", stack.arch, f"expected one of {', '.join(archs)}")
-    for key in ("num_layers", "hidden_size") + (("num_attention_heads",) if arch != "mega" else ()):
-        value = getattr(stack, key)
-        if not _is_pos_int(value):
-            _fail(p + key, value, "expected a positive integer")
-    if arch == "mega":  # Mega's own keys are checked by validate_mega_arch (model.<side>.mega.*)
-        for key in ("hidden_dropout", "attention_dropout"):
-            v = getattr(stack, key)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
-                _fail(p + key, v, "expected a probability in [0, 1)")
-        if not isinstance(stack.init_method_std, (int, float)) or not float(stack.init_method_std) > 0:
-            _fail(p + "init_method_std", stack.init_method_std, "expected a positive number")
-        return
-    if stack.ffn_hidden_size is not None and not _is_pos_int(stack.ffn_hidden_size):
-        _fail(p + "ffn_hidden_size", stack.ffn_hidden_size, "expected a positive integer or null")
-    if stack.hidden_size % stack.num_attention_heads != 0:
-        _fail(p + "hidden_size", stack.hidden_size,
-              f"must be divisible by model.{p}num_attention_heads={stack.num_attention_heads}")
-    if stack.num_attention_heads % tp != 0:
-        _fail(p + "num_attention_heads", stack.num_attention_heads,
-              f"must be divisible by model.tensor_model_parallel_size={tp}")
-    if str(stack.activation).lower() not in ACTIVATIONS:
-        _fail(p + "activation", stack.activation, f"expected one of {', '.join(ACTIVATIONS)}")
-    ffn = resolve_ffn_hidden_size(stack)
-    if ffn % tp != 0:
-        _fail(p + "ffn_hidden_size", stack.ffn_hidden_size if stack.ffn_hidden_size is not None else ffn,
-              f"(resolved {ffn}) must be divisible by model.tensor_model_parallel_size={tp}")
-    if str(stack.normalization).lower() not in NORMALIZATIONS:
-        _fail(p + "normalization", stack.normalization, f"expected one of {', '.join(NORMALIZATIONS)}")
-    if not isinstance(stack.bias, bool):
-        _fail(p + "bias", stack.bias, "expected true or false")
-    if pos_type == "rope" and (stack.hidden_size // stack.num_attention_heads) % 2 != 0:
-        _fail(p + "hidden_size", stack.hidden_size,
-              f"rope needs an even head dimension (model.{p}hidden_size / model.{p}num_attention_heads)")
-    for key in ("hidden_dropout", "attention_dropout"):
-        v = getattr(stack, key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= float(v) < 1.0:
-            _fail(p + key, v, "expected a probability in [0, 1)")
-    for key in ("init_method_std", "layernorm_epsilon"):
-        v = getattr(stack, key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not float(v) > 0:
-            _fail(p + key, v, "expected a positive number")
-    gran = stack.activations_checkpoint_granularity
-    if gran is not None and str(gran).lower() not in ("full", "none", "null", ""):
-        _fail(p + "activations_checkpoint_granularity", gran, "expected null or 'full'")
-    if arch == "perceiver":
-        for key in ("hidden_steps", "num_self_attention_per_cross_attention"):
-            v = getattr(stack, key)
-            if not _is_pos_int(v):
-                _fail(p + key, v, f"expected a positive integer (>= 1) for model.{p}arch=perceiver")
-
-
-def validate_encoder_decoder_config(cfg, vocab_size: int, *, use_cuda: Optional[bool] = None) -> None:
-    """Check the architecture keys of an ``EncoderDecoderModelConfig``; raises ``ConfigError`` naming the
-    first bad key (``model.<key>``, ``model.encoder.<key>``, ``model.decoder.<key>``)."""
-    if use_cuda is None:
-        use_cuda = torch.cuda.is_available()
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
-        raise ConfigError(f"vocab_size={vocab_size!r} (from the tokenizer, model.tokenizer): expected a positive integer")
-    for key in ("seq_length", "make_vocab_size_divisible_by", "tensor_model_parallel_size",
-                "pipeline_model_parallel_size"):
-        value = getattr(cfg, key)
-        if not _is_pos_int(value):
-            _fail(key, value, "expected a positive integer")
-    if cfg.pipeline_model_parallel_size != 1:
-        _fail("pipeline_model_parallel_size", cfg.pipeline_model_parallel_size,
-              "the encoder-decoder model does not support pipeline parallelism; set it to 1 "
-              "(use model.tensor_model_parallel_size or more data-parallel devices)")
-    if cfg.seq_length_dec is not None and not _is_pos_int(cfg.seq_length_dec):
-        _fail("seq_length_dec", cfg.seq_length_dec, "expected a positive integer or null (null = model.seq_length)")
-    tp = int(cfg.tensor_model_parallel_size)
-    pos_type = str(cfg.position_embedding_type).lower()
-    if pos_type not in POSITION_EMBEDDING_TYPES:
-        _fail("position_embedding_type", cfg.position_embedding_type,
-              f"expected one of {', '.join(POSITION_EMBEDDING_TYPES)}")
-    mpe = cfg.max_position_embeddings
-    if mpe is not None and not _is_pos_int(mpe):
-        _fail("max_position_embeddings", mpe,
-              "expected a positive integer or null (null = max(model.seq_length, model.seq_length_dec))")
-    max_pos = resolve_encdec_max_position_embeddings(cfg)
-    if cfg.seq_length > max_pos:
-        _fail("seq_length", cfg.seq_length, f"must be <= model.max_position_embeddings={max_pos}")
-    if resolve_seq_length_dec(cfg) > max_pos:
-        _fail("seq_length_dec", cfg.seq_length_dec, f"must be <= model.max_position_embeddings={max_pos}")
-    if pos_type == "rope" and not float(cfg.rotary_base) > 0:
-        _fail("rotary_base", cfg.rotary_base, "expected a positive number")
-    if not isinstance(cfg.share_embeddings_and_output_weights, bool):
-        _fail("share_embeddings_and_output_weights", cfg.share_embeddings_and_output_weights, "expected true or false")
-    _validate_stack(cfg.encoder, "encoder", tp, pos_type)
-    _validate_stack(cfg.decoder, "decoder", tp, pos_type)
-    from megatron_ext.models.mega_lm import validate_mega_arch
-
-    for side, length in (("encoder", int(cfg.seq_length)), ("decoder", resolve_seq_length_dec(cfg))):
-        stack = getattr(cfg, side)
-        if str(stack.arch).lower() == "mega":
-            validate_mega_arch(stack.mega, f"{side}.mega", length, use_cuda=use_cuda, tp=tp,
-                               pp=int(cfg.pipeline_model_parallel_size), sequence_parallel=bool(cfg.sequence_parallel))
-    if cfg.encoder.hidden_size != cfg.decoder.hidden_size:
-        raise ConfigError(
-            f"model.encoder.hidden_size={cfg.encoder.hidden_size!r} and model.decoder.hidden_size="
-            f"{cfg.decoder.hidden_size!r} must be equal: the token embeddings are shared by the encoder, "
-            f"the decoder and the output layer"
-        )
-    check_sequence_parallel(cfg.sequence_parallel, tp, use_cuda, "EncoderDecoderModel")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,11 +209,10 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
         vocab_size: int,
         *,
         init_seed: Optional[int] = None,
-        use_cuda: Optional[bool] = None,
         params_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        validate_encoder_decoder_config(cfg, vocab_size, use_cuda=use_cuda)
+        check_vocab_size(vocab_size)  # the config itself was checked when it was made (config.model_validation)
         if init_seed is None:  # standalone use: follow the default generator (torch.manual_seed)
             init_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self.init_seed = int(init_seed)
@@ -603,7 +469,6 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
 __all__ = [
     "EncoderDecoderModel",
     "EncoderDecoderEmbedding",
-    "validate_encoder_decoder_config",
     "encdec_component_ids",
     "encoder_num_layer_modules",
     "resolve_seq_length_dec",

@@ -47,8 +47,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_ext.config.model_validation import (
+    POSITION_EMBEDDING_TYPES,
+    check_vocab_size,
+    resolve_ffn_hidden_size,
+    resolve_max_position_embeddings,
+)
 from megatron_ext.config.schema import ModelConfig
-from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.errors import DataError
 from megatron_ext.modules.common import (
     dropout,
     ensure_model_parallel,
@@ -59,28 +65,8 @@ from megatron_ext.modules.common import (
     tp_world_size,
 )
 from megatron_ext.modules.cross_entropy import vocab_parallel_cross_entropy
-from megatron_ext.modules.mlp import ACTIVATIONS
-from megatron_ext.modules.norms import NORMALIZATIONS
 from megatron_ext.modules.rotary import RotaryEmbedding
 from megatron_ext.modules.transformer import TransformerBlock
-
-POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
-
-
-def resolve_ffn_hidden_size(cfg: ModelConfig) -> int:
-    """``model.ffn_hidden_size``, or its default: 4*hidden (GELU) / 8/3*hidden rounded up to a
-    multiple of 64 (SwiGLU, so the gated MLP has about the parameters of a 4*hidden one)."""
-    if cfg.ffn_hidden_size is not None:
-        return int(cfg.ffn_hidden_size)
-    h = int(cfg.hidden_size)
-    if str(cfg.activation).lower() == "swiglu":
-        return int(math.ceil(8 * h / 3 / 64) * 64)
-    return 4 * h
-
-
-def resolve_max_position_embeddings(cfg: ModelConfig) -> int:
-    return int(cfg.max_position_embeddings if cfg.max_position_embeddings is not None else cfg.seq_length)
-
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
     """Round ``vocab_size`` up to a multiple of ``make_vocab_size_divisible_by * tp``."""
@@ -102,84 +88,6 @@ def component_ids(num_layers: int) -> dict:
     learned position embeddings num_layers + 2 (their own stream: the word-embedding draw has a TP-dependent size,
     the padded vocabulary)."""
     return {"embedding": 0, "output_layer": int(num_layers) + 1, "position_embeddings": int(num_layers) + 2}
-
-
-def _fail(key: str, value, expected: str) -> None:
-    raise ConfigError(f"model.{key}={value!r}: {expected}")
-
-
-def validate_model_config(cfg: ModelConfig, vocab_size: int, *, use_cuda: Optional[bool] = None) -> None:
-    """Check the architecture keys of ``cfg``; raises ``ConfigError`` naming the first bad key."""
-    if use_cuda is None:
-        use_cuda = torch.cuda.is_available()
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
-        raise ConfigError(f"vocab_size={vocab_size!r} (from the tokenizer, model.tokenizer): expected a positive integer")
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
-                "make_vocab_size_divisible_by", "tensor_model_parallel_size"):
-        value = getattr(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            _fail(key, value, "expected a positive integer")
-    if cfg.ffn_hidden_size is not None and (not isinstance(cfg.ffn_hidden_size, int) or cfg.ffn_hidden_size < 1):
-        _fail("ffn_hidden_size", cfg.ffn_hidden_size, "expected a positive integer or null")
-    tp = cfg.tensor_model_parallel_size
-    if cfg.hidden_size % cfg.num_attention_heads != 0:
-        _fail("hidden_size", cfg.hidden_size,
-              f"must be divisible by model.num_attention_heads={cfg.num_attention_heads}")
-    if cfg.num_attention_heads % tp != 0:
-        _fail("num_attention_heads", cfg.num_attention_heads,
-              f"must be divisible by model.tensor_model_parallel_size={tp}")
-    ffn = resolve_ffn_hidden_size(cfg)
-    if ffn % tp != 0:
-        _fail("ffn_hidden_size", cfg.ffn_hidden_size if cfg.ffn_hidden_size is not None else ffn,
-              f"(resolved {ffn}) must be divisible by model.tensor_model_parallel_size={tp}")
-    if str(cfg.activation).lower() not in ACTIVATIONS:
-        _fail("activation", cfg.activation, f"expected one of {', '.join(ACTIVATIONS)}")
-    if str(cfg.normalization).lower() not in NORMALIZATIONS:
-        _fail("normalization", cfg.normalization, f"expected one of {', '.join(NORMALIZATIONS)}")
-    pos_type = str(cfg.position_embedding_type).lower()
-    if pos_type not in POSITION_EMBEDDING_TYPES:
-        _fail("position_embedding_type", cfg.position_embedding_type,
-              f"expected one of {', '.join(POSITION_EMBEDDING_TYPES)}")
-    mpe = cfg.max_position_embeddings
-    if mpe is not None and (not isinstance(mpe, int) or isinstance(mpe, bool) or mpe < 1):
-        _fail("max_position_embeddings", mpe, "expected a positive integer or null (null = model.seq_length)")
-    max_pos = resolve_max_position_embeddings(cfg)
-    if cfg.seq_length > max_pos:
-        _fail("seq_length", cfg.seq_length, f"must be <= model.max_position_embeddings={max_pos}")
-    if pos_type == "rope":
-        if (cfg.hidden_size // cfg.num_attention_heads) % 2 != 0:
-            _fail("hidden_size", cfg.hidden_size,
-                  "rope needs an even head dimension (hidden_size / num_attention_heads)")
-        if not float(cfg.rotary_base) > 0:
-            _fail("rotary_base", cfg.rotary_base, "expected a positive number")
-    for key in ("hidden_dropout", "attention_dropout"):
-        p = getattr(cfg, key)
-        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= float(p) < 1.0:
-            _fail(key, p, "expected a probability in [0, 1)")
-    if not isinstance(cfg.init_method_std, (int, float)) or not float(cfg.init_method_std) > 0:
-        _fail("init_method_std", cfg.init_method_std, "expected a positive number")
-    if not isinstance(cfg.layernorm_epsilon, (int, float)) or not float(cfg.layernorm_epsilon) > 0:
-        _fail("layernorm_epsilon", cfg.layernorm_epsilon, "expected a positive number")
-    gran = cfg.activations_checkpoint_granularity
-    if gran is not None and str(gran).lower() not in ("full", "none", "null"):
-        _fail("activations_checkpoint_granularity", gran, "expected null or 'full'")
-    check_sequence_parallel(cfg.sequence_parallel, tp, use_cuda, "GPTModel")
-
-
-def check_sequence_parallel(sequence_parallel: bool, tp: int, use_cuda: bool, model_name: str) -> None:
-    """``model.sequence_parallel=true`` needs CUDA and is not implemented with TP > 1: ConfigError saying so."""
-    if not sequence_parallel:
-        return
-    if not use_cuda:
-        raise ConfigError(
-            "model.sequence_parallel=true needs CUDA (megatron-core's sequence-parallel collectives "
-            "allocate CUDA buffers); set model.sequence_parallel=false on CPU"
-        )
-    if tp > 1:
-        raise ConfigError(
-            "model.sequence_parallel=true with model.tensor_model_parallel_size>1 is not supported by "
-            f"megatron_ext's {model_name} yet; set model.sequence_parallel=false"
-        )
 
 
 class GPTEmbedding(nn.Module):
@@ -397,11 +305,10 @@ class GPTModel(LMHeadMixin, nn.Module):
         vocab_size: int,
         *,
         params_dtype: torch.dtype = torch.float32,
-        use_cuda: Optional[bool] = None,
         init_seed: Optional[int] = None,
     ):
         super().__init__()
-        validate_model_config(cfg, vocab_size, use_cuda=use_cuda)
+        check_vocab_size(vocab_size)  # the config itself was checked when it was made (config.model_validation)
         if init_seed is None:  # standalone use: follow the default generator (torch.manual_seed)
             init_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self.init_seed = int(init_seed)
@@ -523,7 +430,6 @@ __all__ = [
     "gather_vocab_parallel_logits",
     "GPTEmbedding",
     "padded_causal_mask",
-    "validate_model_config",
     "resolve_ffn_hidden_size",
     "resolve_max_position_embeddings",
     "padded_vocab_size",

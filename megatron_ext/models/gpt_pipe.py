@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megatron_ext.config.model_validation import check_vocab_size
 from megatron_ext.config.schema import ModelConfig
-from megatron_ext.errors import ConfigError
 from megatron_ext.models.gpt import (
     GPTEmbedding,
     GPTModel,
@@ -40,7 +40,6 @@ from megatron_ext.models.gpt import (
     resolve_ffn_hidden_size,
     resolve_max_position_embeddings,
     transformer_layer_kwargs,
-    validate_model_config,
 )
 from megatron_ext.modules.common import (
     init_method_normal,
@@ -163,17 +162,8 @@ def gpt_pipe_loss(logits: torch.Tensor, labels_and_mask: Tuple[torch.Tensor, ...
     return masked_token_loss(per_token, loss_mask, denominator)[0]
 
 
-def check_pipeline_config(cfg: ModelConfig) -> None:
-    pp = int(cfg.pipeline_model_parallel_size)
-    if cfg.num_layers < pp:
-        raise ConfigError(
-            f"model.num_layers={cfg.num_layers} is smaller than model.pipeline_model_parallel_size={pp}: every "
-            f"pipeline stage needs at least one transformer layer"
-        )
-
-
 def build_gpt_pipeline(cfg: ModelConfig, vocab_size: int, *, init_seed: int,
-                       params_dtype: torch.dtype = torch.float32, use_cuda: Optional[bool] = None):
+                       params_dtype: torch.dtype = torch.float32):
     """A ``deepspeed.pipe.PipelineModule`` for ``cfg`` over megatron-core's (already initialised) TP x PP x DP
     layout. Returns the module (``.is_pipeline = True``)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -182,8 +172,7 @@ def build_gpt_pipeline(cfg: ModelConfig, vocab_size: int, *, init_seed: int,
 
     from megatron_ext.parallel.state import attach_deepspeed_comm
 
-    validate_model_config(cfg, vocab_size, use_cuda=use_cuda)
-    check_pipeline_config(cfg)
+    check_vocab_size(vocab_size)  # cfg was checked when it was made (config.model_validation)
     attach_deepspeed_comm()  # PipelineModule talks through deepspeed.comm
     shared = _Shared(cfg, vocab_size, params_dtype, init_seed)
     layers = []
@@ -246,7 +235,6 @@ __all__ = [
     "build_gpt_pipeline",
     "gpt_pipe_loss",
     "canonical_name",
-    "check_pipeline_config",
     "EmbeddingPipe",
     "TransformerLayerPipe",
     "FinalNormPipe",

@@ -13,7 +13,7 @@ The config comes from ``model.mega`` (``MegaArchConfig``: Hugging Face ``MegaCon
 (``initializer_range``). The transformer-only keys (``num_attention_heads``, ``ffn_hidden_size``,
 ``normalization``, ``activation``, ``position_embedding_type``, ``bias``, ...) do not apply: the run logs which of
 them are set to something other than their default. Mega's layers are plain ``nn.Linear``: tensor and pipeline
-parallelism are refused with a clear error; data parallelism and ZeRO 0-3 work.
+parallelism are refused by the config check (``config.model_validation``); data parallelism and ZeRO 0-3 work.
 
 A pre-norm Mega stack (``normalize_before_mega``) ends with a final norm of ``normalization_type``.
 
@@ -35,20 +35,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.config.model_validation import TRANSFORMER_ONLY_KEYS, check_vocab_size
+from megatron_ext.errors import DataError
 from megatron_ext.models.gpt import LMHeadMixin
 from megatron_ext.modules.attention import InferenceCache
-from megatron_ext.modules.mega_ema import EMA_IMPL_CHOICES
 
 log = logging.getLogger("megatron_ext")
-
-MEGA_NORMS = ("layernorm", "scalenorm", "rmsnorm", "batchnorm", "syncbatchnorm")
-MEGA_ATTENTION_ACTIVATIONS = ("softmax", "laplace", "relu2")
-MEGA_REL_POS = ("rotary", "simple")
-# transformer keys with no meaning for a Mega stack (warned about when set away from their defaults)
-_TRANSFORMER_ONLY = ("num_attention_heads", "ffn_hidden_size", "normalization", "activation", "bias",
-                     "position_embedding_type", "activations_checkpoint_granularity")
-
 
 def _get(cfg, key, default=None):
     if hasattr(cfg, "get"):
@@ -56,64 +48,9 @@ def _get(cfg, key, default=None):
     return getattr(cfg, key, default)
 
 
-def _is_pos_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def validate_mega_arch(mega, prefix: str, seq_length: int, *, use_cuda: bool, tp: int, pp: int,
-                       sequence_parallel: bool = False) -> None:
-    """Check ``model.<prefix>`` (a ``MegaArchConfig``); ``ConfigError`` naming the first bad key."""
-    def fail(key, value, expected):
-        raise ConfigError(f"model.{prefix}.{key}={value!r}: {expected}")
-
-    if mega is None:
-        raise ConfigError(f"model.{prefix} is missing: expected the Mega settings (model.{prefix}.chunk_size, ...)")
-    if tp != 1:
-        raise ConfigError(f"model.tensor_model_parallel_size={tp}: the Mega architecture (model.{prefix}) does not "
-                          f"support tensor parallelism (its layers are not split over ranks); use 1 and scale with "
-                          f"data parallelism / ZeRO (trainer.devices, model.zero_stage)")
-    if pp != 1:
-        raise ConfigError(f"model.pipeline_model_parallel_size={pp}: the Mega architecture (model.{prefix}) does not "
-                          f"support pipeline parallelism; use 1 and scale with data parallelism / ZeRO")
-    if sequence_parallel:
-        raise ConfigError(f"model.sequence_parallel=true: not supported with the Mega architecture (model.{prefix})")
-    for key in ("ema_projection_size", "shared_representation_size"):
-        if not _is_pos_int(_get(mega, key)):
-            fail(key, _get(mega, key), "expected a positive integer")
-    for key in ("intermediate_size", "nffn_hidden_size", "truncation", "max_positions"):
-        v = _get(mega, key)
-        if v is not None and not _is_pos_int(v):
-            fail(key, v, "expected a positive integer or null")
-    chunk = _get(mega, "chunk_size")
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or not (chunk == -1 or chunk > 0):
-        fail("chunk_size", chunk, "expected -1 (no chunking) or a positive integer")
-    choices = {"normalization_type": MEGA_NORMS, "attention_activation": MEGA_ATTENTION_ACTIVATIONS,
-               "relative_positional_bias": MEGA_REL_POS, "ema_impl": EMA_IMPL_CHOICES}
-    for key, allowed in choices.items():
-        v = _get(mega, key)
-        if str(v).lower() not in allowed:
-            fail(key, v, f"expected one of {', '.join(allowed)}")
-    if str(_get(mega, "normalization_type")).lower() == "syncbatchnorm" and not use_cuda:
-        fail("normalization_type", "syncbatchnorm", "needs CUDA (torch's SyncBatchNorm); use batchnorm on CPU")
-    if str(_get(mega, "relative_positional_bias")).lower() == "rotary" and _get(mega, "shared_representation_size") % 2:
-        fail("shared_representation_size", _get(mega, "shared_representation_size"),
-             "the rotary relative bias needs an even size")
-    if str(_get(mega, "relative_positional_bias")).lower() == "simple":
-        max_pos = _get(mega, "max_positions") or seq_length
-        window = min(chunk, seq_length) if chunk > 0 else seq_length
-        if window > max_pos:
-            fail("max_positions", max_pos, f"the simple relative bias covers at most max_positions tokens but the "
-                                           f"attention window is {window} (seq_length / chunk_size); raise it, "
-                                           f"chunk, or use relative_positional_bias=rotary")
-    for key in ("bidirectional", "normalize_before_mega", "norm_affine", "use_normalized_ffn",
-                "normalize_before_ffn", "use_feature_dropout"):
-        if not isinstance(_get(mega, key), bool):
-            fail(key, _get(mega, key), "expected true or false")
-
-
 def warn_transformer_only_keys(cfg, prefix: str, defaults) -> None:
     """Log the transformer-only keys of ``cfg`` that differ from ``defaults`` (they have no effect under Mega)."""
-    changed = [k for k in _TRANSFORMER_ONLY if hasattr(defaults, k) and _get(cfg, k) != getattr(defaults, k)]
+    changed = [k for k in TRANSFORMER_ONLY_KEYS if hasattr(defaults, k) and _get(cfg, k) != getattr(defaults, k)]
     if changed:
         log.warning("model.%sarch=mega: %s not used by Mega layers (see model.%smega.*)",
                     prefix, ", ".join(f"model.{prefix}{k}" for k in changed), prefix)
@@ -228,7 +165,7 @@ class MegaInferenceCache(InferenceCache):
 
 
 def build_mega_stack(stack_cfg, *, seq_length: int, is_decoder: bool, add_cross_attention: bool = False) -> MegaStack:
-    """The stack of ``model.mega`` / ``model.<side>.mega`` (already checked by ``validate_mega_arch``)."""
+    """The stack of ``model.mega`` / ``model.<side>.mega`` (checked when the config was: ``config.model_validation``)."""
     cfg = mega_config_from(stack_cfg.mega, hidden_size=stack_cfg.hidden_size, num_layers=stack_cfg.num_layers,
                            hidden_dropout=stack_cfg.hidden_dropout, attention_dropout=stack_cfg.attention_dropout,
                            init_method_std=stack_cfg.init_method_std, seq_length=seq_length, is_decoder=is_decoder,
@@ -247,7 +184,7 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
     (``new_inference_cache(b, max_length)``; ``tokens`` are then the new tokens) -- see the module docstring.
     """
 
-    def __init__(self, cfg, vocab_size: int, *, init_seed: Optional[int] = None, use_cuda: Optional[bool] = None,
+    def __init__(self, cfg, vocab_size: int, *, init_seed: Optional[int] = None,
                  params_dtype: torch.dtype = torch.float32):
         super().__init__()
         from megatron_ext.config.schema import ModelConfig
@@ -259,17 +196,7 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
         )
         from megatron_ext.modules.common import ensure_model_parallel, init_method_normal, make_parallel_config
 
-        if use_cuda is None:
-            use_cuda = torch.cuda.is_available()
-        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
-            raise ConfigError(f"vocab_size={vocab_size!r} (from the tokenizer, model.tokenizer): expected a positive "
-                              f"integer")
-        for key in ("num_layers", "hidden_size", "seq_length", "make_vocab_size_divisible_by"):
-            if not _is_pos_int(_get(cfg, key)):
-                raise ConfigError(f"model.{key}={_get(cfg, key)!r}: expected a positive integer")
-        validate_mega_arch(cfg.mega, "mega", int(cfg.seq_length), use_cuda=use_cuda,
-                           tp=int(cfg.tensor_model_parallel_size), pp=int(cfg.pipeline_model_parallel_size),
-                           sequence_parallel=bool(cfg.sequence_parallel))
+        check_vocab_size(vocab_size)  # the config itself was checked when it was made (config.model_validation)
         warn_transformer_only_keys(cfg, "", ModelConfig())
         if init_seed is None:
             init_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -356,5 +283,4 @@ class _MegaEmbedding(nn.Module):
         return nn.functional.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
 
-__all__ = ["MegaGPTModel", "MegaStack", "MegaInferenceCache", "build_mega_stack", "mega_config_from",
-           "validate_mega_arch"]
+__all__ = ["MegaGPTModel", "MegaStack", "MegaInferenceCache", "build_mega_stack", "mega_config_from"]

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.errors import DataError
 from megatron_ext.modules.norms import build_norm
 from megatron_ext.modules.transformer import (
     CrossAttentionTransformerLayer,
@@ -65,11 +65,8 @@ class PerceiverEncoder(nn.Module):
         **layer_kwargs,
     ):
         super().__init__()
-        for key, value in (("num_layers", num_layers), ("hidden_steps", hidden_steps),
-                           ("num_self_attention_per_cross_attention", num_self_attention_per_cross_attention)):
-            if not _positive_int(value):
-                raise ConfigError(f"{key_prefix}.{key}={value!r}: expected a positive integer (>= 1) for "
-                                  f"{key_prefix}.arch=perceiver")
+        # the config was checked (config.model_validation: model.encoder.hidden_steps, ...); internal invariant only
+        assert all(_positive_int(v) for v in (num_layers, hidden_steps, num_self_attention_per_cross_attention))
         self.num_layers = int(num_layers)
         self.hidden_steps = int(hidden_steps)
         self.num_self_attention_per_cross_attention = int(num_self_attention_per_cross_attention)

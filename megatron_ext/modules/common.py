@@ -62,24 +62,20 @@ def tp_rank() -> int:
 
 
 def ensure_model_parallel(tensor_model_parallel_size: int, key: str = "model.tensor_model_parallel_size") -> None:
-    """Make sure megatron-core's parallel groups exist with the configured TP size.
+    """Check that megatron-core's parallel groups exist with the configured TP size; creates nothing.
 
-    A single process without groups gets a world of one (TP=1); TP>1 needs the launcher and
-    ``megatron_ext.parallel.state.initialize_parallel`` first.
+    Building a model never starts a process group: the caller sets the parallel state up first (the trainer does;
+    a single process calls ``megatron_ext.parallel.state.initialize_parallel(1, 1)``, a world of one).
     """
     from megatron.core import parallel_state as ps
 
     tp = int(tensor_model_parallel_size)
     if not ps.model_parallel_is_initialized():
-        if tp != 1:
-            raise ConfigError(
-                f"{key}={tp} but the parallel groups are not initialised; launch with torchrun and call "
-                f"megatron_ext.parallel.state.initialize_parallel({tp}, ...) before building the model"
-            )
-        from megatron_ext.parallel.state import initialize_parallel
-
-        initialize_parallel(1, 1)
-        return
+        how = "" if tp == 1 else "launch with torchrun and "
+        raise ConfigError(
+            f"{key}={tp} but the parallel groups are not initialised; {how}call "
+            f"megatron_ext.parallel.state.initialize_parallel({tp}, ...) before building the model"
+        )
     actual = ps.get_tensor_model_parallel_world_size()
     if actual != tp:
         raise ConfigError(

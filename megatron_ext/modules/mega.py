@@ -41,12 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_ext.config.model_validation import (  # the allowed values are defined once, in config/
+    MEGA_ACTIVATIONS,
+    MEGA_ATTENTION_ACTIVATIONS,
+    MEGA_NORMALIZATIONS,
+    MEGA_RELATIVE_POSITIONAL_BIASES,
+)
 from megatron_ext.modules.mega_ema import MultiHeadEMA
-
-MEGA_NORMALIZATIONS = ("layernorm", "scalenorm", "rmsnorm", "batchnorm", "syncbatchnorm")
-MEGA_ATTENTION_ACTIVATIONS = ("softmax", "laplace", "relu2")
-MEGA_RELATIVE_POSITIONAL_BIASES = ("simple", "rotary")
-MEGA_ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_accurate", "tanh", "linear")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,9 +85,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The pure-PyTorch implementations (tests compare them); every accepted ``impl`` is in EMA_IMPL_CHOICES.
-EMA_IMPLS = ("fft", "scan")
-EMA_IMPL_CHOICES = EMA_IMPLS + ("fused", "auto")
+# EMA_IMPLS: the pure-PyTorch implementations (tests compare them); every accepted ``impl`` is in EMA_IMPL_CHOICES
+# (both defined in config/, with the other allowed values).
+from megatron_ext.config.model_validation import EMA_IMPL_CHOICES, EMA_IMPLS
 
 
 class EMAKernelFallbackWarning(UserWarning):

@@ -11,10 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ext.errors import ConfigError
+from megatron_ext.config.model_validation import ACTIVATIONS
 from megatron_ext.modules.common import InitMethod, check_divisible, tp_group, tp_world_size
-
-ACTIVATIONS = ("gelu", "swiglu")
 
 
 class ParallelMLP(nn.Module):
@@ -33,8 +31,7 @@ class ParallelMLP(nn.Module):
         from megatron_ext.modules.linear import ColumnParallelLinear, RowParallelLinear
 
         activation = str(activation).lower()
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"model.activation={activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+        assert activation in ACTIVATIONS, activation  # checked with the config (config.model_validation)
         check_divisible(ffn_hidden_size, tp_world_size(), "ffn_hidden_size / tensor_model_parallel_size")
         self.activation = activation
         self.gated = activation == "swiglu"

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from megatron_ext.config.model_validation import NORMALIZATIONS
 from megatron_ext.errors import ConfigError
-
-NORMALIZATIONS = ("layernorm", "rmsnorm")
 
 
 def build_norm(

@@ -35,14 +35,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_ext.errors import ConfigError
+from megatron_ext.config.model_validation import CHECKPOINT_GRANULARITIES, normalize_checkpoint_granularity
 from megatron_ext.modules.attention import ParallelCrossAttention, ParallelSelfAttention
 from megatron_ext.modules.common import InitMethod, dropout
 from megatron_ext.modules.mlp import ParallelMLP
 from megatron_ext.modules.norms import build_norm
 from megatron_ext.parallel.random import get_rng_tracker
-
-CHECKPOINT_GRANULARITIES = (None, "full")
 
 
 class TransformerLayer(nn.Module):
@@ -203,18 +201,6 @@ class TransformerBlock(nn.Module):
         if inference_cache is not None:
             return self._run_cached(hidden_states, inference_cache, attention_mask, rotary_cos_sin)
         return self._run(hidden_states, attention_mask, rotary_cos_sin)
-
-
-def normalize_checkpoint_granularity(value, key: str = "model.activations_checkpoint_granularity") -> Optional[str]:
-    """``None`` / ``"full"`` from a config value (``"none"``/``"null"``/``""`` mean ``None``); ConfigError otherwise."""
-    gran = value
-    if isinstance(gran, str) and gran.lower() in ("none", "null", ""):
-        gran = None
-    if gran is not None:
-        gran = str(gran).lower()
-    if gran not in CHECKPOINT_GRANULARITIES:
-        raise ConfigError(f"{key}={value!r}: expected null or 'full'")
-    return gran
 
 
 def run_layer(layer: nn.Module, recompute: bool, *args):

@@ -140,9 +140,9 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
     """Start ``trainer.devices`` workers when that is > 1 and no launcher started this process.
 
     Returns None when this process should train itself (one device, or it is a worker / was started by a
-    launcher), else the exit status for the parent (0 when every worker succeeded). Raises ConfigError for a
-    config the workers would reject anyway (checked once here, before N processes start), and for
-    ``trainer.num_nodes > 1`` without a launcher.
+    launcher), else the exit status for the parent (0 when every worker succeeded). First checks the whole config
+    (``check_config``, ``validate_config``: schema, architecture, world size) and raises ConfigError for a bad one,
+    before any worker process or process group starts; also for ``trainer.num_nodes > 1`` without a launcher.
     """
     from megatron_ext.config.loader import check_config, validate_config
     from megatron_ext.parallel.state import read_dist_env, use_cuda
@@ -150,19 +150,22 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
     denv = read_dist_env()
     if denv.launched:
         _die_with_parent()
-        return None
-    checked = check_config(cfg, schema) if schema is not None else check_config(cfg)  # before any process starts
+    # every config error here, before any worker process or process group starts (the workers check again)
+    checked = check_config(cfg, schema) if schema is not None else check_config(cfg)
     t = checked.trainer
+    on_cuda = use_cuda(t.accelerator)
+    if denv.launched:
+        validate_config(checked, denv.world_size, on_cuda)
+        return None
     if t.num_nodes is not None and t.num_nodes > 1:
         raise ConfigError(
             f"trainer.num_nodes={t.num_nodes} but no launcher started this process (no RANK/WORLD_SIZE or SLURM "
             f"tasks in the environment): a multi-node run needs torchrun, the deepspeed launcher or SLURM to start "
             f"the processes on every node; see {LAUNCH_DOC}"
         )
+    validate_config(checked, t.devices * t.num_nodes, on_cuda)  # trainer.devices < 1 etc. -> ConfigError
     if t.devices == 1:
         return None
-    on_cuda = use_cuda(checked.trainer.accelerator)
-    validate_config(checked, t.devices * t.num_nodes, on_cuda)  # trainer.devices < 1 etc. -> ConfigError
     if on_cuda:
         import torch
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_ext.config.validation import use_cuda  # noqa: F401  (trainer.accelerator -> CUDA or not)
 from megatron_ext.errors import ConfigError
 
 
@@ -39,18 +40,6 @@ def read_dist_env() -> DistEnv:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
         return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)), True)
     return DistEnv(0, 1, 0, False)
-
-
-def use_cuda(accelerator: str = "auto") -> bool:
-    if accelerator == "cpu":
-        return False
-    if accelerator == "gpu":
-        if not torch.cuda.is_available():
-            raise ConfigError("trainer.accelerator=gpu but no CUDA device is available; use trainer.accelerator=cpu or auto")
-        return True
-    if accelerator != "auto":
-        raise ConfigError(f"trainer.accelerator={accelerator!r}: expected one of auto, cpu, gpu")
-    return torch.cuda.is_available()
 
 
 def init_distributed(accelerator: str = "auto", timeout_minutes: float = 10.0) -> DistEnv:

@@ -486,6 +486,7 @@ def build_model_from_config(config: Dict[str, Any], family: str, *, tokenizer_mo
     from omegaconf import OmegaConf
 
     from megatron_ext.config.loader import check_schema
+    from megatron_ext.config.model_validation import check_model_config
     from megatron_ext.config.schema import BARTConfig, GPTConfig
     from megatron_ext.parallel.state import initialize_parallel
 
@@ -508,6 +509,7 @@ def build_model_from_config(config: Dict[str, Any], family: str, *, tokenizer_mo
     m.sequence_parallel = False
     m.ckpt_path = None
     m.tokenizer.model = tokenizer_model
+    check_model_config(m, use_cuda=device.type == "cuda")  # a received checkpoint's config: the models trust theirs
     if family == "encdec":
         from megatron_ext.training.bart_task import BARTTask as Task
     else:

@@ -61,8 +61,7 @@ class BARTTask:
     def build_model(self) -> torch.nn.Module:
         from megatron_ext.models.encoder_decoder import EncoderDecoderModel
 
-        self.model = EncoderDecoderModel(self.cfg.model, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed,
-                                         use_cuda=self.device.type == "cuda")
+        self.model = EncoderDecoderModel(self.cfg.model, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
         return self.model
 
     def build_datasets(self, num_samples: tuple[int, int, int]):

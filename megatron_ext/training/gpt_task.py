@@ -30,27 +30,19 @@ class GPTTask:
     def build_model(self) -> torch.nn.Module:
         """``GPTModel``, or with ``model.pipeline_model_parallel_size > 1`` this rank's stages as a DeepSpeed
         ``PipelineModule``. Both initialise from ``trainer.seed`` the same way (identical weights at any layout)."""
-        m = self.cfg.model
-        arch = str(m.get("arch", "transformer")).lower()
-        if arch not in ("transformer", "mega"):
-            from megatron_ext.errors import ConfigError
-
-            raise ConfigError(f"model.arch={m.arch!r}: expected one of transformer, mega")
-        if arch == "mega":
+        m = self.cfg.model  # checked before any process started (config.model_validation): model.arch is valid
+        if str(m.get("arch", "transformer")).lower() == "mega":
             from megatron_ext.models.mega_lm import MegaGPTModel
 
-            self.model = MegaGPTModel(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed,
-                                      use_cuda=self.device.type == "cuda")
+            self.model = MegaGPTModel(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
         elif m.pipeline_model_parallel_size > 1:
             from megatron_ext.models.gpt_pipe import build_gpt_pipeline
 
-            self.model = build_gpt_pipeline(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed,
-                                            use_cuda=self.device.type == "cuda")
+            self.model = build_gpt_pipeline(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
         else:
             from megatron_ext.models.gpt import GPTModel
 
-            self.model = GPTModel(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed,
-                                  use_cuda=self.device.type == "cuda")
+            self.model = GPTModel(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
         return self.model
 
     @staticmethod

@@ -97,6 +97,9 @@ class Trainer:
         cfg = check_config(cfg, schema or GPTConfig)
         self.cfg = cfg
         t = cfg.trainer
+        self.on_cuda = pstate.use_cuda(t.accelerator)
+        # every config error before the process group starts (the launcher's environment gives the world size)
+        self.derived: Derived = validate_config(cfg, pstate.read_dist_env().world_size, self.on_cuda)
         denv = pstate.initialize_parallel(
             cfg.model.tensor_model_parallel_size,
             cfg.model.pipeline_model_parallel_size,
@@ -105,9 +108,7 @@ class Trainer:
         )
         self.rank = denv.rank
         setup_logging(self.rank)
-        self.on_cuda = pstate.use_cuda(t.accelerator)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
-        self.derived: Derived = validate_config(cfg, dist.get_world_size(), self.on_cuda)
         from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
 
         if resolve_reuse_host_memory(t.reuse_host_memory, self.on_cuda) and reuse_host_memory():
