@@ -114,7 +114,7 @@ def test_bad_inputs(tmp_path, env):
 def test_partition_rules_match_megatron_attributes():
     from megatron_ext.config.schema import ModelConfig
     from megatron_ext.models.gpt import GPTModel
-    from megatron_ext.training.consolidated import merge_shards, partition_rule, shard_of
+    from megatron_ext.checkpoint.consolidated import merge_shards, partition_rule, shard_of
 
     for act in ("gelu", "swiglu"):
         cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, activation=act,

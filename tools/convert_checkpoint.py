@@ -32,7 +32,7 @@ from megatron_ext.errors import MegatronExtError  # noqa: E402
 
 
 def _consolidated_from(input_path: str):
-    from megatron_ext.training.consolidated import consolidate_checkpoint, read_consolidated
+    from megatron_ext.checkpoint.consolidated import consolidate_checkpoint, read_consolidated
 
     if os.path.isfile(input_path):
         return read_consolidated(input_path)
@@ -49,7 +49,7 @@ def _worker(rank: int, world: int, port: int, consolidated_path: str, out_dir: s
 
     from megatron_ext.config.loader import load_config
     from megatron_ext.training.checkpointing import Checkpointer
-    from megatron_ext.training.consolidated import read_consolidated
+    from megatron_ext.checkpoint.consolidated import read_consolidated
     from megatron_ext.training.gpt_task import GPTTask
     from megatron_ext.training.trainer import Trainer
 
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         if args.output_dir:
             outputs.append(("--output-dir", os.path.join(args.output_dir, "")))
         check_outputs(outputs, [args.input], overwrite=args.overwrite)
-        from megatron_ext.training.consolidated import save_consolidated
+        from megatron_ext.checkpoint.consolidated import save_consolidated
 
         obj = _consolidated_from(args.input)
         src = obj["source"]

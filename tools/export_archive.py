@@ -5,7 +5,7 @@
 ``--input`` is a run directory (its newest complete checkpoint), its ``checkpoints`` directory or one
 ``checkpoints/step_N``; the checkpoint may come from any TP x PP x DP layout and ZeRO stage. The run's
 ``config.yaml`` and its tokenizer file are packed with the fp32 weights; nothing else is started (one process).
-Restore with ``LM.restore_from("gpt.mext")`` (see ``megatron_ext/training/archive.py`` for the format).
+Restore with ``LM.restore_from("gpt.mext")`` (see ``megatron_ext/checkpoint/archive.py`` for the format).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def run(args) -> None:
     import json
     import tarfile
 
-    from megatron_ext.training.archive import archive_from_checkpoint
+    from megatron_ext.checkpoint.loader import archive_from_checkpoint
 
     path = archive_from_checkpoint(args.input, args.output)
     with tarfile.open(path) as tf:

@@ -310,35 +310,6 @@ class LMHeadMixin:
     ``output_layer`` (a column-parallel projection, weight-less when tied), ``share_embeddings_and_output_weights``,
     ``vocab_size`` and a ``_pad_masks`` dict."""
 
-    # ------------------------------------------------------------------ NeMo-style archives on the model itself
-    def save_to(self, path: str, *, tokenizer=None, config=None) -> str:
-        """Write a ``.mext`` archive (see ``megatron_ext.training.archive``). ``tokenizer`` / ``config`` (the run
-        config) default to the ones a restored model carries (``model.tokenizer``, ``model.run_config``)."""
-        from megatron_ext.errors import CheckpointError
-        from megatron_ext.training.archive import save_to
-
-        tokenizer = tokenizer if tokenizer is not None else getattr(self, "tokenizer", None)
-        config = config if config is not None else getattr(self, "run_config", None)
-        if tokenizer is None or config is None:
-            raise CheckpointError("save_to: this model carries no tokenizer / run config; pass them: "
-                                  "model.save_to(path, tokenizer=tokenizer, config=cfg)")
-        return save_to(self, path, tokenizer=tokenizer, config=config)
-
-    @classmethod
-    def restore_from(cls, path: str, *, map_location="cpu"):
-        """The model of a ``.mext`` archive (or run directory), with ``.tokenizer`` and ``.run_config`` attached;
-        ``LM.restore_from`` gives the same model wrapped with sampling / scoring helpers."""
-        from megatron_ext.errors import CheckpointError
-        from megatron_ext.inference.lm import LM
-
-        lm = LM.restore_from(path, map_location=map_location)
-        if not isinstance(lm.model, cls):
-            raise CheckpointError(f"{path} holds a {type(lm.model).__name__} ({lm.family}), not a {cls.__name__}")
-        model = lm.model
-        model.tokenizer, model.run_config = lm.tokenizer, lm.config
-        model._archive_files = getattr(lm, "_files", None)  # keeps the extracted tokenizer file alive
-        return model
-
     def output_weight(self) -> torch.Tensor:
         if self.share_embeddings_and_output_weights:
             return self.embedding.word_embeddings.weight

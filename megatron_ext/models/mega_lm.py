@@ -1,7 +1,7 @@
 """Mega inside the toolkit: ``model.arch=mega`` for ``pretrain_gpt.py`` and ``arch: mega`` for either side of
 ``pretrain_bart.py``.
 
-The layers are those of the Hugging Face-style API in ``megatron_ext.models.mega`` (``MegaModel`` built without
+The layers are those of the Hugging Face-style API in ``megatron_ext.models.hf_mega`` (``MegaModel`` built without
 its own embeddings); around them the toolkit puts the pieces every model here shares -- megatron-core's
 ``VocabParallelEmbedding`` and output layer (tied by default), the padded-vocabulary masking and
 ``vocab_parallel_cross_entropy`` (``LMHeadMixin``), per-component seeded init -- so training, checkpoints, the
@@ -121,8 +121,8 @@ def warn_transformer_only_keys(cfg, prefix: str, defaults) -> None:
 
 def mega_config_from(mega, *, hidden_size: int, num_layers: int, hidden_dropout: float, attention_dropout: float,
                      init_method_std: float, seq_length: int, is_decoder: bool, add_cross_attention: bool = False):
-    """A ``megatron_ext.models.mega.MegaConfig`` (no embeddings: ``vocab_size`` is unused) from ``MegaArchConfig``."""
-    from megatron_ext.models.mega import MegaConfig
+    """A ``megatron_ext.models.hf_mega.MegaConfig`` (no embeddings: ``vocab_size`` is unused) from ``MegaArchConfig``."""
+    from megatron_ext.models.hf_mega import MegaConfig
 
     d = int(hidden_size)
     chunk = int(_get(mega, "chunk_size"))
@@ -168,7 +168,7 @@ class MegaStack(nn.Module):
 
     def __init__(self, mega_config):
         super().__init__()
-        from megatron_ext.models.mega import MegaModel
+        from megatron_ext.models.hf_mega import MegaModel
         from megatron_ext.modules.mega import build_mega_norm
 
         self.config = mega_config

@@ -7,7 +7,7 @@ Layout of a run (NeMo-style)::
         metrics.jsonl        one JSON object per logged step: {"step": .., "train/loss": .., ...}
         events.out.tfevents.*  TensorBoard
         wandb/               W&B (when exp_manager.create_wandb_logger)
-        checkpoints/         see megatron_ext.training.checkpointing
+        checkpoints/         see megatron_ext.checkpoint.files
 
 Only global rank 0 writes; the version is chosen on rank 0 and broadcast so all ranks agree.
 
@@ -280,7 +280,7 @@ class ExpManager:
     def _own_run_dir(self) -> None:
         """Rank 0: create the run directory, take its lock, refuse (or with ``overwrite`` clear) the checkpoints of
         an earlier run when this one starts fresh, and remove incomplete checkpoint directories."""
-        from megatron_ext.training.checkpointing import remove_incomplete
+        from megatron_ext.checkpoint.files import remove_incomplete
 
         try:
             os.makedirs(self.run_dir, exist_ok=True)

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 from megatron_ext.config.loader import Derived, check_config, validate_config
 from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointError, MegatronExtError
 from megatron_ext.parallel import state as pstate
-from megatron_ext.training.checkpointing import Checkpointer, check_files, find_latest, read_meta, resolve_ckpt_path
+from megatron_ext.checkpoint.files import check_files, find_latest, list_complete, read_meta, resolve_ckpt_path
+from megatron_ext.training.checkpointing import Checkpointer
 from megatron_ext.training.engine import build_ds_config, build_engine
 from megatron_ext.training.exp_manager import ExpManager
 from megatron_ext.training.throughput import peak_tflops
@@ -174,7 +175,7 @@ class Trainer:
         cfg = self.cfg
         model = self.task.build_model().to(self.device)
         if cfg.model.ckpt_path and os.path.isfile(cfg.model.ckpt_path):
-            from megatron_ext.training.consolidated import load_consolidated
+            from megatron_ext.checkpoint.consolidated import load_consolidated
 
             info = load_consolidated(model, cfg.model.ckpt_path, cfg.model)
             self._loaded_step = int(info.get("step", 0))
@@ -272,7 +273,6 @@ class Trainer:
         complete checkpoint that loads. Rank 0 checks the files (``check_files``) and all ranks follow its choice;
         a layout mismatch is not a corrupt file and stops at once."""
         from megatron_ext.parallel.random import set_all_rng_states
-        from megatron_ext.training.checkpointing import list_complete
         from megatron_ext.training.exp_manager import _broadcast_str
         from megatron_ext.training.lr_schedulers import config_state, keep_config_on_resume
 
