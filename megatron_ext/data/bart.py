@@ -91,7 +91,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from megatron_ext.data.default_corpus import ensure_default_corpus
+from megatron_ext.data.gpt_data import (PREFIX_KEY, _as_list, _collective_check, _parse_weight, parse_data_prefix,
+                                        parse_splits_string)
+from megatron_ext.data.text_mmap import JSONLMemMapDataset, TextMemMapDataset, _dir_writable, check_jsonl_keys
+from megatron_ext.data.validation import split_document_ranges, validate_indexed_dataset
 from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.tokenizers.byte import ByteTokenizer
+from megatron_ext.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
+from megatron_ext.tokenizers.special_tokens import unwrap_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -195,10 +203,6 @@ class _PieceTables:
 
 
 def _kind(tokenizer) -> Tuple[str, Any]:
-    from megatron_ext.tokenizers.byte import ByteTokenizer
-    from megatron_ext.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
-    from megatron_ext.tokenizers.special_tokens import unwrap_tokenizer
-
     base = unwrap_tokenizer(tokenizer)
     if isinstance(base, ByteTokenizer):
         return "byte", None
@@ -577,8 +581,6 @@ class TextDocuments:
     attribute_keys: Tuple[str, ...] = ()
 
     def __init__(self, path: str, tokenizer, index_mapping_dir: Optional[str] = None) -> None:
-        from megatron_ext.data.text_mmap import TextMemMapDataset
-
         self.name = path
         self.text = TextMemMapDataset(path, tokenizer=tokenizer, index_mapping_dir=index_mapping_dir)
         self.tokenizer = tokenizer
@@ -609,8 +611,6 @@ class JSONLDocuments(TextDocuments):
 
     def __init__(self, path: str, tokenizer, index_mapping_dir: Optional[str] = None, text_key: str = "text",
                  attribute_keys: Sequence[str] = ()) -> None:
-        from megatron_ext.data.text_mmap import JSONLMemMapDataset
-
         self.name = path
         self.text = JSONLMemMapDataset(path, tokenizer=tokenizer, index_mapping_dir=index_mapping_dir,
                                        text_key=text_key, attribute_keys=attribute_keys)
@@ -873,8 +873,6 @@ def _cfg(data_cfg, key: str, default: Any) -> Any:
 
 def _parse_text_paths(data_prefix: Any, what: str = "text file (one document per line)"
                       ) -> Tuple[List[str], Optional[List[float]]]:
-    from megatron_ext.data.gpt_data import PREFIX_KEY, _as_list, _parse_weight
-
     value = _as_list(data_prefix)
     if value is None:
         return [], None
@@ -904,8 +902,6 @@ def _parse_text_paths(data_prefix: Any, what: str = "text file (one document per
 
 
 def _split_matrix(splits_string: str, sizes: Sequence[int]) -> List[Optional[Tuple[float, float]]]:
-    from megatron_ext.data.gpt_data import parse_splits_string
-
     values = [float(v) for v in parse_splits_string(splits_string).split(",")]
     total = sum(values)
     cum = np.concatenate([[0.0], np.cumsum(np.asarray(values) / total)])
@@ -915,17 +911,12 @@ def _split_matrix(splits_string: str, sizes: Sequence[int]) -> List[Optional[Tup
 def split_ranges(num_documents: int, splits_string: str, sizes: Sequence[int] = (1, 1, 1)
                  ) -> List[Optional[Tuple[int, int]]]:
     """Disjoint, contiguous ``[begin, end)`` document ranges of train/valid/test (None: not built)."""
-    from megatron_ext.data.validation import split_document_ranges
-
     return split_document_ranges(int(num_documents), _split_matrix(splits_string, sizes))
 
 
 def data_keys(data_cfg) -> Tuple[str, Tuple[str, ...]]:
     """Validated ``(model.data.text_key, model.data.attribute_keys)``; read defensively (a config without
     these keys means ``"text"`` and ``()``)."""
-    from megatron_ext.data.gpt_data import _as_list
-    from megatron_ext.data.text_mmap import check_jsonl_keys
-
     text_key = _cfg(data_cfg, "text_key", "text")
     attribute_keys = _as_list(_cfg(data_cfg, "attribute_keys", []))
     text_key, attribute_keys = check_jsonl_keys(text_key, attribute_keys)
@@ -939,8 +930,6 @@ def data_keys(data_cfg) -> Tuple[str, Tuple[str, ...]]:
 
 
 def _stats_cache_dir(data_cfg, first_prefix: str) -> Optional[str]:
-    from megatron_ext.data.text_mmap import _dir_writable
-
     mapping = _cfg(data_cfg, "index_mapping_dir", None)
     d = os.path.abspath(os.path.expanduser(str(mapping))) if mapping else os.path.join(os.path.dirname(first_prefix),
                                                                                          "cache")
@@ -955,8 +944,6 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def _open_sources(data_cfg, tokenizer, impl: str, text_key: str = "text", attribute_keys: Sequence[str] = ()
                   ) -> Tuple[List[Any], Optional[List[float]]]:
-    from megatron_ext.data.gpt_data import _collective_check, parse_data_prefix
-
     if impl in ("text_mmap", "jsonl"):
         what = "text file (one document per line)" if impl == "text_mmap" else "JSONL file (one JSON object per line)"
         paths, weights = _parse_text_paths(_cfg(data_cfg, "data_prefix", []), what)
@@ -981,13 +968,8 @@ def _open_sources(data_cfg, tokenizer, impl: str, text_key: str = "text", attrib
 
         return _collective_check(open_all), weights
 
-    from megatron_ext.data.validation import validate_indexed_dataset
-    from megatron_ext.tokenizers.special_tokens import unwrap_tokenizer
-
     prefixes, weights = parse_data_prefix(_cfg(data_cfg, "data_prefix", []))
     if not prefixes:
-        from megatron_ext.data.default_corpus import ensure_default_corpus
-
         # the plain tokenizer's ids are the wrapped one's, so the corpus cache is shared with GPT runs
         prefixes = [_collective_check(ensure_default_corpus, unwrap_tokenizer(tokenizer),
                                       _cfg(data_cfg, "default_corpus_dir", None))]
@@ -1055,7 +1037,6 @@ def build_bart_datasets(data_cfg, tokenizer, seq_length: int, seq_length_dec: in
     data_seed = int(seed if data_seed is None else data_seed)
 
     sources, weights = _open_sources(data_cfg, tokenizer, impl, text_key, attribute_keys)
-    from megatron_ext.data.validation import split_document_ranges
 
     out: List[Optional[Any]] = []
     for s, (name, size) in enumerate(zip(_SPLIT_NAMES, sizes)):
