@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from megatron_ext.config.schema import BARTConfig, GPTConfig, default_optim
+from megatron_ext.config.validation import check_run_config
 from megatron_ext.errors import ConfigError
 
 SCHEMAS = {"gpt_schema": GPTConfig, "bart_schema": BARTConfig}
@@ -183,8 +184,6 @@ def check_config(cfg: DictConfig, schema: type = GPTConfig) -> DictConfig:
     """The config of a run, checked: :func:`check_schema`, then the checks that need no process
     (``megatron_ext.config.validation.check_run_config``). Called before any worker is started and again by
     each process (``Trainer``); every error is a ``ConfigError`` naming the key."""
-    from megatron_ext.config.validation import check_run_config
-
     redo = _hydra_dict_overrides()
     if redo:
         cfg = cfg.copy()
