@@ -46,6 +46,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.modules.common import tp_world_size
+from megatron_ext.modules.rotary import apply_rotary
 
 IntList = Optional[Union[int, Sequence[int]]]
 
@@ -119,8 +121,6 @@ def _select(values: IntList, n: int, name: str, what: str) -> List[int]:
 
 def _recompute_probs(attn, captured: Dict[str, object]) -> torch.Tensor:
     """Attention probabilities ``[b, heads, s, s]`` of a ``ParallelSelfAttention`` from its call arguments."""
-    from megatron_ext.modules.rotary import apply_rotary
-
     cached = [k for k, v in captured.items() if "cache" in k and v is not None]
     if cached:
         raise RuntimeError(f"attention maps are recomputed from a plain forward; the layer was called with {cached[0]}")
@@ -152,8 +152,6 @@ def _inspect(lm, x, source, *, embeddings: bool, attn_layers: Optional[List[int]
     model = lm.model
     dec, layers, kind = _stack(lm)
     if attn_layers is not None and kind == "transformer":
-        from megatron_ext.modules.common import tp_world_size
-
         if tp_world_size() > 1:
             raise ConfigError("attention maps: tensor_model_parallel_size > 1 splits the heads over ranks; inspect "
                               "attention with a TP=1 copy of the model")

@@ -28,6 +28,7 @@ import torch
 
 from megatron_ext.checkpoint.loader import load_model
 from megatron_ext.errors import CheckpointError, DataError
+from megatron_ext.inference.encdec_generation import generate_from_memory
 
 log = logging.getLogger("megatron_ext")
 
@@ -117,8 +118,6 @@ class LatentTools:
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 256,
                generator: Optional[torch.Generator] = None) -> List[str]:
         """Latents ``[S, B, H]`` -> texts (greedy, or sampled with temperature / top-k / top-p)."""
-        from megatron_ext.inference.encdec_generation import generate_from_memory
-
         ids = generate_from_memory(self.model, z.to(self.device), None if mask is None else mask.to(self.device),
                                    bos=self._bos(), eos=self._eos(), max_new_tokens=max_new_tokens, greedy=greedy,
                                    temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.hiddens import get_hiddens_module
 from megatron_ext.models.gpt import (
     LMHeadMixin,
     POSITION_EMBEDDING_TYPES,
@@ -72,7 +73,9 @@ from megatron_ext.models.gpt import (
     resolve_ffn_hidden_size,
     transformer_layer_kwargs,
 )
+from megatron_ext.models.mega_lm import MegaInferenceCache, build_mega_stack, validate_mega_arch
 from megatron_ext.models.perceiver import PerceiverEncoder
+from megatron_ext.modules.attention import KVCache
 from megatron_ext.modules.common import (
     dropout,
     ensure_model_parallel,
@@ -234,7 +237,6 @@ def validate_encoder_decoder_config(cfg, vocab_size: int, *, use_cuda: Optional[
         _fail("share_embeddings_and_output_weights", cfg.share_embeddings_and_output_weights, "expected true or false")
     _validate_stack(cfg.encoder, "encoder", tp, pos_type)
     _validate_stack(cfg.decoder, "decoder", tp, pos_type)
-    from megatron_ext.models.mega_lm import validate_mega_arch
 
     for side, length in (("encoder", int(cfg.seq_length)), ("decoder", resolve_seq_length_dec(cfg))):
         stack = getattr(cfg, side)
@@ -400,8 +402,6 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
         enc_layer_scope = lambda n: scope(comp["encoder_layer"](n))  # noqa: E731
         self.decoder_arch = str(dec.arch).lower()
         if self.encoder_arch == "mega":
-            from megatron_ext.models.mega_lm import build_mega_stack
-
             with enc_layer_scope(0):
                 self.encoder = build_mega_stack(enc, seq_length=int(cfg.seq_length), is_decoder=False)
         elif self.encoder_arch == "perceiver":
@@ -426,8 +426,6 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
                                               dec_out_init)
         dec_kwargs["causal"] = True
         if self.decoder_arch == "mega":
-            from megatron_ext.models.mega_lm import build_mega_stack
-
             with scope(comp["decoder_layer"](0)):
                 self.decoder = build_mega_stack(dec, seq_length=resolve_seq_length_dec(cfg), is_decoder=True,
                                                 add_cross_attention=True)
@@ -446,7 +444,6 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
             )
         self._pad_masks: dict = {}
         # the hiddens module between encoder and decoder (MIM / VAE transforms and losses), from model.hiddens
-        from megatron_ext.hiddens import get_hiddens_module
 
         hcfg = cfg.get("hiddens", None) if hasattr(cfg, "get") else getattr(cfg, "hiddens", None)
         with scope(comp["hiddens_module"]):
@@ -501,13 +498,10 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
     def new_inference_cache(self, batch_size: int, max_length: int):
         """An empty decoder cache for ``batch_size`` rows of up to ``max_length`` decoder positions."""
         if self.decoder_arch == "mega":
-            from megatron_ext.models.mega_lm import MegaInferenceCache
-
             if not self.decoder.supports_inference_cache:
                 raise ValueError(f"model.decoder.mega.truncation={self.config.decoder.mega.truncation!r}: a "
                                  f"truncated EMA has no finite state to cache; generate with use_cache=False")
             return MegaInferenceCache(batch_size, max_length)
-        from megatron_ext.modules.attention import KVCache
 
         return KVCache(batch_size, max_length)
 

@@ -49,6 +49,7 @@ from torch import nn
 
 from megatron_ext.config.schema import ModelConfig
 from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.modules.attention import KVCache
 from megatron_ext.modules.common import (
     dropout,
     ensure_model_parallel,
@@ -56,9 +57,11 @@ from megatron_ext.modules.common import (
     make_parallel_config,
     scaled_init_method_normal,
     tp_group,
+    tp_rank,
     tp_world_size,
 )
 from megatron_ext.modules.cross_entropy import vocab_parallel_cross_entropy
+from megatron_ext.modules.linear import ColumnParallelLinear
 from megatron_ext.modules.mlp import ACTIVATIONS
 from megatron_ext.modules.norms import NORMALIZATIONS
 from megatron_ext.modules.rotary import RotaryEmbedding
@@ -243,8 +246,6 @@ def transformer_layer_kwargs(cfg: ModelConfig, ffn_hidden_size: int, parallel_co
 
 def build_output_layer(cfg: ModelConfig, padded_vocab: int, parallel_config, init_method, tied: bool):
     """The LM head: a column-parallel ``hidden -> padded_vocab/tp`` projection (no weight of its own when tied)."""
-    from megatron_ext.modules.linear import ColumnParallelLinear
-
     return ColumnParallelLinear(
         cfg.hidden_size,
         padded_vocab,
@@ -274,8 +275,6 @@ def gather_vocab_parallel_logits(logits: torch.Tensor, vocab_size: int, trim: bo
 
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, cache: Optional[dict] = None) -> torch.Tensor:
     """Set the logits of padded vocabulary entries (global id >= ``vocab_size``) on this TP rank to -inf."""
-    from megatron_ext.modules.common import tp_rank
-
     local = logits.shape[-1]
     valid = int(vocab_size) - tp_rank() * local
     if valid >= local:
@@ -434,8 +433,6 @@ class GPTModel(LMHeadMixin, nn.Module):
 
     def new_inference_cache(self, batch_size: int, max_length: int):
         """An empty per-rank ``KVCache`` for ``batch_size`` rows of up to ``max_length`` positions."""
-        from megatron_ext.modules.attention import KVCache
-
         return KVCache(batch_size, max_length)
 
     def forward(

@@ -35,9 +35,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from megatron_ext.config.schema import ModelConfig
 from megatron_ext.errors import ConfigError, DataError
-from megatron_ext.models.gpt import LMHeadMixin
+from megatron_ext.models.gpt import LMHeadMixin, build_output_layer, component_ids, init_seed_scope, padded_vocab_size
+from megatron_ext.models.hf_mega import MegaConfig, MegaModel
 from megatron_ext.modules.attention import InferenceCache
+from megatron_ext.modules.common import ensure_model_parallel, init_method_normal, make_parallel_config, tp_group
+from megatron_ext.modules.mega import MegaCache, build_mega_norm
 from megatron_ext.modules.mega_ema import EMA_IMPL_CHOICES
 
 log = logging.getLogger("megatron_ext")
@@ -122,8 +126,6 @@ def warn_transformer_only_keys(cfg, prefix: str, defaults) -> None:
 def mega_config_from(mega, *, hidden_size: int, num_layers: int, hidden_dropout: float, attention_dropout: float,
                      init_method_std: float, seq_length: int, is_decoder: bool, add_cross_attention: bool = False):
     """A ``megatron_ext.models.hf_mega.MegaConfig`` (no embeddings: ``vocab_size`` is unused) from ``MegaArchConfig``."""
-    from megatron_ext.models.hf_mega import MegaConfig
-
     d = int(hidden_size)
     chunk = int(_get(mega, "chunk_size"))
     return MegaConfig(
@@ -168,8 +170,6 @@ class MegaStack(nn.Module):
 
     def __init__(self, mega_config):
         super().__init__()
-        from megatron_ext.models.hf_mega import MegaModel
-        from megatron_ext.modules.mega import build_mega_norm
 
         self.config = mega_config
         self.mega = MegaModel(mega_config, add_embeddings=False)
@@ -218,7 +218,6 @@ class MegaInferenceCache(InferenceCache):
     def _index_select_state(self, rows: torch.Tensor) -> None:
         if self.past is None:
             return
-        from megatron_ext.modules.mega import MegaCache
 
         self.past = tuple(
             MegaCache(tuple(None if t is None else t.index_select(0, rows.to(t.device)) for t in layer),
@@ -250,14 +249,6 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
     def __init__(self, cfg, vocab_size: int, *, init_seed: Optional[int] = None, use_cuda: Optional[bool] = None,
                  params_dtype: torch.dtype = torch.float32):
         super().__init__()
-        from megatron_ext.config.schema import ModelConfig
-        from megatron_ext.models.gpt import (
-            build_output_layer,
-            component_ids,
-            init_seed_scope,
-            padded_vocab_size,
-        )
-        from megatron_ext.modules.common import ensure_model_parallel, init_method_normal, make_parallel_config
 
         if use_cuda is None:
             use_cuda = torch.cuda.is_available()
@@ -344,8 +335,6 @@ class _MegaEmbedding(nn.Module):
     def __init__(self, padded_vocab: int, hidden_size: int, parallel_config, init_method, dropout: float):
         super().__init__()
         from megatron.core.tensor_parallel import VocabParallelEmbedding
-
-        from megatron_ext.modules.common import tp_group
 
         self.word_embeddings = VocabParallelEmbedding(padded_vocab, hidden_size, init_method=init_method,
                                                       config=parallel_config, tp_group=tp_group())

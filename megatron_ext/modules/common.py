@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.parallel.random import MODEL_PARALLEL_RNG_TRACKER_NAME, get_rng_tracker
+from megatron_ext.parallel.state import initialize_parallel
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
@@ -76,7 +77,6 @@ def ensure_model_parallel(tensor_model_parallel_size: int, key: str = "model.ten
                 f"{key}={tp} but the parallel groups are not initialised; launch with torchrun and call "
                 f"megatron_ext.parallel.state.initialize_parallel({tp}, ...) before building the model"
             )
-        from megatron_ext.parallel.state import initialize_parallel
 
         initialize_parallel(1, 1)
         return

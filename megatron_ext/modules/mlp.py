@@ -13,6 +13,7 @@ from torch import nn
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.modules.common import InitMethod, check_divisible, tp_group, tp_world_size
+from megatron_ext.modules.linear import ColumnParallelLinear, RowParallelLinear
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -30,7 +31,6 @@ class ParallelMLP(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        from megatron_ext.modules.linear import ColumnParallelLinear, RowParallelLinear
 
         activation = str(activation).lower()
         if activation not in ACTIVATIONS:
