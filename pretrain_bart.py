@@ -19,25 +19,24 @@ import megatron_ext  # noqa: F401  (sets DS_ACCELERATOR=cpu when there is no GPU
 from omegaconf import DictConfig
 
 from megatron_ext.config.loader import hydra_main, register_schemas
+from megatron_ext.config.schema import BARTConfig
 from megatron_ext.errors import MegatronExtError
-from megatron_ext.parallel.launch import strip_launcher_args
+from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures, strip_launcher_args
 
 register_schemas()
 
 
 @hydra_main(config_path="configs/bart", config_name="megatron_bart_config")
 def main(cfg: DictConfig) -> None:
-    from megatron_ext.config.schema import BARTConfig
-    from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
-
     try:
         rc = maybe_self_launch(cfg, schema=BARTConfig)
         if rc:
             sys.exit(rc)
         if rc == 0:
             return
-        from megatron_ext.training.bart_task import BARTTask
-        from megatron_ext.training.trainer import Trainer
+        # the self-launching parent never loads DeepSpeed / megatron-core
+        from megatron_ext.training.bart_task import BARTTask  # start-up cost: training stack
+        from megatron_ext.training.trainer import Trainer  # start-up cost: training stack
 
         with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
             Trainer(cfg, BARTTask, schema=BARTConfig).fit()

@@ -22,16 +22,14 @@ from omegaconf import DictConfig
 
 from megatron_ext.config.loader import hydra_main, register_schemas
 from megatron_ext.errors import MegatronExtError
-from megatron_ext.parallel.launch import strip_launcher_args
+from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures, strip_launcher_args
+from megatron_ext.training.exp_manager import check_sweep_launch
 
 register_schemas()
 
 
 @hydra_main(config_path="configs/gpt", config_name="megatron_gpt_config")
 def main(cfg: DictConfig) -> None:
-    from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
-    from megatron_ext.training.exp_manager import check_sweep_launch
-
     try:
         check_sweep_launch(cfg)  # -m: each job has its own run directory (exp_manager.resolve_run_dir)
         rc = maybe_self_launch(cfg)  # trainer.devices > 1 and no launcher: start the workers, wait for them
@@ -39,8 +37,9 @@ def main(cfg: DictConfig) -> None:
             sys.exit(rc)
         if rc == 0:
             return  # (not sys.exit(0): a -m sweep goes on with its next job)
-        from megatron_ext.training.gpt_task import GPTTask
-        from megatron_ext.training.trainer import Trainer
+        # the self-launching parent never loads DeepSpeed / megatron-core
+        from megatron_ext.training.gpt_task import GPTTask  # start-up cost: training stack
+        from megatron_ext.training.trainer import Trainer  # start-up cost: training stack
 
         with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
             Trainer(cfg, GPTTask).fit()

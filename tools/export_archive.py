@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ext.errors import MegatronExtError, run_entry_point  # noqa: E402
+from megatron_ext.output_files import check_outputs  # noqa: E402
 
 
 PROG = "export_archive"
@@ -26,13 +27,12 @@ def run(args) -> None:
         raise MegatronExtError(f"--input {args.input}: not a directory (expected a run or checkpoint directory)")
     if not args.output.endswith(".mext"):
         raise MegatronExtError(f"--output {args.output}: an archive name must end in .mext")
-    from megatron_ext.output_files import check_outputs
 
     check_outputs([("--output", args.output)], [args.input], overwrite=args.overwrite)
     import json
     import tarfile
 
-    from megatron_ext.checkpoint.loader import archive_from_checkpoint
+    from megatron_ext.checkpoint.loader import archive_from_checkpoint  # start-up cost: model stack
 
     path = archive_from_checkpoint(args.input, args.output)
     with tarfile.open(path) as tf:
