@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("tp1_one_thread")
     ({"encoder": {"arch": "perceiver"}}, "encdec"),  # BART's schema fills the decoder from its defaults
     ({"decoder": {"arch": "mega"}}, "encdec"),
 ])
-def test_family_of_a_model_section(section, name):
+def test_which_family_a_model_section_is(section, name):
     assert family_of_config(section).name == name
     assert family_of_config(OmegaConf.create(section)).name == name
 
