@@ -153,7 +153,7 @@ def consolidate_checkpoint(path: str, rules: Optional[Dict[str, Tuple[int, int]]
     ``partition_rule``, for the other model families."""
     ckpt_dir, tag = resolve_ckpt_path(path)
     path = os.path.join(ckpt_dir, tag)
-    meta = read_meta(path)
+    meta = read_meta(path, keys=("vocab_size",))
     mcfg = meta.get("model_config")
     if not mcfg:
         raise CheckpointError(f"{path}/meta.json has no model_config (written by an older version?)")

@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from megatron_ext.errors import CheckpointError, CorruptCheckpointError
 
@@ -93,21 +93,24 @@ def remove_incomplete(ckpt_dir: str) -> list:
     return removed
 
 
-def read_meta(path: str) -> Dict[str, Any]:
-    """``<checkpoint>/meta.json`` as a dict with ``step`` and ``consumed_samples``; CorruptCheckpointError naming the
-    file otherwise."""
+def read_meta(path: str, keys: Tuple[str, ...] = ("step", "consumed_samples")) -> Dict[str, Any]:
+    """``<checkpoint>/meta.json`` as a dict holding an integer under each of ``keys`` (resume needs ``step`` and
+    ``consumed_samples``; reading the weights needs ``vocab_size``); CorruptCheckpointError naming the file
+    otherwise."""
     meta_path = os.path.join(path, META)
     try:
         with open(meta_path) as f:
             meta = json.load(f)
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
-        int(meta["step"]), int(meta["consumed_samples"])
+        for k in keys:
+            int(meta[k])
         return meta
     except (OSError, ValueError, KeyError, TypeError) as e:
+        wanted = " and ".join(f"'{k}'" for k in keys)
         raise CorruptCheckpointError(
             f"{meta_path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
-            f"expected a JSON object with 'step' and 'consumed_samples'"
+            f"expected a JSON object" + (f" with {wanted}" if keys else "")
         ) from None
 
 

@@ -106,7 +106,7 @@ def consolidate_any(path: str) -> Dict[str, Any]:
     table ``partition_rule``; the other families: a TP=1 build of the same model)."""
     ckpt_dir, tag = resolve_ckpt_path(path)
     ckpt = os.path.join(ckpt_dir, tag)
-    meta = read_meta(ckpt)
+    meta = read_meta(ckpt, keys=("vocab_size",))
     mcfg = meta.get("model_config")
     if not mcfg:
         raise CheckpointError(f"{ckpt}/meta.json has no model_config (written by an older version?)")
@@ -151,7 +151,7 @@ def family_of_checkpoint(path: str, key: str = "--input") -> Family:
         ckpt_dir, tag = resolve_ckpt_path(path)
     except CheckpointError as e:
         raise CheckpointError(str(e).replace("model.ckpt_path", key, 1)) from None
-    return family_of_config(read_meta(os.path.join(ckpt_dir, tag)).get("model_config") or {})
+    return family_of_config(read_meta(os.path.join(ckpt_dir, tag), keys=()).get("model_config") or {})
 
 
 # ----------------------------------------------------------------------------------------------- models
