@@ -33,7 +33,9 @@ probability in our model (their logits are -inf), so dropping them gives the sam
 Anything else (rope + gelu, learned positions + rmsnorm, Mega ``model.arch=mega``, encoder-decoders) raises a
 ``ConfigError`` naming the keys that prevent the export and what each target needs.
 
-Tokenizer: written by :mod:`megatron_ext.inference.hf_tokenizer` (``tokenizer.json`` + ``tokenizer_config.json``, ids equal to ours) and checked against ours before anything is written; see that module for the representation of each tokenizer and the verification.
+Tokenizer: written by :mod:`megatron_ext.inference.hf_tokenizer` (``tokenizer.json`` + ``tokenizer_config.json``,
+ids equal to ours) and checked against ours before anything is written; see that module for the representation of
+each tokenizer and the verification.
 
 Generation ids: GPT pretraining separates documents with ``eod`` and never shows ``bos``, so ``eos_token_id`` =
 ``bos_token_id`` = eod (like GPT-2's ``<|endoftext|>``: unconditional generation starts after a document end)
