@@ -19,24 +19,22 @@ import megatron_ext  # noqa: F401  (sets DS_ACCELERATOR=cpu when there is no GPU
 from omegaconf import DictConfig
 
 from megatron_ext.config.loader import hydra_main, register_schemas
+from megatron_ext.config.schema import BARTConfig
 from megatron_ext.errors import run_entry_point
-from megatron_ext.parallel.launch import strip_launcher_args
+from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures, strip_launcher_args
 
 register_schemas()
 
 
 def train(cfg: DictConfig) -> int:
     """Start the workers (trainer.devices > 1 and no launcher) and return their status, or train here (0)."""
-    from megatron_ext.config.schema import BARTConfig
-    from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
-
     rc = maybe_self_launch(cfg, schema=BARTConfig)
     if rc is not None:
         return rc
-    # start-up cost: the training stack (deepspeed, megatron.core, torch.distributed) is imported only once the
-    # config is known to be good
-    from megatron_ext.training.bart_task import BARTTask
-    from megatron_ext.training.trainer import Trainer
+    # the training stack (deepspeed, megatron.core, torch.distributed) is imported only once the config is known to
+    # be good; the self-launching parent never loads it
+    from megatron_ext.training.bart_task import BARTTask  # start-up cost: training stack
+    from megatron_ext.training.trainer import Trainer  # start-up cost: training stack
 
     with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
         Trainer(cfg, BARTTask, schema=BARTConfig).fit()

@@ -22,16 +22,14 @@ from omegaconf import DictConfig
 
 from megatron_ext.config.loader import hydra_main, register_schemas
 from megatron_ext.errors import run_entry_point
-from megatron_ext.parallel.launch import strip_launcher_args
+from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures, strip_launcher_args
+from megatron_ext.training.exp_manager import check_sweep_launch
 
 register_schemas()
 
 
 def train(cfg: DictConfig) -> int:
     """Start the workers (trainer.devices > 1 and no launcher) and return their status, or train here (0)."""
-    from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures
-    from megatron_ext.training.exp_manager import check_sweep_launch
-
     check_sweep_launch(cfg)  # -m: each job has its own run directory (exp_manager.resolve_run_dir)
     # the whole config is checked first (schema, architecture, world size: a bad one exits 2 here, before any
     # process, process group or the training stack); then trainer.devices > 1 without a launcher starts the
@@ -39,10 +37,10 @@ def train(cfg: DictConfig) -> int:
     rc = maybe_self_launch(cfg)
     if rc is not None:
         return rc
-    # start-up cost: the training stack (deepspeed, megatron.core, torch.distributed) is imported only once the
-    # config is known to be good
-    from megatron_ext.training.gpt_task import GPTTask
-    from megatron_ext.training.trainer import Trainer
+    # the training stack (deepspeed, megatron.core, torch.distributed) is imported only once the config is known to
+    # be good; the self-launching parent never loads it
+    from megatron_ext.training.gpt_task import GPTTask  # start-up cost: training stack
+    from megatron_ext.training.trainer import Trainer  # start-up cost: training stack
 
     with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
         Trainer(cfg, GPTTask).fit()

@@ -16,7 +16,8 @@ from megatron_ext.config.schema import BARTConfig
 from megatron_ext.errors import CheckpointError
 from megatron_ext.inference.lm import LM
 from megatron_ext.parallel.state import initialize_parallel
-from megatron_ext.training import archive as A
+from megatron_ext.checkpoint import archive as A
+from megatron_ext.checkpoint.loader import restore_model
 
 WORKER = os.path.join(REPO, "tests", "workers", "archive_tp_worker.py")
 
@@ -253,7 +254,7 @@ def test_export_from_run_reproduces_val_loss_and_greedy(tmp_path, run_env, layou
     assert abs(validation_loss(lm) - logged[0]) < 1e-5
     report = verify_stable_load(run_dir)  # the run directory directly, same figure
     assert report["abs_diff"] < 1e-5 and report["deterministic"]
-    direct = A.restore_from_checkpoint(run_dir)
+    direct = LM.restore_from(run_dir)
     assert _greedy(lm, [10, 20, 30], 12) == _greedy(direct, [10, 20, 30], 12)
     if "tensor_model_parallel_size=2" in layout[0]:
         # restore the archive at TP2 (2 processes): same loss and greedy; a live save_to there gathers the shards
@@ -305,20 +306,20 @@ def test_save_to_from_a_pipeline(tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_save_to_and_restore_from_on_the_model_classes(tmp_path):
+def test_save_to_and_restore_model_for_a_bare_model_class(tmp_path):
     from megatron_ext.models.encoder_decoder import EncoderDecoderModel
     from megatron_ext.models.gpt import GPTModel
 
     lm = _lm("gpt")
     with pytest.raises(CheckpointError, match="pass them"):
-        lm.model.save_to(str(tmp_path / "x.mext"))
-    path = lm.model.save_to(str(tmp_path / "m.mext"), tokenizer=lm.tokenizer, config=lm.config)
-    model = GPTModel.restore_from(path)
+        A.save_to(lm.model, str(tmp_path / "x.mext"))
+    path = A.save_to(lm.model, str(tmp_path / "m.mext"), tokenizer=lm.tokenizer, config=lm.config)
+    model = restore_model(path, GPTModel)
     assert isinstance(model, GPTModel) and model.tokenizer.vocab_size == lm.tokenizer.vocab_size
     x = torch.randint(0, 200, (1, 16))
     with torch.no_grad():
         assert torch.equal(model(x), lm.model(x))
-    again = model.save_to(str(tmp_path / "again.mext"))  # carries its tokenizer and config
+    again = A.save_to(model, str(tmp_path / "again.mext"))  # carries its tokenizer and config
     assert LM.restore_from(again).family == "gpt"
     with pytest.raises(CheckpointError, match="not a EncoderDecoderModel"):
-        EncoderDecoderModel.restore_from(path)
+        restore_model(path, EncoderDecoderModel)

@@ -184,7 +184,7 @@ def test_sec_in_process_readers_refuse_pickled_code(tmp_path):
     """The library readers behind those entry points: consolidated files, checkpoint directories (plain and ZeRO,
     whose zero_to_fp32 reader unpickles in full) and RNG states."""
     from megatron_ext.training.checkpointing import Checkpointer
-    from megatron_ext.training.consolidated import consolidate_checkpoint, read_consolidated
+    from megatron_ext.checkpoint.consolidated import consolidate_checkpoint, read_consolidated
 
     marker = tmp_path / "pwned"
     evil = _sec_evil_pt(tmp_path / "evil.pt", marker)
@@ -230,7 +230,7 @@ def test_sec_safe_loader_reads_what_runs_write_and_names_bad_files(tmp_path):
 # ----------------------------------------------------------------------------------------------- archives
 def _sec_archive(tmp_path, tokenizer_file=None):
     """A small genuine archive (write_archive) and its members {name: bytes}."""
-    from megatron_ext.training.archive import write_archive
+    from megatron_ext.checkpoint.archive import write_archive
 
     path = write_archive(str(tmp_path / "good.mext"), state_dict={"w": torch.ones(4)},
                          config={"model": {"num_layers": 1}}, family="gpt", vocab_size=259,
@@ -280,7 +280,7 @@ def _sec_tree_bytes(d):
 def test_sec_sparse_bomb_refused_before_anything_is_written(tmp_path):
     """A sparse model_weights.pt of 64 MiB (the issue's was 100 GiB) in an archive of a few kB: refused naming the
     member, the extraction directory stays empty."""
-    from megatron_ext.training.archive import extract_archive
+    from megatron_ext.checkpoint.archive import extract_archive
 
     _, good = _sec_archive(tmp_path)
     bomb = _sec_tar(tmp_path / "bomb.mext", [_sec_file("manifest.json", good["manifest.json"]),
@@ -300,7 +300,7 @@ def test_sec_sparse_bomb_refused_before_anything_is_written(tmp_path):
 def test_sec_archive_members_checked_against_manifest_before_writing(tmp_path):
     """A member absent from the manifest, or whose size differs from the manifest's, is refused with nothing
     written."""
-    from megatron_ext.training.archive import extract_archive
+    from megatron_ext.checkpoint.archive import extract_archive
 
     _, good = _sec_archive(tmp_path)
     manifest = json.loads(good["manifest.json"])
@@ -326,7 +326,7 @@ def test_sec_archive_members_checked_against_manifest_before_writing(tmp_path):
 
 def test_sec_manifest_tokenizer_path_must_be_a_member(tmp_path):
     """``tokenizer.file`` pointing outside the archive is refused; a restored archive never names a foreign file."""
-    from megatron_ext.training.archive import read_archive
+    from megatron_ext.checkpoint.archive import read_archive
 
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -347,7 +347,7 @@ def test_sec_manifest_tokenizer_path_must_be_a_member(tmp_path):
 
 
 def test_sec_truncated_archive_is_one_error_naming_it(tmp_path):
-    from megatron_ext.training.archive import read_archive
+    from megatron_ext.checkpoint.archive import read_archive
 
     path, _ = _sec_archive(tmp_path)
     data = open(path, "rb").read()
@@ -361,7 +361,7 @@ def test_sec_truncated_archive_is_one_error_naming_it(tmp_path):
 
 def test_sec_disk_full_while_unpacking_is_one_error_naming_it(tmp_path):
     from megatron_ext.errors import MegatronExtError
-    from megatron_ext.training.archive import write_archive, read_archive
+    from megatron_ext.checkpoint.archive import write_archive, read_archive
 
     path = write_archive(str(tmp_path / "big.mext"), state_dict={"w": torch.ones(100_000)},  # 400 kB of weights
                          config={"model": {"num_layers": 1}}, family="gpt", vocab_size=259, tokenizer_library="byte")
@@ -1188,7 +1188,7 @@ def _hf_cli(capsys, *argv):
 
 
 def _hf_pt(tmp_path, ours):
-    from megatron_ext.training.consolidated import FORMAT, save_consolidated
+    from megatron_ext.checkpoint.consolidated import FORMAT, save_consolidated
 
     obj = _hf_consolidated(ours.vocab_size)
     obj["model_config"]["tokenizer"] = {"library": "sentencepiece", "model": ours.model_path}

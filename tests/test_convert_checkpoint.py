@@ -114,8 +114,8 @@ def test_bad_inputs(tmp_path, env):
 def test_partition_rules_match_megatron_attributes():
     from megatron_ext.config.schema import ModelConfig
     from megatron_ext.models.gpt import GPTModel
+    from megatron_ext.checkpoint.consolidated import merge_shards, partition_rule, shard_of
     from megatron_ext.parallel.state import initialize_parallel
-    from megatron_ext.training.consolidated import merge_shards, partition_rule, shard_of
 
     initialize_parallel(1, 1, accelerator="cpu")  # building a model needs the parallel state (it creates none)
     for act in ("gelu", "swiglu"):

@@ -363,7 +363,7 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_cli_consolidated_pt_with_tokenizer_override(tmp_path, capsys, spm_models):
     from megatron_ext.tokenizers import SentencePieceTokenizer
-    from megatron_ext.training.consolidated import FORMAT, save_consolidated
+    from megatron_ext.checkpoint.consolidated import FORMAT, save_consolidated
 
     ours = SentencePieceTokenizer(spm_models["unigram"])
     model = perturbed_model(tiny_cfg(), vocab=ours.vocab_size)
@@ -384,7 +384,7 @@ def test_cli_consolidated_pt_with_tokenizer_override(tmp_path, capsys, spm_model
 
 
 def test_cli_mext_archive(tmp_path, capsys, spm_models):
-    archive = pytest.importorskip("megatron_ext.training.archive")
+    archive = pytest.importorskip("megatron_ext.checkpoint.archive")
     from megatron_ext.tokenizers import SentencePieceTokenizer
 
     ours = SentencePieceTokenizer(spm_models["bpe-bytefallback"])

@@ -407,13 +407,13 @@ def _cli(args, **kw):
 
 def _has_archive() -> bool:
     try:
-        from megatron_ext.training import archive
+        from megatron_ext.checkpoint import archive, loader
     except ImportError:
         return False
-    return hasattr(archive, "restore_from") and hasattr(archive, "save_to")
+    return hasattr(loader, "load_model") and hasattr(archive, "save_to")
 
 
-@pytest.mark.skipif(not _has_archive(), reason="megatron_ext.training.archive (LM.restore_from) not available")
+@pytest.mark.skipif(not _has_archive(), reason="megatron_ext.checkpoint (LM.restore_from) not available")
 def test_cli_generates_one_json_line_per_prompt(tmp_path):
     from megatron_ext.config.loader import load_config
 

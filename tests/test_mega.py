@@ -3,7 +3,7 @@ token types, long sequences, chunking, attention kinds, incremental decoding, no
 import pytest
 import torch
 
-from megatron_ext.models.mega import (
+from megatron_ext.models.hf_mega import (
     MegaCausalLMOutput,
     MegaConfig,
     MegaForCausalLM,

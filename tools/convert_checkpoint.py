@@ -29,10 +29,12 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ext.errors import MegatronExtError  # noqa: E402
+from megatron_ext.output_files import check_outputs  # noqa: E402
 
 
 def _consolidated_from(input_path: str):
-    from megatron_ext.training.consolidated import consolidate_checkpoint, read_consolidated
+    from megatron_ext.checkpoint.consolidated import (  # start-up cost: model stack
+        consolidate_checkpoint, read_consolidated)
 
     if os.path.isfile(input_path):
         return read_consolidated(input_path)
@@ -47,11 +49,11 @@ def _worker(rank: int, world: int, port: int, consolidated_path: str, out_dir: s
     import torch
     from omegaconf import OmegaConf
 
-    from megatron_ext.config.loader import load_config
-    from megatron_ext.training.checkpointing import Checkpointer
-    from megatron_ext.training.consolidated import read_consolidated
-    from megatron_ext.training.gpt_task import GPTTask
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.config.loader import load_config  # start-up cost: model stack
+    from megatron_ext.training.checkpointing import Checkpointer  # start-up cost: model stack
+    from megatron_ext.checkpoint.consolidated import read_consolidated  # start-up cost: model stack
+    from megatron_ext.training.gpt_task import GPTTask  # start-up cost: model stack
+    from megatron_ext.training.trainer import Trainer  # start-up cost: model stack
 
     torch.set_num_threads(1)
     obj = read_consolidated(consolidated_path)
@@ -114,13 +116,12 @@ def main(argv=None) -> int:
         for k in ("target_tp", "target_pp", "target_dp"):
             if getattr(args, k) < 1:
                 raise MegatronExtError(f"--{k.replace('_', '-')}={getattr(args, k)}: expected an integer >= 1")
-        from megatron_ext.output_files import check_outputs
 
         outputs = [("--output", args.output)] if args.output else []
         if args.output_dir:
             outputs.append(("--output-dir", os.path.join(args.output_dir, "")))
         check_outputs(outputs, [args.input], overwrite=args.overwrite)
-        from megatron_ext.training.consolidated import save_consolidated
+        from megatron_ext.checkpoint.consolidated import save_consolidated  # start-up cost: model stack
 
         obj = _consolidated_from(args.input)
         src = obj["source"]

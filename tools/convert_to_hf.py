@@ -43,7 +43,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from megatron_ext.errors import run_entry_point  # noqa: E402
+from megatron_ext.errors import ConfigError, run_entry_point  # noqa: E402
+from megatron_ext.output_files import check_outputs  # noqa: E402
 
 PROG = "convert_to_hf"
 
@@ -70,13 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from megatron_ext.errors import ConfigError
-    from megatron_ext.inference.hf_export import export_to_hf, read_export_input
+    from megatron_ext.inference.hf_export import export_to_hf, read_export_input  # start-up cost: model stack
 
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ConfigError(f"--output {args.output}: exists and is not a directory (expected the model directory "
                           f"to write)")
-    from megatron_ext.output_files import check_outputs
 
     check_outputs([("--output", os.path.join(args.output, ""))], [args.input, args.tokenizer_model],
                   overwrite=args.overwrite)
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="convert_to_hf-") as tmp:
         obj = read_export_input(args.input, extract_dir=tmp, key="--input")
         if tokenizer is not None:
-            from megatron_ext.inference.hf_export import resolve_tokenizer
+            from megatron_ext.inference.hf_export import resolve_tokenizer  # start-up cost: model stack
 
             tokenizer = resolve_tokenizer(obj, tokenizer, library_key="--tokenizer-library",
                                           model_key="--tokenizer-model")
@@ -96,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
             warnings.simplefilter("always")
             info = export_to_hf(obj, args.output, arch=args.arch, tokenizer=tokenizer, dtype=args.dtype,
                                 verify_text=args.verify_text, allow_tokenizer_mismatch=args.allow_tokenizer_mismatch)
-    from megatron_ext.inference.hf_export import HFExportWarning
+    from megatron_ext.inference.hf_export import HFExportWarning  # start-up cost: model stack
 
     for w in caught:  # ours, one line each (megatron-core's import-time notes are left out)
         if issubclass(w.category, HFExportWarning) or "megatron_ext" in str(w.filename):

@@ -34,6 +34,9 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
+from megatron_ext.errors import ConfigError, DataError, run_entry_point  # noqa: E402
+from megatron_ext.output_files import check_outputs, write_error  # noqa: E402
+
 PROG = "evaluate"
 
 
@@ -62,8 +65,6 @@ def _finite(x: float) -> Optional[float]:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from megatron_ext.errors import ConfigError, DataError
-
     if not os.path.exists(args.model):
         raise ConfigError(f"--model: '{args.model}' does not exist (expected a .mext archive or a run / checkpoint "
                           f"directory)")
@@ -79,7 +80,6 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         out_dir = os.path.dirname(os.path.abspath(args.output))
         if not os.path.isdir(out_dir):
             raise ConfigError(f"--output: directory '{out_dir}' does not exist")
-        from megatron_ext.output_files import check_outputs
 
         check_outputs([("--output", args.output)], [args.model, args.input], overwrite=args.overwrite)
     dev = str(args.device)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {dev}: CUDA is not available on this machine")
 
-    from megatron_ext.inference.lm import LM
+    from megatron_ext.inference.lm import LM  # start-up cost: model stack
 
     lm = LM.restore_from(args.model, map_location=dev)
     if args.text is not None and lm.family == "encdec":
@@ -123,15 +123,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_ext.errors import run_entry_point
 
     rc, result = run_entry_point(PROG, run, args)
     if rc:
         return rc
     text = json.dumps(result, allow_nan=False)
     if args.output is not None:
-        from megatron_ext.output_files import write_error
-
         try:
             with open(args.output, "w", encoding="utf-8") as f:
                 f.write(text + "\n")

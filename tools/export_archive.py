@@ -5,7 +5,7 @@
 ``--input`` is a run directory (its newest complete checkpoint), its ``checkpoints`` directory or one
 ``checkpoints/step_N``; the checkpoint may come from any TP x PP x DP layout and ZeRO stage. The run's
 ``config.yaml`` and its tokenizer file are packed with the fp32 weights; nothing else is started (one process).
-Restore with ``LM.restore_from("gpt.mext")`` (see ``megatron_ext/training/archive.py`` for the format).
+Restore with ``LM.restore_from("gpt.mext")`` (see ``megatron_ext/checkpoint/archive.py`` for the format).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ext.errors import MegatronExtError, run_entry_point  # noqa: E402
+from megatron_ext.output_files import check_outputs  # noqa: E402
 
 
 PROG = "export_archive"
@@ -26,13 +27,12 @@ def run(args) -> None:
         raise MegatronExtError(f"--input {args.input}: not a directory (expected a run or checkpoint directory)")
     if not args.output.endswith(".mext"):
         raise MegatronExtError(f"--output {args.output}: an archive name must end in .mext")
-    from megatron_ext.output_files import check_outputs
 
     check_outputs([("--output", args.output)], [args.input], overwrite=args.overwrite)
     import json
     import tarfile
 
-    from megatron_ext.training.archive import archive_from_checkpoint
+    from megatron_ext.checkpoint.loader import archive_from_checkpoint  # start-up cost: model stack
 
     path = archive_from_checkpoint(args.input, args.output)
     with tarfile.open(path) as tf:

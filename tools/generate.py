@@ -34,6 +34,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
+from megatron_ext.errors import CheckpointError, DataError, run_entry_point  # noqa: E402
+
 if __name__ == "__main__":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import warnings
@@ -72,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args) -> List[str]:
-    from megatron_ext.errors import DataError
-
     prompts = list(args.prompt)
     if args.input is not None:
         try:
@@ -94,10 +94,9 @@ def read_prompts(args) -> List[str]:
 
 
 def run(args) -> int:
-    import torch
+    import torch  # start-up cost: torch
 
-    from megatron_ext.errors import CheckpointError, DataError
-    from megatron_ext.inference.generation import GenerationConfig, GenerationError
+    from megatron_ext.inference.generation import GenerationConfig, GenerationError  # start-up cost: model stack
 
     if args.batch_size < 1:
         raise GenerationError(f"--batch-size={args.batch_size}: expected an integer >= 1")
@@ -119,7 +118,7 @@ def run(args) -> int:
     if not os.path.exists(args.model):
         raise CheckpointError(f"--model {args.model}: no such file or directory (expected a .mext archive or a "
                               f"run / checkpoint directory)")
-    from megatron_ext.inference.lm import LM
+    from megatron_ext.inference.lm import LM  # start-up cost: model stack
 
     try:
         lm = LM.restore_from(args.model, map_location=args.device)
@@ -144,7 +143,6 @@ def run(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_ext.errors import run_entry_point
 
     rc, result = run_entry_point(PROG, run, args)
     return rc or result

@@ -20,7 +20,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_ext.checkpoint.safe_load import load_untrusted  # noqa: E402
 from megatron_ext.errors import MegatronExtError  # noqa: E402
+from megatron_ext.output_files import check_outputs  # noqa: E402
 
 
 def _line(text: str) -> str:
@@ -49,9 +51,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from megatron_ext.checkpoint.safe_load import load_untrusted
-    from megatron_ext.inference.latents import LatentTools
-    from megatron_ext.output_files import check_outputs
+    from megatron_ext.inference.latents import LatentTools  # start-up cost: model stack
 
     try:
         if args.out:

@@ -34,7 +34,9 @@ if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
 from megatron_ext.errors import ConfigError, DataError, run_entry_point  # noqa: E402
+from megatron_ext.output_files import check_outputs  # noqa: E402
 from megatron_ext.text_files import detect_format  # noqa: E402
+from megatron_ext.tokenizers import SentencePieceTokenizer  # noqa: E402
 from megatron_ext.tokenizers.sentencepiece_tokenizer import train_sentencepiece  # noqa: E402
 
 PROG = "train_tokenizer"
@@ -151,7 +153,6 @@ def _train(args) -> str:
             what = "does not exist" if not os.path.exists(path) else "is not a file"
             raise DataError(f"--input: input file '{path}' {what}")
         paths.append(path)
-    from megatron_ext.output_files import check_outputs
 
     check_outputs([("--model-prefix", args.model_prefix + ext) for ext in (".model", ".vocab")], paths,
                   overwrite=args.overwrite)
@@ -189,8 +190,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rc, model = run_entry_point(PROG, _train, args)
     if rc:
         return rc
-
-    from megatron_ext.tokenizers import SentencePieceTokenizer
 
     tok = SentencePieceTokenizer(model)
     d = tok.describe()

@@ -1,2 +1,13 @@
-"""Reading and writing checkpoint-like files: every file a user may have received is read through
-:mod:`megatron_ext.checkpoint.safe_load` (tensors and plain values only, never pickled code)."""
+"""The checkpoint layer: every file a model is saved to or loaded from, so that models know nothing about files.
+
+* ``files`` -- checkpoint directories (``step_N``, ``latest``, ``meta.json``, completeness), no DeepSpeed.
+* ``consolidated`` -- layout-free weights read from any TP / PP / ZeRO checkpoint, and the TP shard math.
+* ``archive`` -- the ``.mext`` format (write, check, unpack) and gathering a live model's weights into it.
+* ``loader`` -- the one loader: an archive, a checkpoint directory or a consolidated ``.pt`` -> weights or a model
+  built through the family table of :mod:`megatron_ext.models.families`.
+* ``safe_load`` -- every file a user may have received is read through it (tensors and plain values only, never
+  pickled code).
+
+Dependencies point down only: training and inference use this layer; it uses models, modules, parallel, config and
+tokenizers. Saving and loading through a DeepSpeed engine (resume) stays in ``megatron_ext.training.checkpointing``.
+"""

@@ -54,6 +54,20 @@ def _get(cfg, key: str, default=None):
     return getattr(cfg, key, default)
 
 
+def is_encoder_decoder(model_cfg: Any) -> bool:
+    """The rule that makes a model section (``model.*`` of a run config, a checkpoint's or an archive's; dict,
+    DictConfig or typed) an encoder-decoder one: it has ``model.encoder`` or ``model.decoder`` (``pretrain_bart.py``
+    fills a missing side from its defaults; the GPT schema refuses both keys). The family table
+    (:mod:`megatron_ext.models.families`) and :func:`check_model_config` both ask this one function."""
+    return model_cfg is not None and (_get(model_cfg, "encoder") is not None or _get(model_cfg, "decoder") is not None)
+
+
+def model_arch(model_cfg: Any) -> str:
+    """``model.arch`` of a decoder-only section, normalised (``transformer`` when unset)."""
+    arch = None if model_cfg is None else _get(model_cfg, "arch")
+    return str("transformer" if arch is None else arch).strip().lower()
+
+
 def resolve_ffn_hidden_size(cfg) -> int:
     """``ffn_hidden_size`` of a model / stack config, or its default: 4*hidden (GELU) / 8/3*hidden rounded up to a
     multiple of 64 (SwiGLU, so the gated MLP has about the parameters of a 4*hidden one)."""
@@ -353,8 +367,8 @@ def check_encoder_decoder_config(cfg, *, use_cuda: Optional[bool] = None) -> Non
 
 
 def check_model_config(model_cfg: Any, *, use_cuda: Optional[bool] = None) -> None:
-    """``model.*`` of either entry point: encoder-decoder when it has ``encoder``, else GPT."""
-    if "encoder" in model_cfg if hasattr(model_cfg, "keys") else hasattr(model_cfg, "encoder"):
+    """``model.*`` of either entry point: encoder-decoder by :func:`is_encoder_decoder`, else GPT."""
+    if is_encoder_decoder(model_cfg):
         check_encoder_decoder_config(model_cfg, use_cuda=use_cuda)
     else:
         check_gpt_model_config(model_cfg, use_cuda=use_cuda)
@@ -364,7 +378,7 @@ __all__ = [
     "GPT_ARCHS", "ENCODER_ARCHS", "DECODER_ARCHS", "ACTIVATIONS", "NORMALIZATIONS", "POSITION_EMBEDDING_TYPES",
     "CHECKPOINT_GRANULARITIES", "MEGA_NORMALIZATIONS", "MEGA_ATTENTION_ACTIVATIONS",
     "MEGA_RELATIVE_POSITIONAL_BIASES", "MEGA_ACTIVATIONS", "EMA_IMPLS", "EMA_IMPL_CHOICES", "TRANSFORMER_ONLY_KEYS",
-    "normalize_checkpoint_granularity", "resolve_ffn_hidden_size", "resolve_max_position_embeddings", "resolve_seq_length_dec",
+    "normalize_checkpoint_granularity", "is_encoder_decoder", "model_arch", "resolve_ffn_hidden_size", "resolve_max_position_embeddings", "resolve_seq_length_dec",
     "resolve_encdec_max_position_embeddings", "check_vocab_size", "check_mega_arch", "check_gpt_model_config",
     "check_encoder_decoder_config", "check_model_config",
 ]

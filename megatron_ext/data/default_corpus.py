@@ -46,6 +46,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from megatron_ext.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 #: bump when the recipe below changes, so old caches are not reused
@@ -300,8 +302,6 @@ def ensure_default_corpus(tokenizer, cache_dir: Optional[str] = None) -> str:
     ``cache_dir`` defaults to :func:`default_cache_dir`. Safe to call from several processes
     at once; later calls reuse the cached files without rebuilding.
     """
-    from megatron_ext.errors import DataError
-
     prefix = corpus_prefix(tokenizer, cache_dir)
     directory = os.path.dirname(prefix)
     manifest = read_manifest(prefix)

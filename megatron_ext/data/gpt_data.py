@@ -54,7 +54,9 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
 from megatron_ext.data.collective import all_gather, collective_check, world
+from megatron_ext.data.default_corpus import ensure_default_corpus
 from megatron_ext.data.prefixes import PREFIX_KEY, SPLITS_KEY, parse_data_prefix, parse_splits_string
+from megatron_ext.data.validation import check_splits, validate_indexed_dataset
 from megatron_ext.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -256,8 +258,6 @@ def _noop(*args, **kwargs):
 
 
 def _validate_inputs(prefixes, weighted, tokenizer, cache_dir, split_matrix, sizes, splits_string):
-    from megatron_ext.data.validation import check_splits, validate_indexed_dataset
-
     name = getattr(tokenizer, "name", None)
     infos = []
     for i, prefix in enumerate(prefixes):
@@ -292,8 +292,6 @@ def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[
     rank, size = world()
 
     if not prefixes:
-        from megatron_ext.data.default_corpus import ensure_default_corpus
-
         prefixes = [collective_check(ensure_default_corpus, tokenizer, data_cfg.default_corpus_dir)]
     cache_dir = collective_check(_resolve_cache_dir, data_cfg, prefixes[0])
 

@@ -94,6 +94,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 
 from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.tokenizers.char import CharTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -371,8 +372,6 @@ def resolve_synthetic(data_cfg: Any, tokenizer: Any, seq_length: int,
     lib = library if library is not None else getattr(tokenizer, "name", type(tokenizer).__name__)
     setup = SyntheticSetup(spec, params, int(seq_length))
     if spec.char_level:
-        from megatron_ext.tokenizers.char import CharTokenizer
-
         if not isinstance(tokenizer, CharTokenizer):
             raise ConfigError(f"{TASK_KEY}={spec.name!r} is a character-level task and needs "
                               f"model.tokenizer.library=char, got model.tokenizer.library={lib!r}")

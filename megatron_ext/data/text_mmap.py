@@ -59,6 +59,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.tokenizers.byte import ByteTokenizer
+from megatron_ext.tokenizers.special_tokens import unwrap_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -430,9 +432,6 @@ class TextMemMapDataset:
 
 
 def _is_byte_tokenizer(tok: Any) -> bool:
-    from megatron_ext.tokenizers.byte import ByteTokenizer
-    from megatron_ext.tokenizers.special_tokens import unwrap_tokenizer
-
     return isinstance(unwrap_tokenizer(tok), ByteTokenizer)
 
 

@@ -13,6 +13,7 @@ import importlib
 from typing import Dict, List, Type, Union
 
 from megatron_ext.errors import ConfigError
+from megatron_ext.hiddens.base import MegatronBaseHiddenLoss, MegatronBaseHiddenTransform
 
 ClassOrPath = Union[str, type]
 
@@ -32,8 +33,6 @@ _KINDS = {"transform": _TRANSFORMS, "loss": _LOSSES}
 
 
 def _base_class(kind: str) -> type:
-    from megatron_ext.hiddens.base import MegatronBaseHiddenLoss, MegatronBaseHiddenTransform
-
     return MegatronBaseHiddenTransform if kind == "transform" else MegatronBaseHiddenLoss
 
 

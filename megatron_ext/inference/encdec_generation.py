@@ -15,6 +15,7 @@ from typing import List, Optional
 import torch
 
 from megatron_ext.inference.generation import EncDecSession, choose_tokens, process_logits
+from megatron_ext.models.encoder_decoder import resolve_seq_length_dec
 
 
 @torch.no_grad()
@@ -46,7 +47,6 @@ def generate_from_memory(
     limit = max_new_tokens
     cfg = getattr(model, "config", None)
     if cfg is not None:  # the decoder was trained on seq_length_dec positions (bos + text)
-        from megatron_ext.models.encoder_decoder import resolve_seq_length_dec
 
         limit = max(1, min(limit, resolve_seq_length_dec(cfg) - 1))
     top_k = int(top_k) if top_k and top_k > 0 else None

@@ -15,31 +15,22 @@ at evaluation) and a reparameterized sample ``z_mean + exp(z_logvar / 2) * eps``
 the latent is the encoder output itself (``z_sample`` = ``z``).
 
 Texts longer than ``model.seq_length`` tokens are an error (never silently cut) unless ``truncate=True``.
-Checkpoints: a megatron_ext checkpoint directory (a run, its ``checkpoints`` or one ``step_N``) written with
-tensor_model_parallel_size 1 (ZeRO 0-3: ZeRO partitions are read through DeepSpeed's zero_to_fp32).
+Checkpoints: whatever :func:`megatron_ext.checkpoint.loader.load_model` loads -- a run directory, its
+``checkpoints`` or one ``step_N`` of any TP / PP / ZeRO layout, or a ``.mext`` archive -- holding an
+encoder-decoder; the model is built at TP=1 in this process.
 """
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from megatron_ext.checkpoint.loader import load_model
 from megatron_ext.errors import CheckpointError, DataError
+from megatron_ext.inference.encdec_generation import generate_from_memory
 
 log = logging.getLogger("megatron_ext")
-
-
-def _load_module_state(path: str, meta: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    from megatron_ext.training.consolidated import _module_states_pp1, _zero_fp32_states
-
-    if int(meta.get("tp", 1)) != 1 or int(meta.get("pp", 1)) != 1:
-        raise CheckpointError(f"{path} was saved with tp={meta.get('tp')}, pp={meta.get('pp')}; latent tools read "
-                              f"tensor/pipeline-parallel size 1 checkpoints")
-    if int(meta.get("zero_stage", 0) or 0) > 0:
-        return _zero_fp32_states(path, 0)
-    return _module_states_pp1(path, 0)
 
 
 class LatentTools:
@@ -54,41 +45,12 @@ class LatentTools:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, path: str, device: str = "cpu") -> "LatentTools":
-        from omegaconf import OmegaConf
-
-        from megatron_ext.config.model_validation import check_encoder_decoder_config
-        from megatron_ext.config.schema import EncoderDecoderModelConfig
-        from megatron_ext.models.encoder_decoder import EncoderDecoderModel
-        from megatron_ext.parallel.state import initialize_parallel
-        from megatron_ext.tokenizers import build_tokenizer, ensure_mask_token
-        from megatron_ext.training.checkpointing import resolve_ckpt_path
-        from megatron_ext.training.consolidated import read_meta
-
-        ckpt_dir, tag = resolve_ckpt_path(path)
-        full = os.path.join(ckpt_dir, tag)
-        meta = read_meta(full)
-        if "encoder" not in (meta.get("model_config") or {}):
-            raise CheckpointError(f"{full} is not an encoder-decoder checkpoint (no model.encoder in its config)")
-        cfg = OmegaConf.merge(OmegaConf.structured(EncoderDecoderModelConfig), meta["model_config"])
-        cfg.tensor_model_parallel_size = 1
-        cfg.pipeline_model_parallel_size = 1
-        check_encoder_decoder_config(cfg, use_cuda=device != "cpu")  # a received checkpoint's config
-        initialize_parallel(1, 1, accelerator="cpu" if device == "cpu" else "gpu")
-        tok = ensure_mask_token(build_tokenizer(cfg.tokenizer.library, cfg.tokenizer.model))
-        if int(meta.get("vocab_size") or tok.vocab_size) != tok.vocab_size:
-            raise CheckpointError(f"{full}: trained with vocabulary size {meta.get('vocab_size')} but the tokenizer "
-                                  f"{cfg.tokenizer.library} {cfg.tokenizer.model or ''} gives {tok.vocab_size}")
-        model = EncoderDecoderModel(cfg, tok.vocab_size, init_seed=0)
-        state = _load_module_state(full, meta)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise CheckpointError(f"{full} does not match the model built from its config: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
-        model = model.to(device).float()
-        log.info("loaded %s (step %s)", full, meta.get("step"))
-        return cls(model, tok, device=torch.device(device))
+        loaded = load_model(path, map_location=device)
+        if loaded.family != "encdec":
+            raise CheckpointError(f"{path} holds a {loaded.family} model, not an encoder-decoder (latent tools need "
+                                  f"model.encoder / model.decoder)")
+        log.info("loaded %s (step %s)", loaded.info.get("checkpoint", path), loaded.info.get("step"))
+        return cls(loaded.model.float(), loaded.tokenizer, device=torch.device(device))
 
     # ------------------------------------------------------------------ helpers
     def _batch(self, texts: Sequence[str], truncate: bool = False):
@@ -156,8 +118,6 @@ class LatentTools:
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 256,
                generator: Optional[torch.Generator] = None) -> List[str]:
         """Latents ``[S, B, H]`` -> texts (greedy, or sampled with temperature / top-k / top-p)."""
-        from megatron_ext.inference.encdec_generation import generate_from_memory
-
         ids = generate_from_memory(self.model, z.to(self.device), None if mask is None else mask.to(self.device),
                                    bos=self._bos(), eos=self._eos(), max_new_tokens=max_new_tokens, greedy=greedy,
                                    temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,

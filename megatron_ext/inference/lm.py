@@ -8,7 +8,12 @@
 
 Attributes: ``model`` (``GPTModel`` / ``EncoderDecoderModel`` / ``MegaGPTModel``, eval mode), ``tokenizer``,
 ``config`` (the resolved run config as a plain dict, ``config["model"]`` is the model section), ``family``
-(``"gpt"``, ``"encdec"`` or ``"mega"``), ``info`` (the archive manifest when restored from one).
+(``"gpt"``, ``"encdec"`` or ``"mega"``: the entry of :mod:`megatron_ext.models.families`), ``info`` (the
+archive manifest when restored from one, or the checkpoint's step and layout).
+
+``LM.restore_from`` is :func:`megatron_ext.checkpoint.loader.load_model` (an archive, or a run / checkpoint
+directory of any layout, at the current TP layout) with the model wrapped here; ``save_to`` is
+:func:`megatron_ext.checkpoint.archive.save_to` (collective when the model is split).
 """
 from __future__ import annotations
 
@@ -16,22 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-FAMILIES = ("gpt", "encdec", "mega")
-
-
-def model_family(model) -> str:
-    """``"gpt"``, ``"encdec"`` or ``"mega"`` for one of our model classes."""
-    from megatron_ext.models.encoder_decoder import EncoderDecoderModel
-    from megatron_ext.models.gpt import GPTModel
-    from megatron_ext.models.mega_lm import MegaGPTModel
-
-    if isinstance(model, MegaGPTModel):
-        return "mega"
-    if isinstance(model, EncoderDecoderModel):
-        return "encdec"
-    if isinstance(model, GPTModel):
-        return "gpt"
-    raise TypeError(f"{type(model).__name__} is not a GPTModel, EncoderDecoderModel or MegaGPTModel")
+from megatron_ext.checkpoint.archive import save_to as _save_archive
+from megatron_ext.checkpoint.loader import load_model
+from megatron_ext.inference.inspection import get_embeddings as _embeddings
+from megatron_ext.inference.generation import generate as _generate
+from megatron_ext.inference.generation import sample as _sample
+from megatron_ext.inference.scoring import perplexities as _perplexities
+from megatron_ext.models.families import family_of_model
 
 
 class LM:
@@ -39,21 +35,20 @@ class LM:
                  info: Optional[Dict[str, Any]] = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.family = model_family(model)
+        self.family = family_of_model(model).name
         self.config = config or {}
         self.info = info or {}
 
     # ------------------------------------------------------------------ archives
     def save_to(self, path: str) -> str:
-        from megatron_ext.training.archive import save_to
-
-        return save_to(self.model, path, tokenizer=self.tokenizer, config=self.config)
+        return _save_archive(self.model, path, tokenizer=self.tokenizer, config=self.config)
 
     @classmethod
     def restore_from(cls, path: str, *, map_location: Union[str, torch.device] = "cpu") -> "LM":
-        from megatron_ext.training.archive import restore_from
-
-        return restore_from(path, map_location=map_location)
+        loaded = load_model(path, map_location=map_location)
+        lm = cls(loaded.model, loaded.tokenizer, loaded.config, info=loaded.info)
+        lm._files = loaded.files  # the extracted tokenizer file lives as long as the LM (save_to copies it again)
+        return lm
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -86,11 +81,9 @@ class LM:
         an encoder-decoder: the decoder input, given ``source``). With ``get_embeddings=True``:
         ``{"logits", "embeddings"}``, embeddings ``[b, layers + 1, s, hidden]`` (the stack's input, then every
         layer's output). The model's train/eval mode is left as it was."""
-        from megatron_ext.inference.explorer import get_embeddings as _emb
-
         tokens = self.as_batch(x)
         if self.family == "encdec" or get_embeddings:
-            out = _emb(self, tokens, source=source)
+            out = _embeddings(self, tokens, source=source)
             return out if get_embeddings else out["logits"]
         was = self.model.training
         self.model.eval()
@@ -102,25 +95,19 @@ class LM:
     # ------------------------------------------------------------------ generation / scoring
     def generate(self, prompts, **kwargs):
         """Batched generation; see :func:`megatron_ext.inference.generation.generate` for the options."""
-        from megatron_ext.inference.generation import generate
-
-        return generate(self, prompts, **kwargs)
+        return _generate(self, prompts, **kwargs)
 
     def sample(self, pref: Union[str, Sequence[int], torch.Tensor] = "", max_seq_len: int = 100,
                temperature: float = 1.0, nucleus: Optional[float] = None, top_k: Optional[int] = None,
                as_str: bool = True, **kwargs):
         """Seed 003's ``sample``: one continuation of ``pref`` up to ``max_seq_len`` tokens in all (prefix
         included); ``temperature=0`` is argmax; ``nucleus`` and ``top_k`` are mutually exclusive."""
-        from megatron_ext.inference.generation import sample
-
-        return sample(self, pref, max_seq_len=max_seq_len, temperature=temperature, nucleus=nucleus,
+        return _sample(self, pref, max_seq_len=max_seq_len, temperature=temperature, nucleus=nucleus,
                       top_k=top_k, as_str=as_str, **kwargs)
 
     def perplexities(self, data, **kwargs):
         """Seed 003's ``perplexities``; see :func:`megatron_ext.inference.scoring.perplexities`."""
-        from megatron_ext.inference.scoring import perplexities
-
-        return perplexities(self, data, **kwargs)
+        return _perplexities(self, data, **kwargs)
 
 
-__all__ = ["LM", "FAMILIES", "model_family"]
+__all__ = ["LM"]

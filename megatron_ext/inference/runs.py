@@ -19,29 +19,31 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 
+from megatron_ext.config.loader import check_schema
+from megatron_ext.data.samplers import build_pretraining_dataloader
 from megatron_ext.errors import CheckpointError
+from megatron_ext.inference.inspection import load_metrics
+from megatron_ext.inference.lm import LM
+from megatron_ext.models.families import get_family
+from megatron_ext.training.bart_task import BARTTask
+from megatron_ext.training.gpt_task import GPTTask
+
+#: the training task of each model family (the names of megatron_ext.models.families.FAMILIES)
+TASKS = {"gpt": GPTTask, "mega": GPTTask, "encdec": BARTTask}
 
 
 def _typed(lm):
-    from omegaconf import OmegaConf
-
-    from megatron_ext.config.loader import check_schema
-    from megatron_ext.config.schema import BARTConfig, GPTConfig
-
-    return check_schema(OmegaConf.create(lm.config), BARTConfig if lm.family == "encdec" else GPTConfig)
+    return check_schema(OmegaConf.create(lm.config), get_family(lm.family).schema)
 
 
 def _task(lm):
     cfg = _typed(lm)
-    if lm.family == "encdec":
-        from megatron_ext.training.bart_task import BARTTask as Task
-    else:
-        from megatron_ext.training.gpt_task import GPTTask as Task
-    task = Task(cfg, lm.device)  # built as training built it (the LM's config names its tokenizer file)
+    task = TASKS[lm.family](cfg, lm.device)  # built as training built it (the LM's config names its tokenizer file)
     task.model = lm.model
     return task
 
@@ -94,12 +96,6 @@ class RunData:
         return text
 
 
-def load_metrics(run_dir: str) -> Dict[str, List[Tuple[int, float]]]:
-    from megatron_ext.inference.explorer import load_metrics as _lm
-
-    return _lm(run_dir)
-
-
 def resolve_run(run: str, exp_dir: Optional[str] = None) -> str:
     """A run directory, or a version / timestamp searched as ``<exp_dir>/*/<run>`` (exp_dir default
     ``experiments``)."""
@@ -118,10 +114,8 @@ def resolve_run(run: str, exp_dir: Optional[str] = None) -> str:
 
 def load_run(run: str, exp_dir: Optional[str] = None, *, map_location="cpu"):
     """``(lm, data, train_stats, params)`` of a run directory or timestamp (see the module docstring)."""
-    from megatron_ext.training.archive import restore_from_checkpoint
-
     run_dir = resolve_run(run, exp_dir)
-    lm = restore_from_checkpoint(run_dir, map_location=map_location)
+    lm = LM.restore_from(run_dir, map_location=map_location)
     lm.info["run_dir"] = run_dir
     stats = load_metrics(run_dir) if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else {}
     return lm, RunData(lm), stats, dict(lm.config)
@@ -135,8 +129,6 @@ def get_model_by_timestamp(timestamp: str, exp_dir: Optional[str] = None, *, map
 @torch.no_grad()
 def validation_loss(lm, num_global_batches: Optional[int] = None) -> float:
     """The trainer's ``val/loss`` recomputed for ``lm`` (its run config: splits, seeds, batch sizes)."""
-    from megatron_ext.data.samplers import build_pretraining_dataloader
-
     task = _task(lm)
     cfg = task.cfg
     n = int(num_global_batches if num_global_batches is not None else max(1, cfg.trainer.limit_val_batches))

@@ -58,6 +58,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.models.encoder_decoder import resolve_seq_length_dec
 from megatron_ext.text_files import detect_format
 
 PAIR_KEYS = ("source", "target")
@@ -154,7 +155,6 @@ def _bos_eos(lm) -> Tuple[int, int]:
 def _pair_item(lm, src_ids: List[int], tgt_ids: List[int], where: str) -> _Item:
     bos, eos = _bos_eos(lm)
     cfg = lm.model.config
-    from megatron_ext.models.encoder_decoder import resolve_seq_length_dec
 
     s_enc, s_dec = int(cfg.seq_length), resolve_seq_length_dec(cfg)
     if not src_ids:

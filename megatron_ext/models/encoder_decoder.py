@@ -70,6 +70,7 @@ from megatron_ext.config.model_validation import (
     resolve_seq_length_dec,
 )
 from megatron_ext.errors import DataError
+from megatron_ext.hiddens import get_hiddens_module
 from megatron_ext.models.gpt import (
     LMHeadMixin,
     build_output_layer,
@@ -77,7 +78,9 @@ from megatron_ext.models.gpt import (
     padded_vocab_size,
     transformer_layer_kwargs,
 )
+from megatron_ext.models.mega_lm import MegaInferenceCache, build_mega_stack
 from megatron_ext.models.perceiver import PerceiverEncoder
+from megatron_ext.modules.attention import KVCache
 from megatron_ext.modules.common import (
     dropout,
     ensure_model_parallel,
@@ -266,8 +269,6 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
         enc_layer_scope = lambda n: scope(comp["encoder_layer"](n))  # noqa: E731
         self.decoder_arch = str(dec.arch).lower()
         if self.encoder_arch == "mega":
-            from megatron_ext.models.mega_lm import build_mega_stack
-
             with enc_layer_scope(0):
                 self.encoder = build_mega_stack(enc, seq_length=int(cfg.seq_length), is_decoder=False)
         elif self.encoder_arch == "perceiver":
@@ -292,8 +293,6 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
                                               dec_out_init)
         dec_kwargs["causal"] = True
         if self.decoder_arch == "mega":
-            from megatron_ext.models.mega_lm import build_mega_stack
-
             with scope(comp["decoder_layer"](0)):
                 self.decoder = build_mega_stack(dec, seq_length=resolve_seq_length_dec(cfg), is_decoder=True,
                                                 add_cross_attention=True)
@@ -312,7 +311,6 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
             )
         self._pad_masks: dict = {}
         # the hiddens module between encoder and decoder (MIM / VAE transforms and losses), from model.hiddens
-        from megatron_ext.hiddens import get_hiddens_module
 
         hcfg = cfg.get("hiddens", None) if hasattr(cfg, "get") else getattr(cfg, "hiddens", None)
         with scope(comp["hiddens_module"]):
@@ -367,13 +365,10 @@ class EncoderDecoderModel(LMHeadMixin, nn.Module):
     def new_inference_cache(self, batch_size: int, max_length: int):
         """An empty decoder cache for ``batch_size`` rows of up to ``max_length`` decoder positions."""
         if self.decoder_arch == "mega":
-            from megatron_ext.models.mega_lm import MegaInferenceCache
-
             if not self.decoder.supports_inference_cache:
                 raise ValueError(f"model.decoder.mega.truncation={self.config.decoder.mega.truncation!r}: a "
                                  f"truncated EMA has no finite state to cache; generate with use_cache=False")
             return MegaInferenceCache(batch_size, max_length)
-        from megatron_ext.modules.attention import KVCache
 
         return KVCache(batch_size, max_length)
 

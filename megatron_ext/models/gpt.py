@@ -55,6 +55,7 @@ from megatron_ext.config.model_validation import (
 )
 from megatron_ext.config.schema import ModelConfig
 from megatron_ext.errors import DataError
+from megatron_ext.modules.attention import KVCache
 from megatron_ext.modules.common import (
     dropout,
     ensure_model_parallel,
@@ -62,9 +63,11 @@ from megatron_ext.modules.common import (
     make_parallel_config,
     scaled_init_method_normal,
     tp_group,
+    tp_rank,
     tp_world_size,
 )
 from megatron_ext.modules.cross_entropy import vocab_parallel_cross_entropy
+from megatron_ext.modules.linear import ColumnParallelLinear
 from megatron_ext.modules.rotary import RotaryEmbedding
 from megatron_ext.modules.transformer import TransformerBlock
 
@@ -151,8 +154,6 @@ def transformer_layer_kwargs(cfg: ModelConfig, ffn_hidden_size: int, parallel_co
 
 def build_output_layer(cfg: ModelConfig, padded_vocab: int, parallel_config, init_method, tied: bool):
     """The LM head: a column-parallel ``hidden -> padded_vocab/tp`` projection (no weight of its own when tied)."""
-    from megatron_ext.modules.linear import ColumnParallelLinear
-
     return ColumnParallelLinear(
         cfg.hidden_size,
         padded_vocab,
@@ -182,8 +183,6 @@ def gather_vocab_parallel_logits(logits: torch.Tensor, vocab_size: int, trim: bo
 
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, cache: Optional[dict] = None) -> torch.Tensor:
     """Set the logits of padded vocabulary entries (global id >= ``vocab_size``) on this TP rank to -inf."""
-    from megatron_ext.modules.common import tp_rank
-
     local = logits.shape[-1]
     valid = int(vocab_size) - tp_rank() * local
     if valid >= local:
@@ -217,35 +216,6 @@ class LMHeadMixin:
     """The LM head shared by ``GPTModel`` and ``EncoderDecoderModel``. Needs ``embedding.word_embeddings``,
     ``output_layer`` (a column-parallel projection, weight-less when tied), ``share_embeddings_and_output_weights``,
     ``vocab_size`` and a ``_pad_masks`` dict."""
-
-    # ------------------------------------------------------------------ NeMo-style archives on the model itself
-    def save_to(self, path: str, *, tokenizer=None, config=None) -> str:
-        """Write a ``.mext`` archive (see ``megatron_ext.training.archive``). ``tokenizer`` / ``config`` (the run
-        config) default to the ones a restored model carries (``model.tokenizer``, ``model.run_config``)."""
-        from megatron_ext.errors import CheckpointError
-        from megatron_ext.training.archive import save_to
-
-        tokenizer = tokenizer if tokenizer is not None else getattr(self, "tokenizer", None)
-        config = config if config is not None else getattr(self, "run_config", None)
-        if tokenizer is None or config is None:
-            raise CheckpointError("save_to: this model carries no tokenizer / run config; pass them: "
-                                  "model.save_to(path, tokenizer=tokenizer, config=cfg)")
-        return save_to(self, path, tokenizer=tokenizer, config=config)
-
-    @classmethod
-    def restore_from(cls, path: str, *, map_location="cpu"):
-        """The model of a ``.mext`` archive (or run directory), with ``.tokenizer`` and ``.run_config`` attached;
-        ``LM.restore_from`` gives the same model wrapped with sampling / scoring helpers."""
-        from megatron_ext.errors import CheckpointError
-        from megatron_ext.inference.lm import LM
-
-        lm = LM.restore_from(path, map_location=map_location)
-        if not isinstance(lm.model, cls):
-            raise CheckpointError(f"{path} holds a {type(lm.model).__name__} ({lm.family}), not a {cls.__name__}")
-        model = lm.model
-        model.tokenizer, model.run_config = lm.tokenizer, lm.config
-        model._archive_files = getattr(lm, "_files", None)  # keeps the extracted tokenizer file alive
-        return model
 
     def output_weight(self) -> torch.Tensor:
         if self.share_embeddings_and_output_weights:
@@ -370,8 +340,6 @@ class GPTModel(LMHeadMixin, nn.Module):
 
     def new_inference_cache(self, batch_size: int, max_length: int):
         """An empty per-rank ``KVCache`` for ``batch_size`` rows of up to ``max_length`` positions."""
-        from megatron_ext.modules.attention import KVCache
-
         return KVCache(batch_size, max_length)
 
     def forward(

@@ -50,6 +50,8 @@ from megatron_ext.modules.cross_entropy import masked_token_loss
 from megatron_ext.modules.norms import build_norm
 from megatron_ext.modules.rotary import RotaryEmbedding
 from megatron_ext.modules.transformer import TransformerLayer, _tracker_replay_context
+from megatron_ext.parallel.pipeline import pipeline_topology
+from megatron_ext.parallel.state import attach_deepspeed_comm
 
 
 class _Shared:
@@ -167,10 +169,6 @@ def build_gpt_pipeline(cfg: ModelConfig, vocab_size: int, *, init_seed: int,
     """A ``deepspeed.pipe.PipelineModule`` for ``cfg`` over megatron-core's (already initialised) TP x PP x DP
     layout. Returns the module (``.is_pipeline = True``)."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-
-    from megatron_ext.parallel.pipeline import pipeline_topology
-
-    from megatron_ext.parallel.state import attach_deepspeed_comm
 
     check_vocab_size(vocab_size)  # cfg was checked when it was made (config.model_validation)
     attach_deepspeed_comm()  # PipelineModule talks through deepspeed.comm

@@ -1,7 +1,7 @@
 """Mega inside the toolkit: ``model.arch=mega`` for ``pretrain_gpt.py`` and ``arch: mega`` for either side of
 ``pretrain_bart.py``.
 
-The layers are those of the Hugging Face-style API in ``megatron_ext.models.mega`` (``MegaModel`` built without
+The layers are those of the Hugging Face-style API in ``megatron_ext.models.hf_mega`` (``MegaModel`` built without
 its own embeddings); around them the toolkit puts the pieces every model here shares -- megatron-core's
 ``VocabParallelEmbedding`` and output layer (tied by default), the padded-vocabulary masking and
 ``vocab_parallel_cross_entropy`` (``LMHeadMixin``), per-component seeded init -- so training, checkpoints, the
@@ -36,9 +36,13 @@ import torch
 from torch import nn
 
 from megatron_ext.config.model_validation import TRANSFORMER_ONLY_KEYS, check_vocab_size
+from megatron_ext.config.schema import ModelConfig
 from megatron_ext.errors import DataError
-from megatron_ext.models.gpt import LMHeadMixin
+from megatron_ext.models.gpt import LMHeadMixin, build_output_layer, component_ids, init_seed_scope, padded_vocab_size
+from megatron_ext.models.hf_mega import MegaConfig, MegaModel
 from megatron_ext.modules.attention import InferenceCache
+from megatron_ext.modules.common import ensure_model_parallel, init_method_normal, make_parallel_config, tp_group
+from megatron_ext.modules.mega import MegaCache, build_mega_norm
 
 log = logging.getLogger("megatron_ext")
 
@@ -58,9 +62,7 @@ def warn_transformer_only_keys(cfg, prefix: str, defaults) -> None:
 
 def mega_config_from(mega, *, hidden_size: int, num_layers: int, hidden_dropout: float, attention_dropout: float,
                      init_method_std: float, seq_length: int, is_decoder: bool, add_cross_attention: bool = False):
-    """A ``megatron_ext.models.mega.MegaConfig`` (no embeddings: ``vocab_size`` is unused) from ``MegaArchConfig``."""
-    from megatron_ext.models.mega import MegaConfig
-
+    """A ``megatron_ext.models.hf_mega.MegaConfig`` (no embeddings: ``vocab_size`` is unused) from ``MegaArchConfig``."""
     d = int(hidden_size)
     chunk = int(_get(mega, "chunk_size"))
     return MegaConfig(
@@ -105,8 +107,6 @@ class MegaStack(nn.Module):
 
     def __init__(self, mega_config):
         super().__init__()
-        from megatron_ext.models.mega import MegaModel
-        from megatron_ext.modules.mega import build_mega_norm
 
         self.config = mega_config
         self.mega = MegaModel(mega_config, add_embeddings=False)
@@ -155,7 +155,6 @@ class MegaInferenceCache(InferenceCache):
     def _index_select_state(self, rows: torch.Tensor) -> None:
         if self.past is None:
             return
-        from megatron_ext.modules.mega import MegaCache
 
         self.past = tuple(
             MegaCache(tuple(None if t is None else t.index_select(0, rows.to(t.device)) for t in layer),
@@ -187,14 +186,6 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
     def __init__(self, cfg, vocab_size: int, *, init_seed: Optional[int] = None,
                  params_dtype: torch.dtype = torch.float32):
         super().__init__()
-        from megatron_ext.config.schema import ModelConfig
-        from megatron_ext.models.gpt import (
-            build_output_layer,
-            component_ids,
-            init_seed_scope,
-            padded_vocab_size,
-        )
-        from megatron_ext.modules.common import ensure_model_parallel, init_method_normal, make_parallel_config
 
         check_vocab_size(vocab_size)  # the config itself was checked when it was made (config.model_validation)
         warn_transformer_only_keys(cfg, "", ModelConfig())
@@ -271,8 +262,6 @@ class _MegaEmbedding(nn.Module):
     def __init__(self, padded_vocab: int, hidden_size: int, parallel_config, init_method, dropout: float):
         super().__init__()
         from megatron.core.tensor_parallel import VocabParallelEmbedding
-
-        from megatron_ext.modules.common import tp_group
 
         self.word_embeddings = VocabParallelEmbedding(padded_vocab, hidden_size, init_method=init_method,
                                                       config=parallel_config, tp_group=tp_group())

@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_ext.modules.common import InitMethod, check_divisible, tp_group, tp_world_size
+from megatron_ext.modules.common import InitMethod, check_divisible, tp_group, tp_rank, tp_world_size
+from megatron_ext.modules.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_ext.modules.rotary import apply_rotary
 from megatron_ext.parallel.random import (
     DATA_PARALLEL_RNG_TRACKER_NAME,
@@ -57,8 +58,6 @@ from megatron_ext.parallel.random import (
 def ensure_rng_tracker_seeded() -> None:
     """Add the tracker streams if nobody called ``model_parallel_manual_seed`` yet, derived
     from the default generator's seed (does not touch the global generators)."""
-    from megatron_ext.modules.common import tp_rank
-
     tracker = get_rng_tracker()
     if MODEL_PARALLEL_RNG_TRACKER_NAME in tracker.names():
         return
@@ -171,7 +170,6 @@ class ParallelSelfAttention(nn.Module):
         causal: bool = True,
     ):
         super().__init__()
-        from megatron_ext.modules.linear import ColumnParallelLinear, RowParallelLinear
 
         tp = tp_world_size()
         check_divisible(hidden_size, num_attention_heads, "hidden_size / num_attention_heads")
@@ -259,7 +257,6 @@ class ParallelCrossAttention(nn.Module):
         attention_dropout: float = 0.0,
     ):
         super().__init__()
-        from megatron_ext.modules.linear import ColumnParallelLinear, RowParallelLinear
 
         tp = tp_world_size()
         check_divisible(hidden_size, num_attention_heads, "hidden_size / num_attention_heads")

@@ -87,6 +87,7 @@ from torch import Tensor, nn
 
 # EMA_IMPLS: the pure-PyTorch implementations (tests compare them); every accepted ``impl`` is in EMA_IMPL_CHOICES
 # (both defined in config/, with the other allowed values).
+from megatron_ext import kernels
 from megatron_ext.config.model_validation import EMA_IMPL_CHOICES, EMA_IMPLS
 
 
@@ -327,7 +328,6 @@ class MultiHeadEMA(nn.Module):
         """None when the fused kernel can compute this EMA on x's device, else why not."""
         if self.truncation is not None:
             return f"truncation={self.truncation} is not supported by the fused kernel"
-        from megatron_ext import kernels
 
         return kernels.unavailable_reason(x.device)
 
@@ -338,8 +338,6 @@ class MultiHeadEMA(nn.Module):
         return pb, q.squeeze(-1), self.gamma.to(dtype) * self.scale
 
     def _ema_fused(self, x: Tensor, h0: Optional[Tensor], return_state: bool) -> Tuple[Tensor, Optional[Tensor]]:
-        from megatron_ext import kernels
-
         pb, q, g = self._fused_coefficients(x.dtype)
         if x.shape[-1] == 1 and not self.bidirectional:
             # Decoding step: the single-step kernel (ema_step falls back to the differentiable scan

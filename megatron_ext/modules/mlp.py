@@ -13,6 +13,7 @@ from torch import nn
 
 from megatron_ext.config.model_validation import ACTIVATIONS
 from megatron_ext.modules.common import InitMethod, check_divisible, tp_group, tp_world_size
+from megatron_ext.modules.linear import ColumnParallelLinear, RowParallelLinear
 
 
 class ParallelMLP(nn.Module):
@@ -28,7 +29,6 @@ class ParallelMLP(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        from megatron_ext.modules.linear import ColumnParallelLinear, RowParallelLinear
 
         activation = str(activation).lower()
         assert activation in ACTIVATIONS, activation  # checked with the config (config.model_validation)

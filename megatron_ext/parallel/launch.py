@@ -24,7 +24,10 @@ import threading
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from megatron_ext.config.loader import check_config, validate_config
 from megatron_ext.errors import ConfigError
+from megatron_ext.parallel.state import _free_port as fp, read_dist_env, use_cuda
+from megatron_ext.training.exp_manager import resolve_run_dir
 
 EXIT_DIST_FAILURE = 3
 # set in the workers a self-launching parent starts: its pid (the workers die with it)
@@ -100,8 +103,6 @@ def _cpu_count() -> int:
 
 
 def _free_port() -> int:
-    from megatron_ext.parallel.state import _free_port as fp
-
     return fp()
 
 
@@ -112,7 +113,6 @@ def _pinned_version(cfg) -> Optional[str]:
     em = cfg.exp_manager
     if em.version is not None:
         return None  # already the same in every worker
-    from megatron_ext.training.exp_manager import resolve_run_dir
 
     return os.path.basename(resolve_run_dir(em, 0))
 
@@ -144,9 +144,6 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
     (``check_config``, ``validate_config``: schema, architecture, world size) and raises ConfigError for a bad one,
     before any worker process or process group starts; also for ``trainer.num_nodes > 1`` without a launcher.
     """
-    from megatron_ext.config.loader import check_config, validate_config
-    from megatron_ext.parallel.state import read_dist_env, use_cuda
-
     denv = read_dist_env()
     if denv.launched:
         _die_with_parent()

@@ -20,14 +20,17 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from megatron_ext.modules.cross_entropy import masked_token_loss
+from megatron_ext.data.bart import build_bart_datasets
+from megatron_ext.models.families import FAMILIES
+from megatron_ext.models.flops import encdec_flops_per_iteration
+from megatron_ext.models.gpt import GPTModel
+from megatron_ext.modules.common import tp_group, tp_rank, tp_world_size
 
 log = logging.getLogger("megatron_ext")
 
 
 def tp_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Argmax over the full vocabulary of vocab-parallel logits ``[..., V/tp]`` (ties -> lowest id)."""
-    from megatron_ext.modules.common import tp_group, tp_rank, tp_world_size
-
     local_max, local_idx = logits.max(dim=-1)
     world = tp_world_size()
     if world == 1:
@@ -44,13 +47,9 @@ def tp_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 class BARTTask:
     def __init__(self, cfg: DictConfig, device: torch.device):
-        from megatron_ext.tokenizers import build_tokenizer
-        from megatron_ext.tokenizers import ensure_mask_token
-
         self.cfg = cfg
         self.device = device
-        tok = cfg.model.tokenizer
-        self.tokenizer = ensure_mask_token(build_tokenizer(tok.library, tok.model))
+        self.tokenizer = FAMILIES["encdec"].build_tokenizer(cfg.model.tokenizer)  # with BART's <mask>
         self.model = None
 
     @property
@@ -59,14 +58,11 @@ class BARTTask:
         return int(m.seq_length_dec if m.seq_length_dec is not None else m.seq_length)
 
     def build_model(self) -> torch.nn.Module:
-        from megatron_ext.models.encoder_decoder import EncoderDecoderModel
-
-        self.model = EncoderDecoderModel(self.cfg.model, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
+        self.model = FAMILIES["encdec"].build(self.cfg.model, self.tokenizer.vocab_size,
+                                              init_seed=self.cfg.trainer.seed)
         return self.model
 
     def build_datasets(self, num_samples: tuple[int, int, int]):
-        from megatron_ext.data.bart import build_bart_datasets
-
         d = self.cfg.model.data
         seed = d.seed if d.seed is not None else self.cfg.trainer.seed
         return build_bart_datasets(d, self.tokenizer, int(self.cfg.model.seq_length), self.seq_length_dec,
@@ -79,8 +75,6 @@ class BARTTask:
         is token-weighted. With a hiddens module the joint loss adds the module's terms as they are defined there
         (per-sample means over this micro-batch): averaged over micro-batches, each is a mean over the global
         batch's samples, not weighted by tokens. Accuracies are (numerator, denominator) pairs: token-weighted."""
-        from megatron_ext.models.gpt import GPTModel
-
         inner = getattr(model, "module", model)  # the DeepSpeed engine wraps the model
         hm = getattr(inner, "hiddens_module", None)
         if hm is not None:
@@ -108,6 +102,4 @@ class BARTTask:
         return int(self.cfg.model.seq_length) + self.seq_length_dec
 
     def flops_per_iteration(self, global_batch_size: int) -> float:
-        from megatron_ext.models.flops import encdec_flops_per_iteration
-
         return float(encdec_flops_per_iteration(self.cfg.model, self.tokenizer.vocab_size, global_batch_size))

@@ -1,27 +1,19 @@
 """Atomic, resumable checkpoints over DeepSpeed's engine.save_checkpoint / load_checkpoint.
 
-Layout::
-
-    checkpoints/
-        step_0000010/                 one complete checkpoint (DeepSpeed files + ours)
-            mp_rank_00_model_states.pt    (DeepSpeed: module, scheduler, client state)
-            *_optim_states.pt              (DeepSpeed: optimizer / ZeRO partitions)
-            rng_state_rank00000.pt         every rank's python/numpy/torch/CUDA/tracker RNG states
-            meta.json                      step, consumed samples, layout, written LAST (completeness marker)
-        latest                         text file naming the newest complete checkpoint, replaced atomically
+The directory layout, completeness (``meta.json``), ``latest`` and the checks that read files without DeepSpeed live
+in :mod:`megatron_ext.checkpoint.files`; this module writes and loads checkpoints through a DeepSpeed engine.
 
 A save goes to ``.tmp-step_N/``, which is renamed to ``step_N/`` only after every rank finished writing and
 ``meta.json`` is in place; ``latest`` is then replaced with ``os.replace``. A crash at any point leaves either the
-previous checkpoint as "latest" or the new one, never a half-written one. On load, a ``latest`` pointing at a
-missing/incomplete directory falls back to the newest complete one (with a warning).
+previous checkpoint as "latest" or the new one, never a half-written one.
 
 Pruning (``save_top_k``) first renames ``step_N`` to ``.del-step_N`` and then deletes it, so a kill mid-prune never
-leaves a ``step_N`` fragment; :func:`remove_incomplete` (after every save and at the start of a run, which owns the
+leaves a ``step_N`` fragment; ``remove_incomplete`` (after every save and at the start of a run, which owns the
 directory) deletes ``.del-*`` leftovers and incomplete ``step_N`` / ``.tmp-step_N`` directories older than the newest
 complete checkpoint -- never a newer one, which may be the one being written.
 
 A save stops with one line (CheckpointError) when the disk is full, naming the path; the partial ``.tmp-step_N`` is
-removed and ``latest`` still names the previous checkpoint. On resume, :func:`check_files` reads every checkpoint
+removed and ``latest`` still names the previous checkpoint. On resume, ``check_files`` reads every checkpoint
 file's zip directory and ``meta.json`` first (cheap: no tensor data), so a truncated or corrupt file is reported by
 name and the previous complete checkpoint is loaded instead (``Trainer._restore``).
 """
@@ -31,26 +23,18 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
-import zipfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_ext.checkpoint.files import META, find_latest, list_complete, read_meta, remove_incomplete, tag_for
 from megatron_ext.checkpoint.safe_load import load_untrusted
-from megatron_ext.errors import CheckpointError, CorruptCheckpointError
+from megatron_ext.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-_STEP_RE = re.compile(r"^step_(\d+)$")
-META = "meta.json"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:07d}"
 
 
 def _rank() -> int:
@@ -76,97 +60,6 @@ def _atomic_write_text(path: str, text: str) -> None:
         raise
 
 
-def is_complete(ckpt_path: str) -> bool:
-    return os.path.isfile(os.path.join(ckpt_path, META))
-
-
-def list_complete(ckpt_dir: str) -> list[tuple[int, str]]:
-    out = []
-    if os.path.isdir(ckpt_dir):
-        for d in os.listdir(ckpt_dir):
-            m = _STEP_RE.match(d)
-            if m and is_complete(os.path.join(ckpt_dir, d)):
-                out.append((int(m.group(1)), d))
-    return sorted(out)
-
-
-def find_latest(ckpt_dir: str) -> Optional[str]:
-    """Tag of the newest complete checkpoint in ``ckpt_dir`` (None if there is none)."""
-    latest_file = os.path.join(ckpt_dir, "latest")
-    if os.path.isfile(latest_file):
-        with open(latest_file) as f:
-            tag = f.read().strip()
-        if tag and is_complete(os.path.join(ckpt_dir, tag)):
-            return tag
-        log.warning("%s names %r which is missing or incomplete; using the newest complete checkpoint", latest_file, tag)
-    done = list_complete(ckpt_dir)
-    return done[-1][1] if done else None
-
-
-def _tag_step(name: str) -> Optional[int]:
-    m = re.match(r"^(?:\.tmp-|\.del-)?step_(\d+)$", name)
-    return int(m.group(1)) if m else None
-
-
-def remove_incomplete(ckpt_dir: str) -> list:
-    """Delete ``.del-step_N`` leftovers of an interrupted prune, ``.tmp-step_N`` (never renamed) and ``step_N``
-    without ``meta.json`` whose step is older than the newest complete checkpoint (a newer one may be being written).
-    Rank 0 only, by the run that holds the directory's lock. Returns the names removed."""
-    done = list_complete(ckpt_dir)
-    newest = done[-1][0] if done else None
-    removed = []
-    for d in sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []:
-        step = _tag_step(d)
-        path = os.path.join(ckpt_dir, d)
-        if step is None or not os.path.isdir(path):
-            continue
-        if d.startswith(".del-") or (newest is not None and step < newest
-                                      and (d.startswith(".tmp-") or not is_complete(path))):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(d)
-    if removed:
-        log.warning("removed incomplete checkpoint directories in %s: %s", ckpt_dir, ", ".join(removed))
-    return removed
-
-
-def read_meta(path: str) -> Dict[str, Any]:
-    """``<checkpoint>/meta.json`` as a dict with ``step`` and ``consumed_samples``; CorruptCheckpointError naming the
-    file otherwise."""
-    meta_path = os.path.join(path, META)
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-        int(meta["step"]), int(meta["consumed_samples"])
-        return meta
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpointError(
-            f"{meta_path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r}); "
-            f"expected a JSON object with 'step' and 'consumed_samples'"
-        ) from None
-
-
-def check_files(path: str) -> Dict[str, Any]:
-    """Check one checkpoint directory without loading tensors: ``meta.json`` parses, and every ``*.pt`` file (all
-    ranks') is a readable zip archive (a truncated torch file has lost its zip directory). Returns the meta;
-    raises CorruptCheckpointError naming the first bad file."""
-    meta = read_meta(path)
-    for root, _, files in os.walk(path):
-        for name in sorted(files):
-            if not name.endswith(".pt"):
-                continue
-            fp = os.path.join(root, name)
-            try:
-                with zipfile.ZipFile(fp) as z:
-                    z.infolist()
-            except (zipfile.BadZipFile, OSError, ValueError) as e:
-                raise CorruptCheckpointError(
-                    f"{fp} is truncated or corrupt ({e}); expected a complete torch.save file"
-                ) from None
-    return meta
-
-
 def is_disk_full(exc: BaseException, path: str) -> bool:
     """Whether ``exc`` (raised while writing under ``path``) means the disk or quota is full: an OSError
     ENOSPC/EDQUOT, or any write error (torch's zip writer raises a RuntimeError without the errno, e.g.
@@ -187,24 +80,6 @@ class LoadedState:
     step: int
     consumed_samples: int
     meta: Dict[str, Any]
-
-
-def resolve_ckpt_path(path: str) -> tuple[str, str]:
-    """``path`` is a checkpoints dir (uses its latest) or one checkpoint dir. Returns (ckpt_dir, tag)."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"model.ckpt_path: {path} does not exist")
-    if is_complete(path):
-        return os.path.dirname(path), os.path.basename(path)
-    for cand in (path, os.path.join(path, "checkpoints")):
-        if os.path.isdir(cand):
-            tag = find_latest(cand)
-            if tag is not None:
-                return cand, tag
-    raise CheckpointError(
-        f"model.ckpt_path: no complete checkpoint in {path} (expected a step_N directory with {META}, or a "
-        f"directory holding such directories and a 'latest' file)"
-    )
 
 
 class Checkpointer:

@@ -15,7 +15,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from megatron_ext.checkpoint.safe_load import install_safe_checkpoint_engine
 from megatron_ext.errors import ConfigError, MegatronExtError
+from megatron_ext.parallel.state import MPUAdapter, attach_deepspeed_comm
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +169,6 @@ def build_engine(model: torch.nn.Module, optimizer, lr_scheduler, ds_config: Dic
     import deepspeed
     from deepspeed.pipe import PipelineModule
 
-    from megatron_ext.parallel.state import MPUAdapter, attach_deepspeed_comm
-
     attach_deepspeed_comm()
     own_clip = None
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
@@ -275,7 +275,5 @@ def _safe_checkpoint_loading(engine) -> None:
     ``weights_only``): a checkpoint directory from elsewhere -- ``model.ckpt_path=<dir>``, or a resumed run
     directory -- could run code. Its checkpoint engine reads through ``megatron_ext.checkpoint.safe_load`` instead
     (tensors, plain values and DeepSpeed's few optimizer-state types; anything else is refused naming the file)."""
-    from megatron_ext.checkpoint.safe_load import install_safe_checkpoint_engine
-
     deepspeed_internal(engine, "checkpoint_engine", "reading checkpoints through the safe loader")
     install_safe_checkpoint_engine(engine)

@@ -7,7 +7,7 @@ Layout of a run (NeMo-style)::
         metrics.jsonl        one JSON object per logged step: {"step": .., "train/loss": .., ...}
         events.out.tfevents.*  TensorBoard
         wandb/               W&B (when exp_manager.create_wandb_logger)
-        checkpoints/         see megatron_ext.training.checkpointing
+        checkpoints/         see megatron_ext.checkpoint.files
 
 Only global rank 0 writes; the version is chosen on rank 0 and broadcast so all ranks agree.
 
@@ -45,7 +45,9 @@ from typing import Any, Dict, Optional, Set
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from megatron_ext.checkpoint.files import remove_incomplete
 from megatron_ext.errors import ConfigError
+from megatron_ext.parallel.state import read_dist_env
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +200,6 @@ def check_sweep_launch(cfg: DictConfig) -> None:
     if job is None or cfg.exp_manager.version is None or "exp_manager.version" in job["swept_keys"]:
         return
     if int(cfg.trainer.devices) > 1:
-        from megatron_ext.parallel.state import read_dist_env
-
         if not read_dist_env().launched:
             raise ConfigError(
                 f"exp_manager.version={cfg.exp_manager.version!r} with a -m sweep and trainer.devices="
@@ -280,8 +280,6 @@ class ExpManager:
     def _own_run_dir(self) -> None:
         """Rank 0: create the run directory, take its lock, refuse (or with ``overwrite`` clear) the checkpoints of
         an earlier run when this one starts fresh, and remove incomplete checkpoint directories."""
-        from megatron_ext.training.checkpointing import remove_incomplete
-
         try:
             os.makedirs(self.run_dir, exist_ok=True)
         except OSError as e:

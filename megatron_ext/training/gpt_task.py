@@ -8,41 +8,31 @@ import torch
 from omegaconf import DictConfig
 
 from megatron_ext.modules.cross_entropy import masked_token_loss
+from megatron_ext.data.gpt_data import build_gpt_datasets
+from megatron_ext.data.synthetic import build_synthetic_datasets, resolve_synthetic
+from megatron_ext.models.families import family_of_config
+from megatron_ext.models.flops import gpt_flops_per_iteration
 
 log = logging.getLogger("megatron_ext")
 
 
 class GPTTask:
     def __init__(self, cfg: DictConfig, device: torch.device):
-        from megatron_ext.tokenizers import build_tokenizer
-
         self.cfg = cfg
         self.device = device
         tok = cfg.model.tokenizer
-        self.tokenizer = build_tokenizer(tok.library, tok.model)
+        self.tokenizer = family_of_config(cfg.model).build_tokenizer(tok)
         self.model = None
         # model.data.task: a synthetic task (megatron_ext.data.synthetic) instead of the indexed datasets
-        from megatron_ext.data.synthetic import resolve_synthetic
-
         self.synthetic = resolve_synthetic(cfg.model.data, self.tokenizer, cfg.model.seq_length, tok.library)
 
     # --------------------------------------------------------------- building
     def build_model(self) -> torch.nn.Module:
-        """``GPTModel``, or with ``model.pipeline_model_parallel_size > 1`` this rank's stages as a DeepSpeed
-        ``PipelineModule``. Both initialise from ``trainer.seed`` the same way (identical weights at any layout)."""
+        """``GPTModel`` / ``MegaGPTModel`` (``model.arch``), or with ``model.pipeline_model_parallel_size > 1`` this
+        rank's stages as a DeepSpeed ``PipelineModule`` (the builders of :mod:`megatron_ext.models.families`). All
+        initialise from ``trainer.seed`` the same way (identical weights at any layout)."""
         m = self.cfg.model  # checked before any process started (config.model_validation): model.arch is valid
-        if str(m.get("arch", "transformer")).lower() == "mega":
-            from megatron_ext.models.mega_lm import MegaGPTModel
-
-            self.model = MegaGPTModel(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
-        elif m.pipeline_model_parallel_size > 1:
-            from megatron_ext.models.gpt_pipe import build_gpt_pipeline
-
-            self.model = build_gpt_pipeline(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
-        else:
-            from megatron_ext.models.gpt import GPTModel
-
-            self.model = GPTModel(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
+        self.model = family_of_config(m).build(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
         return self.model
 
     @staticmethod
@@ -60,13 +50,9 @@ class GPTTask:
         return (tokens, pos), labels
 
     def build_datasets(self, num_samples: tuple[int, int, int]):
-        from megatron_ext.data.gpt_data import build_gpt_datasets
-
         d = self.cfg.model.data
         seed = d.seed if d.seed is not None else self.cfg.trainer.seed
         if self.synthetic is not None:
-            from megatron_ext.data.synthetic import build_synthetic_datasets
-
             if self.cfg.model.pipeline_model_parallel_size > 1:
                 log.warning("model.data.task=%s with pipeline parallelism: val/exact_match is not computed (the "
                             "pipeline engine computes the loss itself)", self.synthetic.spec.name)
@@ -110,6 +96,4 @@ class GPTTask:
         return int(self.cfg.model.seq_length)
 
     def flops_per_iteration(self, global_batch_size: int) -> float:
-        from megatron_ext.models.flops import gpt_flops_per_iteration
-
         return float(gpt_flops_per_iteration(self.cfg.model, self.tokenizer.vocab_size, global_batch_size))

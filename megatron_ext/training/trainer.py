@@ -29,13 +29,21 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from megatron_ext.checkpoint.consolidated import load_consolidated
+from megatron_ext.checkpoint.files import check_files, find_latest, list_complete, read_meta, resolve_ckpt_path
 from megatron_ext.config.loader import Derived, check_config, validate_config
+from megatron_ext.config.schema import GPTConfig
+from megatron_ext.data.samplers import build_pretraining_dataloader
 from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointError, MegatronExtError
 from megatron_ext.modules.cross_entropy import loss_token_count, loss_token_denominator
 from megatron_ext.parallel import state as pstate
-from megatron_ext.training.checkpointing import Checkpointer, check_files, find_latest, read_meta, resolve_ckpt_path
+from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
+from megatron_ext.training.checkpointing import Checkpointer
 from megatron_ext.training.engine import build_ds_config, build_engine
-from megatron_ext.training.exp_manager import ExpManager
+from megatron_ext.training.exp_manager import ExpManager, _broadcast_str
+from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
+from megatron_ext.training.lr_schedulers import build_scheduler, config_state, keep_config_on_resume
+from megatron_ext.training.optim import build_optimizer
 from megatron_ext.training.throughput import peak_tflops
 
 log = logging.getLogger("megatron_ext")
@@ -82,8 +90,6 @@ def setup_logging(rank: int) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    from megatron_ext.parallel.random import model_parallel_manual_seed
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -92,8 +98,6 @@ def seed_everything(seed: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: DictConfig, task_factory, schema=None):
-        from megatron_ext.config.schema import GPTConfig
-
         cfg = check_config(cfg, schema or GPTConfig)
         self.cfg = cfg
         t = cfg.trainer
@@ -109,8 +113,6 @@ class Trainer:
         self.rank = denv.rank
         setup_logging(self.rank)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
-        from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
-
         if resolve_reuse_host_memory(t.reuse_host_memory, self.on_cuda) and reuse_host_memory():
             log.info("host memory: glibc malloc keeps freed blocks for reuse (trainer.reuse_host_memory)")
         self.dp_rank, self.dp_size = pstate.data_parallel_info()
@@ -138,8 +140,6 @@ class Trainer:
         return t.max_steps * m.global_batch_size, val, 0
 
     def _dataloader(self, dataset, consumed: int):
-        from megatron_ext.data.samplers import build_pretraining_dataloader
-
         return build_pretraining_dataloader(
             dataset,
             consumed_samples=consumed,
@@ -172,20 +172,13 @@ class Trainer:
         return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def _rng_states(self) -> Dict[str, Any]:
-        from megatron_ext.parallel.random import get_all_rng_states
-
         return get_all_rng_states()
 
     # ------------------------------------------------------------------ build
     def _build(self):
-        from megatron_ext.training.lr_schedulers import build_scheduler
-        from megatron_ext.training.optim import build_optimizer
-
         cfg = self.cfg
         model = self.task.build_model().to(self.device)
         if cfg.model.ckpt_path and os.path.isfile(cfg.model.ckpt_path):
-            from megatron_ext.training.consolidated import load_consolidated
-
             info = load_consolidated(model, cfg.model.ckpt_path, cfg.model)
             self._loaded_step = int(info.get("step", 0))
             log.info("loaded consolidated weights from %s (step %d)", cfg.model.ckpt_path, self._loaded_step)
@@ -281,11 +274,6 @@ class Trainer:
         """Load ``latest``, or when one of its files is truncated/corrupt (a warning names it) the newest older
         complete checkpoint that loads. Rank 0 checks the files (``check_files``) and all ranks follow its choice;
         a layout mismatch is not a corrupt file and stops at once."""
-        from megatron_ext.parallel.random import set_all_rng_states
-        from megatron_ext.training.checkpointing import list_complete
-        from megatron_ext.training.exp_manager import _broadcast_str
-        from megatron_ext.training.lr_schedulers import config_state, keep_config_on_resume
-
         ckpt_dir = self.exp.ckpt_dir
         configured = config_state(self.optimizer, self.scheduler)  # before any (maybe partial) load changes it
         older = [d for _, d in reversed(list_complete(ckpt_dir)) if d < latest]

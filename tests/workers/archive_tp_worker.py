@@ -46,7 +46,7 @@ def pipeline(dst):
     task = GPTTask(cfg, torch.device("cpu"))
     model = task.build_model()
     assert getattr(model, "is_pipeline", False)
-    from megatron_ext.training.archive import save_to
+    from megatron_ext.checkpoint.archive import save_to
 
     save_to(model, dst, tokenizer=task.tokenizer, config=cfg)
     destroy_parallel()

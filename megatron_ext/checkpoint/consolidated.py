@@ -20,7 +20,6 @@ optimizer partitions through DeepSpeed's own ``zero_to_fp32`` reader, run once p
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
@@ -29,7 +28,12 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
+from megatron_ext.checkpoint.files import read_meta, resolve_ckpt_path
+from megatron_ext.checkpoint.safe_load import check_untrusted, load_untrusted
 from megatron_ext.errors import CheckpointError
+from megatron_ext.models.gpt import resolve_ffn_hidden_size, resolve_max_position_embeddings
+from megatron_ext.models.gpt_pipe import canonical_name
+from megatron_ext.modules import common as tp_state
 
 log = logging.getLogger("megatron_ext")
 
@@ -83,8 +87,6 @@ def merge_shards(shards: list, dim: int, stride: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- reading DS files
 def _load(path: str) -> Any:
-    from megatron_ext.checkpoint.safe_load import load_untrusted
-
     return load_untrusted(path, "checkpoint file")
 
 
@@ -97,8 +99,6 @@ def _module_states_pp1(path: str, tp_rank: int) -> Dict[str, torch.Tensor]:
 
 
 def _module_states_pipe(path: str, tp_rank: int, num_layers: int) -> Dict[str, torch.Tensor]:
-    from megatron_ext.models.gpt_pipe import canonical_name
-
     out: Dict[str, torch.Tensor] = {}
     files = sorted(glob.glob(os.path.join(path, f"layer_*-model_{tp_rank:02d}-model_states.pt")))
     if not files:
@@ -122,9 +122,7 @@ def _zero_fp32_states(path: str, tp_rank: int) -> Dict[str, torch.Tensor]:
     renamed to ``mp_rank_00``. zero_to_fp32 unpickles them itself without ``weights_only``, so every file is first
     read by ``check_untrusted`` (a file holding anything but tensors and plain values is refused, naming it).
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from megatron_ext.checkpoint.safe_load import check_untrusted
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # start-up cost: deepspeed
 
     tag = "t"
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,24 +146,14 @@ def _zero_fp32_states(path: str, tp_rank: int) -> Dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items() if _is_state_key(k)}
 
 
-def read_meta(path: str) -> Dict[str, Any]:
-    mp = os.path.join(path, "meta.json")
-    if not os.path.isfile(mp):
-        raise CheckpointError(f"{path} is not a complete megatron_ext checkpoint (no meta.json)")
-    with open(mp) as f:
-        return json.load(f)
-
-
 def consolidate_checkpoint(path: str, rules: Optional[Dict[str, Tuple[int, int]]] = None) -> Dict[str, Any]:
     """A checkpoint directory (``.../checkpoints/step_N``, or a run / checkpoints dir: its latest) -> the
     consolidated dict described in the module docstring. ``rules`` ({name: (partition dim, stride)} of the
     tensor-parallel parameters, e.g. read from a model's megatron-core attributes) replaces the GPT name table
     ``partition_rule``, for the other model families."""
-    from megatron_ext.training.checkpointing import resolve_ckpt_path
-
     ckpt_dir, tag = resolve_ckpt_path(path)
     path = os.path.join(ckpt_dir, tag)
-    meta = read_meta(path)
+    meta = read_meta(path, keys=("vocab_size",))
     mcfg = meta.get("model_config")
     if not mcfg:
         raise CheckpointError(f"{path}/meta.json has no model_config (written by an older version?)")
@@ -227,8 +215,6 @@ def _arch_value(cfg, key):
 
 
 def check_architecture(saved: Dict[str, Any], model_cfg, vocab_size: int, where: str) -> None:
-    from megatron_ext.models.gpt import resolve_ffn_hidden_size, resolve_max_position_embeddings
-
     class _C:  # attribute view of the saved dict for the resolve_* helpers
         def __init__(self, d):
             self.__dict__.update(d)
@@ -248,8 +234,6 @@ def check_architecture(saved: Dict[str, Any], model_cfg, vocab_size: int, where:
 def load_consolidated(model: torch.nn.Module, path: str, model_cfg) -> Dict[str, Any]:
     """Copy this rank's shards of a consolidated file into ``model`` (a ``GPTModel`` or a pipeline stage) in
     place. Returns the file's header (step, source, ...)."""
-    from megatron_ext.modules.common import tp_rank, tp_world_size
-
     obj = read_consolidated(path)
     sd = obj["state_dict"]
     vocab = int(getattr(model, "vocab_size", obj["vocab_size"]))
@@ -259,14 +243,12 @@ def load_consolidated(model: torch.nn.Module, path: str, model_cfg) -> Dict[str,
     check_architecture(obj["model_config"], model_cfg, vocab, path)
     pipeline = bool(getattr(model, "is_pipeline", False))
     num_layers = int(model_cfg.num_layers)
-    rank, world = tp_rank(), tp_world_size()
+    rank, world = tp_state.tp_rank(), tp_state.tp_world_size()
     activation = str(model_cfg.activation)
     used = set()
     with torch.no_grad():
         for local_name, p in model.named_parameters():
             if pipeline:
-                from megatron_ext.models.gpt_pipe import canonical_name
-
                 name = canonical_name(local_name, num_layers)
                 if name is None:
                     raise CheckpointError(f"pipeline parameter {local_name} has no GPTModel name")

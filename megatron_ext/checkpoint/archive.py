@@ -1,8 +1,11 @@
 """``.mext`` archives: one file that restores a trained model -- weights, config and tokenizer -- on any layout.
 
-    lm.save_to("gpt.mext")                    # or save_to(model, "gpt.mext", tokenizer=..., config=...)
-    lm = LM.restore_from("gpt.mext")          # TP=1 on CPU, or the current TP layout when one is initialised
+    save_to(model, "gpt.mext", tokenizer=..., config=...)   # any TP / PP / ZeRO layout (collective when split)
+    contents = read_archive("gpt.mext")                      # weights, config, tokenizer file, manifest
     python tools/export_archive.py --input experiments/megatron_gpt/<version> --output gpt.mext
+
+This module knows the file format only; building a model from an archive is ``megatron_ext.checkpoint.loader``
+(``load_model``), and ``megatron_ext.inference.lm.LM.restore_from`` wraps that model for sampling and scoring.
 
 Format: an uncompressed tar with exactly these members::
 
@@ -28,6 +31,7 @@ names (``files``, ``tokenizer.file``) is such a checked member. The weights are 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import io
@@ -38,13 +42,21 @@ import posixpath
 import shutil
 import tarfile
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
 import yaml
+from megatron.core import parallel_state as ps
+from omegaconf import DictConfig, OmegaConf
 
+from megatron_ext.checkpoint.consolidated import merge_shards, shard_of
+from megatron_ext.checkpoint.safe_load import load_untrusted
 from megatron_ext.errors import CheckpointError
+from megatron_ext.models.families import FAMILIES, family_of_model
+from megatron_ext.models.gpt_pipe import canonical_name
+from megatron_ext.modules.common import tp_group, tp_rank, tp_world_size
 from megatron_ext.output_files import write_error
 
 FORMAT = "megatron_ext.archive.v1"
@@ -54,8 +66,6 @@ VOCAB_SUFFIXES = ("word_embeddings.weight", "output_layer.weight")
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _versions() -> Dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("megatron_ext", "megatron-core", "deepspeed"):
         try:
@@ -77,12 +87,10 @@ def _is_vocab_partitioned(name: str) -> bool:
 
 
 def _tp():
-    from megatron_ext.modules.common import tp_group, tp_rank, tp_world_size
-
-    try:
-        return tp_rank(), tp_world_size(), tp_group()
-    except Exception:  # parallel state not initialised: a plain single-process model
+    """(TP rank, TP size, TP group); a plain single-process model (no parallel state set up) is (0, 1, None)."""
+    if not ps.model_parallel_is_initialized():
         return 0, 1, None
+    return tp_rank(), tp_world_size(), tp_group()
 
 
 def _sha256(path: str) -> str:
@@ -94,8 +102,6 @@ def _sha256(path: str) -> str:
 
 
 def _plain(config) -> Dict[str, Any]:
-    from omegaconf import DictConfig, OmegaConf
-
     if config is None:
         return {}
     if isinstance(config, DictConfig):
@@ -112,18 +118,14 @@ def gather_full_state_dict(model) -> Dict[str, torch.Tensor]:
     ``partition_dim`` / ``partition_stride`` attributes, so any of our model families works without a name table.
     Vocabulary-partitioned matrices are trimmed to ``model.vocab_size`` rows.
     """
-    from megatron_ext.training.consolidated import merge_shards
-
     model = _unwrap(model)
     rank, world, group = _tp()
     zero3 = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if zero3:
-        import deepspeed
+        import deepspeed  # start-up cost: only a ZeRO-3 model needs it
 
         ctx = deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
     else:
-        import contextlib
-
         ctx = contextlib.nullcontext()
     vocab = int(getattr(model, "vocab_size"))
     out: Dict[str, torch.Tensor] = {}
@@ -146,10 +148,6 @@ def gather_full_state_dict(model) -> Dict[str, torch.Tensor]:
 
 
 def _merge_pipeline_stages(model, stage_sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    from megatron.core import parallel_state as ps
-
-    from megatron_ext.models.gpt_pipe import canonical_name
-
     num_layers = int(model.num_layers) if hasattr(model, "num_layers") else int(model.cfg.num_layers)
     mine = {}
     for k, v in stage_sd.items():
@@ -177,8 +175,6 @@ def write_archive(path: str, *, state_dict: Dict[str, torch.Tensor], config: Dic
                   vocab_size: int, tokenizer_library: str, tokenizer_file: Optional[str] = None,
                   source: Optional[Dict[str, Any]] = None) -> str:
     """Write a ``.mext`` archive from already-gathered weights (one process). Atomic: a temp name, then rename."""
-    from megatron_ext.inference.lm import FAMILIES
-
     if family not in FAMILIES:
         raise CheckpointError(f"family={family!r}: expected one of {', '.join(FAMILIES)}")
     if not str(path).endswith(".mext"):
@@ -234,13 +230,18 @@ def write_archive(path: str, *, state_dict: Dict[str, torch.Tensor], config: Dic
     return path
 
 
-def save_to(model, path: str, *, tokenizer, config, source: Optional[Dict[str, Any]] = None) -> str:
+def save_to(model, path: str, *, tokenizer=None, config=None, source: Optional[Dict[str, Any]] = None) -> str:
     """Gather ``model`` (any TP / PP / ZeRO layout; collective when split) and write ``path`` (global rank 0).
-    ``config``: the run config (DictConfig or dict) -- at least its ``model`` section."""
-    from megatron_ext.inference.lm import model_family
-
+    ``config``: the run config (DictConfig or dict) -- at least its ``model`` section. ``tokenizer`` / ``config``
+    default to the ones a model from :func:`megatron_ext.checkpoint.loader.restore_model` carries (``.tokenizer``,
+    ``.run_config``)."""
     inner = _unwrap(model)
-    family = "gpt" if getattr(inner, "is_pipeline", False) else model_family(inner)
+    tokenizer = tokenizer if tokenizer is not None else getattr(inner, "tokenizer", None)
+    config = config if config is not None else getattr(inner, "run_config", None)
+    if tokenizer is None or config is None:
+        raise CheckpointError("save_to: this model carries no tokenizer / run config; pass them: "
+                              "save_to(model, path, tokenizer=tokenizer, config=cfg)")
+    family = family_of_model(inner).name
     sd = gather_full_state_dict(inner)
     config = _plain(config)
     if "model" not in config:
@@ -411,8 +412,6 @@ def _extract(path: str, dest: str) -> Dict[str, Any]:
 
 
 def load_weights(path: str, where: str) -> Dict[str, torch.Tensor]:
-    from megatron_ext.checkpoint.safe_load import load_untrusted
-
     sd = load_untrusted(path, WEIGHTS, where=where)
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise CheckpointError(f"{where}: {WEIGHTS} must be a dict of name -> tensor")
@@ -451,8 +450,6 @@ def read_archive(path: str, extract_dir: Optional[str] = None) -> Dict[str, Any]
 # ----------------------------------------------------------------------------------------------- restoring
 def load_full_state_dict(model, sd: Dict[str, torch.Tensor], where: str) -> None:
     """Copy full (gathered) tensors into ``model``, taking this rank's tensor-parallel shard of each."""
-    from megatron_ext.training.consolidated import shard_of
-
     model = _unwrap(model)
     rank, world, _ = _tp()
     targets = {k: v for k, v in model.state_dict(keep_vars=True).items()
@@ -479,147 +476,5 @@ def load_full_state_dict(model, sd: Dict[str, torch.Tensor], where: str) -> None
             t.copy_(full.to(t.dtype))
 
 
-def build_model_from_config(config: Dict[str, Any], family: str, *, tokenizer_model: Optional[str],
-                            device: torch.device):
-    """(model, tokenizer, typed config) built exactly as training builds them, at the current TP size (1 and a
-    one-process group when none is initialised)."""
-    from omegaconf import OmegaConf
-
-    from megatron_ext.config.loader import check_schema
-    from megatron_ext.config.model_validation import check_model_config
-    from megatron_ext.config.schema import BARTConfig, GPTConfig
-    from megatron_ext.parallel.state import initialize_parallel
-
-    rank, world, _ = _tp()
-    if not (dist.is_initialized()):
-        initialize_parallel(1, 1, accelerator="cpu" if device.type == "cpu" else "auto")
-        world = 1
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        initialize_parallel(1, 1, accelerator="cpu" if device.type == "cpu" else "auto")
-        world = 1
-    cfg = dict(config)
-    cfg.pop("hydra", None)
-    schema = BARTConfig if family == "encdec" else GPTConfig
-    typed = check_schema(OmegaConf.create(cfg), schema)
-    m = typed.model
-    m.tensor_model_parallel_size = world
-    m.pipeline_model_parallel_size = 1
-    m.sequence_parallel = False
-    m.ckpt_path = None
-    m.tokenizer.model = tokenizer_model
-    check_model_config(m, use_cuda=device.type == "cuda")  # a received checkpoint's config: the models trust theirs
-    if family == "encdec":
-        from megatron_ext.training.bart_task import BARTTask as Task
-    else:
-        from megatron_ext.training.gpt_task import GPTTask as Task
-    task = Task(typed, device)
-    model = task.build_model()
-    return model.to(device), task.tokenizer, typed
-
-
-def restore_from(path: str, *, map_location="cpu"):
-    """A ``.mext`` archive -> ``LM`` (model in eval mode, tokenizer, config), built at the current TP layout (TP=1
-    in a one-process group if none is initialised). A run or checkpoint directory is accepted too (its latest
-    complete checkpoint, through :func:`archive_from_checkpoint`'s consolidation)."""
-    from megatron_ext.inference.lm import LM
-
-    device = torch.device(map_location)
-    if os.path.isdir(path):
-        return restore_from_checkpoint(path, map_location=map_location)
-    tmp = tempfile.TemporaryDirectory(prefix="mext-")
-    contents = read_archive(path, tmp.name)
-    family = contents["family"]
-    model, tokenizer, typed = build_model_from_config(contents["config"], family,
-                                                      tokenizer_model=contents["tokenizer"]["model"], device=device)
-    if int(tokenizer.vocab_size) != contents["vocab_size"]:
-        raise CheckpointError(f"{path}: the archive's tokenizer has {tokenizer.vocab_size} ids but the weights "
-                              f"were trained with {contents['vocab_size']}")
-    load_full_state_dict(model, contents["state_dict"], path)
-    model.eval()
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.to_container(typed, resolve=True)
-    lm = LM(model, tokenizer, config, info={**contents["manifest"], "path": os.path.abspath(path)})
-    lm._files = tmp  # the extracted tokenizer file lives as long as the LM (save_to copies it again)
-    return lm
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-def _run_config_for(ckpt_path: str) -> Dict[str, Any]:
-    """The run's resolved ``config.yaml`` (written by the exp manager next to ``checkpoints/``)."""
-    d = os.path.dirname(os.path.abspath(ckpt_path))
-    for cand in (os.path.dirname(d), d):
-        p = os.path.join(cand, "config.yaml")
-        if os.path.isfile(p):
-            with open(p) as f:
-                cfg = yaml.safe_load(f)
-            if isinstance(cfg, dict) and "model" in cfg:
-                return cfg
-    raise CheckpointError(f"{ckpt_path}: no config.yaml in its run directory (expected <run>/config.yaml next "
-                          f"to <run>/checkpoints/)")
-
-
-def _family_of(config: Dict[str, Any]) -> str:
-    m = config.get("model") or {}
-    if "encoder" in m and "decoder" in m:
-        return "encdec"
-    return "mega" if str(m.get("arch", "transformer")).lower() == "mega" else "gpt"
-
-
-def consolidate_any(path: str) -> Dict[str, Any]:
-    """A training checkpoint (run dir, checkpoints dir or ``step_N``; any TP/PP/ZeRO layout) -> the consolidated
-    dict of :mod:`megatron_ext.training.consolidated` with the run config added (``config``, ``family``,
-    ``ckpt_path``). Tensor-parallel sharding is read from the parameters of the same model built at TP=1."""
-    from megatron_ext.training.checkpointing import resolve_ckpt_path
-    from megatron_ext.training.consolidated import consolidate_checkpoint, read_meta
-
-    ckpt_dir, tag = resolve_ckpt_path(path)
-    ckpt = os.path.join(ckpt_dir, tag)
-    config = _run_config_for(ckpt_dir)
-    family = _family_of(config)
-    rules = None
-    if int(read_meta(ckpt).get("tp", 1)) > 1:  # shard layout from a TP=1 build of the same model (its megatron-core attributes)
-        tok = (config.get("model") or {}).get("tokenizer") or {}
-        model, _, _ = build_model_from_config(config, family, tokenizer_model=tok.get("model"),
-                                              device=torch.device("cpu"))
-        rules = {k: (int(v.partition_dim), int(v.partition_stride))
-                 for k, v in model.state_dict(keep_vars=True).items() if getattr(v, "tensor_model_parallel", False)}
-        del model
-    obj = consolidate_checkpoint(ckpt, rules=rules)
-    obj.update(config=config, family=family, ckpt_path=ckpt)
-    return obj
-
-
-def archive_from_checkpoint(path: str, out_path: str) -> str:
-    """``tools/export_archive.py``: a run's checkpoint (any layout) -> a ``.mext`` archive, in one process."""
-    obj = consolidate_any(path)
-    tok = (obj["config"].get("model") or {}).get("tokenizer") or {}
-    return write_archive(out_path, state_dict=obj["state_dict"], config=obj["config"], family=obj["family"],
-                         vocab_size=obj["vocab_size"], tokenizer_library=str(tok.get("library", "byte")),
-                         tokenizer_file=tok.get("model"),
-                         source={"checkpoint": obj["ckpt_path"], "step": obj["step"],
-                                 "consumed_samples": obj["consumed_samples"], "layout": obj["source"]})
-
-
-def restore_from_checkpoint(path: str, *, map_location="cpu"):
-    """A run / checkpoint directory -> ``LM`` (latest complete checkpoint, any layout) without writing a file."""
-    from omegaconf import OmegaConf
-
-    from megatron_ext.inference.lm import LM
-
-    obj = consolidate_any(path)
-    tok = (obj["config"].get("model") or {}).get("tokenizer") or {}
-    model, tokenizer, typed = build_model_from_config(obj["config"], obj["family"], tokenizer_model=tok.get("model"),
-                                                      device=torch.device(map_location))
-    load_full_state_dict(model, obj["state_dict"], obj["ckpt_path"])
-    model.eval()
-    info = {"family": obj["family"], "checkpoint": obj["ckpt_path"], "step": obj["step"],
-            "vocab_size": obj["vocab_size"], "source": obj["source"]}
-    return LM(model, tokenizer, OmegaConf.to_container(typed, resolve=True), info=info)
-
-
-__all__ = ["FORMAT", "save_to", "restore_from", "read_archive", "extract_archive", "write_archive",
-           "gather_full_state_dict", "load_full_state_dict", "archive_from_checkpoint", "restore_from_checkpoint",
-           "consolidate_any", "build_model_from_config"]
+__all__ = ["FORMAT", "save_to", "read_archive", "extract_archive", "write_archive", "gather_full_state_dict",
+           "load_full_state_dict", "load_weights"]
