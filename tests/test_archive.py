@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import torch
 
-from conftest import REPO, launch_cmd, multiprocess_env, perturb, run_script
+from helpers import REPO, launch_cmd, multiprocess_env, perturb, run_script
 from megatron_ext.config.loader import load_config
 from megatron_ext.config.schema import BARTConfig
 from megatron_ext.errors import CheckpointError

@@ -34,7 +34,7 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 
-from conftest import REPO, SHARED_DATA, TINY_GPT, run_script
+from helpers import REPO, SHARED_DATA, TINY_GPT, run_script
 
 from megatron_ext.config.schema import ModelConfig
 from megatron_ext.errors import CheckpointError, DataError

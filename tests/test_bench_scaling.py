@@ -6,7 +6,7 @@ JSON lines in the bench format, and DP2 / TP2 train the same model on the same g
 """
 import json
 
-from conftest import run_script
+from helpers import run_script
 
 
 def test_bench_scaling_quick_runs_and_layouts_agree(run_env, cache_home):

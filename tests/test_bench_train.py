@@ -6,7 +6,7 @@ figure present -- a bench that silently breaks when the training code changes is
 """
 import json
 
-from conftest import run_script
+from helpers import run_script
 
 
 def _lines(r):

@@ -11,7 +11,7 @@ from megatron_ext.config.schema import GPTConfig
 from megatron_ext.errors import ConfigError
 from megatron_ext.training.engine import build_ds_config
 
-from conftest import REPO
+from helpers import REPO
 
 GPT_DIR = os.path.join(REPO, "configs", "gpt")
 register_schemas()
@@ -69,7 +69,7 @@ def test_wrong_type_is_error():
 
 
 def test_unknown_key_from_cli_message(run_env):
-    from conftest import run_script
+    from helpers import run_script
 
     r = run_script(["pretrain_gpt.py", "model.hiden_size=64"], run_env, timeout=120)
     assert r.returncode != 0

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, launch_cmd, multiprocess_env
+from helpers import REPO, launch_cmd, multiprocess_env
 
 SMALL = ["+experiment=cpu_smoke", "model.num_layers=4", "model.micro_batch_size=2", "model.global_batch_size=4",
          "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.limit_val_batches=2",

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, run_script
+from helpers import REPO, SHARED_DATA, run_script
 
 transformers = pytest.importorskip("transformers")
 

@@ -428,7 +428,7 @@ dist.destroy_process_group()
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-cache", "node-local-caches"])
 def test_two_ranks_build_same_datasets(tmp_path, tok, shared):
-    from conftest import free_port
+    from helpers import free_port
 
     prefix = write_dataset(str(tmp_path / "d"), marker_docs(tok, 50))
     script = tmp_path / "worker.py"

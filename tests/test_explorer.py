@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_script, tiny_lm
+from helpers import run_script, tiny_lm
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.inference import explorer
 from megatron_ext.parallel.state import initialize_parallel

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, launch_cmd, multiprocess_env, perturb
+from helpers import REPO, launch_cmd, multiprocess_env, perturb
 from megatron_ext.config.schema import EncoderDecoderModelConfig, MegaArchConfig, ModelConfig, TransformerStackConfig
 from megatron_ext.inference.generation import (
     GenerationError,

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port
+from helpers import REPO, free_port
 
 from megatron_ext.parallel.launch import describe_dist_failure, run_workers, strip_launcher_args
 

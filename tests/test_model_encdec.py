@@ -384,7 +384,7 @@ def test_encdec_flops_formula():
 
 @pytest.mark.skipif(importlib.util.find_spec("torch.distributed.run") is None, reason="torchrun not available")
 def test_tp2_matches_tp1(tmp_path):
-    from conftest import launch_cmd, multiprocess_env
+    from helpers import launch_cmd, multiprocess_env
 
     out = tmp_path / "encdec_tp.json"
     env = multiprocess_env()

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, launch_cmd, multiprocess_env
+from helpers import REPO, launch_cmd, multiprocess_env
 
 WORKER = os.path.join(REPO, "tests", "workers", "model_tp_worker.py")
 

@@ -4,7 +4,7 @@ import os
 
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_script
+from helpers import REPO, run_script
 
 SCRIPT = os.path.join(REPO, "pretrain_gpt.py")
 TINY = ["+experiment=cpu_smoke", "model.seq_length=32", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1"]

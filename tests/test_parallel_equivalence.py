@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, launch_cmd, multiprocess_env
+from helpers import REPO, launch_cmd, multiprocess_env
 
 STEPS = 10
 BASE = [

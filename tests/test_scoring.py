@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from conftest import REPO, perturb, run_script, tiny_lm
+from helpers import REPO, perturb, run_script, tiny_lm
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.inference.lm import LM
 from megatron_ext.inference.scoring import perplexities

@@ -25,7 +25,7 @@ from megatron_ext.data.synthetic import (
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.tokenizers import AVAILABLE_TOKENIZERS, CharTokenizer, build_tokenizer
 
-from conftest import run_script
+from helpers import run_script
 
 CHAR = build_tokenizer("char")
 

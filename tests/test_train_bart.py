@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, SHARED_DATA, run_script
+from helpers import REPO, SHARED_DATA, run_script
 
 
 def _text_file(d):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY_GPT as TINY, run_script
+from helpers import REPO, TINY_GPT as TINY, entry_error_in_process, run_script
 
 
 def _metrics(run_dir):
@@ -118,19 +118,23 @@ def test_resume_without_checkpoint_can_be_required(run_env, tmp_path):
     assert "holds no complete checkpoint" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bad_inputs_give_one_clear_message(run_env, tmp_path):
+def test_bad_inputs_give_one_clear_message(run_env, tmp_path, in_process):
+    """The first case through the CLI (exit status 2, one line); the others through the same Trainer in-process."""
     cases = [
         (["model.global_batch_size=5", "model.micro_batch_size=2"], "model.global_batch_size (5)"),
         (["model.data.data_prefix=[/nonexistent/corpus]"], "/nonexistent/corpus"),
         (["model.tokenizer.library=sentencepiece", "model.tokenizer.model=/nonexistent/spm.model"],
          "/nonexistent/spm.model"),
     ]
-    for over, needle in cases:
-        r = run_script(["pretrain_gpt.py", *TINY, "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}", *over],
-                       run_env, timeout=300)
-        assert r.returncode == 2, (over, r.stderr[-2000:])
-        assert needle in r.stderr, (over, r.stderr[-2000:])
-        assert "Traceback" not in r.stderr, (over, r.stderr[-2000:])
+    for i, (over, needle) in enumerate(cases):
+        args = [*TINY, "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}", *over]
+        if i == 0:
+            r = run_script(["pretrain_gpt.py", *args], run_env, timeout=300)
+            assert r.returncode == 2, (over, r.stderr[-2000:])
+            assert needle in r.stderr, (over, r.stderr[-2000:])
+            assert "Traceback" not in r.stderr, (over, r.stderr[-2000:])
+        else:
+            assert needle in entry_error_in_process(args), over
 
 
 def _write_dataset(prefix, docs, dtype):
@@ -144,7 +148,7 @@ def _write_dataset(prefix, docs, dtype):
     b.finalize(prefix + ".idx")
 
 
-def test_bad_data_files_through_pretrain_gpt(run_env, tmp_path):
+def test_bad_data_files_through_pretrain_gpt(run_env, tmp_path, in_process):
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -159,12 +163,14 @@ def test_bad_data_files_through_pretrain_gpt(run_env, tmp_path):
         raw = f.read()
     with open(trunc + ".idx", "wb") as f:
         f.write(raw[: len(raw) // 2])
-    for prefix, needle in ((big, "300"), (trunc, "trunc.idx")):
-        r = run_script(["pretrain_gpt.py", *TINY, "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}",
-                        f"model.data.data_prefix=[{prefix}]"], run_env, timeout=300)
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+    # the truncated index through the CLI (exit status 2, one line), the out-of-vocabulary ids in-process
+    r = run_script(["pretrain_gpt.py", *TINY, "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}",
+                    f"model.data.data_prefix=[{trunc}]"], run_env, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "trunc.idx" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
+    assert "300" in entry_error_in_process([*TINY, "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}",
+                                            f"model.data.data_prefix=[{big}]"])
 
 
 def test_wandb_offline_beside_tensorboard(run_env, tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, launch_cmd, multiprocess_env, run_script
+from helpers import REPO, entry_error_in_process, fit_in_process, launch_cmd, multiprocess_env, run_script
 
 GPT_MEGA = [
     "--config-path=configs/mega", "--config-name=gpt_mega",
@@ -51,14 +51,15 @@ def test_gpt_mega_trains_checkpoints_and_resumes(run_env, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_gpt_mega_variants_run(run_env, tmp_path):
-    """Chunked laplace attention with the simple bias, layernorm, the scan EMA: one step each way."""
-    r = run_script(["pretrain_gpt.py", *GPT_MEGA, "model.global_batch_size=2", "trainer.max_steps=2",
-                    "trainer.val_check_interval=0", f"exp_manager.exp_dir={tmp_path}",
-                    "exp_manager.create_checkpoint_callback=false", "model.mega.chunk_size=8",
-                    "model.mega.attention_activation=laplace", "model.mega.relative_positional_bias=simple",
-                    "model.mega.normalization_type=layernorm", "model.mega.ema_impl=scan"], run_env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+def test_gpt_mega_variants_run(tmp_path, in_process):
+    """Chunked laplace attention with the simple bias, layernorm, the scan EMA: one step each way (in-process)."""
+    res = fit_in_process([*GPT_MEGA[2:], "model.global_batch_size=2", "trainer.max_steps=2",
+                          "trainer.val_check_interval=0", f"exp_manager.exp_dir={tmp_path}",
+                          "exp_manager.create_checkpoint_callback=false", "model.mega.chunk_size=8",
+                          "model.mega.attention_activation=laplace", "model.mega.relative_positional_bias=simple",
+                          "model.mega.normalization_type=layernorm", "model.mega.ema_impl=scan"],
+                         config_dir="configs/mega", config_name="gpt_mega")
+    assert res["step"] == 2
 
 
 @pytest.mark.parametrize("over, key", [
@@ -70,9 +71,14 @@ def test_gpt_mega_variants_run(run_env, tmp_path):
     (["model.mega.ema_impl=magic"], "model.mega.ema_impl"),
     (["model.arch=rnn"], "model.arch"),
 ])
-def test_gpt_mega_bad_config_one_clear_error(run_env, tmp_path, over, key):
-    r = run_script(["pretrain_gpt.py", *GPT_MEGA, "model.global_batch_size=4", "trainer.max_steps=1",
-                    f"exp_manager.exp_dir={tmp_path}", *over], run_env, timeout=300)
+def test_gpt_mega_bad_config_one_clear_error(run_env, tmp_path, over, key, in_process):
+    """The TP case through the CLI (exit status 2, one line, before any worker starts); the model.* cases through
+    the same config composition and Trainer in-process."""
+    args = [*GPT_MEGA, "model.global_batch_size=4", "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}", *over]
+    if "trainer.devices=2" not in over:
+        assert key in entry_error_in_process(args[2:], config_dir="configs/mega", config_name="gpt_mega")
+        return
+    r = run_script(["pretrain_gpt.py", *args], run_env, timeout=300)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and key in err[0], r.stderr[-2000:]
@@ -105,7 +111,7 @@ def test_gpt_mega_data_parallel_zero_matches_one_process(tmp_path, cache_home):
         assert got[6]["train/loss"] == pytest.approx(ref[6]["train/loss"], rel=1e-3), name
 
 
-def test_bart_mega_both_sides_and_mixed(run_env, tmp_path):
+def test_bart_mega_both_sides_and_mixed(run_env, tmp_path, in_process):
     r = run_script(["pretrain_bart.py", *BART_MEGA, "trainer.max_steps=20", "trainer.val_check_interval=20",
                     f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=v0", "model.optim.lr=3e-3",
                     "exp_manager.checkpoint_callback_params.every_n_train_steps=20"], run_env)
@@ -116,11 +122,12 @@ def test_bart_mega_both_sides_and_mixed(run_env, tmp_path):
     # a Mega encoder under a transformer decoder (and the reverse) build and train
     for side in ("encoder", "decoder"):
         other = "decoder" if side == "encoder" else "encoder"
-        r = run_script(["pretrain_bart.py", *BART_MEGA, "trainer.max_steps=1", "trainer.val_check_interval=0",
-                        f"exp_manager.exp_dir={tmp_path}", f"exp_manager.version={side}",
-                        "exp_manager.create_checkpoint_callback=false", f"model.{other}.arch=transformer",
-                        f"model.{other}.num_attention_heads=4"], run_env)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        res = fit_in_process([*BART_MEGA[2:], "trainer.max_steps=1", "trainer.val_check_interval=0",
+                              f"exp_manager.exp_dir={tmp_path}", f"exp_manager.version={side}",
+                              "exp_manager.create_checkpoint_callback=false", f"model.{other}.arch=transformer",
+                              f"model.{other}.num_attention_heads=4"],
+                             bart=True, config_dir="configs/mega", config_name="bart_mega")
+        assert res["step"] == 1
 
 
 def test_encoder_decoder_model_with_mega_stacks_in_process():

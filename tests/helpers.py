@@ -1,0 +1,157 @@
+"""Helpers shared by both test tiers (``tests/unit``, ``tests/integration``): repository paths, the tiny-GPT
+overrides, subprocess launchers and environments, tiny in-memory models, and the in-process paths of the entry
+points (``fit_in_process``, ``entry_error_in_process``) that tests use where they are not about the CLI itself.
+
+Importable as ``helpers`` (pytest's ``pythonpath`` in pyproject.toml puts ``tests/`` on the path)."""
+import os
+import socket
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
+
+# overrides of a GPT small enough for a training subprocess in a test
+TINY_GPT = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.seq_length=32",
+    "model.micro_batch_size=2",
+    "model.global_batch_size=4",
+    "trainer.log_every_n_steps=1",
+    "trainer.limit_val_batches=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def multiprocess_env(**extra) -> dict:
+    """The environment for multi-process (torchrun / gloo) test runs: no inherited rank variables, one OpenMP
+    thread per rank (2 cores), no GPU, unbuffered output, the repo importable; ``extra`` added on top."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def launch_cmd(world: int, script_and_args) -> list:
+    """``python SCRIPT ARGS`` for one process; torchrun with ``world`` local processes (free port) otherwise."""
+    if world == 1:
+        return [sys.executable] + list(script_and_args)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port())] + list(script_and_args)
+
+
+def run_script(args, env, timeout=600, cwd=REPO):
+    """Run a repo script in a subprocess; returns CompletedProcess with text output."""
+    return subprocess.run([sys.executable] + list(args), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def perturb(model, seed: int = 3, scale: float = 0.3):
+    """Add seeded noise to every parameter, so no bias/norm is trivially 0/1 and an untrained model's predictions
+    spread out (greedy outputs are not one repeated token). Returns the model."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_lm(family: str, *, seq_length: int = None, num_layers: int = 2, chunk_size: int = -1, **gpt_kw):
+    """A small perturbed ``LM`` (byte tokenizer) of one family: "gpt" (``gpt_kw`` go to ModelConfig), "mega" or
+    "encdec" (seq 12 -> 10)."""
+    from megatron_ext.config.schema import (EncoderDecoderModelConfig, MegaArchConfig, ModelConfig,
+                                            TransformerStackConfig)
+    from megatron_ext.inference.lm import LM
+    from megatron_ext.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("byte")
+    if family == "gpt":
+        from megatron_ext.models.gpt import GPTModel
+
+        base = dict(num_layers=num_layers, hidden_size=32, num_attention_heads=4, seq_length=seq_length or 32,
+                    hidden_dropout=0.1, attention_dropout=0.1, make_vocab_size_divisible_by=8)
+        base.update(gpt_kw)
+        model = perturb(GPTModel(ModelConfig(**base), tok.vocab_size, init_seed=1))
+    elif family == "mega":
+        from megatron_ext.models.mega_lm import MegaGPTModel
+
+        cfg = ModelConfig(arch="mega", num_layers=num_layers, hidden_size=32, seq_length=seq_length or 16,
+                          hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=8,
+                          mega=MegaArchConfig(ema_projection_size=4, shared_representation_size=16,
+                                              intermediate_size=32, nffn_hidden_size=32, ema_impl="fft",
+                                              chunk_size=chunk_size))
+        model = perturb(MegaGPTModel(cfg, tok.vocab_size, init_seed=2), scale=0.1)
+    elif family == "encdec":
+        from megatron_ext.models.encoder_decoder import EncoderDecoderModel
+
+        common = dict(num_layers=num_layers, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0,
+                      attention_dropout=0.0)
+        cfg = EncoderDecoderModelConfig(encoder=TransformerStackConfig(**common),
+                                        decoder=TransformerStackConfig(**common), seq_length=12, seq_length_dec=10,
+                                        make_vocab_size_divisible_by=8)
+        model = perturb(EncoderDecoderModel(cfg, tok.vocab_size, init_seed=4))
+    else:
+        raise ValueError(family)
+    return LM(model, tok, {})
+
+
+
+
+GPT_CONFIGS = os.path.join(REPO, "configs", "gpt")
+
+
+def compose_entry_config(overrides=(), config_dir: str = "configs/gpt", config_name: str = "megatron_gpt_config"):
+    """The config an entry point's Hydra main receives for ``--config-path=config_dir --config-name=config_name
+    OVERRIDES`` (the same defaults lists, groups such as ``+experiment=...`` and override grammar)."""
+    from hydra import compose, initialize_config_dir
+
+    from megatron_ext.config.loader import register_schemas
+
+    register_schemas()
+    with initialize_config_dir(config_dir=os.path.join(REPO, config_dir), version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def fit_in_process(overrides=(), *, bart: bool = False, config_dir: str = None, config_name: str = None):
+    """Train in this process (a world of one) as ``pretrain_gpt.py`` / ``pretrain_bart.py OVERRIDES`` would:
+    Hydra's composition of the entry point's config, then ``Trainer(cfg, task).fit()``. Returns fit's result."""
+    from megatron_ext.config.schema import BARTConfig, GPTConfig
+    from megatron_ext.training.trainer import Trainer
+
+    if bart:
+        from megatron_ext.training.bart_task import BARTTask as task
+
+        schema, cdir, cname = BARTConfig, "configs/bart", "megatron_bart_config"
+    else:
+        from megatron_ext.training.gpt_task import GPTTask as task
+
+        schema, cdir, cname = GPTConfig, "configs/gpt", "megatron_gpt_config"
+    cfg = compose_entry_config(overrides, config_dir or cdir, config_name or cname)
+    return Trainer(cfg, task, schema=schema).fit()
+
+
+def entry_error_in_process(overrides=(), **kw) -> str:
+    """The ``error: ...`` line an entry point prints (exit status 2) for a bad input, reached in this process: the
+    ``MegatronExtError`` that ``fit_in_process`` raises, as the entry point formats it. Fails the test when the
+    run does not raise one, or when the message spans more than one line."""
+    import pytest
+
+    from megatron_ext.errors import MegatronExtError
+
+    with pytest.raises(MegatronExtError) as ei:
+        fit_in_process(overrides, **kw)
+    line = f"error: {ei.value}"
+    assert "\n" not in line.strip(), line
+    return line
