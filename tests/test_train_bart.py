@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import REPO, SHARED_DATA, run_script
+from helpers import REPO, SHARED_DATA, fit_in_process, run_script
 
 
 def _text_file(d):
@@ -105,7 +105,7 @@ def test_unknown_key_named(tmp_path, run_env):
 
 
 @pytest.mark.parametrize("arch", ["transformer", "perceiver"])
-def test_tp2_matches_tp1_through_the_trainer(tmp_path, run_env, arch):
+def test_tp2_matches_tp1_through_the_trainer(tmp_path, run_env, arch, in_process):
     """Same tolerance as GPT's layouts: step-1 loss rel. 1e-4, step-10 loss rel. 1e-3 (built-in corpus, fp32)."""
     base = ["pretrain_bart.py", "trainer.max_steps=10", "trainer.log_every_n_steps=1", "trainer.val_check_interval=0",
             "exp_manager.create_checkpoint_callback=false", "exp_manager.create_tensorboard_logger=false",
@@ -114,11 +114,14 @@ def test_tp2_matches_tp1_through_the_trainer(tmp_path, run_env, arch):
             "model.encoder.hidden_dropout=0", "model.encoder.attention_dropout=0",
             "model.decoder.hidden_dropout=0", "model.decoder.attention_dropout=0", "exp_manager.version=v"]
     losses = {}
-    for tp in (1, 2):
+    for tp in (1, 2):  # TP1 in this process, TP2 through the CLI (self-launched workers)
         exp = tmp_path / f"tp{tp}"
-        p = run_script(base + [f"exp_manager.exp_dir={exp}", f"trainer.devices={tp}",
-                               f"model.tensor_model_parallel_size={tp}"], run_env, timeout=600)
-        assert p.returncode == 0, p.stderr[-4000:]
+        over = [f"exp_manager.exp_dir={exp}", f"trainer.devices={tp}", f"model.tensor_model_parallel_size={tp}"]
+        if tp == 1:
+            fit_in_process(base[1:] + over, bart=True)
+        else:
+            p = run_script(base + over, run_env, timeout=600)
+            assert p.returncode == 0, p.stderr[-4000:]
         rows = [json.loads(l) for l in (exp / "megatron_bart" / "v" / "metrics.jsonl").read_text().splitlines()]
         losses[tp] = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
     assert abs(losses[2][1] - losses[1][1]) / losses[1][1] < 1e-4, (losses[1][1], losses[2][1])
@@ -154,12 +157,12 @@ def test_seed_quickstart_with_hiddens_mim(tmp_path, data, run_env):
     assert "val/hiddens/mim" in val and "val/tokens_loss" in val
 
 
-def test_mim_and_vae_configs_train_restore_and_latent_tools(tmp_path, run_env):
+def test_mim_and_vae_configs_train_restore_and_latent_tools(tmp_path, run_env, in_process):
+    """Both configs train in this process; the latent tools run through their CLI for the MIM run and through the
+    same LatentTools calls in-process for the VAE run (one line per text either way)."""
     for name in ("mim", "vae"):
-        p = run_script(["pretrain_bart.py", f"--config-name={name}", "trainer.max_steps=4",
-                        "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
-                        f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=v"], run_env, timeout=600)
-        assert p.returncode == 0, p.stderr[-4000:]
+        fit_in_process(["trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
+                        f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=v"], bart=True, config_name=name)
         run = tmp_path / f"megatron_{name}" / "v"
         rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         key = "train/hiddens/mim" if name == "mim" else "train/hiddens/vae/kl_div"
@@ -169,6 +172,20 @@ def test_mim_and_vae_configs_train_restore_and_latent_tools(tmp_path, run_env):
 
         sd = torch.load(run / "checkpoints" / "step_0000004" / "mp_rank_00_model_states.pt", weights_only=False)
         assert any(k.startswith("hiddens_module.") for k in sd["module"])
+        held = tmp_path / "held.txt"
+        held.write_text("To be, or not to be\nAll the world's a stage\n")
+        if name == "vae":
+            from megatron_ext.inference.latents import LatentTools
+
+            lt = LatentTools.from_checkpoint(str(run))
+            dec = dict(greedy=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16,
+                       generator=torch.Generator().manual_seed(0))
+            assert len(lt.interpolate("To be or not", "All the world", steps=3, **dec)) == 3
+            dec.update(greedy=False, max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+            assert len(lt.sample_prior(2, **dec)[1]) == 2
+            res = lt.reconstruction_accuracy(str(held), max_lines=200)
+            assert 0.0 <= res["teacher_forced_token_accuracy"] <= 1.0 and res["lines"] == 2.0
+            continue
         p = run_script(["tools/latents.py", "interpolate", "--ckpt", str(run), "--text", "To be or not",
                         "--text", "All the world", "--steps", "3", "--max-new-tokens", "16"], run_env, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -176,8 +193,6 @@ def test_mim_and_vae_configs_train_restore_and_latent_tools(tmp_path, run_env):
         p = run_script(["tools/latents.py", "sample", "--ckpt", str(run), "--num", "2", "--sample",
                         "--max-new-tokens", "8"], run_env, timeout=300)
         assert p.returncode == 0 and p.stdout.count("\n") == 2, p.stderr[-3000:]
-        held = tmp_path / "held.txt"
-        held.write_text("To be, or not to be\nAll the world's a stage\n")
         p = run_script(["tools/latents.py", "reconstruct", "--ckpt", str(run), "--input", str(held)], run_env,
                        timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -185,7 +200,7 @@ def test_mim_and_vae_configs_train_restore_and_latent_tools(tmp_path, run_env):
         assert 0.0 <= res["teacher_forced_token_accuracy"] <= 1.0 and res["lines"] == 2.0
 
 
-def test_seed_example_hiddens_yaml_with_guided_cls_from_jsonl(tmp_path, run_env):
+def test_seed_example_hiddens_yaml_with_guided_cls_from_jsonl(tmp_path, run_env, in_process):
     """The seed's whole hiddens YAML (configs/bart/hiddens/seed_example.yaml: cond_gaussian + two guided_cls heads,
     a_mim + vae + two guided_cls_loss) on a JSONL dataset whose attribute columns feed the heads."""
     rows = []
@@ -194,13 +209,12 @@ def test_seed_example_hiddens_yaml_with_guided_cls_from_jsonl(tmp_path, run_env)
         rows.append(json.dumps({"text": text.strip(), "logP": 0.5 * (i % 2), "QED": float(i % 7) / 7}))
     path = tmp_path / "mols.jsonl"
     path.write_text("\n".join(rows) + "\n")
-    p = run_script([
-        "pretrain_bart.py", "--config-name=perceiver", "+hiddens@model.hiddens=seed_example", "trainer.max_steps=6",
+    fit_in_process([
+        "+hiddens@model.hiddens=seed_example", "trainer.max_steps=6",
         "trainer.val_check_interval=6", "trainer.limit_val_batches=1", f"exp_manager.exp_dir={tmp_path}",
         "exp_manager.version=v", "model.data.data_impl=jsonl", f"model.data.data_prefix=[{path}]",
         "model.data.attribute_keys=[logP,QED]",
-    ], run_env, timeout=600)
-    assert p.returncode == 0, p.stderr[-4000:]
+    ], bart=True, config_name="perceiver")
     rows = [json.loads(l) for l in
             (tmp_path / "megatron_bart_perceiver" / "v" / "metrics.jsonl").read_text().splitlines()]
     for k in ("train/hiddens/mim", "train/hiddens/vae", "train/hiddens/logP_cls", "train/hiddens/QED_cls",
