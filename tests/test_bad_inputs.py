@@ -41,8 +41,7 @@ from megatron_ext.errors import CheckpointError, DataError
 from megatron_ext.inference.hf_export import consolidated_from_model, export_to_hf
 from megatron_ext.models.gpt import GPTModel
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import convert_to_hf  # noqa: E402
+from megatron_ext.cli import convert_to_hf
 
 
 # ----------------------------------------------------------------------------------------- shared helpers
@@ -797,11 +796,10 @@ def test_cfg_hydra_config_errors_exit_2(run_env, override):
 ######################################################################################################################
 
 def _tools_import(name):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+    """The module behind ``tools/<name>.py`` (its code lives in ``megatron_ext.cli``)."""
+    import importlib
+
+    return importlib.import_module(f"megatron_ext.cli.{name}")
 
 
 def _tools_preprocess(capsys, *args):

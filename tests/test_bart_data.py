@@ -61,13 +61,8 @@ def make_text_lines(n_lines=400, seed=0):
 @pytest.fixture(scope="module")
 def spm_with_mask(tmp_path_factory):
     """A sentencepiece model trained by tools/train_tokenizer.py with --user-defined-symbols '<mask>'."""
-    import sys
+    from megatron_ext.cli import train_tokenizer
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import train_tokenizer
-    finally:
-        sys.path.pop(0)
     d = tmp_path_factory.mktemp("spm")
     corpus = d / "corpus.txt"
     corpus.write_text("\n".join(make_text_lines(800)) + "\n")

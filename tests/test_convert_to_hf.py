@@ -22,8 +22,7 @@ from megatron_ext.inference.hf_export import (  # noqa: E402
 )
 from megatron_ext.models.gpt import GPTModel  # noqa: E402
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import convert_to_hf  # noqa: E402
+from megatron_ext.cli import convert_to_hf  # noqa: E402
 
 VOCAB = 259  # the byte tokenizer's; padded to 264 with make_vocab_size_divisible_by=8
 TOL = 1e-4

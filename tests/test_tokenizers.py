@@ -159,11 +159,8 @@ def test_sentencepiece_pickle_and_identity(spm_model, tmp_path):
 
 
 def test_train_tokenizer_cli_text_and_jsonl(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import train_tokenizer
-    finally:
-        sys.path.pop(0)
+    from megatron_ext.cli import train_tokenizer
+
     lines = make_corpus(1200, seed=3)
     txt = tmp_path / "corpus.txt"
     txt.write_text("\n".join(lines) + "\n", encoding="utf-8")
