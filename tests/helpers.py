@@ -155,3 +155,16 @@ def entry_error_in_process(overrides=(), **kw) -> str:
     line = f"error: {ei.value}"
     assert "\n" not in line.strip(), line
     return line
+
+
+def run_main_in_process(main, args, capsys) -> subprocess.CompletedProcess:
+    """Call a tool's ``main(argv)`` (``megatron_ext.cli.<tool>.main``) in this process: its exit status and what it
+    printed, in the shape of ``subprocess.run``'s result (``returncode``, ``stdout``, ``stderr``), so a test asserts
+    on it as on the tool's subprocess. ``capsys`` is pytest's fixture."""
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's usage errors
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), rc, out, err)

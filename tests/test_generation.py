@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, launch_cmd, multiprocess_env, perturb
+from helpers import REPO, launch_cmd, multiprocess_env, perturb, run_main_in_process
 from megatron_ext.config.schema import EncoderDecoderModelConfig, MegaArchConfig, ModelConfig, TransformerStackConfig
 from megatron_ext.inference.generation import (
     GenerationError,
@@ -388,7 +388,7 @@ def _has_archive() -> bool:
 
 
 @pytest.mark.skipif(not _has_archive(), reason="megatron_ext.training.archive (LM.restore_from) not available")
-def test_cli_generates_one_json_line_per_prompt(tmp_path):
+def test_cli_generates_one_json_line_per_prompt(tmp_path, capsys):
     from megatron_ext.config.loader import load_config
 
     cfg = load_config(overrides=["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
@@ -409,13 +409,19 @@ def test_cli_generates_one_json_line_per_prompt(tmp_path):
                       output="both")
     assert [row["tokens"] for row in rows] == [e["tokens"] for e in expect]
     assert all(row["finish_reason"] == "length" and row["text"] == lm.decode(row["tokens"]) for row in rows)
-    r = _cli(["--model", path, "--prompt", "x", "--top-k", "3", "--top-p", "0.5"])
+    # the error paths through the same main in this process
+    from megatron_ext.cli.generate import main as generate_main
+
+    def _cli_here(args):
+        return run_main_in_process(generate_main, args, capsys)
+
+    r = _cli_here(["--model", path, "--prompt", "x", "--top-k", "3", "--top-p", "0.5"])
     assert r.returncode == 2
     err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("generate: error:") and "top_k" in err[0] and "top_p" in err[0]
-    r = _cli(["--model", str(tmp_path / "missing.mext"), "--prompt", "x"])
+    r = _cli_here(["--model", str(tmp_path / "missing.mext"), "--prompt", "x"])
     assert r.returncode == 2 and "generate: error:" in r.stderr and "missing.mext" in r.stderr
-    r = _cli(["--model", path])
+    r = _cli_here(["--model", path])
     assert r.returncode == 2 and "no prompts" in r.stderr
-    r = _cli(["--model", path, "--input", str(tmp_path / "nope.txt")])
+    r = _cli_here(["--model", path, "--input", str(tmp_path / "nope.txt")])
     assert r.returncode == 2 and "nope.txt" in r.stderr

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from helpers import REPO, perturb, run_script, tiny_lm
+from helpers import REPO, perturb, run_main_in_process, run_script, tiny_lm
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.inference.lm import LM
 from megatron_ext.inference.scoring import perplexities
@@ -318,7 +318,7 @@ def _archive(tmp_path):
     return lm, path
 
 
-def test_evaluate_cli(tmp_path, run_env):
+def test_evaluate_cli(tmp_path, run_env, capsys):
     lm, path = _archive(tmp_path)
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world\n\nsecond line, longer than sixteen tokens for the window\n")
@@ -335,7 +335,10 @@ def test_evaluate_cli(tmp_path, run_env):
     assert printed["min"] == pytest.approx(ref[2], rel=1e-5)
     torch.testing.assert_close(torch.tensor(printed["per_token"]), ref[4], rtol=1e-5, atol=1e-5)
 
-    r = run_script(["tools/evaluate.py", "--model", path, "--text", "hello", "--text", "hi there"], run_env)
+    # the other paths through the same main in this process
+    from megatron_ext.cli.evaluate import main as evaluate_main
+
+    r = run_main_in_process(evaluate_main, ["--model", path, "--text", "hello", "--text", "hi there"], capsys)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     ref = lm.perplexities(["hello", "hi there"])
@@ -348,7 +351,7 @@ def test_evaluate_cli(tmp_path, run_env):
         (["--model", path, "--text", "ab", "--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
         (["--model", path, "--text", "a"], "every sequence has fewer than 2 tokens"),
     ]:
-        r = run_script(["tools/evaluate.py", *args], run_env)
+        r = run_main_in_process(evaluate_main, args, capsys)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         lines = [ln for ln in r.stderr.strip().splitlines() if "Warning" not in ln and "warnings.warn" not in ln]
         assert lines[-1].startswith("evaluate: error: ") and msg in lines[-1], r.stderr
