@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, script_env
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
 
@@ -20,14 +20,7 @@ def cache_home(tmp_path_factory):
 
 @pytest.fixture
 def run_env(cache_home):
-    env = dict(os.environ)
-    env["XDG_CACHE_HOME"] = cache_home
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    for k in ("LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    return env
+    return script_env(cache_home)
 
 
 @pytest.fixture
@@ -68,3 +61,17 @@ def in_process(cache_home, monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def gpt_zero3_dp2_run(tmp_path_factory, cache_home):
+    """One tiny GPT run trained by 2 processes with ZeRO-3 (6 steps; val/loss and a checkpoint at step 6), shared
+    by the tests that need a trained multi-process run rather than a particular one (archive export, checkpoint
+    consolidation). Returns its run directory; tests read it and write elsewhere."""
+    from helpers import GPT_ZERO3_DP2_RUN, run_script
+
+    exp = tmp_path_factory.mktemp("zero3_dp2")
+    r = run_script(["pretrain_gpt.py", *GPT_ZERO3_DP2_RUN, f"exp_manager.exp_dir={exp}", "exp_manager.version=v"],
+                   script_env(cache_home))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return exp / "megatron_gpt" / "v"

@@ -23,6 +23,15 @@ TINY_GPT = [
     "trainer.limit_val_batches=1",
 ]
 
+# the run of the session fixture ``gpt_zero3_dp2_run`` (conftest.py): 2 self-launched processes, ZeRO-3
+GPT_ZERO3_DP2_RUN = [
+    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=32",
+    "model.micro_batch_size=2", "model.global_batch_size=4", "trainer.log_every_n_steps=1",
+    "trainer.limit_val_batches=2", "trainer.max_steps=6", "trainer.val_check_interval=6",
+    "exp_manager.checkpoint_callback_params.every_n_train_steps=6", "model.optim.lr=3e-3", "trainer.devices=2",
+    "model.zero_stage=3",
+]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,6 +48,17 @@ def multiprocess_env(**extra) -> dict:
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
                PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
     env.update(extra)
+    return env
+
+
+def script_env(cache_home: str) -> dict:
+    """The environment of a script run as a subprocess of a test (fixture ``run_env``): this one without the rank
+    variables (an in-process run of a world of one sets them here), the session's XDG cache, unbuffered output."""
+    env = dict(os.environ)
+    env["XDG_CACHE_HOME"] = cache_home
+    env["PYTHONUNBUFFERED"] = "1"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(k, None)
     return env
 
 

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import torch
 
-from helpers import REPO, launch_cmd, multiprocess_env, perturb, run_script
+from helpers import GPT_ZERO3_DP2_RUN, REPO, launch_cmd, multiprocess_env, perturb, run_main_in_process, run_script
 from megatron_ext.config.loader import load_config
 from megatron_ext.config.schema import BARTConfig
 from megatron_ext.errors import CheckpointError
@@ -227,25 +227,31 @@ def _metrics(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-RUN = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=32",
-       "model.micro_batch_size=2", "model.global_batch_size=4", "trainer.log_every_n_steps=1",
-       "trainer.limit_val_batches=2", "trainer.max_steps=6", "trainer.val_check_interval=6",
-       "exp_manager.checkpoint_callback_params.every_n_train_steps=6", "model.optim.lr=3e-3", "trainer.devices=2"]
+RUN = [o for o in GPT_ZERO3_DP2_RUN if o != "model.zero_stage=3"]  # 2 self-launched processes, 6 steps
 
 
 @pytest.mark.parametrize("layout", [["model.zero_stage=3"], ["model.tensor_model_parallel_size=2"]],
                          ids=["zero3_dp2", "tp2"])
-def test_export_from_run_reproduces_val_loss_and_greedy(tmp_path, run_env, layout):
+def test_export_from_run_reproduces_val_loss_and_greedy(tmp_path, run_env, layout, request, capsys):
+    """ZeRO-3: the session's shared run (helpers.GPT_ZERO3_DP2_RUN = RUN + ZeRO-3), exported through the tool's
+    CLI; TP2: a run of its own, exported through the same main in-process."""
+    from megatron_ext.cli.export_archive import main as export_main
     from megatron_ext.inference.runs import validation_loss, verify_stable_load
 
-    r = run_script(["pretrain_gpt.py", *RUN, *layout, f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=v"],
-                   run_env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    run_dir = str(tmp_path / "megatron_gpt" / "v")
+    if layout == ["model.zero_stage=3"]:
+        run_dir = str(request.getfixturevalue("gpt_zero3_dp2_run"))
+    else:
+        r = run_script(["pretrain_gpt.py", *RUN, *layout, f"exp_manager.exp_dir={tmp_path}",
+                        "exp_manager.version=v"], run_env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        run_dir = str(tmp_path / "megatron_gpt" / "v")
     logged = [m["val/loss"] for m in _metrics(run_dir) if "val/loss" in m and m["step"] == 6]
     assert len(logged) == 1
     out = str(tmp_path / "run.mext")
-    r = run_script(["tools/export_archive.py", "--input", run_dir, "--output", out], run_env)
+    if layout == ["model.zero_stage=3"]:
+        r = run_script(["tools/export_archive.py", "--input", run_dir, "--output", out], run_env)
+    else:
+        r = run_main_in_process(export_main, ["--input", run_dir, "--output", out], capsys)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 6" in r.stdout
     lm = LM.restore_from(out)  # one CPU process, TP=1

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, launch_cmd, multiprocess_env
+from helpers import GPT_ZERO3_DP2_RUN, REPO, fit_in_process, launch_cmd, multiprocess_env
 
 SMALL = ["+experiment=cpu_smoke", "model.num_layers=4", "model.micro_batch_size=2", "model.global_batch_size=4",
          "trainer.max_steps=6", "trainer.val_check_interval=6", "trainer.limit_val_batches=2",
@@ -46,7 +46,7 @@ def tp2pp2_run(tmp_path_factory, env):
     return exp
 
 
-def test_tp2pp2_to_tp1_same_val_loss(tp2pp2_run, env):
+def test_tp2pp2_to_tp1_same_val_loss(tp2pp2_run, env, in_process):
     exp = tp2pp2_run
     run = exp / "gpt_smoke" / "tp2pp2"
     trained_val = _val_losses(run)[-1]
@@ -57,7 +57,8 @@ def test_tp2pp2_to_tp1_same_val_loss(tp2pp2_run, env):
     assert obj["format"] == "megatron_ext.consolidated.v1" and obj["step"] == 6
     assert obj["state_dict"]["embedding.word_embeddings.weight"].shape[0] == obj["vocab_size"]
     assert all(t.dtype == torch.float32 for t in obj["state_dict"].values())
-    _pretrain(env, exp, "eval_tp1", 1, ["trainer.limit_train_batches=0", f"model.ckpt_path={out}"])
+    fit_in_process(SMALL + [f"exp_manager.exp_dir={exp}", "exp_manager.version=eval_tp1",
+                            "trainer.limit_train_batches=0", f"model.ckpt_path={out}"])  # one process: in this one
     (val,) = _val_losses(exp / "gpt_smoke" / "eval_tp1")
     assert abs(val - trained_val) < 1e-5, (val, trained_val)
 
@@ -91,13 +92,15 @@ def test_resume_with_other_layout_says_how_to_convert(tp2pp2_run, env):
     assert msg.startswith("error: ") and "tensor_model_parallel_size 2 -> 1" in msg and "convert_checkpoint.py" in msg
 
 
-def test_zero3_dp2_consolidates(tmp_path, env):
-    _pretrain(env, tmp_path, "z3", 2, ["model.zero_stage=3"])
-    run = tmp_path / "gpt_smoke" / "z3"
+def test_zero3_dp2_consolidates(tmp_path, env, gpt_zero3_dp2_run, in_process):
+    """The session's shared ZeRO-3 DP2 run, consolidated by the tool; evaluated at TP1 in this process."""
+    run = gpt_zero3_dp2_run
     out = tmp_path / "z3.pt"
     p = _convert(env, "--input", str(run / "checkpoints"), "--output", str(out))
     assert p.returncode == 0, p.stderr[-3000:]
-    _pretrain(env, tmp_path, "eval", 1, ["trainer.limit_train_batches=0", f"model.ckpt_path={out}"])
+    one = [o for o in GPT_ZERO3_DP2_RUN if o not in ("trainer.devices=2", "model.zero_stage=3")]
+    fit_in_process(one + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.name=gpt_smoke", "exp_manager.version=eval",
+                          "trainer.limit_train_batches=0", f"model.ckpt_path={out}"])
     (val,) = _val_losses(tmp_path / "gpt_smoke" / "eval")
     assert abs(val - _val_losses(run)[-1]) < 1e-5
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Convert GPT checkpoints between parallel layouts.
 
-The command line of ``megatron_ext/cli/convert_checkpoint.py`` (its docstring and ``python tools/convert_checkpoint.py --help`` describe it)."""
+The command line of ``megatron_ext/cli/convert_checkpoint.py`` (its docstring and ``python tools/convert_checkpoint.py --help``
+describe it)."""
 import os
 import sys
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Export a trained GPT to a Hugging Face ``transformers`` model directory (weights, config, tokenizer).
 
-The command line of ``megatron_ext/cli/convert_to_hf.py`` (its docstring and ``python tools/convert_to_hf.py --help`` describe it)."""
+The command line of ``megatron_ext/cli/convert_to_hf.py`` (its docstring and ``python tools/convert_to_hf.py --help``
+describe it)."""
 import os
 import sys
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Score text with a trained model: perplexity (or cross entropy) as one JSON object.
 
-The command line of ``megatron_ext/cli/evaluate.py`` (its docstring and ``python tools/evaluate.py --help`` describe it)."""
+The command line of ``megatron_ext/cli/evaluate.py`` (its docstring and ``python tools/evaluate.py --help``
+describe it)."""
 import os
 import sys
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Generate text from a trained model (any family: GPT, Mega GPT, encoder-decoder).
 
-The command line of ``megatron_ext/cli/generate.py`` (its docstring and ``python tools/generate.py --help`` describe it)."""
+The command line of ``megatron_ext/cli/generate.py`` (its docstring and ``python tools/generate.py --help``
+describe it)."""
 import os
 import sys
 

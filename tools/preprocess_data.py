@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Tokenize a corpus into Megatron MMIDIDX ``.bin/.idx`` datasets.
 
-The command line of ``megatron_ext/cli/preprocess_data.py`` (its docstring and ``python tools/preprocess_data.py --help`` describe it)."""
+The command line of ``megatron_ext/cli/preprocess_data.py`` (its docstring and ``python tools/preprocess_data.py --help``
+describe it)."""
 import os
 import sys
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train a sentencepiece tokenizer for ``model.tokenizer.library=sentencepiece``.
 
-The command line of ``megatron_ext/cli/train_tokenizer.py`` (its docstring and ``python tools/train_tokenizer.py --help`` describe it)."""
+The command line of ``megatron_ext/cli/train_tokenizer.py`` (its docstring and ``python tools/train_tokenizer.py --help``
+describe it)."""
 import os
 import sys
 
