@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from helpers import run_script, tiny_lm
+from helpers import fit_in_process, tiny_lm
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.inference import explorer
 from megatron_ext.parallel.state import initialize_parallel
@@ -288,13 +288,12 @@ def test_load_and_plot_metrics(tmp_path):
         explorer.load_metrics(broken)
 
 
-def test_plot_metrics_of_a_real_training_run(run_env, tmp_path):
-    r = run_script(["pretrain_gpt.py", "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=4",
+def test_plot_metrics_of_a_real_training_run(tmp_path, in_process):
+    fit_in_process(["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=4",
                     "model.seq_length=16", "model.micro_batch_size=2", "model.global_batch_size=2",
                     "trainer.max_steps=5", "trainer.log_every_n_steps=1", "trainer.val_check_interval=5",
                     "trainer.limit_val_batches=1", "exp_manager.create_checkpoint_callback=false",
-                    f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=v0"], run_env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+                    f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=v0"])
     run = tmp_path / "megatron_gpt" / "v0"
     metrics = explorer.load_metrics(run)
     assert [s for s, _ in metrics["train/loss"]] == [1, 2, 3, 4, 5]

@@ -25,7 +25,7 @@ from megatron_ext.data.synthetic import (
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.tokenizers import AVAILABLE_TOKENIZERS, CharTokenizer, build_tokenizer
 
-from helpers import run_script
+from helpers import entry_error_in_process, run_script
 
 CHAR = build_tokenizer("char")
 
@@ -278,11 +278,15 @@ def test_task_params_without_task_and_prefix_with_task():
     assert isinstance(p, TaskParams) and (p.min_len, p.max_len, p.alphabet) == (1, 10, "abcdefghij")
 
 
-def test_bad_task_config_through_pretrain_gpt(run_env, tmp_path):
-    for over, needle in ((["model.tokenizer.library=byte"], "model.tokenizer.library"),
-                         (["model.data.task=palindrome"], "reverse, sort")):
-        r = run_script(["pretrain_gpt.py", "+experiment=copy_task", "trainer.max_steps=1",
-                        f"exp_manager.exp_dir={tmp_path}", *over], dict(run_env, OMP_NUM_THREADS="1"), timeout=300)
+def test_bad_task_config_through_pretrain_gpt(run_env, tmp_path, in_process):
+    """The first case through the CLI (exit status 2, one line), the second through the same Trainer in-process."""
+    for i, (over, needle) in enumerate(((["model.tokenizer.library=byte"], "model.tokenizer.library"),
+                                        (["model.data.task=palindrome"], "reverse, sort"))):
+        args = ["+experiment=copy_task", "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}", *over]
+        if i:
+            assert needle in entry_error_in_process(args)
+            continue
+        r = run_script(["pretrain_gpt.py", *args], dict(run_env, OMP_NUM_THREADS="1"), timeout=300)
         assert r.returncode == 2, r.stderr[-2000:]
         assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error:")]) == 1
