@@ -5,11 +5,12 @@ layout: step-1 loss within 1e-4 (relative) of the single process, step-10 loss w
 gradient norm within 1e-4 (pipeline stages must count every stage's parameters).
 """
 import json
+import os
 import subprocess
 
 import pytest
 
-from helpers import REPO, launch_cmd, multiprocess_env
+from helpers import REPO, fit_in_process, launch_cmd, multiprocess_env
 
 STEPS = 10
 BASE = [
@@ -31,12 +32,28 @@ VARIANT = ["model.share_embeddings_and_output_weights=false", "model.position_em
 
 
 def _run(tmp_path, env, name, world, overrides):
+    """Train under torchrun with ``world`` processes; a world of one (the baselines) trains in this process."""
     exp = tmp_path / name
     args = BASE + list(overrides) + [f"exp_manager.exp_dir={exp}", f"trainer.devices={world}",
                                      "exp_manager.version=v"]
-    cmd = launch_cmd(world, ["pretrain_gpt.py"] + args)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    if world == 1:
+        import torch
+
+        saved, threads = os.environ.get("XDG_CACHE_HOME"), torch.get_num_threads()
+        os.environ["XDG_CACHE_HOME"] = env["XDG_CACHE_HOME"]
+        torch.set_num_threads(1)
+        try:
+            fit_in_process(args)
+        finally:
+            torch.set_num_threads(threads)
+            if saved is None:
+                os.environ.pop("XDG_CACHE_HOME")
+            else:
+                os.environ["XDG_CACHE_HOME"] = saved
+    else:
+        cmd = launch_cmd(world, ["pretrain_gpt.py"] + args)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name}: {proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     rows = [json.loads(l) for l in (exp / "gpt_smoke" / "v" / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "train/loss" in r}
 
