@@ -28,7 +28,7 @@ from megatron_ext.data.bart import (
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.tokenizers import build_tokenizer, ensure_mask_token, with_added_special_tokens
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO  # noqa: E402
 SHAKESPEARE = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
 MASK = 259  # byte tokenizer: 256 eod, 257 pad, 258 bos, 259 mask
 

@@ -22,7 +22,7 @@ from megatron_ext.modules.mega_ema import EMAKernelFallbackWarning, MultiHeadEMA
 from test_mega_ema import PARAMS, TOL, random_mask, split_points  # shared helpers of the EMA tests
 from test_mega_ema import make as _make
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO  # noqa: E402
 CSRC = os.path.join(REPO, "csrc")
 CUDA = torch.cuda.is_available()
 

@@ -25,7 +25,7 @@ from megatron_ext.hiddens import (
     unregister_hidden_transform,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO  # noqa: E402
 LOG_2PI = math.log(2 * math.pi)
 H = 8
 

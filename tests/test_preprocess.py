@@ -1,11 +1,8 @@
 """tools/preprocess_data.py: outputs read back with megatron-core's IndexedDataset."""
 import filecmp
-import importlib.util
 import json
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,14 +15,10 @@ from megatron_ext.tokenizers import (
     train_sentencepiece,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO  # noqa: E402
 SHAKESPEARE = os.environ.get("TEST_SHAKESPEARE", os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt"))
-SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")
 
-_spec = importlib.util.spec_from_file_location("preprocess_data", SCRIPT)
-pp = importlib.util.module_from_spec(_spec)
-sys.modules["preprocess_data"] = pp  # worker processes pickle its functions by module name
-_spec.loader.exec_module(pp)
+from megatron_ext.cli import preprocess_data as pp  # noqa: E402  (the code of tools/preprocess_data.py)
 
 
 def _indexed_dataset(prefix):
@@ -288,16 +281,6 @@ def test_input_and_tokenizer_errors(tmp_path, corpus, capsys):
     f.write_bytes(b"ok\ncaf\xe9\n")
     rc, out = run_pp(["--input", f, "--output-prefix", tmp_path / "x", "--workers", 1], capsys)
     _assert_clean_error(rc, out, "line 2", "UTF-8")
-
-
-def test_cli_subprocess_exit_code_and_summary(tmp_path):
-    f = tmp_path / "in.jsonl"
-    f.write_text('{"text": "fine"}\n{"text": oops}\n')
-    proc = subprocess.run([sys.executable, SCRIPT, "--input", str(f), "--output-prefix",
-                           str(tmp_path / "o"), "--workers", "2"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert f"{f}, line 2: not valid JSON" in proc.stderr
 
 
 def test_output_feeds_megatron_gpt_dataset(corpus, tmp_path):

@@ -3,7 +3,6 @@ import json
 import os
 import pickle
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from megatron_ext.tokenizers import (
     train_sentencepiece,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 UNICODE_TEXTS = [
     "plain ascii",
