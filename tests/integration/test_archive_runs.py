@@ -1,15 +1,17 @@
-""".mext archives from real runs: exported from multi-process runs (ZeRO-3, TP2; restored at TP2 too), the export tool's errors, save_to from a pipeline."""
+""".mext archives from real runs: exported from multi-process runs (ZeRO-3, TP2; restored at TP2 too), the export
+tool's errors, save_to from a pipeline."""
 import json
 import os
 import subprocess
+
 import pytest
 import torch
+
 from helpers import GPT_ZERO3_DP2_RUN, REPO, launch_cmd, multiprocess_env, run_main_in_process, run_script
 from megatron_ext.config.loader import load_config
 from megatron_ext.inference.lm import LM
 from megatron_ext.parallel.state import initialize_parallel
 from megatron_ext.training import archive as A
-
 
 
 WORKER = os.path.join(REPO, "tests", "workers", "archive_tp_worker.py")

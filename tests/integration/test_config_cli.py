@@ -1,6 +1,7 @@
 """The config error of an entry point's command line (a subprocess): an unknown key is named."""
 from megatron_ext.config.loader import register_schemas
 
+
 register_schemas()
 
 

@@ -1,15 +1,17 @@
-"""tools/convert_to_hf.py as a command: its errors, consolidated .pt and .mext inputs, and end to end from a training checkpoint."""
+"""tools/convert_to_hf.py as a command: its errors, consolidated .pt and .mext inputs, and end to end from a training
+checkpoint."""
 import dataclasses
 import json
 import os
+
 import pytest
 import torch
-from helpers import SHARED_DATA, fit_in_process, run_script
-from megatron_ext.config.schema import ModelConfig  # noqa: E402
-from megatron_ext.inference.hf_export import consolidated_from_model
-from megatron_ext.models.gpt import GPTModel  # noqa: E402
-from megatron_ext.cli import convert_to_hf  # noqa: E402
 
+from helpers import SHARED_DATA, fit_in_process, run_script
+from megatron_ext.cli import convert_to_hf
+from megatron_ext.config.schema import ModelConfig
+from megatron_ext.inference.hf_export import consolidated_from_model
+from megatron_ext.models.gpt import GPTModel
 
 
 transformers = pytest.importorskip("transformers")

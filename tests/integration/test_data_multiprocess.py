@@ -1,18 +1,18 @@
 """Datasets built by two ranks (torchrun, gloo): the same samples on both, with a shared or a node-local cache."""
 from __future__ import annotations
+
 import glob
 import os
 import subprocess
 import sys
+
 import numpy as np
 import pytest
+
+from helpers import REPO
 from megatron_ext.config.schema import DataConfig
 from megatron_ext.data.gpt_data import build_gpt_datasets
 from megatron_ext.tokenizers import build_tokenizer
-
-
-
-from helpers import REPO  # noqa: E402
 
 
 @pytest.fixture(scope="module")

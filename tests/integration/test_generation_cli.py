@@ -1,15 +1,17 @@
-"""Generation across processes and through tools/generate.py: TP2 cached greedy equals TP1 (torchrun); the CLI writes one JSON line per prompt."""
+"""Generation across processes and through tools/generate.py: TP2 cached greedy equals TP1 (torchrun); the CLI writes
+one JSON line per prompt."""
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+
 import pytest
 import torch
+
 from helpers import REPO, launch_cmd, multiprocess_env, perturb, run_main_in_process
 from megatron_ext.inference.generation import generate
 from megatron_ext.inference.lm import LM
-
 
 
 def _perturb(model, seed=5, scale=0.3):

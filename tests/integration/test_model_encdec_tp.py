@@ -3,13 +3,14 @@ import importlib.util
 import json
 import os
 import subprocess
+
 import pytest
+
+from helpers import REPO
 from megatron_ext.parallel.state import initialize_parallel
 
+
 S_ENC, S_DEC = 12, 10
-
-
-from helpers import REPO  # noqa: E402
 
 
 WORKER = os.path.join(REPO, "tests", "workers", "encdec_tp_worker.py")

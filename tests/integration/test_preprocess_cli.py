@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO
 
 
 SCRIPT = os.path.join(REPO, "tools", "preprocess_data.py")

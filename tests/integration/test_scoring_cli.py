@@ -1,11 +1,12 @@
 """tools/evaluate.py: the command line (one subprocess; its other paths through the same main in-process)."""
 import json
+
 import pytest
 import torch
+
 from helpers import perturb, run_main_in_process, run_script
 from megatron_ext.inference.lm import LM
 from megatron_ext.parallel.state import initialize_parallel
-
 
 
 @pytest.fixture(autouse=True, scope="module")

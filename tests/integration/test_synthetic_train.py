@@ -1,9 +1,10 @@
-"""Synthetic tasks through pretrain_gpt.py: the copy_task preset learns the copy task end to end; bad task configs are one clear error."""
+"""Synthetic tasks through pretrain_gpt.py: the copy_task preset learns the copy task end to end; bad task configs
+are one clear error."""
 import json
 import os
 import time
-from helpers import entry_error_in_process, run_script
 
+from helpers import entry_error_in_process, run_script
 
 
 def test_bad_task_config_through_pretrain_gpt(run_env, tmp_path, in_process):
