@@ -188,3 +188,26 @@ def run_main_in_process(main, args, capsys) -> subprocess.CompletedProcess:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(list(args), rc, out, err)
+
+
+def write_dataset(prefix: str, docs, dtype=None) -> str:
+    """Write token lists as a Megatron .bin/.idx pair (one document per list; uint16 tokens by default)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16 if dtype is None else dtype)
+    for doc in docs:
+        builder.add_document(np.asarray(doc, dtype=np.int64), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def text_docs(tok, texts):
+    """Token lists of ``texts``, each ending with the tokenizer's end-of-document id."""
+    return [tok.tokenize(t) + [tok.eod] for t in texts]
+
+
+def marker_docs(tok, n):
+    """Document i is '<iii>' five times, so every sample tells which documents it came from."""
+    return text_docs(tok, [f"<{i:03d}>" * 5 for i in range(n)])

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import marker_docs, text_docs, write_dataset
 from megatron_ext.config.schema import DataConfig
 from megatron_ext.data.default_corpus import corpus_documents, ensure_default_corpus, read_manifest
 from megatron_ext.data.gpt_data import build_gpt_datasets, parse_data_prefix
@@ -29,27 +30,6 @@ from megatron_ext.tokenizers import build_tokenizer
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer("byte")
-
-
-def write_dataset(prefix: str, docs, dtype=np.uint16) -> str:
-    """Write token lists as a Megatron .bin/.idx pair (one document per list)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    for doc in docs:
-        builder.add_document(np.asarray(doc, dtype=np.int64), [len(doc)])
-    builder.finalize(prefix + ".idx")
-    return prefix
-
-
-def text_docs(tok, texts):
-    return [tok.tokenize(t) + [tok.eod] for t in texts]
-
-
-def marker_docs(tok, n):
-    """Document i is '<iii>' five times, so every sample tells which documents it came from."""
-    return text_docs(tok, [f"<{i:03d}>" * 5 for i in range(n)])
 
 
 def doc_ids(tok, tokens) -> set:
