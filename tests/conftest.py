@@ -75,3 +75,20 @@ def gpt_zero3_dp2_run(tmp_path_factory, cache_home):
                    script_env(cache_home))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return exp / "megatron_gpt" / "v"
+
+
+@pytest.fixture(scope="session")
+def spm_models(tmp_path_factory):
+    """Two sentencepiece models (unigram; BPE with byte fallback) with a ``<mask>`` symbol, trained once per
+    session on English and non-ASCII text (test_convert_to_hf and test_convert_to_hf_cli)."""
+    from helpers import NON_ASCII, shakespeare_lines
+    from megatron_ext.tokenizers import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("spm")
+    sentences = (shakespeare_lines(4000) or ["To be, or not to be, that is the question."] * 50) + NON_ASCII * 20
+    mask = {"user_defined_symbols": ["<mask>"]}  # always one piece, also inside words
+    uni = train_sentencepiece(str(d / "uni"), 320, sentences=sentences, model_type="unigram",
+                              character_coverage=1.0, extra_options=mask)
+    bpe = train_sentencepiece(str(d / "bpe"), 600, sentences=sentences, model_type="bpe", byte_fallback=True,
+                              character_coverage=0.98, extra_options=mask)
+    return {"unigram": uni, "bpe-bytefallback": bpe}

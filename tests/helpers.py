@@ -211,3 +211,95 @@ def text_docs(tok, texts):
 def marker_docs(tok, n):
     """Document i is '<iii>' five times, so every sample tells which documents it came from."""
     return text_docs(tok, [f"<{i:03d}>" * 5 for i in range(n)])
+
+
+# ------------------------------------------------------------------ Hugging Face export (test_convert_to_hf*)
+VOCAB = 259  # the byte tokenizer's; padded to 264 with make_vocab_size_divisible_by=8
+
+
+TOL = 1e-4
+
+
+NON_ASCII = ["héllo wörld, naïve café, Ærøskøbing", "日本語のテキスト、中文文本", "Привет, мир! Ελληνικά. עברית",
+             "emoji 😀🎉👍🏽 ∑∫√∞", "full-width ＡＢＣ１２３ ligature ﬁ", "  two  spaces\tand tab\n"]
+
+
+LLAMA = dict(position_embedding_type="rope", activation="swiglu", normalization="rmsnorm")
+
+
+def shakespeare_lines(n=None):
+    """tinyshakespeare lines when ../shared is there, else English text every Python ships (help topics), so a
+    clean clone without ../shared trains the same kind of tokenizer."""
+    if os.path.isfile(SHARED_DATA):
+        with open(SHARED_DATA, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f]
+    else:
+        from pydoc_data.topics import topics
+
+        lines = [" ".join(p.split()) for k in sorted(topics) for p in topics[k].split("\n") if p.strip()]
+        # prose lines only: a long run of one symbol ("=====") can segment differently in HF tokenizers than in
+        # sentencepiece's unigram Viterbi (a known limit, README "Hugging Face export")
+        lines = [t for t in lines if sum(c.isalpha() or c == " " for c in t) >= 0.7 * len(t)]
+    return lines[:n] if n else lines
+
+
+def tiny_cfg(**kw):
+    """A small GPT ``ModelConfig`` (no dropout) with ``kw`` on top."""
+    from megatron_ext.config.schema import ModelConfig
+
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, hidden_dropout=0.0,
+                attention_dropout=0.0, make_vocab_size_divisible_by=8)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def perturbed_model(cfg, vocab=VOCAB, seed=0):
+    """A GPTModel whose every parameter is moved off its init (biases != 0, norm weights != 1)."""
+    import torch
+
+    from megatron_ext.models.gpt import GPTModel
+
+    model = GPTModel(cfg, vocab, init_seed=seed).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.2))
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert p.abs().min() > 0, name
+        if "layernorm" in name and name.endswith("weight"):
+            assert (p - 1).abs().max() > 0.1, name
+    return model
+
+
+def our_logits(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model.gather_logits(model(tokens))
+
+
+def hf_logits(out_dir, tokens):
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    with torch.no_grad():
+        return hf, hf(tokens).logits
+
+
+def random_tokens(vocab=VOCAB, b=2, s=16, seed=3):
+    import torch
+
+    return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
+
+
+def check_hf_tokenizer(out_dir, ours, texts):
+    """The exported tokenizer (``AutoTokenizer`` from ``out_dir``) gives our ids on every text; returns it."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+    bad = [t for t in texts if tok(t, add_special_tokens=False)["input_ids"] != ours.tokenize(t)]
+    assert not bad, f"{len(bad)} of {len(texts)} texts differ, e.g. {bad[:3]!r}"
+    assert tok(texts[0])["input_ids"] == ours.tokenize(texts[0])  # nothing added by default either
+    return tok

@@ -8,10 +8,12 @@ import sys
 import pytest
 import torch
 
-from helpers import SHARED_DATA
+from helpers import (LLAMA, NON_ASCII, TOL, VOCAB, check_hf_tokenizer, hf_logits, our_logits, perturbed_model,
+                     random_tokens, shakespeare_lines, tiny_cfg)
 
 transformers = pytest.importorskip("transformers")
 
+from megatron_ext.cli import convert_to_hf  # noqa: E402
 from megatron_ext.config.schema import ModelConfig  # noqa: E402
 from megatron_ext.errors import CheckpointError, ConfigError  # noqa: E402
 from megatron_ext.inference.hf_export import (  # noqa: E402
@@ -23,67 +25,7 @@ from megatron_ext.inference.hf_export import (  # noqa: E402
 from megatron_ext.models.gpt import GPTModel  # noqa: E402
 
 
-VOCAB = 259  # the byte tokenizer's; padded to 264 with make_vocab_size_divisible_by=8
-TOL = 1e-4
-NON_ASCII = ["héllo wörld, naïve café, Ærøskøbing", "日本語のテキスト、中文文本", "Привет, мир! Ελληνικά. עברית",
-             "emoji 😀🎉👍🏽 ∑∫√∞", "full-width ＡＢＣ１２３ ligature ﬁ", "  two  spaces\tand tab\n"]
-LLAMA = dict(position_embedding_type="rope", activation="swiglu", normalization="rmsnorm")
-
-
 pytestmark = pytest.mark.usefixtures("tp1_one_thread")
-
-
-def shakespeare_lines(n=None):
-    """tinyshakespeare lines when ../shared is there, else English text every Python ships (help topics), so a
-    clean clone without ../shared trains the same kind of tokenizer."""
-    if os.path.isfile(SHARED_DATA):
-        with open(SHARED_DATA, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    else:
-        from pydoc_data.topics import topics
-
-        lines = [" ".join(p.split()) for k in sorted(topics) for p in topics[k].split("\n") if p.strip()]
-        # prose lines only: a long run of one symbol ("=====") can segment differently in HF tokenizers than in
-        # sentencepiece's unigram Viterbi (a known limit, README "Hugging Face export")
-        lines = [t for t in lines if sum(c.isalpha() or c == " " for c in t) >= 0.7 * len(t)]
-    return lines[:n] if n else lines
-
-
-def tiny_cfg(**kw):
-    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, hidden_dropout=0.0,
-                attention_dropout=0.0, make_vocab_size_divisible_by=8)
-    base.update(kw)
-    return ModelConfig(**base)
-
-
-def perturbed_model(cfg, vocab=VOCAB, seed=0):
-    """A GPTModel whose every parameter is moved off its init (biases != 0, norm weights != 1)."""
-    model = GPTModel(cfg, vocab, init_seed=seed).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 1 else 0.2))
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            assert p.abs().min() > 0, name
-        if "layernorm" in name and name.endswith("weight"):
-            assert (p - 1).abs().max() > 0.1, name
-    return model
-
-
-def our_logits(model, tokens):
-    with torch.no_grad():
-        return model.gather_logits(model(tokens))
-
-
-def hf_logits(out_dir, tokens):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir).eval()
-    with torch.no_grad():
-        return hf, hf(tokens).logits
-
-
-def random_tokens(vocab=VOCAB, b=2, s=16, seed=3):
-    return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------------------------- weights / logits
@@ -170,21 +112,13 @@ def test_bfloat16_export(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- tokenizers
-def _check_tokenizer(out_dir, ours, texts):
-    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
-    bad = [t for t in texts if tok(t, add_special_tokens=False)["input_ids"] != ours.tokenize(t)]
-    assert not bad, f"{len(bad)} of {len(texts)} texts differ, e.g. {bad[:3]!r}"
-    assert tok(texts[0])["input_ids"] == ours.tokenize(texts[0])  # nothing added by default either
-    return tok
-
-
 def test_byte_tokenizer_roundtrip_and_generation_ids(tmp_path):
     from megatron_ext.tokenizers import ByteTokenizer
 
     ours = ByteTokenizer()
     export_to_hf(consolidated_from_model(perturbed_model(tiny_cfg())), str(tmp_path), tokenizer=ours)
     texts = shakespeare_lines() + NON_ASCII + ["<eod> <pad> <bos> literal specials", "\x00\x7f\u00ff"]
-    tok = _check_tokenizer(str(tmp_path), ours, texts)
+    tok = check_hf_tokenizer(str(tmp_path), ours, texts)
     for t in NON_ASCII:
         assert tok.decode(ours.tokenize(t)) == t
     assert tok.decode([104, 105, ours.eod, ours.bos, ours.pad], skip_special_tokens=True) == "hi"
@@ -206,23 +140,9 @@ def test_char_tokenizer_roundtrip(tmp_path):
     texts = [t for t in shakespeare_lines() if set(t) <= known] + ["héllo wörld ñ 日本語 😀\tend",
                                                                    "<pad> <eod> <bos> <sep> literal"]
     assert len(texts) > 100
-    tok = _check_tokenizer(str(tmp_path / "hf"), ours, texts)
+    tok = check_hf_tokenizer(str(tmp_path / "hf"), ours, texts)
     assert tok.decode(ours.tokenize(texts[-2]) + [ours.eod], skip_special_tokens=True) == texts[-2]
     assert (tok.eos_token_id, tok.pad_token_id) == (ours.eod, ours.pad)
-
-
-@pytest.fixture(scope="module")
-def spm_models(tmp_path_factory):
-    from megatron_ext.tokenizers import train_sentencepiece
-
-    d = tmp_path_factory.mktemp("spm")
-    sentences = (shakespeare_lines(4000) or ["To be, or not to be, that is the question."] * 50) + NON_ASCII * 20
-    mask = {"user_defined_symbols": ["<mask>"]}  # always one piece, also inside words
-    uni = train_sentencepiece(str(d / "uni"), 320, sentences=sentences, model_type="unigram",
-                              character_coverage=1.0, extra_options=mask)
-    bpe = train_sentencepiece(str(d / "bpe"), 600, sentences=sentences, model_type="bpe", byte_fallback=True,
-                              character_coverage=0.98, extra_options=mask)
-    return {"unigram": uni, "bpe-bytefallback": bpe}
 
 
 @pytest.mark.parametrize("kind", ["unigram", "bpe-bytefallback"])
@@ -236,7 +156,7 @@ def test_sentencepiece_tokenizer_roundtrip(tmp_path, spm_models, kind):
     assert (tmp_path / "tokenizer.model").read_bytes() == open(spm_models[kind], "rb").read()
     texts = shakespeare_lines() + NON_ASCII + ["", " ", "x" * 300, "Cañón 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u3000 fin",
                                                "a<mask>b", " <mask> hear <mask>", "<mask><mask>!", "<ma<mask>sk>"]
-    tok = _check_tokenizer(str(tmp_path), ours, texts)
+    tok = check_hf_tokenizer(str(tmp_path), ours, texts)
     assert ours.tokenize("a<mask>b").count(ours.processor.piece_to_id("<mask>")) == 1
     assert (tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (ours.eod, ours.pad, ours.unk)
     sample = "First Citizen: hear me speak. héllo café"
@@ -343,3 +263,89 @@ def test_probe_mismatch_refused_or_warned(tmp_path, spm_models):
     assert [t for _, t, _, _ in info["tokenizer_mismatches"]] == ["<mask></s>"]
 
 
+# --------------------------------------------------------------------------------------------- command line
+def _cli(capsys, *args):
+    rc = convert_to_hf.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_errors(tmp_path, capsys):
+    rc, _, err = _cli(capsys, "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "hf"))
+    assert rc == 2 and err.count("\n") == 1
+    assert err.startswith("convert_to_hf: error: --input ") and "no such file or directory" in err
+    (tmp_path / "empty").mkdir()
+    rc, _, err = _cli(capsys, "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "hf"))
+    assert rc == 2 and "convert_to_hf: error: --input: no complete checkpoint in" in err
+    torch.save({"something": 1}, tmp_path / "x.pt")
+    rc, _, err = _cli(capsys, "--input", str(tmp_path / "x.pt"), "--output", str(tmp_path / "hf"))
+    assert rc == 2 and "is not a consolidated megatron_ext checkpoint" in err and err.count("\n") == 1
+    mega = {"format": "megatron_ext.consolidated.v1", "state_dict": {}, "vocab_size": 10,
+            "model_config": dataclasses.asdict(ModelConfig(arch="mega")), "source": {}}
+    torch.save(mega, tmp_path / "mega.pt")
+    rc, _, err = _cli(capsys, "--input", str(tmp_path / "mega.pt"), "--output", str(tmp_path / "hf"))
+    assert rc == 2 and "convert_to_hf: error: model.arch=mega" in err
+    bart = tmp_path / "bart_run" / "checkpoints" / "step_0000005"
+    bart.mkdir(parents=True)
+    from megatron_ext.config.schema import EncoderDecoderModelConfig
+
+    (bart / "meta.json").write_text(json.dumps({"step": 5, "vocab_size": VOCAB,
+                                                "model_config": dataclasses.asdict(EncoderDecoderModelConfig())}))
+    rc, _, err = _cli(capsys, "--input", str(tmp_path / "bart_run"), "--output", str(tmp_path / "hf"))
+    assert rc == 2 and "convert_to_hf: error: this is an encoder-decoder model" in err and err.count("\n") == 1
+    (tmp_path / "file").write_text("x")
+    rc, _, err = _cli(capsys, "--input", str(tmp_path / "mega.pt"), "--output", str(tmp_path / "file"))
+    assert rc == 2 and "--output" in err and "is not a directory" in err
+    with pytest.raises(SystemExit) as e:
+        convert_to_hf.main(["--input", "x", "--output", "y", "--dtype", "float64"])
+    assert e.value.code == 2
+
+
+def test_cli_consolidated_pt_with_tokenizer_override(tmp_path, capsys, spm_models):
+    from megatron_ext.tokenizers import SentencePieceTokenizer
+    from megatron_ext.training.consolidated import FORMAT, save_consolidated
+
+    ours = SentencePieceTokenizer(spm_models["unigram"])
+    model = perturbed_model(tiny_cfg(), vocab=ours.vocab_size)
+    obj = consolidated_from_model(model)
+    obj["model_config"]["tokenizer"] = {"library": "sentencepiece", "model": "/gone/spm.model"}
+    obj.update(format=FORMAT, source={"path": "test"}, step=7)
+    save_consolidated(obj, str(tmp_path / "m.pt"))
+    rc, _, err = _cli(capsys, "--input", str(tmp_path / "m.pt"), "--output", str(tmp_path / "hf"))
+    assert rc == 2 and "/gone/spm.model" in err and "--tokenizer-model" in err
+    rc, out, err = _cli(capsys, "--input", str(tmp_path / "m.pt"), "--output", str(tmp_path / "hf"),
+                        "--tokenizer-model", spm_models["unigram"])
+    assert rc == 0, err
+    assert "GPT2LMHeadModel (step 7)" in out and "sentencepiece tokenizer, tokenizer exact" in out
+    tokens = random_tokens(ours.vocab_size)
+    _, got = hf_logits(str(tmp_path / "hf"), tokens)
+    assert (got - our_logits(model, tokens)).abs().max().item() <= TOL
+    check_hf_tokenizer(str(tmp_path / "hf"), ours, shakespeare_lines(500) + NON_ASCII)
+
+
+def test_cli_mext_archive(tmp_path, capsys, spm_models):
+    archive = pytest.importorskip("megatron_ext.training.archive")
+    from megatron_ext.tokenizers import SentencePieceTokenizer
+
+    ours = SentencePieceTokenizer(spm_models["bpe-bytefallback"])
+    cfg = tiny_cfg(**LLAMA, bias=False, share_embeddings_and_output_weights=False)
+    model = perturbed_model(cfg, vocab=ours.vocab_size)
+    obj = consolidated_from_model(model)
+    run_config = {"model": {**obj["model_config"], "tokenizer": {"library": "sentencepiece",
+                                                                 "model": spm_models["bpe-bytefallback"]}}}
+    path = str(tmp_path / "gpt.mext")
+    archive.write_archive(path, state_dict=obj["state_dict"], config=run_config, family="gpt",
+                          vocab_size=ours.vocab_size, tokenizer_library="sentencepiece",
+                          tokenizer_file=spm_models["bpe-bytefallback"])
+    rc, out, err = _cli(capsys, "--input", path, "--output", str(tmp_path / "hf"), "--arch", "llama")
+    assert rc == 0, err
+    assert "LlamaForCausalLM" in out and "sentencepiece tokenizer, tokenizer exact" in out
+    tokens = random_tokens(ours.vocab_size)
+    _, got = hf_logits(str(tmp_path / "hf"), tokens)
+    diff = (got - our_logits(model, tokens)).abs().max().item()
+    print(f"mext llama: max |logits diff| = {diff:.3e}")
+    assert diff <= TOL
+    check_hf_tokenizer(str(tmp_path / "hf"), ours, shakespeare_lines(500) + NON_ASCII)
+
+
+# --------------------------------------------------------------------------------------------- end to end
