@@ -1,50 +1,15 @@
+"""Fixtures shared by both test tiers; plain helpers live in ``helpers.py`` (import them from there).
+
+``TORCH_EXTENSIONS_DIR`` defaults to ``<checkout>/.cache/torch_extensions`` (gitignored) for the test session and
+every subprocess it starts: DeepSpeed's JIT ops (``cpu_adam``, ``fused_adam``) are built once per checkout, not
+once per session. A ``TORCH_EXTENSIONS_DIR`` set by the caller is kept."""
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "tinyshakespeare.txt")
+from helpers import REPO, script_env
 
-# overrides of a GPT small enough for a training subprocess in a test
-TINY_GPT = [
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.num_attention_heads=4",
-    "model.seq_length=32",
-    "model.micro_batch_size=2",
-    "model.global_batch_size=4",
-    "trainer.log_every_n_steps=1",
-    "trainer.limit_val_batches=1",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def multiprocess_env(**extra) -> dict:
-    """The environment for multi-process (torchrun / gloo) test runs: no inherited rank variables, one OpenMP
-    thread per rank (2 cores), no GPU, unbuffered output, the repo importable; ``extra`` added on top."""
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu",
-               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
-    env.update(extra)
-    return env
-
-
-def launch_cmd(world: int, script_and_args) -> list:
-    """``python SCRIPT ARGS`` for one process; torchrun with ``world`` local processes (free port) otherwise."""
-    if world == 1:
-        return [sys.executable] + list(script_and_args)
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port())] + list(script_and_args)
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
 
 
 @pytest.fixture(scope="session")
@@ -55,71 +20,7 @@ def cache_home(tmp_path_factory):
 
 @pytest.fixture
 def run_env(cache_home):
-    env = dict(os.environ)
-    env["XDG_CACHE_HOME"] = cache_home
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    for k in ("LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    return env
-
-
-def run_script(args, env, timeout=600, cwd=REPO):
-    """Run a repo script in a subprocess; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable] + list(args), cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def perturb(model, seed: int = 3, scale: float = 0.3):
-    """Add seeded noise to every parameter, so no bias/norm is trivially 0/1 and an untrained model's predictions
-    spread out (greedy outputs are not one repeated token). Returns the model."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model
-
-
-def tiny_lm(family: str, *, seq_length: int = None, num_layers: int = 2, chunk_size: int = -1, **gpt_kw):
-    """A small perturbed ``LM`` (byte tokenizer) of one family: "gpt" (``gpt_kw`` go to ModelConfig), "mega" or
-    "encdec" (seq 12 -> 10)."""
-    from megatron_ext.config.schema import (EncoderDecoderModelConfig, MegaArchConfig, ModelConfig,
-                                            TransformerStackConfig)
-    from megatron_ext.inference.lm import LM
-    from megatron_ext.tokenizers import build_tokenizer
-
-    tok = build_tokenizer("byte")
-    if family == "gpt":
-        from megatron_ext.models.gpt import GPTModel
-
-        base = dict(num_layers=num_layers, hidden_size=32, num_attention_heads=4, seq_length=seq_length or 32,
-                    hidden_dropout=0.1, attention_dropout=0.1, make_vocab_size_divisible_by=8)
-        base.update(gpt_kw)
-        model = perturb(GPTModel(ModelConfig(**base), tok.vocab_size, init_seed=1))
-    elif family == "mega":
-        from megatron_ext.models.mega_lm import MegaGPTModel
-
-        cfg = ModelConfig(arch="mega", num_layers=num_layers, hidden_size=32, seq_length=seq_length or 16,
-                          hidden_dropout=0.0, attention_dropout=0.0, make_vocab_size_divisible_by=8,
-                          mega=MegaArchConfig(ema_projection_size=4, shared_representation_size=16,
-                                              intermediate_size=32, nffn_hidden_size=32, ema_impl="fft",
-                                              chunk_size=chunk_size))
-        model = perturb(MegaGPTModel(cfg, tok.vocab_size, init_seed=2), scale=0.1)
-    elif family == "encdec":
-        from megatron_ext.models.encoder_decoder import EncoderDecoderModel
-
-        common = dict(num_layers=num_layers, hidden_size=32, num_attention_heads=4, hidden_dropout=0.0,
-                      attention_dropout=0.0)
-        cfg = EncoderDecoderModelConfig(encoder=TransformerStackConfig(**common),
-                                        decoder=TransformerStackConfig(**common), seq_length=12, seq_length_dec=10,
-                                        make_vocab_size_divisible_by=8)
-        model = perturb(EncoderDecoderModel(cfg, tok.vocab_size, init_seed=4))
-    else:
-        raise ValueError(family)
-    return LM(model, tok, {})
+    return script_env(cache_home)
 
 
 @pytest.fixture
@@ -147,3 +48,47 @@ def tp1_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def in_process(cache_home, monkeypatch):
+    """For training in this process (``helpers.fit_in_process``): the session's XDG cache (the built-in corpus is
+    built once, never in the user's ~/.cache), torch on one thread; both restored after the test."""
+    import torch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", cache_home)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def gpt_zero3_dp2_run(tmp_path_factory, cache_home):
+    """One tiny GPT run trained by 2 processes with ZeRO-3 (6 steps; val/loss and a checkpoint at step 6), shared
+    by the tests that need a trained multi-process run rather than a particular one (archive export, checkpoint
+    consolidation). Returns its run directory; tests read it and write elsewhere."""
+    from helpers import GPT_ZERO3_DP2_RUN, run_script
+
+    exp = tmp_path_factory.mktemp("zero3_dp2")
+    r = run_script(["pretrain_gpt.py", *GPT_ZERO3_DP2_RUN, f"exp_manager.exp_dir={exp}", "exp_manager.version=v"],
+                   script_env(cache_home))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return exp / "megatron_gpt" / "v"
+
+
+@pytest.fixture(scope="session")
+def spm_models(tmp_path_factory):
+    """Two sentencepiece models (unigram; BPE with byte fallback) with a ``<mask>`` symbol, trained once per
+    session on English and non-ASCII text (test_convert_to_hf and test_convert_to_hf_cli)."""
+    from helpers import NON_ASCII, shakespeare_lines
+    from megatron_ext.tokenizers import train_sentencepiece
+
+    d = tmp_path_factory.mktemp("spm")
+    sentences = (shakespeare_lines(4000) or ["To be, or not to be, that is the question."] * 50) + NON_ASCII * 20
+    mask = {"user_defined_symbols": ["<mask>"]}  # always one piece, also inside words
+    uni = train_sentencepiece(str(d / "uni"), 320, sentences=sentences, model_type="unigram",
+                              character_coverage=1.0, extra_options=mask)
+    bpe = train_sentencepiece(str(d / "bpe"), 600, sentences=sentences, model_type="bpe", byte_fallback=True,
+                              character_coverage=0.98, extra_options=mask)
+    return {"unigram": uni, "bpe-bytefallback": bpe}

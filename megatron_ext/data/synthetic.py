@@ -51,7 +51,7 @@ function of its index (resumable, identical with any number of DataLoader worker
 anything else train. A split's generator redraws until it gets one of its own inputs, so an input (and, as
 the targets of the built-in tasks are functions of their input, an example) of the validation or test split
 never occurs in training -- for any seed, ``num_train`` or run length (:func:`split_of` is the whole rule;
-``tests/test_synthetic.py`` checks it). A parameter choice with too few possible inputs to fill a split is an
+``tests/unit/test_synthetic.py`` checks it). A parameter choice with too few possible inputs to fill a split is an
 error naming ``model.data.task_params``.
 
 Character-level tasks need ``model.tokenizer.library=char`` (:mod:`megatron_ext.tokenizers.char`: one token per

@@ -18,7 +18,7 @@ The cost is resident memory: the process keeps its heap instead of shrinking bet
 hold more than one step's peak: PyTorch allocates with ``posix_memalign`` (64-byte alignment), for which glibc
 looks for a block slightly larger than the one a freed tensor of the same size left, so the first steps leave
 holes before the heap settles. Measured: the bench GPT (6 layers, hidden 512) +5% peak RSS; a loop dominated by a
-few 64 MiB tensors (tests/test_host_memory.py's probe) about +50%. Set ``trainer.reuse_host_memory=false`` where
+few 64 MiB tensors about +50%. Set ``trainer.reuse_host_memory=false`` where
 host memory is tight. It is the right trade for a CPU training process, whose peak repeats every step, and the
 wrong one for GPU training, where large tensors live on the device and host peaks are one-off (checkpoint
 staging); so the trainer applies it by default on CPU only (``trainer.reuse_host_memory``: null = on for CPU runs,
