@@ -303,3 +303,37 @@ def check_hf_tokenizer(out_dir, ours, texts):
     assert not bad, f"{len(bad)} of {len(texts)} texts differ, e.g. {bad[:3]!r}"
     assert tok(texts[0])["input_ids"] == ours.tokenize(texts[0])  # nothing added by default either
     return tok
+
+
+# ------------------------------------------------------------------------------- Mega EMA (unit + kernel tests)
+EMA_PARAMS = ("delta", "alpha", "beta", "gamma", "omega")
+EMA_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def make_ema(embed_dim=8, ndim=16, bidirectional=False, truncation=None, impl="fft", seed=0, dtype=None):
+    import torch
+
+    from megatron_ext.modules.mega_ema import MultiHeadEMA
+
+    dtype = torch.float32 if dtype is None else dtype
+    torch.manual_seed(seed)
+    m = MultiHeadEMA(embed_dim, ndim, bidirectional=bidirectional, truncation=truncation, impl=impl)
+    return m.to(dtype)
+
+
+def random_mask(bsz, seq_len, seed=1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(bsz, seq_len, generator=g) > 0.3
+    mask[:, 0] = True
+    return mask
+
+
+def split_points(seq_len, sizes):
+    out, start, i = [], 0, 0
+    while start < seq_len:
+        end = min(seq_len, start + sizes[i % len(sizes)])
+        out.append((start, end))
+        start, i = end, i + 1
+    return out

@@ -19,8 +19,10 @@ from megatron_ext import kernels
 from megatron_ext.kernels import _build
 from megatron_ext.modules import mega_ema
 from megatron_ext.modules.mega_ema import EMAKernelFallbackWarning, MultiHeadEMA
-from test_mega_ema import PARAMS, TOL, random_mask, split_points  # shared helpers of the EMA tests
-from test_mega_ema import make as _make
+from helpers import EMA_PARAMS as PARAMS  # shared helpers of the EMA tests
+from helpers import EMA_TOL as TOL
+from helpers import make_ema as _make
+from helpers import random_mask, split_points
 
 from helpers import REPO  # noqa: E402
 CSRC = os.path.join(REPO, "csrc")

@@ -6,23 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from helpers import EMA_PARAMS as PARAMS
+from helpers import EMA_TOL as TOL
+from helpers import make_ema as make
+from helpers import random_mask, split_points
 from megatron_ext.modules.mega_ema import EMA_IMPLS, MultiHeadEMA
-
-PARAMS = ("delta", "alpha", "beta", "gamma", "omega")
-TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def make(embed_dim=8, ndim=16, bidirectional=False, truncation=None, impl="fft", seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    m = MultiHeadEMA(embed_dim, ndim, bidirectional=bidirectional, truncation=truncation, impl=impl)
-    return m.to(dtype)
-
-
-def random_mask(bsz, seq_len, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(bsz, seq_len, generator=g) > 0.3
-    mask[:, 0] = True
-    return mask
 
 
 def run(m, impl, x, **kw):
@@ -231,15 +219,6 @@ def test_gradcheck_float64(impl, bidirectional, truncation, with_state):
 
 
 # --------------------------------------------------------------------------- incremental
-
-
-def split_points(seq_len, sizes):
-    out, start, i = [], 0, 0
-    while start < seq_len:
-        end = min(seq_len, start + sizes[i % len(sizes)])
-        out.append((start, end))
-        start, i = end, i + 1
-    return out
 
 
 @pytest.mark.parametrize("impl", EMA_IMPLS)
