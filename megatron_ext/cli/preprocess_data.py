@@ -62,7 +62,7 @@ PROG = "preprocess_data"
 _MIN_CHUNK = 256 * 1024
 _MAX_CHUNK = 2 * 1024 * 1024
 # input bytes in flight (read, tokenized, not yet written): bounds memory, and is large enough
-# that the workers keep going while the main process imports megatron-core (~2 s)
+# that the workers keep going while the main process imports megatron-core
 _IN_FLIGHT_BYTES = 64 * 1024 * 1024
 
 

@@ -83,9 +83,9 @@ def _sdpa(q, k, v, attn_mask, is_causal, dropout_p):
 # masks half of it away. Splitting the queries in two halves -- the first attends causally to the first half of the
 # keys, the second to all keys under an additive lower-triangular mask -- computes 3/4 of the scores instead. The
 # split runs inside one autograd Function over the CPU kernel's own forward/backward ops, so the halves' gradients
-# are stitched together directly (no zero-filled slice gradients). fwd+bwd of one [4, 8, 512, 64] causal layer:
-# 34 ms -> 28 ms on the 2-core CI machine. Above 512 the kernel already skips blocks and splitting measured slower;
-# at or below 256 the gain is within noise. Attention dropout needs SDPA's own path (the CPU flash kernel has none).
+# are stitched together directly (no zero-filled slice gradients). The split is used only in the range where it
+# computes fewer scores than the kernel: above 512 the kernel already skips blocks, and at or below 256 the
+# saving is too small to pay for the second call (figures: bench/ and the README). Attention dropout needs SDPA's own path (the CPU flash kernel has none).
 _SPLIT_CAUSAL_MIN, _SPLIT_CAUSAL_MAX = 257, 512
 _split_masks: dict = {}
 _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -3,10 +3,8 @@
 PyTorch's CPU allocator takes every tensor straight from ``malloc``. glibc serves a request above its mmap
 threshold (128 KiB at start, raised adaptively up to 32 MiB) with a fresh ``mmap`` and returns it to the kernel
 with ``munmap`` when the tensor is freed, so in a training step on CPU nearly every activation, gradient and
-logits tensor is new memory that the kernel maps in one 4 KiB page at a time on first write. Measured on the
-2-core CI machine: a 2048 x 8192 fp32 logits matmul into a fresh tensor makes 16,385 minor page faults and takes
-~62 ms against ~47 ms into reused memory; a whole step of the bench GPT (6 layers, hidden 512, seq 512, mb 4)
-makes 40-150 thousand faults, 5-10% of the step. This is the reason Intel's tuning guides run PyTorch CPU
+logits tensor is new memory that the kernel maps in one 4 KiB page at a time on first write: one minor page fault
+per page of every large tensor, every step (the figures are in the README and bench/results). This is the reason Intel's tuning guides run PyTorch CPU
 training under jemalloc or tcmalloc (``torch.backends.xeon.run_cpu --enable_jemalloc``); with glibc the same
 effect needs no preload, only two ``mallopt`` settings made at run time:
 
@@ -17,8 +15,7 @@ effect needs no preload, only two ``mallopt`` settings made at run time:
 The cost is resident memory: the process keeps its heap instead of shrinking between steps, and the heap can
 hold more than one step's peak: PyTorch allocates with ``posix_memalign`` (64-byte alignment), for which glibc
 looks for a block slightly larger than the one a freed tensor of the same size left, so the first steps leave
-holes before the heap settles. Measured: the bench GPT (6 layers, hidden 512) +5% peak RSS; a loop dominated by a
-few 64 MiB tensors about +50%. Set ``trainer.reuse_host_memory=false`` where
+holes before the heap settles (a loop dominated by a few large tensors pays the most). Set ``trainer.reuse_host_memory=false`` where
 host memory is tight. It is the right trade for a CPU training process, whose peak repeats every step, and the
 wrong one for GPU training, where large tensors live on the device and host peaks are one-off (checkpoint
 staging); so the trainer applies it by default on CPU only (``trainer.reuse_host_memory``: null = on for CPU runs,
