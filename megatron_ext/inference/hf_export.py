@@ -55,6 +55,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megatron_ext.checkpoint.loader import family_of_checkpoint, read_weights
+from megatron_ext.config.model_validation import model_arch
 from megatron_ext.errors import CheckpointError, ConfigError
 from megatron_ext.inference.hf_tokenizer import (PROBE_TEXTS, TOKENIZER_FILES, VERIFY_LINES, TokenizerMismatchError,
                                                  compare_tokenizers, import_transformers, sample_lines,
@@ -111,13 +112,13 @@ def resolve_arch(model_config: Any, arch: str = "auto", family: str = "gpt") -> 
                           "decoder-only GPT models (pretrain_gpt.py, model.arch=transformer) can be exported to "
                           "Hugging Face GPT2LMHeadModel / LlamaForCausalLM")
     mc = _mcfg(model_config)
-    if family == "mega" or _norm(mc.get("arch", "transformer")) == "mega":
+    if family == "mega" or model_arch(mc) == "mega":  # the family table's rule (config.model_validation)
         raise ConfigError("model.arch=mega: a Mega language model has no Hugging Face causal-LM class that loads our "
                           "weights (transformers' MegaForCausalLM is a different, deprecated model); only "
                           "model.arch=transformer GPT models can be exported (to GPT2LMHeadModel or LlamaForCausalLM)")
     if family not in ("gpt", None):
         raise ConfigError(f"family={family!r}: only 'gpt' models can be exported to Hugging Face")
-    if _norm(mc.get("arch", "transformer")) != "transformer":
+    if model_arch(mc) != "transformer":
         raise ConfigError(f"model.arch={mc.get('arch')!r}: only model.arch=transformer GPT models can be exported")
 
     def blockers(target: str) -> List[str]:
