@@ -337,3 +337,16 @@ def split_points(seq_len, sizes):
         out.append((start, end))
         start, i = end, i + 1
     return out
+
+
+def greedy_ids(lm, ids, n):
+    """``ids`` followed by ``n`` greedy tokens of ``lm`` (full forward each step, no cache): a reference that does
+    not go through the generation code."""
+    import torch
+
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = lm.model.gather_logits(lm.model(torch.tensor([ids])))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids

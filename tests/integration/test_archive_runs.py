@@ -7,7 +7,8 @@ import subprocess
 import pytest
 import torch
 
-from helpers import GPT_ZERO3_DP2_RUN, REPO, launch_cmd, multiprocess_env, run_main_in_process, run_script
+from helpers import (GPT_ZERO3_DP2_RUN, REPO, greedy_ids, launch_cmd, multiprocess_env, run_main_in_process,
+                     run_script)
 from megatron_ext.config.loader import load_config
 from megatron_ext.inference.lm import LM
 from megatron_ext.parallel.state import initialize_parallel
@@ -23,15 +24,6 @@ def _tp1():
     yield
 
 
-def _greedy(lm, ids, n):
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = lm.model.gather_logits(lm.model(torch.tensor([ids])))
-            ids.append(int(logits[0, -1].argmax()))
-    return ids
-
-
 # ------------------------------------------------------------------------------------------- from real runs
 def _metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -43,7 +35,7 @@ RUN = [o for o in GPT_ZERO3_DP2_RUN if o != "model.zero_stage=3"]  # 2 self-laun
 
 @pytest.mark.parametrize("layout", [["model.zero_stage=3"], ["model.tensor_model_parallel_size=2"]],
                          ids=["zero3_dp2", "tp2"])
-def test_export_from_run_reproduces_val_loss_and_greedy(tmp_path, run_env, layout, request, capsys):
+def test_export_from_run_reproduces_val_loss_andgreedy_ids(tmp_path, run_env, layout, request, capsys):
     """ZeRO-3: the session's shared run (helpers.GPT_ZERO3_DP2_RUN = RUN + ZeRO-3), exported through the tool's
     CLI; TP2: a run of its own, exported through the same main in-process."""
     from megatron_ext.cli.export_archive import main as export_main
@@ -71,7 +63,7 @@ def test_export_from_run_reproduces_val_loss_and_greedy(tmp_path, run_env, layou
     report = verify_stable_load(run_dir)  # the run directory directly, same figure
     assert report["abs_diff"] < 1e-5 and report["deterministic"]
     direct = LM.restore_from(run_dir)
-    assert _greedy(lm, [10, 20, 30], 12) == _greedy(direct, [10, 20, 30], 12)
+    assert greedy_ids(lm, [10, 20, 30], 12) == greedy_ids(direct, [10, 20, 30], 12)
     if "tensor_model_parallel_size=2" in layout[0]:
         # restore the archive at TP2 (2 processes): same loss and greedy; a live save_to there gathers the shards
         res = tmp_path / "tp2.json"
@@ -81,7 +73,7 @@ def test_export_from_run_reproduces_val_loss_and_greedy(tmp_path, run_env, layou
         got = json.loads(res.read_text())
         assert got["tp"] == 2
         assert abs(got["val_loss"] - logged[0]) < 1e-5
-        assert got["greedy"] == _greedy(lm, [10, 20, 30], 12)
+        assert got["greedy"] == greedy_ids(lm, [10, 20, 30], 12)
         regathered = A.read_archive(str(tmp_path / "from_tp2.mext"))["state_dict"]
         original = A.read_archive(out)["state_dict"]
         assert regathered.keys() == original.keys()

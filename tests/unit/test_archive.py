@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import torch
 
-from helpers import perturb
+from helpers import greedy_ids, perturb
 from megatron_ext.config.loader import load_config
 from megatron_ext.config.schema import BARTConfig
 from megatron_ext.errors import CheckpointError
@@ -48,15 +48,6 @@ def _lm(family, overrides=(), tokenizer_model=None):
     model = task.build_model()
     perturb(model, seed=5)
     return LM(model.eval(), task.tokenizer, cfg)
-
-
-def _greedy(lm, ids, n):
-    ids = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = lm.model.gather_logits(lm.model(torch.tensor([ids])))
-            ids.append(int(logits[0, -1].argmax()))
-    return ids
 
 
 MEGA = ["model.arch=mega", "model.mega.shared_representation_size=16", "model.mega.intermediate_size=32",
@@ -98,8 +89,8 @@ def test_round_trip_every_family(tmp_path, family, over):
         x = torch.randint(0, 200, (2, 16), generator=g)
         out = lm(x)
         assert torch.equal(out, back(x))
-        assert len(set(_greedy(lm, [5, 6, 7], 8)[3:])) > 1  # a meaningful comparison: not one repeated token
-        assert _greedy(lm, [5, 6, 7], 8) == _greedy(back, [5, 6, 7], 8)
+        assert len(set(greedy_ids(lm, [5, 6, 7], 8)[3:])) > 1  # a meaningful comparison: not one repeated token
+        assert greedy_ids(lm, [5, 6, 7], 8) == greedy_ids(back, [5, 6, 7], 8)
     # an archive written from a restored model is the same archive content
     again = back.save_to(str(tmp_path / "again.mext"))
     assert A.read_archive(again)["state_dict"].keys() == A.read_archive(path)["state_dict"].keys()
