@@ -146,17 +146,27 @@ def _zero_fp32_states(path: str, tp_rank: int) -> Dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items() if _is_state_key(k)}
 
 
-def consolidate_checkpoint(path: str, rules: Optional[Dict[str, Tuple[int, int]]] = None) -> Dict[str, Any]:
-    """A checkpoint directory (``.../checkpoints/step_N``, or a run / checkpoints dir: its latest) -> the
-    consolidated dict described in the module docstring. ``rules`` ({name: (partition dim, stride)} of the
-    tensor-parallel parameters, e.g. read from a model's megatron-core attributes) replaces the GPT name table
-    ``partition_rule``, for the other model families."""
+def checkpoint_meta(path: str) -> Tuple[str, Dict[str, Any]]:
+    """(the ``step_N`` directory, its ``meta.json``) for a run, checkpoints or ``step_N`` directory; the meta must
+    carry ``vocab_size`` and the ``model_config`` the model was trained with."""
     ckpt_dir, tag = resolve_ckpt_path(path)
     path = os.path.join(ckpt_dir, tag)
     meta = read_meta(path, keys=("vocab_size",))
-    mcfg = meta.get("model_config")
-    if not mcfg:
+    if not meta.get("model_config"):
         raise CheckpointError(f"{path}/meta.json has no model_config (written by an older version?)")
+    return path, meta
+
+
+def consolidate_checkpoint(path: str, rules: Optional[Dict[str, Tuple[int, int]]] = None,
+                           meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """A checkpoint directory (``.../checkpoints/step_N``, or a run / checkpoints dir: its latest) -> the
+    consolidated dict described in the module docstring. ``rules`` ({name: (partition dim, stride)} of the
+    tensor-parallel parameters, e.g. read from a model's megatron-core attributes) replaces the GPT name table
+    ``partition_rule``, for the other model families. ``meta``: :func:`checkpoint_meta`'s, when the caller has
+    read it already (``path`` is then its ``step_N`` directory)."""
+    if meta is None:
+        path, meta = checkpoint_meta(path)
+    mcfg = meta["model_config"]
     tp, pp = int(meta.get("tp", 1)), int(meta.get("pp", 1))
     stage, precision = int(meta.get("zero_stage", 0) or 0), str(meta.get("precision", "32"))
     vocab = int(meta["vocab_size"])
@@ -290,6 +300,6 @@ def save_consolidated(obj: Dict[str, Any], out_path: str) -> None:
 
 
 __all__: Iterable[str] = [
-    "FORMAT", "partition_rule", "shard_of", "merge_shards", "consolidate_checkpoint", "read_consolidated",
+    "FORMAT", "partition_rule", "shard_of", "merge_shards", "checkpoint_meta", "consolidate_checkpoint", "read_consolidated",
     "load_consolidated", "save_consolidated", "check_architecture",
 ]

@@ -29,7 +29,7 @@ from megatron.core import parallel_state as ps
 from omegaconf import OmegaConf
 
 from megatron_ext.checkpoint.archive import load_full_state_dict, read_archive, write_archive
-from megatron_ext.checkpoint.consolidated import consolidate_checkpoint, read_consolidated
+from megatron_ext.checkpoint.consolidated import checkpoint_meta, consolidate_checkpoint, read_consolidated
 from megatron_ext.checkpoint.files import read_meta, resolve_ckpt_path
 from megatron_ext.config.loader import check_schema
 from megatron_ext.errors import CheckpointError
@@ -104,12 +104,8 @@ def consolidate_any(path: str) -> Dict[str, Any]:
     dict of :mod:`megatron_ext.checkpoint.consolidated` with ``family`` and ``ckpt_path`` added. No run config is
     needed: the family and, at TP > 1, the shard layout come from the model section in ``meta.json`` (GPT: the name
     table ``partition_rule``; the other families: a TP=1 build of the same model)."""
-    ckpt_dir, tag = resolve_ckpt_path(path)
-    ckpt = os.path.join(ckpt_dir, tag)
-    meta = read_meta(ckpt, keys=("vocab_size",))
-    mcfg = meta.get("model_config")
-    if not mcfg:
-        raise CheckpointError(f"{ckpt}/meta.json has no model_config (written by an older version?)")
+    ckpt, meta = checkpoint_meta(path)
+    mcfg = meta["model_config"]
     family = family_of_config(mcfg)
     rules = None  # GPT: the name table of megatron_ext.checkpoint.consolidated.partition_rule
     if int(meta.get("tp", 1)) > 1 and family.name != "gpt":
@@ -120,7 +116,7 @@ def consolidate_any(path: str) -> Dict[str, Any]:
         rules = {k: (int(v.partition_dim), int(v.partition_stride))
                  for k, v in model.state_dict(keep_vars=True).items() if getattr(v, "tensor_model_parallel", False)}
         del model
-    obj = consolidate_checkpoint(ckpt, rules=rules)
+    obj = consolidate_checkpoint(ckpt, rules=rules, meta=meta)
     obj.update(family=family.name, ckpt_path=ckpt)
     return obj
 
