@@ -1,5 +1,6 @@
 """Fixtures shared by both test tiers; plain helpers live in ``helpers.py`` (import them from there).
 
+Subprocess runs of the tests go through one fork server per session (``tests/forkserver``, ``helpers.PYTHON``).
 ``TORCH_EXTENSIONS_DIR`` defaults to ``<checkout>/.cache/torch_extensions`` (gitignored) for the test session and
 every subprocess it starts: DeepSpeed's JIT ops (``cpu_adam``, ``fused_adam``) are built once per checkout, not
 once per session. A ``TORCH_EXTENSIONS_DIR`` set by the caller is kept."""
@@ -7,9 +8,29 @@ import os
 
 import pytest
 
+import helpers
 from helpers import REPO, script_env
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
+
+_FORKSERVER = None
+
+
+def pytest_configure(config):
+    """One fork server per session (tests/forkserver): a test's ``python ...`` subprocess skips the import of the
+    training stack. ``helpers.PYTHON`` is its shim while it runs."""
+    global _FORKSERVER
+    import forkserver
+
+    _FORKSERVER = forkserver.start()
+    if _FORKSERVER is not None:
+        helpers.PYTHON = _FORKSERVER.python
+
+
+def pytest_unconfigure(config):
+    if _FORKSERVER is not None:
+        _FORKSERVER.stop()
+        helpers.PYTHON = helpers.sys.executable
 
 
 @pytest.fixture(scope="session")

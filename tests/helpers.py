@@ -62,17 +62,23 @@ def script_env(cache_home: str) -> dict:
     return env
 
 
+# The interpreter for a test's subprocess runs: the session's fork-server shim (tests/forkserver; set by
+# conftest.py) where it runs, else this interpreter. Read it at call time (``helpers.PYTHON``), not at import.
+PYTHON = sys.executable
+
+
 def launch_cmd(world: int, script_and_args) -> list:
     """``python SCRIPT ARGS`` for one process; torchrun with ``world`` local processes (free port) otherwise."""
     if world == 1:
-        return [sys.executable] + list(script_and_args)
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
+        return [PYTHON] + list(script_and_args)
+    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port())] + list(script_and_args)
 
 
-def run_script(args, env, timeout=600, cwd=REPO):
-    """Run a repo script in a subprocess; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable] + list(args), cwd=cwd, env=env, capture_output=True, text=True,
+def run_script(args, env, timeout=600, cwd=REPO, python=None):
+    """Run a repo script in a subprocess (through the fork server, see ``PYTHON``, unless ``python`` names another
+    interpreter); returns CompletedProcess with text output."""
+    return subprocess.run([python or PYTHON] + list(args), cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -5,13 +5,16 @@ JSON lines in the bench format, and DP2 / TP2 train the same model on the same g
 (equal losses), which is what makes the bench's tokens/s comparable.
 """
 import json
+import sys
 
 from helpers import run_script
 
 
 def test_bench_scaling_quick_runs_and_layouts_agree(run_env, cache_home):
+    # a real interpreter: the bench's workers import a snapshot of the package that they put on sys.path
+    # themselves, which a fork-server child (the checkout's package already imported) cannot do
     r = run_script(["bench/bench_scaling.py", "--quick", "--steps", "3", "--warmup", "1",
-                    "--cache-dir", cache_home], run_env, timeout=300)
+                    "--cache-dir", cache_home], run_env, timeout=300, python=sys.executable)
     assert r.returncode == 0, r.stderr[-4000:]
     lines = [json.loads(line) for line in r.stdout.splitlines()]  # every stdout line is one JSON object
     assert lines and all(set(x) == {"bench", "metric", "value", "unit", "config"} for x in lines)

@@ -3,11 +3,11 @@ the same validation loss; back out to a new layout; a layout change on resume is
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
+import helpers
 from helpers import GPT_ZERO3_DP2_RUN, REPO, fit_in_process, launch_cmd, multiprocess_env
 
 SMALL = ["+experiment=cpu_smoke", "model.num_layers=4", "model.micro_batch_size=2", "model.global_batch_size=4",
@@ -35,7 +35,7 @@ def _val_losses(run_dir):
 
 
 def _convert(env, *args):
-    return subprocess.run([sys.executable, "tools/convert_checkpoint.py", *args], cwd=REPO, env=env,
+    return subprocess.run([helpers.PYTHON, "tools/convert_checkpoint.py", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import helpers
 from helpers import REPO, marker_docs, write_dataset
 from megatron_ext.config.schema import DataConfig
 from megatron_ext.data.gpt_data import build_gpt_datasets
@@ -52,7 +52,7 @@ def test_two_ranks_build_same_datasets(tmp_path, tok, shared):
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     procs = [
-        subprocess.Popen([sys.executable, str(script), prefix, cache, out],
+        subprocess.Popen([helpers.PYTHON, str(script), prefix, cache, out],
                          env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(2)

@@ -4,11 +4,11 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
+import helpers
 from helpers import REPO, launch_cmd, multiprocess_env, perturb, run_main_in_process
 from megatron_ext.inference.generation import generate
 from megatron_ext.inference.lm import LM
@@ -36,7 +36,7 @@ def test_tp2_cached_greedy_equals_tp1(tmp_path):
 
 
 def _cli(args, **kw):
-    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "generate.py"), *args], cwd=REPO,
+    return subprocess.run([helpers.PYTHON, os.path.join(REPO, "tools", "generate.py"), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=multiprocess_env(), **kw)
 
 

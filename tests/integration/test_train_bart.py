@@ -4,10 +4,10 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 
+import helpers
 from helpers import REPO, SHARED_DATA, fit_in_process, run_script
 
 
@@ -29,7 +29,7 @@ def _text_file(d):
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("bart_data")
     txt = _text_file(d)
-    p = subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(txt), "--model-prefix",
+    p = subprocess.run([helpers.PYTHON, "tools/train_tokenizer.py", "--input", str(txt), "--model-prefix",
                         str(d / "spm"), "--vocab-size", "1000"], cwd=REPO, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
