@@ -114,4 +114,52 @@ def install_safe_checkpoint_engine(engine) -> None:
     ce.load = load
 
 
-__all__ = ["ALLOWED_GLOBALS", "allowed_globals", "load_untrusted", "check_untrusted", "install_safe_checkpoint_engine"]
+# the classes a torch.distributed.checkpoint ``.metadata`` pickle is made of (anything else is refused)
+_DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                              "ChunkStorageMetadata", "MetadataIndex", "BytesStorageMetadata",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        import importlib
+
+        if name in _DCP_METADATA_GLOBALS.get(module, ()):
+            return getattr(importlib.import_module(module), name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+
+
+def load_dcp_metadata(path: str, what: str = "distributed checkpoint metadata"):
+    """A ``torch.distributed.checkpoint`` ``.metadata`` file (a pickle) read without running code: only DCP's
+    metadata classes, torch sizes / dtypes and paths may appear; anything else is an ``UnsafeFileError``."""
+    if not os.path.isfile(path):
+        raise CorruptCheckpointError(f"{path}: no such {what}")
+    try:
+        with open(path, "rb") as f:
+            obj = _DCPMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        if str(e).startswith("GLOBAL "):
+            raise UnsafeFileError(f"{path}: refused: {what} holds pickled objects other than DCP's metadata "
+                                  f"({_refused_global(str(e))}); loading it could run code") from None
+        raise CorruptCheckpointError(f"{path}: {what} could not be read (corrupt: {str(e).splitlines()[0]})") \
+            from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise CorruptCheckpointError(f"{path}: {what} could not be read (truncated or corrupt: "
+                                     f"{(str(e).splitlines() or [''])[0]})") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(obj, Metadata):
+        raise CorruptCheckpointError(f"{path}: {what} holds a {type(obj).__name__}, not DCP metadata")
+    return obj
+
+
+__all__ = ["ALLOWED_GLOBALS", "load_dcp_metadata", "allowed_globals", "load_untrusted", "check_untrusted", "install_safe_checkpoint_engine"]

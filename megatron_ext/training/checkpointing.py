@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,7 +87,10 @@ class Checkpointer:
         self.ckpt_dir = ckpt_dir
         self.save_top_k = save_top_k
 
-    def save(self, engine, step: int, consumed_samples: int, rng_states: Dict[str, Any], meta_extra: Dict[str, Any]):
+    def save(self, engine, step: int, consumed_samples: int, rng_states: Dict[str, Any], meta_extra: Dict[str, Any],
+             layout_free: Optional[Callable[[str], None]] = None):
+        """``layout_free(step_dir)``: writes the layout-free state (``checkpoint.reshard``) into the step directory
+        being written (every rank calls it, after DeepSpeed's files)."""
         tag = tag_for(step)
         tmp_tag = ".tmp-" + tag
         tmp_path = os.path.join(self.ckpt_dir, tmp_tag)
@@ -106,6 +109,8 @@ class Checkpointer:
         failure = None
         try:
             engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+            if layout_free is not None:
+                layout_free(tmp_path)
             torch.save(rng_states, os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt"))
             if rank == 0:
                 meta = {

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from megatron_ext.checkpoint import reshard
 from megatron_ext.checkpoint.consolidated import load_consolidated
 from megatron_ext.checkpoint.files import check_files, find_latest, list_complete, read_meta, resolve_ckpt_path
 from megatron_ext.config.loader import Derived, check_config, validate_config
@@ -38,7 +39,7 @@ from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointE
 from megatron_ext.modules.cross_entropy import loss_token_count, loss_token_denominator
 from megatron_ext.parallel import state as pstate
 from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
-from megatron_ext.training.checkpointing import Checkpointer
+from megatron_ext.training.checkpointing import Checkpointer, LoadedState
 from megatron_ext.training.engine import build_ds_config, build_engine
 from megatron_ext.training.exp_manager import ExpManager, _broadcast_str
 from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
@@ -229,25 +230,49 @@ class Trainer:
 
         return {**self._layout(), "model_config": OmegaConf.to_container(self.cfg.model, resolve=True)}
 
-    def _check_layout(self, meta: Dict[str, Any], where: str) -> None:
-        """The same TP and PP are required to load a DeepSpeed checkpoint; a different DP size too when the
-        optimizer state is partitioned (ZeRO >= 1) and is to be loaded. Anything else: convert first."""
+    def _layout_change(self, meta: Dict[str, Any], with_optimizer: bool) -> list:
+        """What differs between the layout that wrote ``meta`` and this run's, as far as DeepSpeed's own loader
+        cares: TP and PP; with the optimizer state, also DP and the ZeRO stage when either side partitions it."""
         mine = self._layout()
         bad = [k for k in ("tp", "pp") if meta.get(k) != mine[k]]
-        if self.cfg.exp_manager.resume_if_exists and meta.get("dp") != mine["dp"] and \
-                max(int(meta.get("zero_stage", 0) or 0), mine["zero_stage"]) > 0:
-            bad.append("dp")
+        saved_zero = int(meta.get("zero_stage", 0) or 0)
+        if with_optimizer and max(saved_zero, mine["zero_stage"]) > 0:
+            bad += [k for k in ("dp", "zero_stage") if (saved_zero if k == "zero_stage" else meta.get(k)) != mine[k]]
+        return bad
+
+    def _check_layout(self, meta: Dict[str, Any], where: str, bad: list) -> None:
+        """A layout change (``bad``) on a checkpoint without layout-free state (written by an older version):
+        one error saying how to convert it."""
         if bad:
+            mine = self._layout()
             names = {"tp": "tensor_model_parallel_size", "pp": "pipeline_model_parallel_size",
-                     "dp": "data parallel size (with ZeRO-partitioned optimizer state)"}
+                     "dp": "data parallel size (with ZeRO-partitioned optimizer state)", "zero_stage": "zero_stage"}
             diff = ", ".join(f"{names[k]} {meta.get(k)} -> {mine[k]}" for k in bad)
             raise CheckpointError(
-                f"{where} was saved with a different parallel layout ({diff}). Either run with the saved layout, "
-                f"or convert it: `python tools/convert_checkpoint.py --input {where} --output model.pt` writes one "
-                f"fp32 state dict that any layout loads with model.ckpt_path=model.pt (weights only; the optimizer "
-                f"restarts), or add `--target-tp T --target-pp P --output-dir DIR` to write a checkpoint directory "
-                f"for the new layout"
+                f"{where} was saved with a different parallel layout ({diff}) by a version that did not write "
+                f"{reshard.STATE_DIR}/. Either run with the saved layout, or convert it: `python "
+                f"tools/convert_checkpoint.py --input {where} --output model.pt` writes one fp32 state dict that any "
+                f"layout loads with model.ckpt_path=model.pt (weights only; the optimizer restarts), or add "
+                f"`--target-tp T --target-pp P --output-dir DIR` to write a checkpoint directory for the new layout"
             )
+
+    def _load_resharded(self, path: str, meta: Dict[str, Any], bad: list, weights_only: bool):
+        """Load ``path``'s layout-free state into this layout (``checkpoint.reshard``); restores the scheduler
+        too unless ``weights_only``. Returns (step, consumed samples)."""
+        mine = self._layout()
+        log.info("%s was written with tp %s, pp %s, dp %s, ZeRO %s; loading its layout-free state into tp %d, pp %d, "
+                 "dp %d, ZeRO %d%s", path, meta.get("tp"), meta.get("pp"), meta.get("dp"), meta.get("zero_stage"),
+                 mine["tp"], mine["pp"], mine["dp"], mine["zero_stage"], " (weights only)" if weights_only else "")
+        kw = self._reshard_kw()
+        extra = reshard.load_state(self.engine, path, pipeline=kw["pipeline"], num_layers=kw["num_layers"],
+                                   weights_only=weights_only)
+        step, consumed = int(meta["step"]), int(meta["consumed_samples"])
+        if not weights_only:
+            if self.scheduler is not None and extra.get("lr_scheduler") is not None:
+                self.scheduler.load_state_dict(extra["lr_scheduler"])
+            self.engine.global_steps = step
+            self.engine.global_samples = consumed
+        return step, consumed
 
     def _restore(self) -> tuple[int, int]:
         """Resume (exp_manager.resume_if_exists) or start from model.ckpt_path. Returns (step, consumed)."""
@@ -264,10 +289,16 @@ class Trainer:
             log.info("no checkpoint in %s; starting fresh", self.exp.ckpt_dir)
         if m.ckpt_path and not os.path.isfile(m.ckpt_path):  # a file: consolidated weights, loaded in _build
             ckpt_dir, tag = resolve_ckpt_path(m.ckpt_path)
-            self._check_layout(check_files(os.path.join(ckpt_dir, tag)), os.path.join(ckpt_dir, tag))
-            st = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=False)
-            log.info("loaded model weights from %s (step %d)", os.path.join(ckpt_dir, tag), st.step)
-            self._loaded_step = st.step
+            path = os.path.join(ckpt_dir, tag)
+            meta = check_files(path)
+            bad = self._layout_change(meta, with_optimizer=False)
+            if bad and reshard.has_state(path):
+                step, _ = self._load_resharded(path, meta, bad, weights_only=True)
+            else:
+                self._check_layout(meta, path, bad)
+                step = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=False).step
+            log.info("loaded model weights from %s (step %d)", path, step)
+            self._loaded_step = step
         return 0, 0
 
     def _resume(self, latest: str) -> tuple[int, int]:
@@ -288,10 +319,22 @@ class Trainer:
                     why = str(e)
             why = _broadcast_str(why)
             if not why:
-                self._check_layout(read_meta(path), path)
+                meta = read_meta(path)
+                bad = self._layout_change(meta, with_optimizer=True)
+                if bad and not reshard.has_state(path):
+                    self._check_layout(meta, path, bad)
                 try:
-                    st = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=True)
-                    rng = Checkpointer.load_rng(ckpt_dir, tag)
+                    if bad:
+                        step, consumed = self._load_resharded(path, meta, bad, weights_only=False)
+                        st = LoadedState(step=step, consumed_samples=consumed, meta=meta)
+                        mine = self._layout()
+                        same_ranks = all(meta.get(k) == mine[k] for k in ("tp", "pp", "dp"))
+                        rng = Checkpointer.load_rng(ckpt_dir, tag) if same_ranks else None
+                        if not same_ranks:
+                            log.info("resume: RNG states not restored (they belong to the ranks of another layout)")
+                    else:
+                        st = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=True)
+                        rng = Checkpointer.load_rng(ckpt_dir, tag)
                 except CorruptCheckpointError as e:
                     why = str(e)
                 else:
@@ -339,7 +382,14 @@ class Trainer:
             log.warning("step %d: not writing a checkpoint because %s; 'latest' stays on %s", step, why,
                         find_latest(ckpt.ckpt_dir) or "(none)")
             return
-        ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta())
+        ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta(),
+                  layout_free=lambda d: reshard.save_state(self.engine, d, scheduler=self.scheduler,
+                                                           extra={"step": step, "consumed_samples": consumed,
+                                                                  "layout": self._layout()}, **self._reshard_kw()))
+
+    def _reshard_kw(self) -> Dict[str, Any]:
+        return {"pipeline": self.pipeline, "num_layers": int(self.cfg.model.num_layers)} | \
+            {"vocab_size": self._layout()["vocab_size"]}
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
