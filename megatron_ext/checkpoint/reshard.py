@@ -111,6 +111,8 @@ class _Access:
         raise CheckpointError("a parameter is in no ZeRO parameter group")
 
     def flats(self) -> List[torch.Tensor]:
+        if self.zero3:  # (ZeRO-3 puts them into the torch optimizer's groups only while it steps)
+            return list(self.opt.fp32_partitioned_groups_flat)
         return [q for g in self.base.param_groups for q in g["params"]]
 
     def state_keys(self) -> Tuple[List[str], List[str]]:
@@ -179,7 +181,7 @@ class _Access:
             import deepspeed
 
             for p, v in pairs:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # rank 0 of the DP group sets it
                     with torch.no_grad():
                         p.copy_(v.to(p.dtype))
             return
@@ -204,7 +206,14 @@ def gather_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Optiona
     acc.relink()
     elem, scal = acc.state_keys()
     out: Dict[str, torch.Tensor] = {}
+    from megatron.core import parallel_state as ps
+
+    first_stage = ps.get_pipeline_model_parallel_rank() == 0
     for name, p in named_parameters(engine.module, pipeline, num_layers):
+        if pipeline and not first_stage and name.startswith("embedding."):
+            # the last stage's copy of the tied embedding module: its word embeddings are the first stage's (kept
+            # equal by DeepSpeed), its position embeddings are never used there (stale); the first stage's count
+            continue
         rule = _tp_rule(p)
         for key in [PARAM] + elem:
             full = _tp_full(acc.get(p, key), rule)
