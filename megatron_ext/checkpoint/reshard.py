@@ -31,10 +31,11 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_ext.checkpoint.consolidated import VOCAB_PARTITIONED, merge_shards, shard_of
 from megatron_ext.checkpoint.safe_load import load_dcp_metadata, load_untrusted
-from megatron_ext.errors import CheckpointError
+from megatron_ext.errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger("megatron_ext")
 
@@ -226,6 +227,13 @@ def gather_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Optiona
 
 
 # ---------------------------------------------------------------------------------------------- save
+def _first_failure(e) -> BaseException:
+    failures = getattr(e, "failures", None) or {}
+    for _, (exc, _trace) in sorted(failures.items()):
+        return exc
+    return RuntimeError(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 def save_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, vocab_size: Optional[int],
                scheduler, extra: Dict[str, Any]) -> None:
     """Write ``step_dir/layout_free`` (collective: every rank calls it)."""
@@ -234,7 +242,11 @@ def save_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, vocab_
     state = gather_state(engine, pipeline=pipeline, num_layers=num_layers, vocab_size=vocab_size)
     out = os.path.join(step_dir, STATE_DIR)
     writer = dcp.FileSystemWriter(out, single_file_per_rank=True, thread_count=1)
-    dcp.save(state, storage_writer=writer)
+    try:
+        dcp.save(state, storage_writer=writer)
+    except CheckpointException as e:  # a BaseException: the failure of the first rank, as the writer raised it
+        first = _first_failure(e)
+        raise first if isinstance(first, (OSError, RuntimeError)) else RuntimeError(str(first)) from None
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         torch.save({"format": FORMAT, "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -283,7 +295,14 @@ def read_tensors(step_dir: str, keys: Optional[List[str]] = None) -> Dict[str, t
         raise CheckpointError(f"{path} holds no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
                               f"(a different model?)")
     state = {k: torch.empty(tuple(saved[k].size), dtype=saved[k].properties.dtype) for k in keys}
-    dcp.load(state, storage_reader=_SafeReader(path), no_dist=not dist.is_initialized())
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), no_dist=not dist.is_initialized())
+    except CheckpointException as e:
+        first = _first_failure(e)
+        if isinstance(first, CheckpointError):
+            raise first from None
+        raise CorruptCheckpointError(f"{path}: the layout-free state could not be read ("
+                                     f"{(str(first).splitlines() or [type(first).__name__])[0]})") from None
     return state
 
 

@@ -1,7 +1,9 @@
 """Checkpoint conversion between layouts: consolidate (TP2xPP2, DP2 ZeRO-3) -> one fp32 state dict -> TP1 gives
-the same validation loss; back out to a new layout; a layout change on resume is refused with a how-to."""
+the same validation loss; back out to a new layout; a layout change on resume loads the layout-free state (an old
+checkpoint without it: refused with a how-to)."""
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -84,12 +86,25 @@ def test_back_out_to_new_layout_and_resume(tp2pp2_run, env):
     assert [r["step"] for r in rows if "train/loss" in r] == [7, 8]
 
 
-def test_resume_with_other_layout_says_how_to_convert(tp2pp2_run, env):
-    p = _pretrain(env, tp2pp2_run, "tp2pp2", 1, ["exp_manager.resume_if_exists=true", "trainer.max_steps=8"],
-                  check=False)
-    assert p.returncode == 2
-    msg = p.stderr.strip().splitlines()[-1]
-    assert msg.startswith("error: ") and "tensor_model_parallel_size 2 -> 1" in msg and "convert_checkpoint.py" in msg
+def test_resume_with_other_layout(tp2pp2_run, env):
+    """A TP2 x PP2 run resumes in one process (its layout-free state, checkpoint/reshard.py); a checkpoint without
+    that state (an older version's) is refused with how to convert it."""
+    src = tp2pp2_run / "gpt_smoke" / "tp2pp2"
+    for version, drop in (("tp2pp2_in_one", False), ("tp2pp2_old", True)):
+        dst = tp2pp2_run / "gpt_smoke" / version
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+        if drop:
+            shutil.rmtree(dst / "checkpoints" / "step_0000006" / "layout_free")
+        p = _pretrain(env, tp2pp2_run, version, 1, ["exp_manager.resume_if_exists=true", "trainer.max_steps=8"],
+                      check=not drop)
+        if drop:
+            assert p.returncode == 2
+            msg = p.stderr.strip().splitlines()[-1]
+            assert msg.startswith("error: ") and "tensor_model_parallel_size 2 -> 1" in msg and \
+                "convert_checkpoint.py" in msg
+        else:
+            rows = [json.loads(l) for l in open(dst / "metrics.jsonl")]
+            assert [r["step"] for r in rows if "train/loss" in r][-2:] == [7, 8]
 
 
 def test_zero3_dp2_consolidates(tmp_path, env, gpt_zero3_dp2_run, in_process):
