@@ -1,0 +1,91 @@
+"""The layout-free state (checkpoint/reshard.py) in one process: a resume under the same layout goes on bit for
+bit; a resume that changes the ZeRO stage loads it through the layout-free state (weights, Adam moments, step,
+scheduler); the tensors read back are the run's; DCP's pickled metadata is read without running code."""
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from helpers import fit_in_process
+
+RUN = ["+experiment=cpu_smoke", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+       "model.seq_length=32", "model.micro_batch_size=2", "model.global_batch_size=4", "trainer.max_steps=6",
+       "trainer.val_check_interval=0", "trainer.log_every_n_steps=1", "exp_manager.create_tensorboard_logger=false",
+       "exp_manager.checkpoint_callback_params.every_n_train_steps=3", "exp_manager.name=rs"]
+
+
+def _losses(run):
+    return {r["step"]: r["train/loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if "train/loss" in r}
+
+
+def _from_step3(src, dst):
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / "step_0000003", dst / "checkpoints" / "step_0000003")
+    (dst / "checkpoints" / "latest").write_text("step_0000003")
+
+
+def test_resume_same_and_other_zero_stage(tmp_path, in_process):
+    from megatron_ext.checkpoint.reshard import read_extra, read_tensors
+
+    fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=a"])
+    a = tmp_path / "rs" / "a"
+    state3 = read_tensors(str(a / "checkpoints" / "step_0000003"))
+    extra = read_extra(str(a / "checkpoints" / "step_0000003"))
+    assert (extra["step"], extra["consumed_samples"], extra["layout"]["zero_stage"]) == (3, 12, 0)
+    assert extra["lr_scheduler"] is not None
+    names = {k.rsplit("/", 1)[0] for k in state3}
+    assert {k.rsplit("/", 1)[1] for k in state3} == {"param", "exp_avg", "exp_avg_sq", "step"}
+    for n in names:
+        assert state3[f"{n}/step"].item() == 3 and state3[f"{n}/param"].dtype == torch.float32
+    assert state3["embedding.word_embeddings.weight/param"].shape[0] == 259  # the tokenizer's rows, no padding
+    # the same layout: DeepSpeed's own files; steps 4-6 and the state at 6 bit for bit
+    _from_step3(a, tmp_path / "rs" / "same")
+    fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=same",
+                          "exp_manager.resume_if_exists=true"])
+    same = tmp_path / "rs" / "same"
+    assert {s: v for s, v in _losses(a).items() if s > 3} == _losses(same)
+    want6 = read_tensors(str(a / "checkpoints" / "step_0000006"))
+    got6 = read_tensors(str(same / "checkpoints" / "step_0000006"))
+    assert sorted(got6) == sorted(want6) and all(torch.equal(got6[k], want6[k]) for k in want6)
+    # ZeRO 0 -> ZeRO 1: the layout-free state (DeepSpeed could not load the other stage's optimizer files)
+    _from_step3(a, tmp_path / "rs" / "z1")
+    fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=z1", "model.zero_stage=1",
+                          "exp_manager.resume_if_exists=true"])
+    la, lz = _losses(a), _losses(tmp_path / "rs" / "z1")
+    assert sorted(lz) == [4, 5, 6]
+    for s in lz:
+        assert abs(lz[s] - la[s]) <= 1e-5 * abs(la[s]), (s, lz[s], la[s])
+    z6 = read_tensors(str(tmp_path / "rs" / "z1" / "checkpoints" / "step_0000006"))
+    assert sorted(z6) == sorted(want6)
+    assert all(torch.allclose(z6[k], want6[k], rtol=1e-4, atol=1e-6) for k in want6)
+
+
+def test_metadata_is_read_without_running_code(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_ext.checkpoint.safe_load import load_dcp_metadata
+    from megatron_ext.errors import CorruptCheckpointError, UnsafeFileError
+
+    out = tmp_path / "state"
+    with pytest.warns(UserWarning):  # no process group: DCP says it writes from this process alone
+        dcp.save({"w/param": torch.arange(6.0).reshape(2, 3), "w/step": torch.tensor(2.0)},
+                 storage_writer=dcp.FileSystemWriter(str(out), single_file_per_rank=True, thread_count=1),
+                 no_dist=True)
+    md = load_dcp_metadata(str(out / ".metadata"))
+    assert tuple(md.state_dict_metadata["w/param"].size) == (2, 3)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.metadata"
+    evil.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(UnsafeFileError, match="evil.metadata.*system"):
+        load_dcp_metadata(str(evil))
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "cut.metadata").write_bytes((out / ".metadata").read_bytes()[:40])
+    with pytest.raises(CorruptCheckpointError, match="cut.metadata"):
+        load_dcp_metadata(str(tmp_path / "cut.metadata"))
