@@ -43,6 +43,7 @@ STATE_DIR = "layout_free"
 EXTRA = "extra.pt"
 FORMAT = "megatron_ext.layout_free.v1"
 PARAM = "param"
+_warned = False
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -91,8 +92,9 @@ class _Access:
         self.zero3 = any(hasattr(p, "ds_id") for p in params)
         self.fragments = self.zero3 or any(hasattr(p, "_hp_mapping") for p in params)
         if not self.fragments and not isinstance(self.opt, torch.optim.Optimizer):
-            raise CheckpointError(f"cannot read or set the optimizer state of {type(self.opt).__name__} (fp16 "
-                                  f"without ZeRO) under another layout; resume with the layout that wrote it")
+            raise CheckpointError(f"the optimizer state of {type(self.opt).__name__} (DeepSpeed's fp16/bf16 "
+                                  f"optimizer without ZeRO) cannot be read by parameter; such a checkpoint resumes "
+                                  f"only under the layout that wrote it (use model.zero_stage >= 1 to change layouts)")
         self.base = self.opt.optimizer if self.fragments else self.opt
 
     # the tensors the torch optimizer steps ("flat" partitions under ZeRO), one per param of a group
@@ -145,6 +147,8 @@ class _Access:
         """Create the optimizer state of every stepped tensor (zeros; the scalars given per flat tensor id) the way
         the optimizer's first step would, so that ``set`` can fill it; links DeepSpeed's fragments to it."""
         for q in self.flats():
+            if not self.fragments and id(q) not in scalars:
+                continue  # (ZeRO 0: a parameter A never stepped stays without state)
             st = self.base.state.setdefault(q, {})
             for k in elem:
                 if k not in st:
@@ -216,12 +220,13 @@ def gather_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Optiona
             # equal by DeepSpeed), its position embeddings are never used there (stale); the first stage's count
             continue
         rule = _tp_rule(p)
-        for key in [PARAM] + elem:
+        stepped = acc.fragments or bool(acc.base.state.get(p))  # ZeRO 0: a parameter never stepped has none
+        for key in [PARAM] + (elem if stepped else []):
             full = _tp_full(acc.get(p, key), rule)
             if name in VOCAB_PARTITIONED and vocab_size:
                 full = full[:vocab_size]
             out[f"{name}/{key}"] = full.contiguous()
-        for key in scal:
+        for key in scal if stepped else []:
             out[f"{name}/{key}"] = acc.scalar(p, key).reshape(())
     return out
 
@@ -236,9 +241,18 @@ def _first_failure(e) -> BaseException:
 
 def save_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, vocab_size: Optional[int],
                scheduler, extra: Dict[str, Any]) -> None:
-    """Write ``step_dir/layout_free`` (collective: every rank calls it)."""
+    """Write ``step_dir/layout_free`` (collective: every rank calls it). An optimizer whose state cannot be read
+    by parameter (DeepSpeed's fp16/bf16 optimizers without ZeRO) writes none, with one warning per process."""
     import torch.distributed.checkpoint as dcp
 
+    try:
+        _Access(engine)
+    except CheckpointError as e:  # the same on every rank (the optimizer's type): all skip it
+        global _warned
+        if not _warned:
+            log.warning("checkpoints of this run hold no layout-free state: %s", e)
+            _warned = True
+        return
     state = gather_state(engine, pipeline=pipeline, num_layers=num_layers, vocab_size=vocab_size)
     out = os.path.join(step_dir, STATE_DIR)
     writer = dcp.FileSystemWriter(out, single_file_per_rank=True, thread_count=1)
@@ -321,26 +335,28 @@ def load_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, weight
     params = list(named_parameters(engine.module, pipeline, num_layers))
     want_elem, want_scal = [], []
     if not weights_only:
-        first = params[0][0]
-        prefix = first + "/"
-        keys = [k[len(prefix):] for k in saved_keys if k.startswith(prefix)]
-        want_scal = sorted(k for k in keys if k != PARAM and tuple(md.state_dict_metadata[prefix + k].size) == ())
-        want_elem = sorted(k for k in keys if k != PARAM and k not in want_scal)
+        sizes = {k: tuple(md.state_dict_metadata[k].size) for k in saved_keys}
+        names = {n for n, _ in params}
+        kinds = {k.rsplit("/", 1)[1] for k in saved_keys if k.rsplit("/", 1)[0] in names} - {PARAM}
+        want_scal = sorted(k for k in kinds if all(v == () for kk, v in sizes.items() if kk.endswith("/" + k)))
+        want_elem = sorted(kinds - set(want_scal))
         if not want_elem:
             raise CheckpointError(f"{where} holds no optimizer state (saved before the first step); load it "
                                   f"with model.ckpt_path (weights only)")
         mine, _ = acc.state_keys()
         if mine and set(mine) != set(want_elem):
             raise CheckpointError(f"{where} holds optimizer state {want_elem} but this optimizer has {mine}")
-    keys = [f"{n}/{k}" for n, _ in params for k in [PARAM] + want_elem + want_scal]
+    has = {n: [k for k in want_elem + want_scal if f"{n}/{k}" in saved_keys] for n, _ in params}
+    keys = [f"{n}/{k}" for n, _ in params for k in [PARAM] + has[n]]
     tensors = read_tensors(step_dir, keys)
     _, world, rank = _tp_group()
     if not weights_only:  # the optimizer state exists from here on (as after a first step), then is overwritten
         scalars: Dict[int, Dict[str, torch.Tensor]] = {}
         for n, p in params:
-            q = acc.flat_of(p)
-            got = scalars.setdefault(id(q), {})
-            for k in want_scal:
+            if not has[n]:
+                continue
+            got = scalars.setdefault(id(acc.flat_of(p)), {})
+            for k in (k for k in want_scal if k in has[n]):
                 v = tensors[f"{n}/{k}"]
                 if k in got and not torch.equal(got[k], v):
                     raise CheckpointError(f"{where}: {n}/{k}={v.item()} differs from {got[k].item()} of another "
@@ -351,7 +367,7 @@ def load_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, weight
     for n, p in params:
         rule = _tp_rule(p)
         shape = _shape(p)
-        for k in [PARAM] + want_elem:
+        for k in [PARAM] + [k for k in want_elem if k in has[n]]:
             full = tensors[f"{n}/{k}"]
             if n in VOCAB_PARTITIONED:
                 padded = shape[0] * (world if rule is not None else 1)

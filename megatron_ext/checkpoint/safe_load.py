@@ -162,4 +162,5 @@ def load_dcp_metadata(path: str, what: str = "distributed checkpoint metadata"):
     return obj
 
 
-__all__ = ["ALLOWED_GLOBALS", "load_dcp_metadata", "allowed_globals", "load_untrusted", "check_untrusted", "install_safe_checkpoint_engine"]
+__all__ = ["ALLOWED_GLOBALS", "allowed_globals", "load_untrusted", "check_untrusted", "install_safe_checkpoint_engine",
+           "load_dcp_metadata"]

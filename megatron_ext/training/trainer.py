@@ -249,8 +249,9 @@ class Trainer:
                      "dp": "data parallel size (with ZeRO-partitioned optimizer state)", "zero_stage": "zero_stage"}
             diff = ", ".join(f"{names[k]} {meta.get(k)} -> {mine[k]}" for k in bad)
             raise CheckpointError(
-                f"{where} was saved with a different parallel layout ({diff}) by a version that did not write "
-                f"{reshard.STATE_DIR}/. Either run with the saved layout, or convert it: `python "
+                f"{where} was saved with a different parallel layout ({diff}) and holds no layout-free state "
+                f"({reshard.STATE_DIR}/: written from this version on, except for fp16/bf16 without ZeRO). Either "
+                f"run with the saved layout, or convert it: `python "
                 f"tools/convert_checkpoint.py --input {where} --output model.pt` writes one fp32 state dict that any "
                 f"layout loads with model.ckpt_path=model.pt (weights only; the optimizer restarts), or add "
                 f"`--target-tp T --target-pp P --output-dir DIR` to write a checkpoint directory for the new layout"
@@ -388,8 +389,9 @@ class Trainer:
                                                                   "layout": self._layout()}, **self._reshard_kw()))
 
     def _reshard_kw(self) -> Dict[str, Any]:
-        return {"pipeline": self.pipeline, "num_layers": int(self.cfg.model.num_layers)} | \
-            {"vocab_size": self._layout()["vocab_size"]}
+        """(pipeline stages map names by the GPT layer count; other families have no pipeline)"""
+        return {"pipeline": self.pipeline, "num_layers": int(self.cfg.model.get("num_layers") or 0),
+                "vocab_size": self._layout()["vocab_size"]}
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
