@@ -43,6 +43,9 @@ class CheckpointCallbackParams:
     every_n_train_steps: int = 100  # 0 = only at the end of training
     save_last: bool = True  # also save when training ends
     save_top_k: int = -1  # keep this many newest checkpoints (-1 = keep all)
+    # also write the layout-free state (step_N/layout_free: fp32 weights + optimizer state by global parameter name)
+    # that lets a resume change TP / PP / DP / ZeRO; false: the checkpoint resumes only under its own layout
+    save_layout_free: bool = True
 
 
 @dataclass

@@ -383,10 +383,15 @@ class Trainer:
             log.warning("step %d: not writing a checkpoint because %s; 'latest' stays on %s", step, why,
                         find_latest(ckpt.ckpt_dir) or "(none)")
             return
+        keep = self.cfg.exp_manager.checkpoint_callback_params.save_layout_free
         ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta(),
-                  layout_free=lambda d: reshard.save_state(self.engine, d, scheduler=self.scheduler,
-                                                           extra={"step": step, "consumed_samples": consumed,
-                                                                  "layout": self._layout()}, **self._reshard_kw()))
+                  layout_free=self._save_layout_free(step, consumed) if keep else None)
+
+    def _save_layout_free(self, step: int, consumed: int):
+        """The hook ``Checkpointer.save`` calls with the step directory it writes (``checkpoint.reshard``)."""
+        extra = {"step": step, "consumed_samples": consumed, "layout": self._layout()}
+        return lambda d: reshard.save_state(self.engine, d, scheduler=self.scheduler, extra=extra,
+                                            **self._reshard_kw())
 
     def _reshard_kw(self) -> Dict[str, Any]:
         """(pipeline stages map names by the GPT layer count; other families have no pipeline)"""

@@ -89,3 +89,18 @@ def test_metadata_is_read_without_running_code(tmp_path):
     (tmp_path / "cut.metadata").write_bytes((out / ".metadata").read_bytes()[:40])
     with pytest.raises(CorruptCheckpointError, match="cut.metadata"):
         load_dcp_metadata(str(tmp_path / "cut.metadata"))
+
+
+def test_save_layout_free_off(tmp_path, in_process):
+    """exp_manager.checkpoint_callback_params.save_layout_free=false: DeepSpeed's files only; a resume that
+    changes the layout is then refused, saying how to convert."""
+    from helpers import entry_error_in_process
+
+    run = RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=off", "trainer.max_steps=3",
+                 "exp_manager.checkpoint_callback_params.save_layout_free=false"]
+    fit_in_process(run)
+    step3 = tmp_path / "rs" / "off" / "checkpoints" / "step_0000003"
+    assert (step3 / "meta.json").exists() and not (step3 / "layout_free").exists()
+    msg = entry_error_in_process(run + ["model.zero_stage=1", "exp_manager.resume_if_exists=true",
+                                        "trainer.max_steps=4"])
+    assert "zero_stage 0 -> 1" in msg and "holds no layout-free state" in msg and "convert_checkpoint.py" in msg
