@@ -264,7 +264,7 @@ def save_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, vocab_
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         torch.save({"format": FORMAT, "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    **extra}, os.path.join(out, EXTRA))
+                    "optimizer": type(_Access(engine).base).__name__, **extra}, os.path.join(out, EXTRA))
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -343,6 +343,11 @@ def load_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, weight
         if not want_elem:
             raise CheckpointError(f"{where} holds no optimizer state (saved before the first step); load it "
                                   f"with model.ckpt_path (weights only)")
+        theirs, ours = extra.get("optimizer"), type(acc.base).__name__
+        if theirs != ours:
+            raise CheckpointError(f"{where} holds the state of a {theirs} optimizer but this run's is {ours} "
+                                  f"(model.optim.name); resume with the same optimizer, or load the weights only "
+                                  f"with model.ckpt_path")
         mine, _ = acc.state_keys()
         if mine and set(mine) != set(want_elem):
             raise CheckpointError(f"{where} holds optimizer state {want_elem} but this optimizer has {mine}")

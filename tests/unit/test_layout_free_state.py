@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import fit_in_process
+from helpers import entry_error_in_process, fit_in_process
 
 RUN = ["+experiment=cpu_smoke", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
        "model.seq_length=32", "model.micro_batch_size=2", "model.global_batch_size=4", "trainer.max_steps=6",
@@ -58,6 +58,12 @@ def test_resume_same_and_other_zero_stage(tmp_path, in_process):
     assert sorted(lz) == [4, 5, 6]
     for s in lz:
         assert abs(lz[s] - la[s]) <= 1e-5 * abs(la[s]), (s, lz[s], la[s])
+    # another optimizer: refused (its state would be dropped), naming both
+    _from_step3(a, tmp_path / "rs" / "adam")
+    msg = entry_error_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=adam",
+                                        "model.zero_stage=1", "model.optim.name=adam",
+                                        "exp_manager.resume_if_exists=true"])
+    assert "holds the state of a AdamW optimizer but this run's is Adam" in msg, msg
     z6 = read_tensors(str(tmp_path / "rs" / "z1" / "checkpoints" / "step_0000006"))
     assert sorted(z6) == sorted(want6)
     assert all(torch.allclose(z6[k], want6[k], rtol=1e-4, atol=1e-6) for k in want6)
@@ -94,8 +100,6 @@ def test_metadata_is_read_without_running_code(tmp_path):
 def test_save_layout_free_off(tmp_path, in_process):
     """exp_manager.checkpoint_callback_params.save_layout_free=false: DeepSpeed's files only; a resume that
     changes the layout is then refused, saying how to convert."""
-    from helpers import entry_error_in_process
-
     run = RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=off", "trainer.max_steps=3",
                  "exp_manager.checkpoint_callback_params.save_layout_free=false"]
     fit_in_process(run)
