@@ -2,6 +2,8 @@
 
 * ``files`` -- checkpoint directories (``step_N``, ``latest``, ``meta.json``, completeness), no DeepSpeed.
 * ``consolidated`` -- layout-free weights read from any TP / PP / ZeRO checkpoint, and the TP shard math.
+* ``reshard`` -- the layout-free training state (weights, optimizer state) every checkpoint also holds, saved from
+  and loaded into a live DeepSpeed engine of any layout (the trainer's resume under another layout).
 * ``archive`` -- the ``.mext`` format (write, check, unpack) and gathering a live model's weights into it.
 * ``loader`` -- the one loader: an archive, a checkpoint directory or a consolidated ``.pt`` -> weights or a model
   built through the family table of :mod:`megatron_ext.models.families`.

@@ -11,7 +11,8 @@ Every checkpoint directory ``step_N/`` also holds ``layout_free/``, written with
   the megatron-core partition attributes of the parameter (``partition_dim``, ``partition_stride``), with the
   word embedding / output layer trimmed to the tokenizer's ``vocab_size`` rows (padding rows depend on the layout
   and never reach the loss);
-* ``extra.pt`` (rank 0): the LR scheduler's state, the step, consumed samples, the layout that wrote it.
+* ``extra.pt`` (rank 0): the LR scheduler's state, the optimizer's class (another one on load is refused), the
+  step, consumed samples, the layout that wrote it.
 
 Every rank that holds a tensor offers it to DCP under the same key; DCP's planner keeps one writer per key, so
 each tensor is written once. Loading under another layout: every rank asks DCP for the tensors its own stage
@@ -136,8 +137,8 @@ class _Access:
 
         if self.fragments:
             t = safe_get_full_fp32_param(p) if key == PARAM else safe_get_full_optimizer_state(p, key)
-            return t.detach().float().reshape(_shape(p)).cpu()
-        return (p.detach() if key == PARAM else self.base.state[p][key]).float().cpu().clone()
+            return t.detach().float().reshape(_shape(p))
+        return (p.detach() if key == PARAM else self.base.state[p][key]).float().clone()
 
     def scalar(self, p, key: str) -> torch.Tensor:
         v = self.base.state[self.flat_of(p)][key]
@@ -146,6 +147,7 @@ class _Access:
     def init_state(self, elem: List[str], scalars: Dict[int, Dict[str, torch.Tensor]]) -> None:
         """Create the optimizer state of every stepped tensor (zeros; the scalars given per flat tensor id) the way
         the optimizer's first step would, so that ``set`` can fill it; links DeepSpeed's fragments to it."""
+        on_device = any(g.get("fused") or g.get("capturable") for g in self.base.param_groups)
         for q in self.flats():
             if not self.fragments and id(q) not in scalars:
                 continue  # (ZeRO 0: a parameter A never stepped stays without state)
@@ -153,8 +155,8 @@ class _Access:
             for k in elem:
                 if k not in st:
                     st[k] = torch.zeros_like(q, memory_format=torch.preserve_format)
-            for k, v in scalars.get(id(q), {}).items():
-                st[k] = v.clone()
+            for k, v in scalars.get(id(q), {}).items():  # (torch keeps ``step`` on the CPU unless fused/capturable)
+                st[k] = v.clone().to(q.device if on_device else "cpu")
         self.relink()
 
     def relink(self) -> None:
@@ -196,12 +198,17 @@ class _Access:
 
 
 def _tp_full(t: torch.Tensor, rule: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """The whole tensor from every TP rank's shard ``t``, on the CPU (gathered on the device the TP group's
+    backend needs: the accelerator's for nccl)."""
     group, world, _ = _tp_group()
     if rule is None or world == 1:
-        return t
+        return t.cpu()
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else \
+        torch.device("cpu")
+    t = t.to(dev).contiguous()
     parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return merge_shards(parts, *rule)
+    dist.all_gather(parts, t, group=group)
+    return merge_shards([x.cpu() for x in parts], *rule)
 
 
 def gather_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Optional[int]) -> Dict[str, torch.Tensor]:
