@@ -108,3 +108,25 @@ def test_save_layout_free_off(tmp_path, in_process):
     msg = entry_error_in_process(run + ["model.zero_stage=1", "exp_manager.resume_if_exists=true",
                                         "trainer.max_steps=4"])
     assert "zero_stage 0 -> 1" in msg and "holds no layout-free state" in msg and "convert_checkpoint.py" in msg
+
+
+
+def test_ckpt_path_of_another_layout_loads_weights(tmp_path, in_process):
+    """model.ckpt_path=<checkpoint dir> of another TP layout loads its weights from layout_free/ (one process
+    cannot run TP2, so the checkpoint's meta.json is edited to say tp=2: DeepSpeed's own loader is not used);
+    evaluation gives the val/loss of the same-layout load."""
+    fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=a", "trainer.max_steps=3"])
+    ckpts = tmp_path / "rs" / "a" / "checkpoints"
+    other = tmp_path / "other" / "step_0000003"
+    shutil.copytree(ckpts / "step_0000003", other)
+    for f in other.glob("*.pt"):
+        f.unlink()  # DeepSpeed's files gone: only the layout-free state can give the weights
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps({**meta, "tp": 2}))
+    vals = []
+    for version, path in (("same", ckpts), ("other", other)):
+        fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", f"exp_manager.version={version}",
+                              "trainer.limit_train_batches=0", f"model.ckpt_path={path}"])
+        rows = [json.loads(l) for l in open(tmp_path / "rs" / version / "metrics.jsonl")]
+        vals.append([(r["step"], r["val/loss"]) for r in rows if "val/loss" in r])
+    assert vals[0] == vals[1] and vals[0][0][0] == 3, vals
