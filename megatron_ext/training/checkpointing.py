@@ -4,8 +4,8 @@ The directory layout, completeness (``meta.json``), ``latest`` and the checks th
 in :mod:`megatron_ext.checkpoint.files`; this module writes and loads checkpoints through a DeepSpeed engine.
 
 A save may add the layout-free state (``megatron_ext.checkpoint.reshard``, through the ``layout_free`` hook) to
-the step directory before it is complete. A save goes to ``.tmp-step_N/``, which is renamed to ``step_N/`` only after every rank finished writing and
-``meta.json`` is in place; ``latest`` is then replaced with ``os.replace``. A crash at any point leaves either the
+the step directory before it is complete. A save goes to ``.tmp-step_N/``, which is renamed to ``step_N/`` only
+after every rank finished writing and ``meta.json`` is in place; ``latest`` is then replaced with ``os.replace``. A crash at any point leaves either the
 previous checkpoint as "latest" or the new one, never a half-written one.
 
 Pruning (``save_top_k``) first renames ``step_N`` to ``.del-step_N`` and then deletes it, so a kill mid-prune never
