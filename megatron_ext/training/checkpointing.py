@@ -5,8 +5,8 @@ in :mod:`megatron_ext.checkpoint.files`; this module writes and loads checkpoint
 
 A save may add the layout-free state (``megatron_ext.checkpoint.reshard``, through the ``layout_free`` hook) to
 the step directory before it is complete. A save goes to ``.tmp-step_N/``, which is renamed to ``step_N/`` only
-after every rank finished writing and ``meta.json`` is in place; ``latest`` is then replaced with ``os.replace``. A crash at any point leaves either the
-previous checkpoint as "latest" or the new one, never a half-written one.
+after every rank finished writing and ``meta.json`` is in place; ``latest`` is then replaced with ``os.replace``.
+A crash at any point leaves either the previous checkpoint as "latest" or the new one, never a half-written one.
 
 Pruning (``save_top_k``) first renames ``step_N`` to ``.del-step_N`` and then deletes it, so a kill mid-prune never
 leaves a ``step_N`` fragment; ``remove_incomplete`` (after every save and at the start of a run, which owns the
