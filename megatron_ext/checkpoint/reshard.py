@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from megatron_ext.checkpoint.consolidated import VOCAB_PARTITIONED, merge_shards, shard_of
 from megatron_ext.checkpoint.safe_load import load_dcp_metadata, load_untrusted
 from megatron_ext.errors import CheckpointError, CorruptCheckpointError
+from megatron_ext.models.gpt_pipe import canonical_name
 
 log = logging.getLogger("megatron_ext")
 
@@ -58,8 +59,6 @@ def _tp_group():
 def named_parameters(module: torch.nn.Module, pipeline: bool, num_layers: int) -> Iterator[Tuple[str, Any]]:
     """(global ``GPTModel`` name, parameter) of this rank's parameters, in the module's order (the same on every
     rank of a stage)."""
-    from megatron_ext.models.gpt_pipe import canonical_name
-
     seen = set()
     for local, p in module.named_parameters():
         name = canonical_name(local, num_layers) if pipeline else local
