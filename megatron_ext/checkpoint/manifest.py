@@ -141,8 +141,8 @@ def read(ckpt_path: str) -> Dict[str, Any]:
         if not isinstance(files, dict) or not files:
             raise ValueError("no 'files' object")
         for rel, e in files.items():
-            norm = os.path.normpath(rel)
-            if os.path.isabs(rel) or norm.startswith("..") or norm != rel or rel == MANIFEST:
+            norm = os.path.normpath(rel) if isinstance(rel, str) and "\x00" not in rel else ""
+            if not norm or os.path.isabs(rel) or norm.startswith("..") or norm != rel or rel == MANIFEST:
                 raise ValueError(f"file name {rel!r} is not a plain path inside the checkpoint")
             if not isinstance(e, dict) or not isinstance(e.get("size"), int) or e["size"] < 0 \
                     or not isinstance(e.get("sha256"), str) or len(e["sha256"]) != 64:

@@ -691,7 +691,8 @@ def _runs_manifest_edit(d, edit):
 
 
 @pytest.mark.parametrize("bad", ["flipped byte", "missing file", "added file", "manifest missing",
-                                 "manifest sizes tampered", "manifest names a path outside"])
+                                 "manifest sizes tampered", "manifest names a path outside",
+                                 "manifest names a NUL path"])
 def test_runs_resume_verifies_latest_and_falls_back_naming_the_file(_runs_trained, tmp_path, caplog, bad):
     ckpts = _runs_copy(_runs_trained, tmp_path)
     d = ckpts / "step_0000003"
@@ -702,6 +703,7 @@ def test_runs_resume_verifies_latest_and_falls_back_naming_the_file(_runs_traine
         "manifest missing": (d / "manifest.json", "is missing (meta.json says"),
         "manifest sizes tampered": (d / "meta.json", "is truncated or altered"),
         "manifest names a path outside": (d / "manifest.json", "is corrupt or tampered"),
+        "manifest names a NUL path": (d / "manifest.json", "is corrupt or tampered"),
     }[bad]
     if bad == "flipped byte":
         _runs_flip_byte(named)
@@ -711,14 +713,17 @@ def test_runs_resume_verifies_latest_and_falls_back_naming_the_file(_runs_traine
         shutil.copy(d / "rng_state_rank00000.pt", named)
     elif bad == "manifest sizes tampered":
         _runs_manifest_edit(d, lambda m: m["files"]["meta.json"].update(size=m["files"]["meta.json"]["size"] + 1))
-    else:
+    elif bad == "manifest names a path outside":
         _runs_manifest_edit(d, lambda m: m["files"].update({"../step_0000002/meta.json": m["files"]["meta.json"]}))
+    else:
+        _runs_manifest_edit(d, lambda m: m["files"].update({"meta.json\x00x": m["files"]["meta.json"]}))
     with caplog.at_level(logging.INFO):
         res = _runs_fit(tmp_path, _runs_trained[1], "trainer.max_steps=3", "exp_manager.version=v",
                         "exp_manager.resume_if_exists=true",
                         "exp_manager.checkpoint_callback_params.every_n_train_steps=1")
     assert f"cannot resume from {d}: {named} {why}" in caplog.text, caplog.text[-3000:]
     assert f"resumed from {ckpts / 'step_0000002'} at step 2" in caplog.text
+    assert "the model config differs" not in caplog.text  # same config: same hash, no line
     assert res["step"] == 3 and (ckpts / "latest").read_text() == "step_0000003"
     from megatron_ext.checkpoint.files import check_files
 
