@@ -43,6 +43,9 @@ class CheckpointCallbackParams:
     every_n_train_steps: int = 100  # 0 = only at the end of training
     save_last: bool = True  # also save when training ends
     save_top_k: int = -1  # keep this many newest checkpoints (-1 = keep all)
+    # before a checkpoint is loaded (resume, model.ckpt_path) its files' sha256 are checked against its manifest
+    # (shared among the ranks); false checks sizes and zip directories only (README "Checkpoints")
+    verify_checksums: bool = True
 
 
 @dataclass

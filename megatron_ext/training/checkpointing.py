@@ -3,9 +3,12 @@
 The directory layout, completeness (``meta.json``), ``latest`` and the checks that read files without DeepSpeed live
 in :mod:`megatron_ext.checkpoint.files`; this module writes and loads checkpoints through a DeepSpeed engine.
 
-A save goes to ``.tmp-step_N/``, which is renamed to ``step_N/`` only after every rank finished writing and
-``meta.json`` is in place; ``latest`` is then replaced with ``os.replace``. A crash at any point leaves either the
-previous checkpoint as "latest" or the new one, never a half-written one.
+A save goes to ``.tmp-step_N/``. Every rank hashes (sha256) and fsyncs the files it wrote (DeepSpeed's, recorded
+from its checkpoint engine, and its RNG state; rank 0 also ``meta.json``) and sends names, sizes and digests to rank
+0, which hashes any file nobody reported, writes ``manifest.json`` LAST (:mod:`megatron_ext.checkpoint.manifest`),
+checks the directory against it and fsyncs the directory tree. Only then is ``.tmp-step_N`` renamed to ``step_N``
+(parent directory fsync'd) and ``latest`` replaced with ``os.replace`` (fsync'd). A crash at any point leaves
+either the previous checkpoint as "latest" or the new one, never a half-written or unverified one.
 
 Pruning (``save_top_k``) first renames ``step_N`` to ``.del-step_N`` and then deletes it, so a kill mid-prune never
 leaves a ``step_N`` fragment; ``remove_incomplete`` (after every save and at the start of a run, which owns the
@@ -13,26 +16,29 @@ directory) deletes ``.del-*`` leftovers and incomplete ``step_N`` / ``.tmp-step_
 complete checkpoint -- never a newer one, which may be the one being written.
 
 A save stops with one line (CheckpointError) when the disk is full, naming the path; the partial ``.tmp-step_N`` is
-removed and ``latest`` still names the previous checkpoint. On resume, ``check_files`` reads every checkpoint
-file's zip directory and ``meta.json`` first (cheap: no tensor data), so a truncated or corrupt file is reported by
-name and the previous complete checkpoint is loaded instead (``Trainer._restore``).
+removed and ``latest`` still names the previous checkpoint. On resume, ``check_files`` verifies the checkpoint
+against its manifest first (sizes, and sha256 unless exp_manager.checkpoint_callback_params.verify_checksums=false,
+shared among the ranks), so a truncated, corrupt, missing or added file is reported by name and the previous
+complete checkpoint is loaded instead (``Trainer._resume``).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_ext.checkpoint import manifest
 from megatron_ext.checkpoint.files import META, find_latest, list_complete, read_meta, remove_incomplete, tag_for
 from megatron_ext.checkpoint.safe_load import load_untrusted
-from megatron_ext.errors import CheckpointError
+from megatron_ext.errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,47 @@ def _atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _recording_saves(engine, written: List[str]):
+    """While DeepSpeed saves, append every path its checkpoint engine writes on this rank to ``written`` (DeepSpeed
+    and its pipeline module write model, optimizer and ZeRO files through ``engine.checkpoint_engine.save``)."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        yield
+        return
+    inner = ce.save
+
+    def save(state_dict, path):
+        inner(state_dict, path)
+        written.append(path)
+
+    ce.save = save
+    try:
+        yield
+    finally:
+        ce.save = inner
+
+
+def _gather_to_rank0(entries: Dict[str, Any]) -> Dict[str, Any]:
+    """Every rank's ``{relative path: {size, sha256}}`` merged, on rank 0 (an empty dict elsewhere)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(entries)
+    out = [None] * dist.get_world_size() if _rank() == 0 else None
+    dist.gather_object(entries, out, dst=0)
+    merged: Dict[str, Any] = {}
+    for part in out or []:
+        merged.update(part or {})
+    return merged
 
 
 def is_disk_full(exc: BaseException, path: str) -> bool:
@@ -104,26 +151,46 @@ class Checkpointer:
         self._all_ok(failure, tmp_path)  # in place of a barrier; every rank stops if the directory is not there
         client_state = {"step": step, "consumed_samples": consumed_samples}
         failure = None
+        written: List[str] = []  # this rank's files, hashed by this rank
         try:
-            engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-            torch.save(rng_states, os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt"))
+            with _recording_saves(engine, written):
+                engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+            written.append(os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt"))
+            torch.save(rng_states, written[-1])
+            meta = {
+                "step": step,
+                "consumed_samples": consumed_samples,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                **meta_extra,
+                "manifest": manifest.MANIFEST,
+            }
             if rank == 0:
-                meta = {
-                    "step": step,
-                    "consumed_samples": consumed_samples,
-                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    **meta_extra,
-                }
-                _atomic_write_text(os.path.join(tmp_path, META), json.dumps(meta, indent=2))
+                written.append(os.path.join(tmp_path, META))
+                _atomic_write_text(written[-1], json.dumps(meta, indent=2))
+            # every file this rank wrote into tmp_path before this point is hashed and fsync'd here; files of
+            # other writers are hashed by rank 0 in manifest.build
+            mine = manifest.describe(tmp_path, written)
         except (OSError, RuntimeError) as e:
-            failure = e
+            failure, mine = e, {}
+        self._all_ok(failure, tmp_path)
+        reported = _gather_to_rank0(mine)
+        failure = None
+        if rank == 0:
+            try:  # written last: the checkpoint is complete once its manifest exists and verifies
+                man = manifest.build(tmp_path, reported, meta)
+                manifest.write(tmp_path, man)
+                manifest.verify(tmp_path, meta, checksums=False)  # sizes and names as on disk now
+            except (OSError, CorruptCheckpointError) as e:
+                failure = e
         self._all_ok(failure, tmp_path)
         if rank == 0:
             try:
                 if os.path.exists(final_path):
                     shutil.rmtree(final_path)
                 os.rename(tmp_path, final_path)
+                _fsync_dir(self.ckpt_dir)  # the rename is durable before 'latest' names it
                 _atomic_write_text(os.path.join(self.ckpt_dir, "latest"), tag)
+                _fsync_dir(self.ckpt_dir)
             except OSError as e:  # 'latest' not updated: the new step goes too, so 'latest' stays the newest
                 failure = e
                 shutil.rmtree(final_path, ignore_errors=True)

@@ -17,6 +17,7 @@ detects a non-finite loss of any step since the previous one and stops the run n
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from omegaconf import DictConfig
 
 from megatron_ext.checkpoint.consolidated import load_consolidated
 from megatron_ext.checkpoint.files import check_files, find_latest, list_complete, read_meta, resolve_ckpt_path
+from megatron_ext.checkpoint.manifest import MANIFEST, config_hash
 from megatron_ext.config.loader import Derived, check_config, validate_config
 from megatron_ext.config.schema import GPTConfig
 from megatron_ext.data.samplers import build_pretraining_dataloader
@@ -40,7 +42,7 @@ from megatron_ext.parallel import state as pstate
 from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
 from megatron_ext.training.checkpointing import Checkpointer
 from megatron_ext.training.engine import build_ds_config, build_engine
-from megatron_ext.training.exp_manager import ExpManager, _broadcast_str
+from megatron_ext.training.exp_manager import ExpManager
 from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
 from megatron_ext.training.lr_schedulers import build_scheduler, config_state, keep_config_on_resume
 from megatron_ext.training.optim import build_optimizer
@@ -87,6 +89,16 @@ def setup_logging(rank: int) -> None:
         ds_logger.setLevel(logging.WARNING)
     except Exception:
         pass
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """{"a.b": value} of a nested dict (lists and scalars are leaves)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) and v else f"{prefix}{k}"))
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -264,31 +276,65 @@ class Trainer:
             log.info("no checkpoint in %s; starting fresh", self.exp.ckpt_dir)
         if m.ckpt_path and not os.path.isfile(m.ckpt_path):  # a file: consolidated weights, loaded in _build
             ckpt_dir, tag = resolve_ckpt_path(m.ckpt_path)
-            self._check_layout(check_files(os.path.join(ckpt_dir, tag)), os.path.join(ckpt_dir, tag))
+            why = self._verify(os.path.join(ckpt_dir, tag))
+            if why:
+                raise CorruptCheckpointError(f"model.ckpt_path: {why}")
+            self._check_layout(read_meta(os.path.join(ckpt_dir, tag)), os.path.join(ckpt_dir, tag))
             st = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=False)
             log.info("loaded model weights from %s (step %d)", os.path.join(ckpt_dir, tag), st.step)
             self._loaded_step = st.step
         return 0, 0
 
+    def _verify(self, path: str) -> str:
+        """Why checkpoint ``path`` must not be loaded ('' when it verifies): every rank checks the sizes against
+        its manifest and hashes its share of the files (``verify_checksums``); the first reason, in rank order,
+        reaches every rank."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        why = ""
+        try:
+            check_files(path, checksums=bool(self.cfg.exp_manager.checkpoint_callback_params.verify_checksums),
+                        rank=self.rank, world=world)
+        except CorruptCheckpointError as e:
+            why = str(e)
+        if world > 1:
+            whys = [None] * world
+            dist.all_gather_object(whys, why)
+            why = next((w for w in whys if w), "")
+        return why
+
+    def _note_config_change(self, meta: Dict[str, Any], path: str) -> None:
+        """One log line when the resolved model config differs from the checkpoint's (its manifest's config hash),
+        naming up to 8 differing keys: a resume with changed settings is allowed, but said."""
+        try:
+            with open(os.path.join(path, MANIFEST)) as f:
+                saved = json.load(f).get("config_hash")
+        except (OSError, ValueError, AttributeError):
+            return  # a legacy checkpoint (warned about already)
+        mine = self._meta()["model_config"]
+        if self.rank != 0 or saved == config_hash(mine):
+            return
+        old, new = _flatten(meta.get("model_config") or {}), _flatten(mine)
+        keys = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+        shown = ", ".join(f"model.{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:8])
+        more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+        log.info("resume: the model config differs from the one %s was saved with (config hash %s -> %s): %s%s",
+                 path, str(saved)[:12], config_hash(mine)[:12], shown or "(meta.json holds no model_config)", more)
+
     def _resume(self, latest: str) -> tuple[int, int]:
-        """Load ``latest``, or when one of its files is truncated/corrupt (a warning names it) the newest older
-        complete checkpoint that loads. Rank 0 checks the files (``check_files``) and all ranks follow its choice;
-        a layout mismatch is not a corrupt file and stops at once."""
+        """Load ``latest``, or when one of its files is truncated/corrupt/missing (a warning names it) the newest
+        older complete checkpoint that verifies and loads. All ranks verify it together (``_verify``) and follow
+        the same choice; a layout mismatch is not a corrupt file and stops at once."""
         ckpt_dir = self.exp.ckpt_dir
         configured = config_state(self.optimizer, self.scheduler)  # before any (maybe partial) load changes it
         older = [d for _, d in reversed(list_complete(ckpt_dir)) if d < latest]
         bad = []
         for tag in [latest] + older:
             path = os.path.join(ckpt_dir, tag)
-            why = ""
-            if self.rank == 0:
-                try:
-                    check_files(path)
-                except CorruptCheckpointError as e:
-                    why = str(e)
-            why = _broadcast_str(why)
+            why = self._verify(path)
             if not why:
-                self._check_layout(read_meta(path), path)
+                meta = read_meta(path)
+                self._check_layout(meta, path)
+                self._note_config_change(meta, path)
                 try:
                     st = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=True)
                     rng = Checkpointer.load_rng(ckpt_dir, tag)
