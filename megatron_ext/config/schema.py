@@ -43,6 +43,8 @@ class CheckpointCallbackParams:
     every_n_train_steps: int = 100  # 0 = only at the end of training
     save_last: bool = True  # also save when training ends
     save_top_k: int = -1  # keep this many newest checkpoints (-1 = keep all)
+    # write checkpoints in the background: the step pays for a host copy of the state, one save in flight
+    async_save: bool = False
 
 
 @dataclass

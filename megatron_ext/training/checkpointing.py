@@ -30,6 +30,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_ext.checkpoint.async_save import BackgroundSaver, capture_saves, fsync_dir, host_snapshot, write_synced
 from megatron_ext.checkpoint.files import META, find_latest, list_complete, read_meta, remove_incomplete, tag_for
 from megatron_ext.checkpoint.safe_load import load_untrusted
 from megatron_ext.errors import CheckpointError
@@ -41,9 +42,9 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -83,9 +84,24 @@ class LoadedState:
 
 
 class Checkpointer:
-    def __init__(self, ckpt_dir: str, save_top_k: int = -1):
+    """Writes (``save``) and reads (``load``) checkpoints of a DeepSpeed engine in ``ckpt_dir``.
+
+    With ``async_save`` a save returns after a host snapshot of the state; the files are written, synced and
+    committed in the background (:mod:`megatron_ext.checkpoint.async_save`), one save at a time, over a process
+    group of their own. :meth:`finish` waits for the last one (the trainer calls it before training ends)."""
+
+    def __init__(self, ckpt_dir: str, save_top_k: int = -1, async_save: bool = False):
         self.ckpt_dir = ckpt_dir
         self.save_top_k = save_top_k
+        self.saver = BackgroundSaver() if async_save else None
+        # collective, so every rank builds its Checkpointer at the same point (the trainer does, in the train loop)
+        self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() and \
+            dist.get_world_size() > 1 else None
+
+    def finish(self) -> None:
+        """Wait for a background save in flight; raise its error (CheckpointError naming the checkpoint)."""
+        if self.saver is not None:
+            self.saver.finish()
 
     def save(self, engine, step: int, consumed_samples: int, rng_states: Dict[str, Any], meta_extra: Dict[str, Any]):
         tag = tag_for(step)
@@ -94,6 +110,9 @@ class Checkpointer:
         final_path = os.path.join(self.ckpt_dir, tag)
         rank = _rank()
         failure = None
+        if self.saver is not None:
+            self.saver.wait(f"checkpoint {tag}")  # one save in flight; the previous one's error is raised here
+            self.saver.finish()
         if rank == 0:
             try:
                 if os.path.exists(tmp_path):
@@ -103,48 +122,75 @@ class Checkpointer:
                 failure = e
         self._all_ok(failure, tmp_path)  # in place of a barrier; every rank stops if the directory is not there
         client_state = {"step": step, "consumed_samples": consumed_samples}
+        meta = {"step": step, "consumed_samples": consumed_samples,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1, **meta_extra}
+        rng_path = os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt")
+        if self.saver is not None:
+            with capture_saves(engine) as files:  # DeepSpeed's files, as host snapshots
+                engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
+            files.append((rng_path, host_snapshot(rng_states)))
+
+            def job():
+                failure = None
+                try:
+                    for path, obj in files:
+                        write_synced(path, obj)
+                    files.clear()  # the snapshots' host memory goes as soon as they are written
+                    if rank == 0:
+                        _atomic_write_text(os.path.join(tmp_path, META), json.dumps(meta, indent=2))
+                    fsync_dir(tmp_path)
+                except (OSError, RuntimeError) as e:
+                    failure = e
+                self._commit(failure, tmp_path, final_path, self.group)
+
+            self.saver.submit(tag, job)
+            return final_path
         failure = None
         try:
             engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-            torch.save(rng_states, os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt"))
+            torch.save(rng_states, rng_path)
             if rank == 0:
-                meta = {
-                    "step": step,
-                    "consumed_samples": consumed_samples,
-                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    **meta_extra,
-                }
                 _atomic_write_text(os.path.join(tmp_path, META), json.dumps(meta, indent=2))
         except (OSError, RuntimeError) as e:
             failure = e
-        self._all_ok(failure, tmp_path)
+        self._commit(failure, tmp_path, final_path, None)
+        return final_path
+
+    def _commit(self, failure: Optional[BaseException], tmp_path: str, final_path: str, group) -> None:
+        """After every rank wrote its files into ``tmp_path``: rename it to ``final_path``, point ``latest`` at it,
+        prune. Collectives over ``group`` (None: the default group)."""
+        rank = _rank()
+        self._all_ok(failure, tmp_path, group)
         if rank == 0:
             try:
                 if os.path.exists(final_path):
                     shutil.rmtree(final_path)
                 os.rename(tmp_path, final_path)
-                _atomic_write_text(os.path.join(self.ckpt_dir, "latest"), tag)
+                if self.saver is not None:
+                    fsync_dir(self.ckpt_dir)  # the rename is on disk before 'latest' names it
+                _atomic_write_text(os.path.join(self.ckpt_dir, "latest"), os.path.basename(final_path))
             except OSError as e:  # 'latest' not updated: the new step goes too, so 'latest' stays the newest
                 failure = e
                 shutil.rmtree(final_path, ignore_errors=True)
-        self._all_ok(failure, final_path)
+        self._all_ok(failure, final_path, group)
         if rank == 0:
+            if self.saver is not None:
+                fsync_dir(self.ckpt_dir)  # and 'latest' itself
             self._prune()
             log.info("saved checkpoint %s", final_path)
-        _barrier()
-        return final_path
+        _barrier(group)
 
-    def _all_ok(self, failure: Optional[BaseException], path: str) -> None:
+    def _all_ok(self, failure: Optional[BaseException], path: str, group=None) -> None:
         """In place of a barrier after a step of a save: when any rank failed, rank 0 removes the partial checkpoint
         directory ``path`` and every rank raises one CheckpointError naming it (saying so when the disk is full)."""
         failed = torch.tensor([0 if failure is None else (2 if is_disk_full(failure, self.ckpt_dir) else 1)])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
         if int(failed) == 0:
             return
         if _rank() == 0:
             shutil.rmtree(path, ignore_errors=True)
-        _barrier()
+        _barrier(group)
         latest = find_latest(self.ckpt_dir)
         still = f"'latest' still names {latest}" if latest else "no earlier checkpoint exists"
         if int(failed) == 2:

@@ -527,6 +527,7 @@ class Trainer:
                 meter.restart()
         if ckpt.due_at_end(step, first_step):
             ckpt.save(step, consumed, last_loss)
+        ckpt.finish()  # a checkpoint still being written in the background
         elapsed = time.perf_counter() - t_start
         log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
         return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}
@@ -550,8 +551,8 @@ class _CheckpointSchedule:
         p = trainer.cfg.exp_manager.checkpoint_callback_params
         self.trainer = trainer
         self.every, self.save_last = p.every_n_train_steps, p.save_last
-        self.ckpt = Checkpointer(trainer.exp.ckpt_dir, p.save_top_k) if trainer.cfg.exp_manager.create_checkpoint_callback \
-            else None
+        self.ckpt = Checkpointer(trainer.exp.ckpt_dir, p.save_top_k, async_save=p.async_save) \
+            if trainer.cfg.exp_manager.create_checkpoint_callback else None
         self.saved_at: Optional[int] = None
 
     def due(self, step: int) -> bool:
@@ -563,6 +564,10 @@ class _CheckpointSchedule:
     def save(self, step: int, consumed: int, loss: Optional[float]) -> None:
         self.trainer._save(self.ckpt, step, consumed, loss)
         self.saved_at = step
+
+    def finish(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.finish()
 
 
 class _Throughput:
