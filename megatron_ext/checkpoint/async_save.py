@@ -14,8 +14,9 @@ they wait for every 30 s). An error in the background is raised in the training 
 end, as a CheckpointError naming the checkpoint; ``latest`` then still names the previous complete checkpoint,
 since it only ever moves once every rank's files are written and synced.
 
-Host memory: a snapshot holds a copy of everything the checkpoint holds on this rank (parameters, fp32 masters,
-optimizer moments) until it is written.
+Host memory: the snapshot is a copy of everything the checkpoint holds on this rank (parameters, fp32 masters,
+optimizer moments); it stays allocated between saves and is refilled in place by the next one (allocating it
+afresh each time costs more than the copy).
 """
 from __future__ import annotations
 
@@ -36,43 +37,57 @@ log = logging.getLogger(__name__)
 WAIT_REPORT_S = 30.0
 
 
-def host_snapshot(obj: Any) -> Any:
-    """A copy of ``obj`` whose tensors are fresh host-memory tensors (never views of live training state), with
-    dicts, lists and tuples rebuilt around them; other values are kept (they are not updated in place by training:
-    numbers, strings, and DeepSpeed's small config objects)."""
+def host_snapshot(obj: Any, into: Any = None) -> Any:
+    """A copy of ``obj`` whose tensors are host-memory tensors that training never updates (never views of live
+    state), with dicts, lists and tuples rebuilt around them; other values are kept (numbers, strings, DeepSpeed's
+    small config objects: training does not change them in place).
+
+    ``into``: the snapshot of the same file from the previous save, already written. A tensor at the same place
+    with the same shape and dtype is refilled in place instead of allocated again: fresh host memory is faulted in
+    page by page, which costs more than the copy itself."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, OrderedDict):
-        return OrderedDict((k, host_snapshot(v)) for k, v in obj.items())
+        t = obj.detach()
+        if isinstance(into, torch.Tensor) and into.shape == t.shape and into.dtype == t.dtype and \
+                into.device.type == "cpu" and into.stride() == t.stride():
+            return into.copy_(t)
+        return t.to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: host_snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [host_snapshot(v) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(host_snapshot(v) for v in obj)
+        prev = into if isinstance(into, dict) else {}
+        out = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = host_snapshot(v, prev.get(k))
+        return out
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        prev = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        items = [host_snapshot(v, p) for v, p in zip(obj, prev)]
+        return items if isinstance(obj, list) else tuple(items)
     return obj
 
 
 @contextlib.contextmanager
-def capture_saves(engine):
-    """While active, ``engine.checkpoint_engine.save(state_dict, path)`` records ``(path, host_snapshot(state))``
-    in the yielded list instead of writing; the engine's own ``save`` is restored after."""
+def capture_saves(engine, previous: Optional[dict] = None):
+    """While active, ``engine.checkpoint_engine.save(state_dict, path)`` records ``(path, snapshot)`` in the yielded
+    list instead of writing (``previous``: file name -> that file's snapshot from the last save, refilled in place
+    where it fits). DeepSpeed is also told not to clone tensors before saving (``preserves_storage_sharing``): the
+    snapshot is the one copy. The engine's own methods are restored after."""
     ce = engine.checkpoint_engine
     captured: List[Tuple[str, Any]] = []
-    own = "save" in vars(ce)
-    previous = vars(ce).get("save")
+    previous = previous or {}
+    saved = {name: vars(ce)[name] for name in ("save", "preserves_storage_sharing") if name in vars(ce)}
 
     def save(state_dict, path: str):
-        captured.append((str(path), host_snapshot(state_dict)))
+        captured.append((str(path), host_snapshot(state_dict, previous.get(os.path.basename(str(path))))))
 
     ce.save = save
+    ce.preserves_storage_sharing = lambda: False
     try:
         yield captured
     finally:
-        if own:
-            ce.save = previous
-        else:
-            del ce.save
+        for name in ("save", "preserves_storage_sharing"):
+            if name in saved:
+                setattr(ce, name, saved[name])
+            else:
+                delattr(ce, name)
 
 
 def write_synced(path: str, obj: Any) -> None:

@@ -94,14 +94,22 @@ class Checkpointer:
         self.ckpt_dir = ckpt_dir
         self.save_top_k = save_top_k
         self.saver = BackgroundSaver() if async_save else None
+        self._snapshots: Dict[str, Any] = {}  # file name -> its host snapshot from the last async save
         # collective, so every rank builds its Checkpointer at the same point (the trainer does, in the train loop)
         self.group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() and \
             dist.get_world_size() > 1 else None
 
-    def finish(self) -> None:
-        """Wait for a background save in flight; raise its error (CheckpointError naming the checkpoint)."""
-        if self.saver is not None:
+    def finish(self, quiet: bool = False) -> None:
+        """Wait for a background save in flight; raise its error (CheckpointError naming the checkpoint), or with
+        ``quiet`` (training is already stopping with an error of its own) log it."""
+        if self.saver is None:
+            return
+        try:
             self.saver.finish()
+        except CheckpointError as e:
+            if not quiet:
+                raise
+            log.error("%s", e)
 
     def save(self, engine, step: int, consumed_samples: int, rng_states: Dict[str, Any], meta_extra: Dict[str, Any]):
         tag = tag_for(step)
@@ -126,16 +134,17 @@ class Checkpointer:
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1, **meta_extra}
         rng_path = os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt")
         if self.saver is not None:
-            with capture_saves(engine) as files:  # DeepSpeed's files, as host snapshots
+            with capture_saves(engine, self._snapshots) as files:  # DeepSpeed's files, as host snapshots
                 engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-            files.append((rng_path, host_snapshot(rng_states)))
+            files.append((rng_path, host_snapshot(rng_states, self._snapshots.get(os.path.basename(rng_path)))))
+            # kept for the next save to refill (it waits until these are written)
+            self._snapshots = {os.path.basename(path): obj for path, obj in files}
 
             def job():
                 failure = None
                 try:
                     for path, obj in files:
                         write_synced(path, obj)
-                    files.clear()  # the snapshots' host memory goes as soon as they are written
                     if rank == 0:
                         _atomic_write_text(os.path.join(tmp_path, META), json.dumps(meta, indent=2))
                     fsync_dir(tmp_path)

@@ -496,9 +496,17 @@ class Trainer:
             self.exp.close()
 
     def _train_loop(self, train_ds, val_ds, step: int, consumed: int) -> Dict[str, Any]:
+        ckpt = _CheckpointSchedule(self)
+        try:
+            return self._train_steps(train_ds, val_ds, step, consumed, ckpt)
+        except BaseException:
+            ckpt.finish(quiet=True)  # a checkpoint being written in the background still completes
+            raise
+
+    def _train_steps(self, train_ds, val_ds, step: int, consumed: int, ckpt: "_CheckpointSchedule") -> Dict[str, Any]:
         t, gbs = self.cfg.trainer, self.cfg.model.global_batch_size
         last_step = t.max_steps if t.limit_train_batches is None else min(t.max_steps, step + t.limit_train_batches)
-        first_step, ckpt, meter = step, _CheckpointSchedule(self), _Throughput(self)
+        first_step, meter = step, _Throughput(self)
         it = self._iter(train_ds, consumed)
         self.engine.train()
         pending: list = []  # (step, loss on the device) since the last host sync
@@ -565,9 +573,9 @@ class _CheckpointSchedule:
         self.trainer._save(self.ckpt, step, consumed, loss)
         self.saved_at = step
 
-    def finish(self) -> None:
+    def finish(self, quiet: bool = False) -> None:
         if self.ckpt is not None:
-            self.ckpt.finish()
+            self.ckpt.finish(quiet)
 
 
 class _Throughput:
