@@ -6,9 +6,9 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
+import helpers
 from helpers import REPO, TINY_GPT as TINY, run_script
 
 ASYNC = "exp_manager.checkpoint_callback_params.async_save=true"
@@ -43,15 +43,16 @@ def test_sigkill_during_async_saves_resumes_like_an_uninterrupted_run(run_env, t
     for k in range(3):
         version = f"killed{k}"
         ckpts = tmp_path / "megatron_gpt" / version / "checkpoints"
-        # a real interpreter: SIGKILL must reach the training process itself
-        p = subprocess.Popen([sys.executable, "pretrain_gpt.py", *common, f"exp_manager.version={version}"],
-                             cwd=REPO, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen([helpers.PYTHON, "pretrain_gpt.py", *common, f"exp_manager.version={version}"],
+                             cwd=REPO, env=run_env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{version}.err", "w"))
         try:
             deadline = time.time() + 300
             while time.time() < deadline and p.poll() is None and not (ckpts / "latest").exists():
                 time.sleep(0.01)
+            # the training process itself (the run directory's lock names it), wherever it was started from
+            pid = int((ckpts.parent / ".lock").read_text().split()[1])
             time.sleep(rnd.uniform(0.0, 0.6))  # somewhere in the run's next saves
-            p.send_signal(signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         finally:
             p.wait()
         assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
