@@ -46,13 +46,19 @@ def test_sigkill_during_async_saves_resumes_like_an_uninterrupted_run(run_env, t
         p = subprocess.Popen([helpers.PYTHON, "pretrain_gpt.py", *common, f"exp_manager.version={version}"],
                              cwd=REPO, env=run_env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{version}.err", "w"))
         try:
+            # a random moment: shortly after 'latest' reaches a random early step, while the next saves run
+            after, delay = f"step_{2 * rnd.randint(1, 4):07d}", rnd.uniform(0.0, 0.05)
             deadline = time.time() + 300
-            while time.time() < deadline and p.poll() is None and not (ckpts / "latest").exists():
-                time.sleep(0.01)
+            while time.time() < deadline and p.poll() is None and not (
+                    (ckpts / "latest").exists() and (ckpts / "latest").read_text().strip() >= after):
+                time.sleep(0.002)
             # the training process itself (the run directory's lock names it), wherever it was started from
             pid = int((ckpts.parent / ".lock").read_text().split()[1])
-            time.sleep(rnd.uniform(0.0, 0.6))  # somewhere in the run's next saves
-            os.kill(pid, signal.SIGKILL)
+            time.sleep(delay)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # finished already: the assertion below says so
         finally:
             p.wait()
         assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
