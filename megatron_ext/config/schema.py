@@ -46,6 +46,8 @@ class CheckpointCallbackParams:
     # before a checkpoint is loaded (resume, model.ckpt_path) its files' sha256 are checked against its manifest
     # (shared among the ranks); false checks sizes and zip directories only (README "Checkpoints")
     verify_checksums: bool = True
+    # write checkpoints in the background: the step pays for a host copy of the state, one save in flight
+    async_save: bool = False
 
 
 @dataclass

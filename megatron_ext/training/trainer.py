@@ -542,9 +542,17 @@ class Trainer:
             self.exp.close()
 
     def _train_loop(self, train_ds, val_ds, step: int, consumed: int) -> Dict[str, Any]:
+        ckpt = _CheckpointSchedule(self)
+        try:
+            return self._train_steps(train_ds, val_ds, step, consumed, ckpt)
+        except BaseException:
+            ckpt.finish(quiet=True)  # a checkpoint being written in the background still completes
+            raise
+
+    def _train_steps(self, train_ds, val_ds, step: int, consumed: int, ckpt: "_CheckpointSchedule") -> Dict[str, Any]:
         t, gbs = self.cfg.trainer, self.cfg.model.global_batch_size
         last_step = t.max_steps if t.limit_train_batches is None else min(t.max_steps, step + t.limit_train_batches)
-        first_step, ckpt, meter = step, _CheckpointSchedule(self), _Throughput(self)
+        first_step, meter = step, _Throughput(self)
         it = self._iter(train_ds, consumed)
         self.engine.train()
         pending: list = []  # (step, loss on the device) since the last host sync
@@ -573,6 +581,7 @@ class Trainer:
                 meter.restart()
         if ckpt.due_at_end(step, first_step):
             ckpt.save(step, consumed, last_loss)
+        ckpt.finish()  # a checkpoint still being written in the background
         elapsed = time.perf_counter() - t_start
         log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
         return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}
@@ -596,8 +605,8 @@ class _CheckpointSchedule:
         p = trainer.cfg.exp_manager.checkpoint_callback_params
         self.trainer = trainer
         self.every, self.save_last = p.every_n_train_steps, p.save_last
-        self.ckpt = Checkpointer(trainer.exp.ckpt_dir, p.save_top_k) if trainer.cfg.exp_manager.create_checkpoint_callback \
-            else None
+        self.ckpt = Checkpointer(trainer.exp.ckpt_dir, p.save_top_k, async_save=p.async_save) \
+            if trainer.cfg.exp_manager.create_checkpoint_callback else None
         self.saved_at: Optional[int] = None
 
     def due(self, step: int) -> bool:
@@ -609,6 +618,10 @@ class _CheckpointSchedule:
     def save(self, step: int, consumed: int, loss: Optional[float]) -> None:
         self.trainer._save(self.ckpt, step, consumed, loss)
         self.saved_at = step
+
+    def finish(self, quiet: bool = False) -> None:
+        if self.ckpt is not None:
+            self.ckpt.finish(quiet)
 
 
 class _Throughput:
