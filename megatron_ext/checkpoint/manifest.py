@@ -160,11 +160,11 @@ def read(ckpt_path: str) -> Dict[str, Any]:
 def verify(ckpt_path: str, meta: Dict[str, Any], checksums: bool = True, rank: int = 0,
            world: int = 1) -> Optional[Dict[str, Any]]:
     """Check ``ckpt_path`` against its manifest (see the module docstring); None for a legacy checkpoint (no
-    ``"manifest"`` in ``meta``). With ``world`` > 1 the checksums are shared: this call hashes the listed files
+    ``"manifest"`` in ``meta`` and no manifest file). With ``world`` > 1 the checksums are shared: this call hashes the listed files
     ``i`` with ``i % world == rank`` (all ranks together cover them); rank 0 also does the directory-wide checks.
     Raises CorruptCheckpointError starting with the path of the first bad file."""
-    if not meta.get("manifest"):
-        return None
+    if not meta.get("manifest") and not os.path.lexists(os.path.join(ckpt_path, MANIFEST)):
+        return None  # written before manifests (a manifest.json beside a meta.json without the key is verified)
     man = read(ckpt_path)
     mpath = os.path.join(ckpt_path, MANIFEST)
     if int(man["step"]) != int(meta["step"]) or int(man["consumed_samples"]) != int(meta["consumed_samples"]):

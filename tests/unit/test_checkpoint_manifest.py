@@ -121,3 +121,12 @@ def test_checkpoint_without_manifest_is_legacy(tmp_path):
     root.mkdir()
     old_meta = {k: v for k, v in META.items() if k != "manifest"}
     assert manifest.verify(str(root), old_meta) is None
+
+
+def test_removing_the_manifest_key_from_meta_does_not_skip_verification(tmp_path):
+    root = tmp_path / "step_0000007"
+    _checkpoint(root)
+    old_meta = {k: v for k, v in META.items() if k != "manifest"}
+    (root / "meta.json").write_text(json.dumps(old_meta))  # passes as legacy only if the manifest is ignored
+    with pytest.raises(CorruptCheckpointError, match=r"meta\.json is truncated or altered"):
+        manifest.verify(str(root), old_meta)
