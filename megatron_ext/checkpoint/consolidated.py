@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from megatron_ext.checkpoint.files import read_meta, resolve_ckpt_path
+from megatron_ext.checkpoint.files import check_files, resolve_ckpt_path
 from megatron_ext.checkpoint.safe_load import check_untrusted, load_untrusted
 from megatron_ext.errors import CheckpointError
 from megatron_ext.models.gpt import resolve_ffn_hidden_size, resolve_max_position_embeddings
@@ -148,10 +148,12 @@ def _zero_fp32_states(path: str, tp_rank: int) -> Dict[str, torch.Tensor]:
 
 def checkpoint_meta(path: str) -> Tuple[str, Dict[str, Any]]:
     """(the ``step_N`` directory, its ``meta.json``) for a run, checkpoints or ``step_N`` directory; the meta must
-    carry ``vocab_size`` and the ``model_config`` the model was trained with."""
+    carry ``vocab_size`` and the ``model_config`` the model was trained with. The directory is verified against
+    its manifest first (sizes and sha256: a corrupt, truncated, missing or added file is refused, naming it; a
+    checkpoint written before manifests is read with a warning that it is unverified)."""
     ckpt_dir, tag = resolve_ckpt_path(path)
     path = os.path.join(ckpt_dir, tag)
-    meta = read_meta(path, keys=("vocab_size",))
+    meta = check_files(path, keys=("vocab_size",))
     if not meta.get("model_config"):
         raise CheckpointError(f"{path}/meta.json has no model_config (written by an older version?)")
     return path, meta

@@ -7,14 +7,19 @@ Layout (written by ``megatron_ext.training.checkpointing.Checkpointer``)::
             mp_rank_00_model_states.pt    (DeepSpeed: module, scheduler, client state)
             *_optim_states.pt              (DeepSpeed: optimizer / ZeRO partitions)
             rng_state_rank00000.pt         every rank's python/numpy/torch/CUDA/tracker RNG states
-            meta.json                      step, consumed samples, layout, model config, written LAST
+            meta.json                      step, consumed samples, layout, model config
+            manifest.json                  every other file's size and sha256, step, layout, config hash: LAST
         latest                         text file naming the newest complete checkpoint, replaced atomically
 
-A ``step_N`` directory is complete when its ``meta.json`` exists (it is written last, before the rename from
-``.tmp-step_N``). A ``latest`` pointing at a missing or incomplete directory falls back to the newest complete one
-(with a warning). ``.tmp-step_N`` (never renamed) and ``.del-step_N`` (an interrupted prune) are leftovers that
-:func:`remove_incomplete` deletes. :func:`check_files` reads every checkpoint file's zip directory and
-``meta.json`` without loading tensors, so a truncated or corrupt file is reported by name.
+A ``step_N`` directory exists only once it is complete: it is renamed from ``.tmp-step_N`` after every rank's files,
+``meta.json`` and then ``manifest.json`` were written and fsync'd (:mod:`megatron_ext.checkpoint.manifest`).
+:func:`is_complete` (cheap, for listing and pruning) looks for ``meta.json``; :func:`check_files` proves it: the
+directory verifies against its manifest (sizes, sha256, no missing or extra file), so a truncated, corrupt or
+tampered file is reported by name. A checkpoint written before manifests (its ``meta.json`` has no ``"manifest"``
+key) gets the older zip-directory check of every ``.pt`` file and one warning that it is unverified. A ``latest``
+pointing at a missing or incomplete directory falls back to the newest complete one (with a warning).
+``.tmp-step_N`` (never renamed) and ``.del-step_N`` (an interrupted prune) are leftovers that
+:func:`remove_incomplete` deletes.
 
 Everything here reads or removes files only; nothing starts a process group.
 """
@@ -28,6 +33,7 @@ import shutil
 import zipfile
 from typing import Any, Dict, Optional, Tuple
 
+from megatron_ext.checkpoint import manifest
 from megatron_ext.errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger(__name__)
@@ -114,23 +120,31 @@ def read_meta(path: str, keys: Tuple[str, ...] = ("step", "consumed_samples")) -
         ) from None
 
 
-def check_files(path: str) -> Dict[str, Any]:
-    """Check one checkpoint directory without loading tensors: ``meta.json`` parses, and every ``*.pt`` file (all
-    ranks') is a readable zip archive (a truncated torch file has lost its zip directory). Returns the meta;
-    raises CorruptCheckpointError naming the first bad file."""
-    meta = read_meta(path)
-    for root, _, files in os.walk(path):
-        for name in sorted(files):
-            if not name.endswith(".pt"):
-                continue
-            fp = os.path.join(root, name)
-            try:
-                with zipfile.ZipFile(fp) as z:
-                    z.infolist()
-            except (zipfile.BadZipFile, OSError, ValueError) as e:
-                raise CorruptCheckpointError(
-                    f"{fp} is truncated or corrupt ({e}); expected a complete torch.save file"
-                ) from None
+def check_files(path: str, checksums: bool = True, rank: int = 0, world: int = 1,
+                keys: Tuple[str, ...] = ("step", "consumed_samples")) -> Dict[str, Any]:
+    """Check one checkpoint directory without loading tensors: ``meta.json`` parses (holding ``keys``) and the
+    directory verifies against its manifest (sizes; sha256 when ``checksums``, shared among ``world`` callers
+    by ``rank``: see :func:`megatron_ext.checkpoint.manifest.verify`); without checksums, and for a legacy
+    checkpoint without a manifest (warned about once, by rank 0), every ``*.pt`` file must also be a readable
+    zip archive (a truncated torch file has lost its zip directory). Returns the meta; raises
+    CorruptCheckpointError naming the first bad file."""
+    meta = read_meta(path, keys=tuple(dict.fromkeys(("step", "consumed_samples") + tuple(keys))))
+    man = manifest.verify(path, meta, checksums=checksums, rank=rank, world=world)
+    if man is None and rank == 0:
+        log.warning("%s was written before checkpoint manifests (no manifest.json): its files are not verified "
+                    "(only their zip directories are checked)", path)
+    if man is not None and checksums:
+        return meta
+    for i, (root, name) in enumerate(sorted((r, n) for r, _, fs in os.walk(path) for n in fs)):
+        if not name.endswith(".pt") or i % world != rank:
+            continue
+        fp = os.path.join(root, name)
+        try:
+            with zipfile.ZipFile(fp) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"{fp} is truncated or corrupt ({e}); expected a complete torch.save file"
+                                         ) from None
     return meta
 
 

@@ -17,7 +17,9 @@ schedule continues from the saved step, the optimizer moments restart from zero)
         exp_manager.resume_if_exists=true ...
 
 ``--input`` is a checkpoint directory (``step_N``, a ``checkpoints`` directory or a run directory: its latest)
-or a consolidated ``.pt`` file.
+or a consolidated ``.pt`` file. A checkpoint directory is verified against its manifest first (a corrupt, truncated,
+missing or added file is refused, naming it); the directories ``--output-dir`` writes carry a manifest like any
+training checkpoint.
 """
 from __future__ import annotations
 

@@ -46,6 +46,11 @@ class CheckpointCallbackParams:
     # also write the layout-free state (step_N/layout_free: fp32 weights + optimizer state by global parameter name)
     # that lets a resume change TP / PP / DP / ZeRO; false: the checkpoint resumes only under its own layout
     save_layout_free: bool = True
+    # before a checkpoint is loaded (resume, model.ckpt_path) its files' sha256 are checked against its manifest
+    # (shared among the ranks); false checks sizes and zip directories only (README "Checkpoints")
+    verify_checksums: bool = True
+    # write checkpoints in the background: the step pays for a host copy of the state, one save in flight
+    async_save: bool = False
 
 
 @dataclass

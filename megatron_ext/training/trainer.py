@@ -17,6 +17,7 @@ detects a non-finite loss of any step since the previous one and stops the run n
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from omegaconf import DictConfig
 from megatron_ext.checkpoint import reshard
 from megatron_ext.checkpoint.consolidated import load_consolidated
 from megatron_ext.checkpoint.files import check_files, find_latest, list_complete, read_meta, resolve_ckpt_path
+from megatron_ext.checkpoint.manifest import MANIFEST, config_hash
 from megatron_ext.config.loader import Derived, check_config, validate_config
 from megatron_ext.config.schema import GPTConfig
 from megatron_ext.data.samplers import build_pretraining_dataloader
@@ -41,7 +43,7 @@ from megatron_ext.parallel import state as pstate
 from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
 from megatron_ext.training.checkpointing import Checkpointer, LoadedState
 from megatron_ext.training.engine import build_ds_config, build_engine
-from megatron_ext.training.exp_manager import ExpManager, _broadcast_str
+from megatron_ext.training.exp_manager import ExpManager
 from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
 from megatron_ext.training.lr_schedulers import build_scheduler, config_state, keep_config_on_resume
 from megatron_ext.training.optim import build_optimizer
@@ -88,6 +90,16 @@ def setup_logging(rank: int) -> None:
         ds_logger.setLevel(logging.WARNING)
     except Exception:
         pass
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """{"a.b": value} of a nested dict (lists and scalars are leaves)."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) and v else f"{prefix}{k}"))
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -291,42 +303,75 @@ class Trainer:
         if m.ckpt_path and not os.path.isfile(m.ckpt_path):  # a file: consolidated weights, loaded in _build
             ckpt_dir, tag = resolve_ckpt_path(m.ckpt_path)
             path = os.path.join(ckpt_dir, tag)
-            meta = check_files(path)
-            bad = self._layout_change(meta, with_optimizer=False)
-            if bad and reshard.has_state(path):
-                step, _ = self._load_resharded(path, meta, bad, weights_only=True)
+            why = self._verify(path)
+            if why:
+                raise CorruptCheckpointError(f"model.ckpt_path: {why}")
+            meta = read_meta(path)
+            change = self._layout_change(meta, with_optimizer=False)
+            if change and reshard.has_state(path):
+                step, _ = self._load_resharded(path, meta, change, weights_only=True)
             else:
-                self._check_layout(meta, path, bad)
+                self._check_layout(meta, path, change)
                 step = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=False).step
             log.info("loaded model weights from %s (step %d)", path, step)
             self._loaded_step = step
         return 0, 0
 
+    def _verify(self, path: str) -> str:
+        """Why checkpoint ``path`` must not be loaded ('' when it verifies): every rank checks the sizes against
+        its manifest and hashes its share of the files (``verify_checksums``); the first reason, in rank order,
+        reaches every rank."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        why = ""
+        try:
+            check_files(path, checksums=bool(self.cfg.exp_manager.checkpoint_callback_params.verify_checksums),
+                        rank=self.rank, world=world)
+        except CorruptCheckpointError as e:
+            why = str(e)
+        if world > 1:
+            whys = [None] * world
+            dist.all_gather_object(whys, why)
+            why = next((w for w in whys if w), "")
+        return why
+
+    def _note_config_change(self, meta: Dict[str, Any], path: str) -> None:
+        """One log line when the resolved model config differs from the checkpoint's (its manifest's config hash),
+        naming up to 8 differing keys: a resume with changed settings is allowed, but said."""
+        try:
+            with open(os.path.join(path, MANIFEST)) as f:
+                saved = json.load(f).get("config_hash")
+        except (OSError, ValueError, AttributeError):
+            return  # a legacy checkpoint (warned about already)
+        mine = self._meta()["model_config"]
+        if self.rank != 0 or saved == config_hash(mine):
+            return
+        old, new = _flatten(meta.get("model_config") or {}), _flatten(mine)
+        keys = sorted(k for k in set(old) | set(new) if old.get(k, "<absent>") != new.get(k, "<absent>"))
+        shown = ", ".join(f"model.{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys[:8])
+        more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+        log.info("resume: the model config differs from the one %s was saved with (config hash %s -> %s): %s%s",
+                 path, str(saved)[:12], config_hash(mine)[:12], shown or "(meta.json holds no model_config)", more)
+
     def _resume(self, latest: str) -> tuple[int, int]:
-        """Load ``latest``, or when one of its files is truncated/corrupt (a warning names it) the newest older
-        complete checkpoint that loads. Rank 0 checks the files (``check_files``) and all ranks follow its choice;
-        a layout mismatch is not a corrupt file and stops at once."""
+        """Load ``latest``, or when one of its files is truncated/corrupt/missing (a warning names it) the newest
+        older complete checkpoint that verifies and loads. All ranks verify it together (``_verify``) and follow
+        the same choice; a layout mismatch is not a corrupt file and stops at once."""
         ckpt_dir = self.exp.ckpt_dir
         configured = config_state(self.optimizer, self.scheduler)  # before any (maybe partial) load changes it
         older = [d for _, d in reversed(list_complete(ckpt_dir)) if d < latest]
         bad = []
         for tag in [latest] + older:
             path = os.path.join(ckpt_dir, tag)
-            why = ""
-            if self.rank == 0:
-                try:
-                    check_files(path)
-                except CorruptCheckpointError as e:
-                    why = str(e)
-            why = _broadcast_str(why)
+            why = self._verify(path)
             if not why:
                 meta = read_meta(path)
-                bad = self._layout_change(meta, with_optimizer=True)
-                if bad and not reshard.has_state(path):
-                    self._check_layout(meta, path, bad)
+                change = self._layout_change(meta, with_optimizer=True)
+                if change and not reshard.has_state(path):
+                    self._check_layout(meta, path, change)
+                self._note_config_change(meta, path)
                 try:
-                    if bad:
-                        step, consumed = self._load_resharded(path, meta, bad, weights_only=False)
+                    if change:
+                        step, consumed = self._load_resharded(path, meta, change, weights_only=False)
                         st = LoadedState(step=step, consumed_samples=consumed, meta=meta)
                         mine = self._layout()
                         same_ranks = all(meta.get(k) == mine[k] for k in ("tp", "pp", "dp"))
@@ -553,9 +598,17 @@ class Trainer:
             self.exp.close()
 
     def _train_loop(self, train_ds, val_ds, step: int, consumed: int) -> Dict[str, Any]:
+        ckpt = _CheckpointSchedule(self)
+        try:
+            return self._train_steps(train_ds, val_ds, step, consumed, ckpt)
+        except BaseException:
+            ckpt.finish(quiet=True)  # a checkpoint being written in the background still completes
+            raise
+
+    def _train_steps(self, train_ds, val_ds, step: int, consumed: int, ckpt: "_CheckpointSchedule") -> Dict[str, Any]:
         t, gbs = self.cfg.trainer, self.cfg.model.global_batch_size
         last_step = t.max_steps if t.limit_train_batches is None else min(t.max_steps, step + t.limit_train_batches)
-        first_step, ckpt, meter = step, _CheckpointSchedule(self), _Throughput(self)
+        first_step, meter = step, _Throughput(self)
         it = self._iter(train_ds, consumed)
         self.engine.train()
         pending: list = []  # (step, loss on the device) since the last host sync
@@ -584,6 +637,7 @@ class Trainer:
                 meter.restart()
         if ckpt.due_at_end(step, first_step):
             ckpt.save(step, consumed, last_loss)
+        ckpt.finish()  # a checkpoint still being written in the background
         elapsed = time.perf_counter() - t_start
         log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
         return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}
@@ -607,8 +661,8 @@ class _CheckpointSchedule:
         p = trainer.cfg.exp_manager.checkpoint_callback_params
         self.trainer = trainer
         self.every, self.save_last = p.every_n_train_steps, p.save_last
-        self.ckpt = Checkpointer(trainer.exp.ckpt_dir, p.save_top_k) if trainer.cfg.exp_manager.create_checkpoint_callback \
-            else None
+        self.ckpt = Checkpointer(trainer.exp.ckpt_dir, p.save_top_k, async_save=p.async_save) \
+            if trainer.cfg.exp_manager.create_checkpoint_callback else None
         self.saved_at: Optional[int] = None
 
     def due(self, step: int) -> bool:
@@ -620,6 +674,10 @@ class _CheckpointSchedule:
     def save(self, step: int, consumed: int, loss: Optional[float]) -> None:
         self.trainer._save(self.ckpt, step, consumed, loss)
         self.saved_at = step
+
+    def finish(self, quiet: bool = False) -> None:
+        if self.ckpt is not None:
+            self.ckpt.finish(quiet)
 
 
 class _Throughput:

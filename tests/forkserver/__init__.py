@@ -55,7 +55,11 @@ def start():
 
     if torch.cuda.is_available():
         return None
+    # a Unix socket's path has at most 107 bytes: a long TMPDIR falls back to /tmp
     directory = tempfile.mkdtemp(prefix="mext-forkserver-")
+    if len(os.path.join(directory, "socket")) > 100:
+        os.rmdir(directory)
+        directory = tempfile.mkdtemp(prefix="mext-fs-", dir="/tmp")
     sock, ready, shim = (os.path.join(directory, n) for n in ("socket", "ready", "python"))
     with open(shim, "w") as f:
         f.write("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in (

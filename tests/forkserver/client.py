@@ -66,21 +66,24 @@ def parse(args):
     return None
 
 
+def recv_exact(conn, n):
+    """``n`` bytes from ``conn``; EOFError when the peer closes first."""
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
 def _recv(conn):
-    head = b""
-    while len(head) < 4:
-        chunk = conn.recv(4 - len(head))
-        if not chunk:
-            return None
-        head += chunk
-    (n,) = struct.unpack("!I", head)
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return json.loads(data)
+    """One message (a 4-byte length, then JSON); None when the server closes the connection first."""
+    try:
+        (n,) = struct.unpack("!I", recv_exact(conn, 4))
+        return json.loads(recv_exact(conn, n))
+    except EOFError:
+        return None
 
 
 def main():
@@ -161,7 +164,8 @@ def main():
     status = done["status"]
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught, nor given a handler
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)

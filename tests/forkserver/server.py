@@ -26,7 +26,7 @@ import struct
 import sys
 import time
 
-from client import start_only
+from client import recv_exact, start_only
 
 # what the entry points, tools and test workers import; each costs a subprocess ~4 s of CPU on this machine
 PRELOAD = [
@@ -37,15 +37,6 @@ PRELOAD = [
     "megatron_ext.cli.convert_checkpoint", "megatron_ext.parallel.launch",
 ]
 
-def _recv_exact(conn, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = conn.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return buf
-
 
 def _recv_request(conn):
     """(request dict, [fd0, fd1, fd2]): a 4-byte length, the JSON request, the descriptors in the first message."""
@@ -55,9 +46,9 @@ def _recv_request(conn):
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += list(struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4]))
     if len(msg) < 4:
-        msg += _recv_exact(conn, 4 - len(msg))
+        msg += recv_exact(conn, 4 - len(msg))
     (n,) = struct.unpack("!I", msg)
-    return json.loads(_recv_exact(conn, n)), fds
+    return json.loads(recv_exact(conn, n)), fds
 
 
 def _module_file(name):

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from helpers import REPO, SHARED_DATA, TINY_GPT, run_script
 
 from megatron_ext.config.schema import ModelConfig
-from megatron_ext.errors import CheckpointError, DataError
+from megatron_ext.errors import CheckpointError, CorruptCheckpointError, DataError
 from megatron_ext.inference.hf_export import consolidated_from_model, export_to_hf
 from megatron_ext.models.gpt import GPTModel
 
@@ -647,6 +647,157 @@ def test_runs_failed_first_or_last_write_of_a_save_keeps_latest(_runs_trained, t
             assert sorted(os.listdir(ckpts)) == before  # no new step, no temporary file, latest unchanged
     finally:
         trainer.exp.close()
+
+# ------------------------------------------------------------------- 11c. manifests: verify before load (issue 17)
+def _runs_flip_byte(path):
+    """Flip one byte in the middle of ``path``: the size and the zip directory stay intact."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_runs_manifest_lists_every_file_with_its_checksum(_runs_trained, tmp_path):
+    from megatron_ext.checkpoint.files import check_files
+    from megatron_ext.checkpoint.manifest import config_hash
+
+    ckpts = _runs_copy(_runs_trained, tmp_path)
+    for step in (1, 2, 3):
+        d = ckpts / f"step_000000{step}"
+        man = json.loads((d / "manifest.json").read_text())
+        meta = json.loads((d / "meta.json").read_text())
+        on_disk = sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != "manifest.json")
+        assert sorted(man["files"]) == on_disk and "meta.json" in on_disk and "rng_state_rank00000.pt" in on_disk
+        for rel, e in man["files"].items():
+            data = (d / rel).read_bytes()
+            assert e == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, rel
+        assert (man["step"], man["consumed_samples"], meta["manifest"]) == (step, 2 * step, "manifest.json")
+        assert man["layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero_stage": meta["zero_stage"], "precision": "32",
+                                 "world_size": 1}
+        assert man["config_hash"] == config_hash(meta["model_config"])
+        assert check_files(str(d))["step"] == step
+    # verify_checksums=false checks sizes and zip directories only: a flipped byte inside the data passes
+    _runs_flip_byte(ckpts / "step_0000003" / "mp_rank_00_model_states.pt")
+    assert check_files(str(ckpts / "step_0000003"), checksums=False)["step"] == 3
+    with pytest.raises(CorruptCheckpointError, match=r"mp_rank_00_model_states\.pt is corrupt: its sha256"):
+        check_files(str(ckpts / "step_0000003"))
+
+
+def _runs_manifest_edit(d, edit):
+    man = json.loads((d / "manifest.json").read_text())
+    edit(man)
+    (d / "manifest.json").write_text(json.dumps(man))
+
+
+@pytest.mark.parametrize("bad", ["flipped byte", "missing file", "added file", "manifest missing",
+                                 "manifest sizes tampered", "manifest names a path outside",
+                                 "manifest names a NUL path"])
+def test_runs_resume_verifies_latest_and_falls_back_naming_the_file(_runs_trained, tmp_path, caplog, bad):
+    ckpts = _runs_copy(_runs_trained, tmp_path)
+    d = ckpts / "step_0000003"
+    named, why = {
+        "flipped byte": (d / "mp_rank_00_model_states.pt", "is corrupt: its sha256"),
+        "missing file": (d / "rng_state_rank00000.pt", "is missing (listed in"),
+        "added file": (d / "extra.pt", "is not listed in"),
+        "manifest missing": (d / "manifest.json", "is missing (meta.json says"),
+        "manifest sizes tampered": (d / "meta.json", "is truncated or altered"),
+        "manifest names a path outside": (d / "manifest.json", "is corrupt or tampered"),
+        "manifest names a NUL path": (d / "manifest.json", "is corrupt or tampered"),
+    }[bad]
+    if bad == "flipped byte":
+        _runs_flip_byte(named)
+    elif bad in ("missing file", "manifest missing"):
+        os.remove(named)
+    elif bad == "added file":
+        shutil.copy(d / "rng_state_rank00000.pt", named)
+    elif bad == "manifest sizes tampered":
+        _runs_manifest_edit(d, lambda m: m["files"]["meta.json"].update(size=m["files"]["meta.json"]["size"] + 1))
+    elif bad == "manifest names a path outside":
+        _runs_manifest_edit(d, lambda m: m["files"].update({"../step_0000002/meta.json": m["files"]["meta.json"]}))
+    else:
+        _runs_manifest_edit(d, lambda m: m["files"].update({"meta.json\x00x": m["files"]["meta.json"]}))
+    with caplog.at_level(logging.INFO):
+        res = _runs_fit(tmp_path, _runs_trained[1], "trainer.max_steps=3", "exp_manager.version=v",
+                        "exp_manager.resume_if_exists=true",
+                        "exp_manager.checkpoint_callback_params.every_n_train_steps=1")
+    assert f"cannot resume from {d}: {named} {why}" in caplog.text, caplog.text[-3000:]
+    assert f"resumed from {ckpts / 'step_0000002'} at step 2" in caplog.text
+    assert "the model config differs" not in caplog.text  # same config: same hash, no line
+    assert res["step"] == 3 and (ckpts / "latest").read_text() == "step_0000003"
+    from megatron_ext.checkpoint.files import check_files
+
+    check_files(str(d))  # rewritten complete, with a manifest that verifies
+
+
+def test_runs_checkpoint_written_before_manifests_loads_with_one_warning(_runs_trained, tmp_path, caplog):
+    ckpts = _runs_copy(_runs_trained, tmp_path)
+    d = ckpts / "step_0000003"
+    os.remove(d / "manifest.json")  # as an older version wrote it: no manifest, no "manifest" key in meta.json
+    meta = json.loads((d / "meta.json").read_text())
+    del meta["manifest"]
+    (d / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.INFO):
+        res = _runs_fit(tmp_path, _runs_trained[1], "trainer.max_steps=4", "exp_manager.version=v",
+                        "exp_manager.resume_if_exists=true", "model.optim.lr=3e-4")
+    assert caplog.text.count("was written before checkpoint manifests") == 1
+    assert f"{d} was written before checkpoint manifests (no manifest.json): its files are not verified" \
+        in caplog.text
+    assert f"resumed from {d} at step 3" in caplog.text and res["step"] == 4
+    assert "the model config differs" not in caplog.text  # no manifest, no recorded hash to compare
+    assert sorted(os.listdir(ckpts)) == ["latest", "step_0000001", "step_0000002", "step_0000003", "step_0000004"]
+
+
+def test_runs_resume_with_another_config_names_what_changed(_runs_trained, tmp_path, caplog):
+    ckpts = _runs_copy(_runs_trained, tmp_path)
+    with caplog.at_level(logging.INFO):
+        _runs_fit(tmp_path, _runs_trained[1], "trainer.max_steps=4", "exp_manager.version=v",
+                  "exp_manager.resume_if_exists=true", "model.optim.lr=3e-4", "model.hidden_dropout=0.0")
+    line = next(ln for ln in caplog.text.splitlines() if "the model config differs" in ln)
+    assert str(ckpts / "step_0000003") in line and "model.hidden_dropout: 0.1 -> 0.0" in line
+    assert "model.optim.lr: 0.001 -> 0.0003" in line and "model.num_layers" not in line
+
+
+def test_runs_offline_readers_refuse_a_corrupt_checkpoint_naming_the_file(_runs_trained, tmp_path):
+    from megatron_ext.checkpoint.consolidated import consolidate_checkpoint
+    from megatron_ext.checkpoint.loader import load_model
+
+    ckpts = _runs_copy(_runs_trained, tmp_path)
+    assert consolidate_checkpoint(str(ckpts / "step_0000002"))["step"] == 2
+    bad = ckpts / "step_0000003" / "mp_rank_00_model_states.pt"
+    _runs_flip_byte(bad)
+    for read in (consolidate_checkpoint, load_model):
+        with pytest.raises(CorruptCheckpointError, match=rf"^{bad} is corrupt: its sha256"):
+            read(str(ckpts.parent))  # the run directory: its latest
+
+
+def test_runs_failed_manifest_write_never_reaches_latest(_runs_trained, tmp_path, monkeypatch):
+    """The manifest is the last write of a save: when it fails (the disk full at its fsync) no ``step_N`` and no
+    ``latest`` name the unverified checkpoint."""
+    from megatron_ext.training import checkpointing
+    from megatron_ext.training.gpt_task import GPTTask
+    from megatron_ext.training.trainer import Trainer
+
+    trainer = Trainer(_runs_cfg(tmp_path, "exp_manager.version=m", corpus=_runs_trained[1]), GPTTask)
+    try:
+        trainer._build()
+        ckpts = _runs_copy(_runs_trained, tmp_path / "copy")
+        real_fsync = os.fsync
+
+        def fsync(fd):
+            if "/manifest.json.tmp." in os.readlink(f"/proc/self/fd/{fd}"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        before = sorted(os.listdir(ckpts))
+        with pytest.raises(CheckpointError, match=r"disk is full.*'latest' still names step_0000003"):
+            checkpointing.Checkpointer(str(ckpts)).save(trainer.engine, 9, 18, trainer._rng_states(),
+                                                       trainer._meta())
+        assert sorted(os.listdir(ckpts)) == before and (ckpts / "latest").read_text() == "step_0000003"
+    finally:
+        trainer.exp.close()
+
 
 def test_runs_exp_dir_that_is_a_file_is_one_line(tmp_path, run_env):
     from megatron_ext.errors import ConfigError

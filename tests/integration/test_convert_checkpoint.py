@@ -84,17 +84,47 @@ def test_back_out_to_new_layout_and_resume(tp2pp2_run, env):
                                    "trainer.max_steps=8"])
     rows = [json.loads(l) for l in open(target / "metrics.jsonl")]
     assert [r["step"] for r in rows if "train/loss" in r] == [7, 8]
+    # every checkpoint written by several ranks (4 training, 2 converting, 2 resumed) carries a manifest of all
+    # ranks' files that verifies
+    from megatron_ext.checkpoint.files import check_files
+
+    for d in (run / "checkpoints" / "step_0000006", target / "checkpoints" / "step_0000006",
+              target / "checkpoints" / "step_0000008"):
+        man = json.loads((d / "manifest.json").read_text())
+        world = man["layout"]["world_size"]
+        assert {f"rng_state_rank{r:05d}.pt" for r in range(world)} | {"meta.json", "mp_rank_01_model_states.pt"} \
+            <= set(man["files"]), sorted(man["files"])
+        check_files(str(d))
+    # one flipped byte in a file that rank 1 hashes (the manifest's names, shared round-robin between the 2 ranks)
+    # of 'latest': both ranks fall back to step 6, the warning names the file
+    names = sorted(json.loads((target / "checkpoints" / "step_0000008" / "manifest.json").read_text())["files"])
+    bad = target / "checkpoints" / "step_0000008" / next(n for i, n in enumerate(names)
+                                                         if i % 2 and n.endswith(".pt") and "/" not in n)
+    with open(bad, "r+b") as f:
+        f.seek(os.path.getsize(bad) // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+    p = _pretrain(env, exp, "tp2", 2, ["model.tensor_model_parallel_size=2", "exp_manager.resume_if_exists=true",
+                                       "trainer.max_steps=8"])
+    assert f"cannot resume from {bad.parent}: {bad} is corrupt: its sha256" in p.stderr, p.stderr[-3000:]
+    assert f"resumed from {target / 'checkpoints' / 'step_0000006'} at step 6" in p.stderr, p.stderr[-3000:]
+    check_files(str(bad.parent))  # step 8 written again, complete
 
 
 def test_resume_with_other_layout(tp2pp2_run, env):
+    from megatron_ext.checkpoint import manifest
+
     """A TP2 x PP2 run resumes in one process (its layout-free state, checkpoint/reshard.py); a checkpoint without
     that state (an older version's) is refused with how to convert it."""
     src = tp2pp2_run / "gpt_smoke" / "tp2pp2"
     for version, drop in (("tp2pp2_in_one", False), ("tp2pp2_old", True)):
         dst = tp2pp2_run / "gpt_smoke" / version
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
-        if drop:
-            shutil.rmtree(dst / "checkpoints" / "step_0000006" / "layout_free")
+        if drop:  # as an older version wrote it: no layout_free/, and a manifest without it
+            step6 = dst / "checkpoints" / "step_0000006"
+            shutil.rmtree(step6 / "layout_free")
+            manifest.write(str(step6), manifest.build(str(step6), {}, json.loads((step6 / "meta.json").read_text())))
         p = _pretrain(env, tp2pp2_run, version, 1, ["exp_manager.resume_if_exists=true", "trainer.max_steps=8"],
                       check=not drop)
         if drop:

@@ -76,6 +76,9 @@ def test_exit_by_exception_and_by_signal_and_forwarded_signals(tmp_path):
     r = subprocess.run([helpers.PYTHON, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == -signal.SIGTERM
+    r = subprocess.run([helpers.PYTHON, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL and r.stderr == ""
     p = subprocess.Popen([helpers.PYTHON, "-u", "-c", "import signal, sys, time\n"
                           "signal.signal(signal.SIGTERM, lambda *a: (print('got TERM'), sys.exit(5)))\n"
                           "print('ready'); time.sleep(60)"], stdout=subprocess.PIPE, text=True)

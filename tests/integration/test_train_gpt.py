@@ -95,10 +95,15 @@ def test_sigkill_then_resume_matches_uninterrupted(run_env, tmp_path):
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = int(latest.read_text().strip().split("_")[1])
     assert 10 <= killed_at < 30
+    from megatron_ext.checkpoint.files import check_files
+
+    # 'latest' names a checkpoint whose manifest verifies (sizes and sha256 of every file), whenever the kill came
+    assert check_files(str(latest.parent / latest.read_text().strip()))["step"] == killed_at
 
     r = run_script(["pretrain_gpt.py", *common, "exp_manager.version=killed", "exp_manager.resume_if_exists=true"],
                    run_env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "cannot resume from" not in r.stderr and f"resumed from {latest.parent}" in r.stderr, r.stderr[-3000:]
     resumed = _train_losses(run_dir)
     assert sorted(resumed) == list(range(1, 31))
     for step in range(killed_at + 1, 31):

@@ -113,16 +113,19 @@ def test_save_layout_free_off(tmp_path, in_process):
 
 def test_ckpt_path_of_another_layout_loads_weights(tmp_path, in_process):
     """model.ckpt_path=<checkpoint dir> of another TP layout loads its weights from layout_free/ (one process
-    cannot run TP2, so the checkpoint's meta.json is edited to say tp=2: DeepSpeed's own loader is not used);
-    evaluation gives the val/loss of the same-layout load."""
+    cannot run TP2, so the checkpoint's meta.json is edited to say tp=2 and its manifest rewritten: DeepSpeed's own
+    loader is not used); evaluation gives the val/loss of the same-layout load."""
+    from megatron_ext.checkpoint import manifest
+
     fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=a", "trainer.max_steps=3"])
     ckpts = tmp_path / "rs" / "a" / "checkpoints"
     other = tmp_path / "other" / "step_0000003"
     shutil.copytree(ckpts / "step_0000003", other)
     for f in other.glob("*.pt"):
         f.unlink()  # DeepSpeed's files gone: only the layout-free state can give the weights
-    meta = json.loads((other / "meta.json").read_text())
-    (other / "meta.json").write_text(json.dumps({**meta, "tp": 2}))
+    meta = {**json.loads((other / "meta.json").read_text()), "tp": 2}
+    (other / "meta.json").write_text(json.dumps(meta))
+    manifest.write(str(other), manifest.build(str(other), {}, meta))  # sealed again: it verifies
     vals = []
     for version, path in (("same", ckpts), ("other", other)):
         fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", f"exp_manager.version={version}",
