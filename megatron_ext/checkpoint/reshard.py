@@ -70,6 +70,19 @@ def named_parameters(module: torch.nn.Module, pipeline: bool, num_layers: int) -
         yield name, p
 
 
+def _ds(obj, *names: str):
+    """The first of ``names`` that DeepSpeed's optimizer ``obj`` has (private members, as in the DeepSpeed releases
+    pyproject.toml allows); none: one CheckpointError naming the version and the members."""
+    for n in names:
+        if hasattr(obj, n):
+            return getattr(obj, n)
+    import deepspeed  # already imported by whoever built obj
+
+    raise CheckpointError(f"DeepSpeed {deepspeed.__version__}: {type(obj).__name__} has no {' / '.join(names)}, "
+                          f"which the layout-free checkpoint state needs; its internals changed. Install a version "
+                          f"pyproject.toml allows, or set exp_manager.checkpoint_callback_params.save_layout_free=false")
+
+
 def _tp_rule(p) -> Optional[Tuple[int, int]]:
     if getattr(p, "tensor_model_parallel", False):
         return int(p.partition_dim), int(getattr(p, "partition_stride", 1) or 1)
@@ -95,19 +108,19 @@ class _Access:
             raise CheckpointError(f"the optimizer state of {type(self.opt).__name__} (DeepSpeed's fp16/bf16 "
                                   f"optimizer without ZeRO) cannot be read by parameter; such a checkpoint resumes "
                                   f"only under the layout that wrote it (use model.zero_stage >= 1 to change layouts)")
-        self.base = self.opt.optimizer if self.fragments else self.opt
+        self.base = _ds(self.opt, "optimizer") if self.fragments else self.opt
 
     # the tensors the torch optimizer steps ("flat" partitions under ZeRO), one per param of a group
     def flat_of(self, p) -> torch.Tensor:
         if not self.fragments:
             return p
         if self.zero3:
-            for i, group in enumerate(self.opt.fp16_groups):
+            for i, group in enumerate(_ds(self.opt, "fp16_groups")):
                 if any(q is p for q in group):
-                    return self.opt.fp32_partitioned_groups_flat[i]
+                    return _ds(self.opt, "fp32_partitioned_groups_flat")[i]
             raise CheckpointError("a parameter is in no ZeRO-3 sub-group")
-        groups = getattr(self.opt, "bit16_groups", None) or getattr(self.opt, "bf16_groups")
-        flats = getattr(self.opt, "single_partition_of_fp32_groups", None) or self.opt.fp32_groups_flat_partition
+        groups = _ds(self.opt, "bit16_groups", "bf16_groups")
+        flats = _ds(self.opt, "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
         for i, group in enumerate(groups):  # (a parameter with no fragment on this rank has _hp_mapping None)
             if any(q is p for q in group):
                 return flats[i]
@@ -115,7 +128,7 @@ class _Access:
 
     def flats(self) -> List[torch.Tensor]:
         if self.zero3:  # (ZeRO-3 puts them into the torch optimizer's groups only while it steps)
-            return list(self.opt.fp32_partitioned_groups_flat)
+            return list(_ds(self.opt, "fp32_partitioned_groups_flat"))
         return [q for g in self.base.param_groups for q in g["params"]]
 
     def state_keys(self) -> Tuple[List[str], List[str]]:
@@ -161,10 +174,11 @@ class _Access:
     def relink(self) -> None:
         """Point DeepSpeed's fragments at the optimizer state of every group. (ZeRO 1/2 link them once, right
         after stepping the *first* parameter group, so the fragments of later groups never see their state.)"""
-        if self.fragments and not self.zero3 and hasattr(self.opt, "_lazy_init_hp_params_optimizer_state") and \
-                all(self.base.state.get(q) for q in self.flats()):
+        if self.fragments and not self.zero3 and all(self.base.state.get(q) for q in self.flats()):
+            link = _ds(self.opt, "_lazy_init_hp_params_optimizer_state")
+            _ds(self.opt, "_hp_optimizer_states_linked")  # (a renamed switch would be set in vain)
             self.opt._hp_optimizer_states_linked = False
-            self.opt._lazy_init_hp_params_optimizer_state()
+            link()
 
     def set(self, p, key: str, value: torch.Tensor) -> None:
         from deepspeed.utils.tensor_fragment import safe_set_full_fp32_param, safe_set_full_optimizer_state
