@@ -259,32 +259,51 @@ def _first_failure(e) -> BaseException:
     return RuntimeError(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
-def save_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, vocab_size: Optional[int],
-               scheduler, extra: Dict[str, Any]) -> None:
-    """Write ``step_dir/layout_free`` (collective: every rank calls it). An optimizer whose state cannot be read
-    by parameter (DeepSpeed's fp16/bf16 optimizers without ZeRO) writes none, with one warning per process."""
-    import torch.distributed.checkpoint as dcp
-
+def collect_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Optional[int], scheduler,
+                  extra: Dict[str, Any]) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
+    """What :func:`write_state` writes: (every logical tensor of this rank's stage, rank 0's ``extra.pt``
+    contents). Collective over the data- and tensor-parallel groups (every rank calls it, in the training
+    thread). None for an optimizer whose state cannot be read by parameter (DeepSpeed's fp16/bf16 optimizers
+    without ZeRO; the same on every rank), with one warning per process."""
     try:
-        _Access(engine)
-    except CheckpointError as e:  # the same on every rank (the optimizer's type): all skip it
+        acc = _Access(engine)
+    except CheckpointError as e:
         global _warned
         if not _warned:
             log.warning("checkpoints of this run hold no layout-free state: %s", e)
             _warned = True
-        return
+        return None
     state = gather_state(engine, pipeline=pipeline, num_layers=num_layers, vocab_size=vocab_size)
+    head = {"format": FORMAT, "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "optimizer": type(acc.base).__name__, **extra}
+    return state, head
+
+
+def write_state(step_dir: str, state: Dict[str, torch.Tensor], head: Dict[str, Any], group=None) -> None:
+    """Write ``step_dir/layout_free`` from :func:`collect_state`'s result: DCP's files (collective over ``group``,
+    None: the default group; each tensor written once by one of the ranks that hold it) and, on rank 0,
+    ``extra.pt``. Needs no engine: it can run in a background thread on host copies of the state."""
+    import torch.distributed.checkpoint as dcp
+
     out = os.path.join(step_dir, STATE_DIR)
     writer = dcp.FileSystemWriter(out, single_file_per_rank=True, thread_count=1)
     try:
-        dcp.save(state, storage_writer=writer)
+        dcp.save(state, storage_writer=writer, process_group=group)
     except CheckpointException as e:  # a BaseException: the failure of the first rank, as the writer raised it
         first = _first_failure(e)
         raise first if isinstance(first, (OSError, RuntimeError)) else RuntimeError(str(first)) from None
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        torch.save({"format": FORMAT, "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "optimizer": type(_Access(engine).base).__name__, **extra}, os.path.join(out, EXTRA))
+        torch.save(head, os.path.join(out, EXTRA))
+
+
+def save_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, vocab_size: Optional[int],
+               scheduler, extra: Dict[str, Any]) -> None:
+    """:func:`collect_state`, then :func:`write_state` (collective: every rank calls it)."""
+    collected = collect_state(engine, pipeline=pipeline, num_layers=num_layers, vocab_size=vocab_size,
+                              scheduler=scheduler, extra=extra)
+    if collected is not None:
+        write_state(step_dir, *collected)
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_ext.checkpoint import manifest
+from megatron_ext.checkpoint import manifest, reshard
 from megatron_ext.checkpoint.async_save import BackgroundSaver, capture_saves, fsync_dir, host_snapshot, write_synced
 from megatron_ext.checkpoint.files import META, find_latest, list_complete, read_meta, remove_incomplete, tag_for
 from megatron_ext.checkpoint.safe_load import load_untrusted
@@ -154,9 +154,9 @@ class Checkpointer:
 
     def save(self, engine, step: int, consumed_samples: int, rng_states: Dict[str, Any], meta_extra: Dict[str, Any],
              layout_free: Optional[Callable[[str], None]] = None):
-        """``layout_free(step_dir)``: writes the layout-free state (``checkpoint.reshard``) into the step directory
-        being written (every rank calls it; after DeepSpeed's files, or with ``async_save`` in the foreground before
-        the background write)."""
+        """``layout_free()``: collects the layout-free state (``checkpoint.reshard.collect_state``; every rank calls
+        it, in this thread), which is written into the step directory with DeepSpeed's files (with ``async_save``
+        from a host snapshot, in the background, over the save's own process group)."""
         tag = tag_for(step)
         tmp_tag = ".tmp-" + tag
         tmp_path = os.path.join(self.ckpt_dir, tmp_tag)
@@ -181,18 +181,15 @@ class Checkpointer:
         rng_path = os.path.join(tmp_path, f"rng_state_rank{rank:05d}.pt")
         meta_path = os.path.join(tmp_path, META)
         if self.saver is not None:
-            if layout_free is not None:  # written now, in the foreground: DCP reads the live engine state
-                failure = None
-                try:
-                    layout_free(tmp_path)
-                except (OSError, RuntimeError) as e:
-                    failure = e
-                self._all_ok(failure, tmp_path)
             with capture_saves(engine, self._snapshots) as files:  # DeepSpeed's files, as host snapshots
                 engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
             files.append((rng_path, host_snapshot(rng_states, self._snapshots.get(os.path.basename(rng_path)))))
+            collected = layout_free() if layout_free is not None else None  # collectives: in this thread
+            if collected is not None:
+                collected = host_snapshot(collected, self._snapshots.get(reshard.STATE_DIR))
             # kept for the next save to refill (it waits until these are written)
             self._snapshots = {os.path.basename(path): obj for path, obj in files}
+            self._snapshots[reshard.STATE_DIR] = collected
 
             def job():
                 written, failure = [], None
@@ -200,6 +197,8 @@ class Checkpointer:
                     for path, obj in files:
                         write_synced(path, obj)
                         written.append(path)
+                    if collected is not None:  # DCP's files are hashed by rank 0 as files nobody reported
+                        reshard.write_state(tmp_path, *collected, group=self.group)
                     if rank == 0:
                         _atomic_write_text(meta_path, json.dumps(meta, indent=2))
                         written.append(meta_path)
@@ -214,8 +213,9 @@ class Checkpointer:
         try:
             with _recording_saves(engine, written):
                 engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
-            if layout_free is not None:  # its files (DCP's) are hashed by rank 0 as files nobody reported
-                layout_free(tmp_path)
+            collected = layout_free() if layout_free is not None else None
+            if collected is not None:  # its files (DCP's) are hashed by rank 0 as files nobody reported
+                reshard.write_state(tmp_path, *collected)
             torch.save(rng_states, rng_path)
             written.append(rng_path)
             if rank == 0:

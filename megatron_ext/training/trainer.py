@@ -433,10 +433,11 @@ class Trainer:
                   layout_free=self._save_layout_free(step, consumed) if keep else None)
 
     def _save_layout_free(self, step: int, consumed: int):
-        """The hook ``Checkpointer.save`` calls with the step directory it writes (``checkpoint.reshard``)."""
+        """The hook ``Checkpointer.save`` calls (every rank, in the training thread) to collect the layout-free
+        state it then writes (``checkpoint.reshard``)."""
         extra = {"step": step, "consumed_samples": consumed, "layout": self._layout()}
-        return lambda d: reshard.save_state(self.engine, d, scheduler=self.scheduler, extra=extra,
-                                            **self._reshard_kw())
+        return lambda: reshard.collect_state(self.engine, scheduler=self.scheduler, extra=extra,
+                                             **self._reshard_kw())
 
     def _reshard_kw(self) -> Dict[str, Any]:
         """(pipeline stages map names by the GPT layer count; other families have no pipeline)"""

@@ -1,6 +1,6 @@
 """Checkpoints written in the background (``exp_manager.checkpoint_callback_params.async_save=true``), in-process:
 the snapshot is a copy, a background error reaches the training thread naming the checkpoint, and an async save
-writes exactly the files and tensors a sync save writes."""
+writes exactly the files and tensors a sync save writes (DeepSpeed's and the layout-free state)."""
 import json
 import os
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import TINY_GPT, fit_in_process
 
+from megatron_ext.checkpoint import reshard
 from megatron_ext.checkpoint.async_save import BackgroundSaver, host_snapshot
 from megatron_ext.checkpoint.safe_load import load_untrusted
 from megatron_ext.errors import CheckpointError
@@ -68,6 +69,10 @@ def test_async_save_writes_what_sync_save_writes(tmp_path, in_process, zero):
     assert set(fs) == set(fa) and "step_0000004/meta.json" in fa, (sorted(fs), sorted(fa))
     assert (asyn / "checkpoints" / "latest").read_text().strip() == "step_0000004"
     assert not [d for d in os.listdir(asyn / "checkpoints") if d.startswith(".")]  # no .tmp-/.del- leftovers
+    for step in ("step_0000002", "step_0000004"):  # the layout-free state (DCP), written from the host snapshot
+        a = reshard.read_tensors(str(sync / "checkpoints" / step))
+        b = reshard.read_tensors(str(asyn / "checkpoints" / step))
+        assert a and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), step
     for name in fs:
         if name.endswith(".pt"):
             _same(load_untrusted(str(fs[name]), "test"), load_untrusted(str(fa[name]), "test"), name)
