@@ -4,7 +4,8 @@ load).
 
 For each model, a GPTModel from pretrain_gpt.py's task inside a DeepSpeed engine (fp32, AdamW, ZeRO 0; one training
 step first, so the optimizer holds both Adam moments) is saved through ``megatron_ext.training.checkpointing.
-Checkpointer`` -- the code the trainer runs -- ``--rounds`` times each way, alternating sync and async so drift
+Checkpointer`` -- the code the trainer runs, with the layout-free state as the trainer's default
+(``--no-layout-free``: without) -- ``--rounds`` times each way, alternating sync and async so drift
 of the machine hits both alike; the medians are reported:
 
   sync_save_s          Checkpointer.save with async_save off (DeepSpeed's files, RNG state, meta.json, commit)
@@ -105,7 +106,7 @@ def _dir_bytes(path):
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
-def measure(engine, meta, rounds, root):
+def measure(engine, meta, rounds, root, layout_free=None):
     """One sync and one async Checkpointer (as a training run has one), saving steps 1..rounds alternately; each
     keeps its newest checkpoint (save_top_k=1). The first async save allocates its host snapshot; later ones refill
     it, which is what every save after the first of a run costs: that is ``async_blocking_s``."""
@@ -119,7 +120,7 @@ def measure(engine, meta, rounds, root):
     for step in range(1, rounds + 1):
         for mode, ck in ckpts.items():
             t0 = time.perf_counter()
-            path = ck.save(engine, step, step, get_all_rng_states(), meta)
+            path = ck.save(engine, step, step, get_all_rng_states(), meta, layout_free=layout_free)
             t1 = time.perf_counter()
             ck.finish()
             t2 = time.perf_counter()
@@ -171,6 +172,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    ap.add_argument("--no-layout-free", action="store_true",
+                    help="without the layout-free state (exp_manager.checkpoint_callback_params.save_layout_free=false)")
     ap.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary directory)")
     args = ap.parse_args()
     models = QUICK if args.quick else {k: MODELS[k] for k in (args.models.split(",") if args.models else MODELS)}
@@ -181,10 +184,19 @@ def main():
         try:
             with _StdoutToStderr():
                 engine, params, meta = build_engine(shape)
-                res = measure(engine, meta, rounds, root)
+                layout_free = None
+                if not args.no_layout_free:  # as the trainer saves by default (save_layout_free=true)
+                    from megatron_ext.checkpoint import reshard
+
+                    def layout_free():
+                        return reshard.collect_state(engine, pipeline=False, num_layers=shape["layers"],
+                                                     vocab_size=shape["vocab"], scheduler=None,
+                                                     extra={"layout": {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 0}})
+                res = measure(engine, meta, rounds, root, layout_free)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         config = {"model": name, **shape, "parameters": params, "precision": "32", "zero_stage": 0,
+                  "layout_free": not args.no_layout_free,
                   "rounds": rounds, "device": "cpu", "threads": torch.get_num_threads()}
         for metric, value in res.items():
             print(json.dumps({"bench": "checkpoint", "metric": metric,
