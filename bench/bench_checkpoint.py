@@ -43,26 +43,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_ext  # noqa: E402,F401  (DS_ACCELERATOR=cpu without a GPU)
 import torch  # noqa: E402
+from bench_train import _StdoutToStderr  # noqa: E402  (DeepSpeed prints notices on stdout: keep it JSON lines)
 
 MODELS = {
     "bench": dict(layers=6, hidden=512, heads=8, seq=512, vocab=8192, batch=1),
     "gpt_100m": dict(layers=12, hidden=768, heads=12, seq=1024, vocab=32768, batch=1),
 }
 QUICK = {"tiny": dict(layers=2, hidden=64, heads=4, seq=64, vocab=512, batch=1)}
-
-
-class _StdoutToStderr:
-    """DeepSpeed prints notices on stdout; keep stdout pure JSON lines."""
-
-    def __enter__(self):
-        sys.stdout.flush()
-        self._saved = os.dup(1)
-        os.dup2(2, 1)
-
-    def __exit__(self, *exc):
-        sys.stdout.flush()
-        os.dup2(self._saved, 1)
-        os.close(self._saved)
 
 
 def build_engine(shape):

@@ -113,11 +113,17 @@ def build(root: str, reported: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) 
 
 def write(root: str, manifest: Dict[str, Any]) -> None:
     """Write ``root/manifest.json`` atomically and fsync it and the directory tree."""
-    path = os.path.join(root, MANIFEST)
+    atomic_write_text(os.path.join(root, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
+    fsync_dirs(root)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """``text`` into ``path`` through a temporary file that is fsync'd and renamed over it: a reader sees the old
+    file or the whole new one."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -125,7 +131,6 @@ def write(root: str, manifest: Dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    fsync_dirs(root)
 
 
 def read(ckpt_path: str) -> Dict[str, Any]:

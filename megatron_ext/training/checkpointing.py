@@ -55,20 +55,6 @@ def _barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def _recording_saves(engine, written: List[str]):
     """While DeepSpeed saves, append every path its checkpoint engine writes on this rank to ``written`` (DeepSpeed
@@ -200,7 +186,7 @@ class Checkpointer:
                     if collected is not None:  # DCP's files are hashed by rank 0 as files nobody reported
                         reshard.write_state(tmp_path, *collected, group=self.group)
                     if rank == 0:
-                        _atomic_write_text(meta_path, json.dumps(meta, indent=2))
+                        manifest.atomic_write_text(meta_path, json.dumps(meta, indent=2))
                         written.append(meta_path)
                 except (OSError, RuntimeError) as e:
                     failure = e
@@ -219,7 +205,7 @@ class Checkpointer:
             torch.save(rng_states, rng_path)
             written.append(rng_path)
             if rank == 0:
-                _atomic_write_text(meta_path, json.dumps(meta, indent=2))
+                manifest.atomic_write_text(meta_path, json.dumps(meta, indent=2))
                 written.append(meta_path)
         except (OSError, RuntimeError) as e:
             failure = e
@@ -256,7 +242,7 @@ class Checkpointer:
                     shutil.rmtree(final_path)
                 os.rename(tmp_path, final_path)
                 fsync_dir(self.ckpt_dir)  # the rename is durable before 'latest' names it
-                _atomic_write_text(os.path.join(self.ckpt_dir, "latest"), os.path.basename(final_path))
+                manifest.atomic_write_text(os.path.join(self.ckpt_dir, "latest"), os.path.basename(final_path))
                 fsync_dir(self.ckpt_dir)
             except OSError as e:  # 'latest' not updated: the new step goes too, so 'latest' stays the newest
                 failure = e
