@@ -359,9 +359,9 @@ def read_tensors(step_dir: str, keys: Optional[List[str]] = None) -> Dict[str, t
     return state
 
 
-def load_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, weights_only: bool = False
+def load_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, model_only: bool = False
                ) -> Dict[str, Any]:
-    """Set this rank's weights (and, unless ``weights_only``, its optimizer state) from ``step_dir/layout_free``,
+    """Set this rank's weights (and, unless ``model_only``, its optimizer state) from ``step_dir/layout_free``,
     whatever layout wrote it. Returns the header (``extra.pt``); the caller restores the scheduler from it.
     Collective: every rank calls it."""
     where = os.path.join(step_dir, STATE_DIR)
@@ -373,7 +373,7 @@ def load_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, weight
     acc = _Access(engine)
     params = list(named_parameters(engine.module, pipeline, num_layers))
     want_elem, want_scal = [], []
-    if not weights_only:
+    if not model_only:
         sizes = {k: tuple(md.state_dict_metadata[k].size) for k in saved_keys}
         names = {n for n, _ in params}
         kinds = {k.rsplit("/", 1)[1] for k in saved_keys if k.rsplit("/", 1)[0] in names} - {PARAM}
@@ -394,7 +394,7 @@ def load_state(engine, step_dir: str, *, pipeline: bool, num_layers: int, weight
     keys = [f"{n}/{k}" for n, _ in params for k in [PARAM] + has[n]]
     tensors = read_tensors(step_dir, keys)
     _, world, rank = _tp_group()
-    if not weights_only:  # the optimizer state exists from here on (as after a first step), then is overwritten
+    if not model_only:  # the optimizer state exists from here on (as after a first step), then is overwritten
         scalars: Dict[int, Dict[str, torch.Tensor]] = {}
         for n, p in params:
             if not has[n]:

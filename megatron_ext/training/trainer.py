@@ -269,18 +269,18 @@ class Trainer:
                 f"`--target-tp T --target-pp P --output-dir DIR` to write a checkpoint directory for the new layout"
             )
 
-    def _load_resharded(self, path: str, meta: Dict[str, Any], bad: list, weights_only: bool):
+    def _load_resharded(self, path: str, meta: Dict[str, Any], bad: list, model_only: bool):
         """Load ``path``'s layout-free state into this layout (``checkpoint.reshard``); restores the scheduler
-        too unless ``weights_only``. Returns (step, consumed samples)."""
+        too unless ``model_only``. Returns (step, consumed samples)."""
         mine = self._layout()
         log.info("%s was written with tp %s, pp %s, dp %s, ZeRO %s; loading its layout-free state into tp %d, pp %d, "
                  "dp %d, ZeRO %d%s", path, meta.get("tp"), meta.get("pp"), meta.get("dp"), meta.get("zero_stage"),
-                 mine["tp"], mine["pp"], mine["dp"], mine["zero_stage"], " (weights only)" if weights_only else "")
+                 mine["tp"], mine["pp"], mine["dp"], mine["zero_stage"], " (weights only)" if model_only else "")
         kw = self._reshard_kw()
         extra = reshard.load_state(self.engine, path, pipeline=kw["pipeline"], num_layers=kw["num_layers"],
-                                   weights_only=weights_only)
+                                   model_only=model_only)
         step, consumed = int(meta["step"]), int(meta["consumed_samples"])
-        if not weights_only:
+        if not model_only:
             if self.scheduler is not None and extra.get("lr_scheduler") is not None:
                 self.scheduler.load_state_dict(extra["lr_scheduler"])
             self.engine.global_steps = step
@@ -309,7 +309,7 @@ class Trainer:
             meta = read_meta(path)
             change = self._layout_change(meta, with_optimizer=False)
             if change and reshard.has_state(path):
-                step, _ = self._load_resharded(path, meta, change, weights_only=True)
+                step, _ = self._load_resharded(path, meta, change, model_only=True)
             else:
                 self._check_layout(meta, path, change)
                 step = Checkpointer.load(self.engine, ckpt_dir, tag, load_optimizer=False).step
@@ -371,7 +371,7 @@ class Trainer:
                 self._note_config_change(meta, path)
                 try:
                     if change:
-                        step, consumed = self._load_resharded(path, meta, change, weights_only=False)
+                        step, consumed = self._load_resharded(path, meta, change, model_only=False)
                         st = LoadedState(step=step, consumed_samples=consumed, meta=meta)
                         mine = self._layout()
                         same_ranks = all(meta.get(k) == mine[k] for k in ("tp", "pp", "dp"))
