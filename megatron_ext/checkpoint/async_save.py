@@ -21,12 +21,13 @@ afresh each time costs more than the copy).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -65,37 +66,67 @@ def host_snapshot(obj: Any, into: Any = None) -> Any:
 
 
 @contextlib.contextmanager
-def capture_saves(engine, previous: Optional[dict] = None):
-    """While active, ``engine.checkpoint_engine.save(state_dict, path)`` records ``(path, snapshot)`` in the yielded
-    list instead of writing (``previous``: file name -> that file's snapshot from the last save, refilled in place
-    where it fits). DeepSpeed is also told not to clone tensors before saving (``preserves_storage_sharing``): the
-    snapshot is the one copy. The engine's own methods are restored after."""
+def patched_saves(engine, save: Callable[[Any, str, Callable], None], clone_first: Optional[bool] = None):
+    """While active, DeepSpeed writes every checkpoint file (model, optimizer / ZeRO partitions, pipeline layers)
+    through ``save(state_dict, path, inner)`` instead of its checkpoint engine's own ``save`` (``inner``, which
+    ``save`` may call); ``clone_first`` False tells DeepSpeed not to clone tensors before (its
+    ``preserves_storage_sharing``). The engine's own methods are restored after."""
     ce = engine.checkpoint_engine
-    captured: List[Tuple[str, Any]] = []
-    previous = previous or {}
-    saved = {name: vars(ce)[name] for name in ("save", "preserves_storage_sharing") if name in vars(ce)}
-
-    def save(state_dict, path: str):
-        captured.append((str(path), host_snapshot(state_dict, previous.get(os.path.basename(str(path))))))
-
-    ce.save = save
-    ce.preserves_storage_sharing = lambda: False
+    names = ("save",) + (("preserves_storage_sharing",) if clone_first is not None else ())
+    saved = {name: vars(ce)[name] for name in names if name in vars(ce)}
+    inner = ce.save
+    ce.save = lambda state_dict, path: save(state_dict, path, inner)
+    if clone_first is not None:
+        ce.preserves_storage_sharing = lambda: clone_first
     try:
-        yield captured
+        yield
     finally:
-        for name in ("save", "preserves_storage_sharing"):
+        for name in names:
             if name in saved:
                 setattr(ce, name, saved[name])
             else:
                 delattr(ce, name)
 
 
-def write_synced(path: str, obj: Any) -> None:
-    """``torch.save(obj)`` to ``path``, flushed and fsync'd before returning."""
+@contextlib.contextmanager
+def capture_saves(engine, previous: Optional[dict] = None):
+    """While active, every file DeepSpeed would write is recorded as ``(path, snapshot)`` in the yielded list
+    instead (``previous``: file name -> that file's snapshot from the last save, refilled in place where it fits).
+    DeepSpeed does not clone tensors first: the snapshot is the one copy."""
+    captured: List[Tuple[str, Any]] = []
+    previous = previous or {}
+
+    def save(state_dict, path, _inner):
+        captured.append((str(path), host_snapshot(state_dict, previous.get(os.path.basename(str(path))))))
+
+    with patched_saves(engine, save, clone_first=False):
+        yield captured
+
+
+class _HashingWriter:
+    """A binary file that hashes (sha256) and counts what is written through it."""
+
+    def __init__(self, f):
+        self.f, self.size, self.h = f, 0, hashlib.sha256()
+
+    def write(self, b) -> int:
+        self.h.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_synced(path: str, obj: Any) -> Dict[str, Any]:
+    """``torch.save(obj)`` to ``path``, flushed and fsync'd before returning; returns the file's ``{"size",
+    "sha256"}`` (as :func:`megatron_ext.checkpoint.manifest.hash_file` would, without reading it back)."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        w = _HashingWriter(f)
+        torch.save(obj, w)
         f.flush()
         os.fsync(f.fileno())
+    return {"size": w.size, "sha256": w.h.hexdigest()}
 
 
 def fsync_dir(path: str) -> None:

@@ -25,7 +25,6 @@ complete checkpoint is loaded instead (``Trainer._resume``).
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -38,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.checkpoint import manifest, reshard
-from megatron_ext.checkpoint.async_save import BackgroundSaver, capture_saves, fsync_dir, host_snapshot, write_synced
+from megatron_ext.checkpoint.async_save import (BackgroundSaver, capture_saves, fsync_dir, host_snapshot,
+                                                patched_saves, write_synced)
 from megatron_ext.checkpoint.files import META, find_latest, list_complete, read_meta, remove_incomplete, tag_for
 from megatron_ext.checkpoint.safe_load import load_untrusted
 from megatron_ext.errors import CheckpointError, CorruptCheckpointError
@@ -53,27 +53,6 @@ def _rank() -> int:
 def _barrier(group=None) -> None:
     if dist.is_initialized():
         dist.barrier(group=group)
-
-
-@contextlib.contextmanager
-def _recording_saves(engine, written: List[str]):
-    """While DeepSpeed saves, append every path its checkpoint engine writes on this rank to ``written`` (DeepSpeed
-    and its pipeline module write model, optimizer and ZeRO files through ``engine.checkpoint_engine.save``)."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    if ce is None:
-        yield
-        return
-    inner = ce.save
-
-    def save(state_dict, path):
-        inner(state_dict, path)
-        written.append(path)
-
-    ce.save = save
-    try:
-        yield
-    finally:
-        ce.save = inner
 
 
 def _gather_to_rank0(entries: Dict[str, Any], group=None) -> Dict[str, Any]:
@@ -178,11 +157,10 @@ class Checkpointer:
             self._snapshots[reshard.STATE_DIR] = collected
 
             def job():
-                written, failure = [], None
+                written, hashed, failure = [], {}, None
                 try:
-                    for path, obj in files:
-                        write_synced(path, obj)
-                        written.append(path)
+                    for path, obj in files:  # hashed while written: the commit need not read them back
+                        hashed[os.path.relpath(path, tmp_path)] = write_synced(path, obj)
                     if collected is not None:  # DCP's files are hashed by rank 0 as files nobody reported
                         reshard.write_state(tmp_path, *collected, group=self.group)
                     if rank == 0:
@@ -190,14 +168,18 @@ class Checkpointer:
                         written.append(meta_path)
                 except (OSError, RuntimeError) as e:
                     failure = e
-                self._commit(failure, written, meta, tmp_path, final_path, self.group)
+                self._commit(failure, written, meta, tmp_path, final_path, self.group, hashed)
 
             self.saver.submit(tag, job)
             return final_path
         failure = None
         written: List[str] = []  # this rank's files, hashed by this rank
         try:
-            with _recording_saves(engine, written):
+            def record(state_dict, path, inner):  # DeepSpeed's files: hashed by this rank in the commit
+                inner(state_dict, path)
+                written.append(path)
+
+            with patched_saves(engine, record):
                 engine.save_checkpoint(self.ckpt_dir, tag=tmp_tag, client_state=client_state, save_latest=False)
             collected = layout_free() if layout_free is not None else None
             if collected is not None:  # its files (DCP's) are hashed by rank 0 as files nobody reported
@@ -213,16 +195,16 @@ class Checkpointer:
         return final_path
 
     def _commit(self, failure: Optional[BaseException], written: List[str], meta: Dict[str, Any], tmp_path: str,
-                final_path: str, group) -> None:
+                final_path: str, group, hashed: Optional[Dict[str, Any]] = None) -> None:
         """After each rank wrote its files (``written``) into ``tmp_path``: every rank hashes and fsyncs its own,
         rank 0 writes the manifest LAST and checks the directory against it, renames ``tmp_path`` to ``final_path``,
         points ``latest`` at it (each step fsync'd) and prunes. Collectives over ``group`` (None: the default one).
         Any rank's failure: one CheckpointError on every rank, the partial directory removed, ``latest`` unchanged."""
         rank = _rank()
-        mine: Dict[str, Any] = {}
+        mine: Dict[str, Any] = dict(hashed or {})  # files already hashed (and fsync'd) while they were written
         if failure is None:
-            try:  # every file this rank wrote is hashed and fsync'd here; rank 0 hashes files nobody reported
-                mine = manifest.describe(tmp_path, written)
+            try:  # the rest this rank wrote is hashed and fsync'd here; rank 0 hashes files nobody reported
+                mine.update(manifest.describe(tmp_path, written))
             except (OSError, RuntimeError) as e:
                 failure = e
         self._all_ok(failure, tmp_path, group)
