@@ -1,9 +1,11 @@
 """Test helper run by tests/integration/test_reshard.py (one process per rank, under torchrun for a world > 1):
 resume the run the overrides name (``exp_manager.resume_if_exists=true``) under the layout they give -- the
 trainer's own restore -- and write the state it loaded, untouched, as a checkpoint of the same step into OUT
-(a ``checkpoints`` directory). Its ``layout_free`` tensors are the loaded state gathered again.
+(a ``checkpoints`` directory). Its ``layout_free`` tensors are the loaded state gathered again. With
+``--train``, the run then trains on to ``trainer.max_steps`` as ``Trainer.fit`` does (one launch checks both the
+loaded state and the losses after it).
 
-    python tests/integration/reshard_hop.py OUT OVERRIDES...
+    python tests/integration/reshard_hop.py OUT [--train] OVERRIDES...
 """
 import os
 import sys
@@ -14,20 +16,26 @@ import helpers  # noqa: E402
 import megatron_ext  # noqa: E402,F401
 
 
-def main(out: str, overrides) -> None:
+def main(out: str, train: bool, overrides) -> None:
     from megatron_ext.training.checkpointing import Checkpointer
     from megatron_ext.training.gpt_task import GPTTask
     from megatron_ext.training.trainer import Trainer
 
     trainer = Trainer(helpers.compose_entry_config(overrides), GPTTask)
+    trainer._loaded_step = 0
     try:
+        datasets = trainer.task.build_datasets(trainer._num_samples()) if train else None
         trainer._build()
         step, consumed = trainer._restore()
         assert step > 0, "nothing was resumed"
         trainer._save(Checkpointer(out), step, consumed, None)
+        if train:  # the rest of Trainer.fit
+            trainer.exp.start(resumed_step=step)
+            trainer._train_loop(datasets[0], datasets[1], step, consumed)
     finally:
         trainer.exp.close()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    train = sys.argv[2:3] == ["--train"]
+    main(sys.argv[1], train, sys.argv[3:] if train else sys.argv[2:])
