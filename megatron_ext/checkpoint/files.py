@@ -148,11 +148,12 @@ def check_files(path: str, checksums: bool = True, rank: int = 0, world: int = 1
     return meta
 
 
-def resolve_ckpt_path(path: str) -> tuple[str, str]:
-    """``path`` is a checkpoints dir (uses its latest) or one checkpoint dir. Returns (ckpt_dir, tag)."""
+def resolve_ckpt_path(path: str, key: str = "model.ckpt_path") -> tuple[str, str]:
+    """``path`` is a checkpoints dir (uses its latest), a run directory holding ``checkpoints/``, or one
+    checkpoint dir. Returns (ckpt_dir, tag); errors name ``key``, the config key that gave the path."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
-        raise CheckpointError(f"model.ckpt_path: {path} does not exist")
+        raise CheckpointError(f"{key}: {path} does not exist")
     if is_complete(path):
         return os.path.dirname(path), os.path.basename(path)
     for cand in (path, os.path.join(path, "checkpoints")):
@@ -161,7 +162,7 @@ def resolve_ckpt_path(path: str) -> tuple[str, str]:
             if tag is not None:
                 return cand, tag
     raise CheckpointError(
-        f"model.ckpt_path: no complete checkpoint in {path} (expected a step_N directory with {META}, or a "
+        f"{key}: no complete checkpoint in {path} (expected a step_N directory with {META}, or a "
         f"directory holding such directories and a 'latest' file)"
     )
 

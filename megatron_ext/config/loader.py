@@ -248,8 +248,16 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
         _positive(cfg, key, allow_zero=True)
     if t.limit_train_batches is not None and t.limit_train_batches < 0:
         raise ConfigError(f"trainer.limit_train_batches={t.limit_train_batches}: expected null or an integer >= 0")
-    if t.limit_train_batches == 0 and not m.ckpt_path:
-        raise ConfigError("trainer.limit_train_batches=0 means evaluation only and needs model.ckpt_path=<checkpoint>")
+    em = cfg.exp_manager
+    if m.ckpt_path and em.resume_from_checkpoint:
+        raise ConfigError(
+            f"model.ckpt_path={m.ckpt_path} and exp_manager.resume_from_checkpoint={em.resume_from_checkpoint} are "
+            f"both set: model.ckpt_path starts from a checkpoint's weights only (the optimizer starts fresh), "
+            f"resume_from_checkpoint from its full training state; set one of them"
+        )
+    if t.limit_train_batches == 0 and not (m.ckpt_path or em.resume_from_checkpoint):
+        raise ConfigError("trainer.limit_train_batches=0 means evaluation only and needs model.ckpt_path=<checkpoint> "
+                          "(or exp_manager.resume_from_checkpoint=<checkpoint>)")
     expected_world = t.devices * t.num_nodes
     if expected_world != world_size:
         raise ConfigError(

@@ -73,6 +73,10 @@ class ExpManagerConfig:
     checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
     resume_if_exists: bool = False
     resume_ignore_no_checkpoint: bool = True
+    # a checkpoint of another run (a step directory, a checkpoints directory or a run directory: its latest) whose
+    # full state -- weights, optimizer, scheduler, step, data position -- starts this run, under any layout; this
+    # run's own checkpoints win once it has some (resume_if_exists), so a requeued job goes on from them
+    resume_from_checkpoint: Optional[str] = None
     # a fresh run (resume_if_exists=false) in a version directory that holds checkpoints is refused; true deletes
     # those checkpoints first (README "Run directories")
     overwrite: bool = False

@@ -288,18 +288,34 @@ class Trainer:
         return step, consumed
 
     def _restore(self) -> tuple[int, int]:
-        """Resume (exp_manager.resume_if_exists) or start from model.ckpt_path. Returns (step, consumed)."""
+        """Resume (exp_manager.resume_if_exists: this run's own latest checkpoint), start from the full state of
+        another run's checkpoint (exp_manager.resume_from_checkpoint), or from model.ckpt_path's weights. Returns
+        (step, consumed)."""
         em, m = self.cfg.exp_manager, self.cfg.model
         if em.resume_if_exists:
             tag = find_latest(self.exp.ckpt_dir)
             if tag is not None:
-                return self._resume(tag)
-            if not em.resume_ignore_no_checkpoint:
+                if em.resume_from_checkpoint:
+                    log.info("resume: %s holds this run's own checkpoints (latest %s); they win over "
+                             "exp_manager.resume_from_checkpoint=%s, which only starts a run that has none",
+                             self.exp.ckpt_dir, tag, em.resume_from_checkpoint)
+                return self._resume(self.exp.ckpt_dir, tag)
+            if not em.resume_ignore_no_checkpoint and not em.resume_from_checkpoint:
                 raise CheckpointError(
                     f"exp_manager.resume_if_exists=true but {self.exp.ckpt_dir} holds no complete checkpoint "
                     f"(set exp_manager.resume_ignore_no_checkpoint=true to start fresh)"
                 )
-            log.info("no checkpoint in %s; starting fresh", self.exp.ckpt_dir)
+            if not em.resume_from_checkpoint:
+                log.info("no checkpoint in %s; starting fresh", self.exp.ckpt_dir)
+        if em.resume_from_checkpoint:
+            key = "exp_manager.resume_from_checkpoint"
+            ckpt_dir, tag = resolve_ckpt_path(em.resume_from_checkpoint, key=key)
+            # a step directory named on purpose is loaded or refused; a checkpoints directory's latest may fall
+            # back to an older complete checkpoint of it, as a resume does
+            named = os.path.abspath(em.resume_from_checkpoint) == os.path.join(ckpt_dir, tag)
+            step, consumed = self._resume(ckpt_dir, tag, fallback=not named, key=key)
+            self._loaded_step = step
+            return step, consumed
         if m.ckpt_path and not os.path.isfile(m.ckpt_path):  # a file: consolidated weights, loaded in _build
             ckpt_dir, tag = resolve_ckpt_path(m.ckpt_path)
             path = os.path.join(ckpt_dir, tag)
@@ -352,13 +368,14 @@ class Trainer:
         log.info("resume: the model config differs from the one %s was saved with (config hash %s -> %s): %s%s",
                  path, str(saved)[:12], config_hash(mine)[:12], shown or "(meta.json holds no model_config)", more)
 
-    def _resume(self, latest: str) -> tuple[int, int]:
-        """Load ``latest``, or when one of its files is truncated/corrupt/missing (a warning names it) the newest
-        older complete checkpoint that verifies and loads. All ranks verify it together (``_verify``) and follow
-        the same choice; a layout mismatch is not a corrupt file and stops at once."""
-        ckpt_dir = self.exp.ckpt_dir
+    def _resume(self, ckpt_dir: str, latest: str, fallback: bool = True, key: str = "") -> tuple[int, int]:
+        """Load the full training state of ``ckpt_dir/latest`` -- or, with ``fallback``, when one of its files is
+        truncated/corrupt/missing (a warning names it) the newest older complete checkpoint of ``ckpt_dir`` that
+        verifies and loads. All ranks verify it together (``_verify``) and follow the same choice; a layout
+        mismatch is not a corrupt file and stops at once. ``key`` names the config key that chose the checkpoint
+        (exp_manager.resume_from_checkpoint) in errors."""
         configured = config_state(self.optimizer, self.scheduler)  # before any (maybe partial) load changes it
-        older = [d for _, d in reversed(list_complete(ckpt_dir)) if d < latest]
+        older = [d for _, d in reversed(list_complete(ckpt_dir)) if d < latest] if fallback else []
         bad = []
         for tag in [latest] + older:
             path = os.path.join(ckpt_dir, tag)
@@ -388,15 +405,19 @@ class Trainer:
                         log.info("resume: the config overrides the restored optimizer/scheduler state: %s", line)
             if why:
                 bad.append(why)
-                log.warning("cannot resume from %s: %s; trying the previous complete checkpoint", path, why)
+                if fallback:
+                    log.warning("cannot resume from %s: %s; trying the previous complete checkpoint", path, why)
                 continue
             if rng is not None:
                 set_all_rng_states(rng)
             log.info("resumed from %s at step %d (%d samples consumed)", path, st.step, st.consumed_samples)
             return st.step, st.consumed_samples
+        if not fallback:
+            raise CorruptCheckpointError(f"{key}={os.path.join(ckpt_dir, latest)} cannot be loaded: {bad[0]}")
         raise CheckpointError(
-            f"no checkpoint in {ckpt_dir} could be loaded ({len(bad)} tried; newest: {bad[0]}); move the broken "
-            f"step directories away, or start fresh with exp_manager.overwrite=true"
+            f"{key + ': ' if key else ''}no checkpoint in {ckpt_dir} could be loaded ({len(bad)} tried; newest: "
+            f"{bad[0]}); move the broken step directories away"
+            + ("" if key else ", or start fresh with exp_manager.overwrite=true")
         )
 
     def _nonfinite(self, loss: Optional[float]) -> str:

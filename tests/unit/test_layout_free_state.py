@@ -133,3 +133,57 @@ def test_ckpt_path_of_another_layout_loads_weights(tmp_path, in_process):
         rows = [json.loads(l) for l in open(tmp_path / "rs" / version / "metrics.jsonl")]
         vals.append([(r["step"], r["val/loss"]) for r in rows if "val/loss" in r])
     assert vals[0] == vals[1] and vals[0][0][0] == 3, vals
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")}
+
+
+def test_resume_from_checkpoint_starts_a_new_run_with_the_full_state(tmp_path, in_process):
+    """exp_manager.resume_from_checkpoint=<another run's step 3>: the new run goes on from step 3 with the weights,
+    Adam's moments, scheduler and data position (same layout: bit for bit; ZeRO 0 -> 1: through the layout-free
+    state), writes into its own directory and leaves the source untouched; once it has checkpoints of its own, a
+    restart with resume_if_exists goes on from those. Bad settings name the key."""
+    from megatron_ext.errors import CorruptCheckpointError
+
+    fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=a"])
+    a = tmp_path / "rs" / "a"
+    step3 = a / "checkpoints" / "step_0000003"
+    before = _tree(a / "checkpoints")
+    la = _losses(a)
+    # the same layout, the step directory named
+    fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=b",
+                          f"exp_manager.resume_from_checkpoint={step3}"])
+    b = tmp_path / "rs" / "b"
+    assert _losses(b) == {s: v for s, v in la.items() if s > 3}
+    assert sorted(p.name for p in (b / "checkpoints").glob("step_*")) == ["step_0000006"]
+    # ZeRO 0 -> 1 (the layout-free state), the source run directory named (its latest is step 6: train to 8)
+    fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=c", "model.zero_stage=1",
+                          "trainer.max_steps=8", f"exp_manager.resume_from_checkpoint={a}"])
+    c = tmp_path / "rs" / "c"
+    assert sorted(_losses(c)) == [7, 8]
+    fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=c3", "model.zero_stage=1",
+                          f"exp_manager.resume_from_checkpoint={step3}"])
+    lc3 = _losses(tmp_path / "rs" / "c3")
+    assert sorted(lc3) == [4, 5, 6] and all(abs(lc3[s] - la[s]) <= 1e-5 * abs(la[s]) for s in lc3), (lc3, la)
+    # a restarted job (resume_if_exists) goes on from its own checkpoint, not from the source's step 3 again
+    fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=b", "trainer.max_steps=7",
+                          "exp_manager.resume_if_exists=true", f"exp_manager.resume_from_checkpoint={step3}"])
+    assert sorted(_losses(b)) == [4, 5, 6, 7]
+    assert _tree(a / "checkpoints") == before  # the source is read, never written
+    # bad settings
+    msg = entry_error_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=d",
+                                        f"exp_manager.resume_from_checkpoint={step3}", f"model.ckpt_path={step3}"])
+    assert "model.ckpt_path=" in msg and "exp_manager.resume_from_checkpoint=" in msg and "set one of them" in msg
+    msg = entry_error_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=d",
+                                        f"exp_manager.resume_from_checkpoint={tmp_path / 'nowhere'}"])
+    assert f"exp_manager.resume_from_checkpoint: {tmp_path / 'nowhere'} does not exist" in msg, msg
+    bad = tmp_path / "bad" / "step_0000003"
+    shutil.copytree(step3, bad)
+    victim = sorted(bad.glob("*.pt"))[0]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(CorruptCheckpointError, match=f"exp_manager.resume_from_checkpoint={bad}.*{victim.name}"):
+        fit_in_process(RUN + [f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=d",
+                              f"exp_manager.resume_from_checkpoint={bad}"])
+    assert not (tmp_path / "rs" / "d" / "checkpoints").exists() or \
+        not list((tmp_path / "rs" / "d" / "checkpoints").glob("step_*"))
