@@ -143,14 +143,17 @@ class _Access:
                 return elem, scal
         return [], []
 
-    def get(self, p, key: str) -> torch.Tensor:
-        """This rank's TP shard, full over data parallel (collective over DP under ZeRO)."""
+    def get(self, p, key: str, copy: bool = True) -> torch.Tensor:
+        """This rank's TP shard, full over data parallel (collective over DP under ZeRO). Without ``copy``, under
+        ZeRO 0 the live tensor itself (fp32: the parameter or the optimizer's state; the caller copies it before the
+        next step changes it)."""
         from deepspeed.utils.tensor_fragment import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         if self.fragments:
             t = safe_get_full_fp32_param(p) if key == PARAM else safe_get_full_optimizer_state(p, key)
             return t.detach().float().reshape(_shape(p))
-        return (p.detach() if key == PARAM else self.base.state[p][key]).float().clone()
+        t = (p.detach() if key == PARAM else self.base.state[p][key]).float()
+        return t.clone() if copy else t
 
     def scalar(self, p, key: str) -> torch.Tensor:
         v = self.base.state[self.flat_of(p)][key]
@@ -224,9 +227,12 @@ def _tp_full(t: torch.Tensor, rule: Optional[Tuple[int, int]]) -> torch.Tensor:
     return merge_shards([x.cpu() for x in parts], *rule)
 
 
-def gather_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Optional[int]) -> Dict[str, torch.Tensor]:
+def gather_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Optional[int],
+                 copy: bool = True) -> Dict[str, torch.Tensor]:
     """Every logical tensor of this rank's stage (see the module docstring), keyed ``<name>/<state key>``, on the
-    CPU. Collective over the data- and tensor-parallel groups (every rank of a stage calls it)."""
+    CPU. Collective over the data- and tensor-parallel groups (every rank of a stage calls it). Without ``copy``,
+    a tensor that is already whole and on the CPU (ZeRO 0, fp32, no TP split) is the live one, not a copy: for a
+    caller that writes or snapshots it before training goes on."""
     acc = _Access(engine)
     acc.relink()
     elem, scal = acc.state_keys()
@@ -242,7 +248,7 @@ def gather_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Optiona
         rule = _tp_rule(p)
         stepped = acc.fragments or bool(acc.base.state.get(p))  # ZeRO 0: a parameter never stepped has none
         for key in [PARAM] + (elem if stepped else []):
-            full = _tp_full(acc.get(p, key), rule)
+            full = _tp_full(acc.get(p, key, copy=copy), rule)
             if name in VOCAB_PARTITIONED and vocab_size:
                 full = full[:vocab_size]
             out[f"{name}/{key}"] = full.contiguous()
@@ -264,7 +270,8 @@ def collect_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Option
     """What :func:`write_state` writes: (every logical tensor of this rank's stage, rank 0's ``extra.pt``
     contents). Collective over the data- and tensor-parallel groups (every rank calls it, in the training
     thread). None for an optimizer whose state cannot be read by parameter (DeepSpeed's fp16/bf16 optimizers
-    without ZeRO; the same on every rank), with one warning per process."""
+    without ZeRO; the same on every rank), with one warning per process. Tensors may be the live state (ZeRO 0):
+    write them (:func:`write_state`) or copy them (``async_save.host_snapshot``) before the next step."""
     try:
         acc = _Access(engine)
     except CheckpointError as e:
@@ -273,7 +280,7 @@ def collect_state(engine, *, pipeline: bool, num_layers: int, vocab_size: Option
             log.warning("checkpoints of this run hold no layout-free state: %s", e)
             _warned = True
         return None
-    state = gather_state(engine, pipeline=pipeline, num_layers=num_layers, vocab_size=vocab_size)
+    state = gather_state(engine, pipeline=pipeline, num_layers=num_layers, vocab_size=vocab_size, copy=False)
     head = {"format": FORMAT, "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "optimizer": type(acc.base).__name__, **extra}
     return state, head
