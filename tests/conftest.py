@@ -22,6 +22,8 @@ def pytest_configure(config):
     global _FORKSERVER
     import forkserver
 
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: each worker starts its own server
     _FORKSERVER = forkserver.start()
     if _FORKSERVER is not None:
         helpers.PYTHON = _FORKSERVER.python
