@@ -258,6 +258,9 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
     if t.limit_train_batches == 0 and not (m.ckpt_path or em.resume_from_checkpoint):
         raise ConfigError("trainer.limit_train_batches=0 means evaluation only and needs model.ckpt_path=<checkpoint> "
                           "(or exp_manager.resume_from_checkpoint=<checkpoint>)")
+    from megatron_ext.training import bad_steps
+
+    bad_steps.validate(t, m.pipeline_model_parallel_size > 1, prec)
     expected_world = t.devices * t.num_nodes
     if expected_world != world_size:
         raise ConfigError(

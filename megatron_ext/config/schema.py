@@ -36,6 +36,12 @@ class TrainerConfig:
     deterministic: bool = False
     # glibc malloc keeps freed host memory for reuse (no page faults on every new tensor); null = on for CPU runs
     reuse_host_memory: Optional[bool] = None
+    # a step whose loss or grad norm is non-finite (or a loss spike): stop the run | skip the step on every rank
+    nan_policy: str = "stop"
+    max_consecutive_skips: int = 5  # more skipped steps in a row than this stop the run (nan_policy=skip)
+    loss_spike_factor: Optional[float] = None  # a loss above factor x the running mean is bad (null = off)
+    loss_spike_window: int = 100  # good steps in that running mean; no spike check until it is full
+    skip_steps: List[Any] = field(default_factory=list)  # steps whose batches are skipped unread: [5, "100-120"]
 
 
 @dataclass

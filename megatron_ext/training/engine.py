@@ -239,8 +239,9 @@ def install_fp32_clipping(engine, clip: float) -> None:
 
     def take_model_step(*args, **kwargs):
         engine.mext_grad_norm = None
-        if clip > 0 or engine.mext_want_norm:
-            norm = model_parallel_grad_norm(engine.module)
+        ready = engine.__dict__.pop("mext_norm_ready", None)  # computed already by the trainer's bad-step check
+        if clip > 0 or engine.mext_want_norm or ready is not None:
+            norm = ready if ready is not None else model_parallel_grad_norm(engine.module)
             engine.mext_grad_norm = norm
             if clip > 0:
                 grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]

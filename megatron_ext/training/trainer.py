@@ -41,6 +41,8 @@ from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointE
 from megatron_ext.modules.cross_entropy import loss_token_count, loss_token_denominator
 from megatron_ext.parallel import state as pstate
 from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
+from megatron_ext.training import faults
+from megatron_ext.training.bad_steps import BadSteps, install_update_skip
 from megatron_ext.training.checkpointing import Checkpointer, LoadedState
 from megatron_ext.training.engine import build_ds_config, build_engine
 from megatron_ext.training.exp_manager import ExpManager
@@ -140,6 +142,13 @@ class Trainer:
         seed_everything(t.seed + 100 * self.pp_rank)
         self.task = task_factory(cfg, self.device)
         self.exp = ExpManager(cfg, self.rank)
+        self.faults = faults.from_env()  # test-only (MEGATRON_EXT_FAULT_INJECT); a bad value stops here
+        if self.pipeline and any(f.kind in ("nan", "spike") for f in self.faults):
+            raise ConfigError(f"{faults.ENV}: nan/spike faults act on the loss of the non-pipeline step; "
+                              f"model.pipeline_model_parallel_size must be 1")
+        self.bad: Optional[BadSteps] = None
+        self._restored_meta: Optional[Dict[str, Any]] = None
+        self._resumed_own = False
 
     # ------------------------------------------------------------------ helpers
     def _num_samples(self) -> tuple[int, int, int]:
@@ -221,6 +230,8 @@ class Trainer:
             )
         self.engine, self.optimizer, self.scheduler = build_engine(model, optimizer, scheduler, ds_config)
         self.ds_config = ds_config
+        if cfg.trainer.nan_policy == "skip":  # a bad step's update can be dropped (bad_steps.py)
+            install_update_skip(self.engine)
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
             "model: %.2fM parameters on this rank | world %d = tp %d x pp %d x dp %d | micro-batch %d, "
@@ -240,7 +251,8 @@ class Trainer:
     def _meta(self) -> Dict[str, Any]:
         from omegaconf import OmegaConf
 
-        return {**self._layout(), "model_config": OmegaConf.to_container(self.cfg.model, resolve=True)}
+        bad = {"bad_steps": self.bad.state()} if self.bad is not None else {}
+        return {**self._layout(), "model_config": OmegaConf.to_container(self.cfg.model, resolve=True), **bad}
 
     def _layout_change(self, meta: Dict[str, Any], with_optimizer: bool) -> list:
         """What differs between the layout that wrote ``meta`` and this run's, as far as DeepSpeed's own loader
@@ -299,6 +311,7 @@ class Trainer:
                     log.info("resume: %s holds this run's own checkpoints (latest %s); they win over "
                              "exp_manager.resume_from_checkpoint=%s, which only starts a run that has none",
                              self.exp.ckpt_dir, tag, em.resume_from_checkpoint)
+                self._resumed_own = True
                 return self._resume(self.exp.ckpt_dir, tag)
             if not em.resume_ignore_no_checkpoint and not em.resume_from_checkpoint:
                 raise CheckpointError(
@@ -410,6 +423,7 @@ class Trainer:
                 continue
             if rng is not None:
                 set_all_rng_states(rng)
+            self._restored_meta = st.meta
             log.info("resumed from %s at step %d (%d samples consumed)", path, st.step, st.consumed_samples)
             return st.step, st.consumed_samples
         if not fallback:
@@ -424,7 +438,7 @@ class Trainer:
         """Why the state after this step must not become a checkpoint ('' when it may): a non-finite loss or
         pre-clipping grad norm of the step (when known; with fp16 loss scaling an overflow only skips the update),
         or a non-finite parameter on any rank (a huge update can overflow the weights from finite gradients)."""
-        if self.derived.precision != "16":
+        if self.derived.precision != "16" and not (self.bad is not None and self.bad.last_skipped):
             gn = getattr(self.engine, "mext_grad_norm", None) if hasattr(self.engine, "mext_grad_norm") \
                 else self.engine.get_global_grad_norm()
             if loss is not None and not math.isfinite(loss):
@@ -555,9 +569,14 @@ class Trainer:
             return loss.detach().float().reshape(()), {}
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         extras: Dict[str, torch.Tensor] = {}
-        for batch in batches:
+        guard = self.bad is not None and self.bad.check_each_step  # bad-step check before the update (bad_steps.py)
+        rng = self._rng_states() if guard and self.bad.policy == "skip" else None
+        for i, batch in enumerate(batches):
             loss, _, micro_extras = self.task.loss(self.engine, batch, denom)
+            loss = self._inject_faults(loss)
             self.engine.backward(loss)
+            if guard and i == len(batches) - 1:
+                self._check_step((total + loss.detach().float()) / len(batches))
             self.engine.step()
             total += loss.detach().float()
             for k, v in micro_extras.items() if keep_extras else ():
@@ -565,7 +584,53 @@ class Trainer:
                 pair = torch.stack([torch.as_tensor(x, device=self.device).detach().float().reshape(())
                                     for x in (num, den)])
                 extras[k] = extras[k] + pair if k in extras else pair
+        if guard:
+            self._after_update(rng)
         return total / len(batches), extras
+
+    def _inject_faults(self, loss: torch.Tensor) -> torch.Tensor:
+        """Test-only (``MEGATRON_EXT_FAULT_INJECT``, ``training/faults.py``): this rank's loss becomes NaN or is
+        multiplied at the chosen steps."""
+        if not self.faults:
+            return loss
+        if faults.active("nan", self.rank, self._step_no):
+            loss = loss * float("nan")
+        spike = faults.active("spike", self.rank, self._step_no)
+        return loss * spike.args["factor"] if spike else loss
+
+    def _check_step(self, loss: torch.Tensor) -> None:
+        """After the step's last backward, before ``engine.step()``: is the step bad (``BadSteps.verdict``: one
+        all-reduce and host sync)? If so (nan_policy=skip), the engine drops its update. On the fp32 ZeRO-0 path the
+        gradients are reduced by now: their norm is checked in the same sync and reused by the clipping."""
+        norm = None
+        if self.bad.policy == "skip" and hasattr(self.engine, "mext_grad_norm"):
+            from megatron_ext.training.engine import model_parallel_grad_norm
+
+            norm = self.engine.mext_norm_ready = model_parallel_grad_norm(self.engine.module)
+        self._skip_why, self._step_mean = self.bad.verdict(self._step_no, loss, norm)
+        if self._skip_why:
+            self.engine.mext_skip_update = True
+
+    def _after_update(self, rng: Optional[Dict[str, Any]]) -> None:
+        """A step DeepSpeed did not apply (its optimizer found a non-finite gradient norm) is skipped too; a
+        skipped step leaves no trace: the RNG states go back to where they were before it."""
+        if self.bad.policy != "skip":
+            return
+        self.engine.mext_skip_update = False
+        self.engine.__dict__.pop("mext_norm_ready", None)
+        if self._skip_why is None and not self.engine.was_step_applied():
+            self._skip_why = "the gradient norm is not finite (DeepSpeed dropped the update)"
+        if self._skip_why is not None:
+            set_all_rng_states(rng)
+
+    def _discard_global_batch(self, it: Iterator) -> None:
+        """A global batch recorded as bad: read past it (nothing computed, no collective); the engine counts the
+        step as DeepSpeed counts a skipped one."""
+        for _ in range(self.derived.accumulate_grad_batches):
+            next(it)
+        self.engine.global_steps += 1
+        self.engine.global_samples += self.cfg.model.global_batch_size
+        self.engine.skipped_steps += 1
 
     def _sync(self, pending: list, extras: Dict[str, torch.Tensor], lr: float) -> tuple[float, Dict[str, float]]:
         """The train loop's one host synchronisation per logged (or checkpoint) step: the losses of the steps since
@@ -605,6 +670,8 @@ class Trainer:
             self._build()
             step, consumed = self._restore()
             self.exp.start(resumed_step=step if step > 0 else None)
+            self.bad = BadSteps(t, self.cfg.model.global_batch_size, self.rank, self.device)
+            self.bad.start(self.exp.run_dir, consumed, self._restored_meta, own_run=self._resumed_own)
             result: Dict[str, Any] = {"run_dir": self.exp.run_dir}
             if t.limit_train_batches == 0:
                 val = self.validate(val_ds, max(1, t.limit_val_batches))
@@ -634,22 +701,32 @@ class Trainer:
         it = self._iter(train_ds, consumed)
         self.engine.train()
         pending: list = []  # (step, loss on the device) since the last host sync
-        last_loss, last_val = None, None
+        last_loss, last_val, extras = None, None, {}
         t_start = time.perf_counter()
         while step < last_step:
             lr = self.optimizer.param_groups[0]["lr"]
             logs = (step + 1) % t.log_every_n_steps == 0 or step + 1 == last_step or step == first_step
             if hasattr(self.engine, "mext_want_norm"):  # fp32 ZeRO-0: our clipping computes the norm (if clip = 0: on demand)
                 self.engine.mext_want_norm = logs
-            loss, extras = self._train_step(it, keep_extras=logs)
+            self._step_no, self._skip_why, self._step_mean = step + 1, None, None
+            recorded = self.bad.recorded(consumed) if self.bad.pending else None
+            if recorded is not None:  # a batch recorded as bad (a resume, trainer.skip_steps): not read
+                self._discard_global_batch(it)
+            else:
+                loss, extras = self._train_step(it, keep_extras=logs)
             step += 1
             consumed += gbs
-            pending.append((step, loss))
             meter.steps += 1
-            if logs or ckpt.due(step):
+            skipped = recorded or self._skip_why
+            if skipped:
+                self.exp.log_metrics(step, self.bad.skipped(step, consumed - gbs, skipped, recorded is None))
+            else:
+                pending.append((step, loss))
+                self.bad.good(self._step_mean)
+            if (logs or ckpt.due(step)) and pending:
                 last_loss, extras = self._sync(pending, extras, lr)
                 pending = []
-            if logs:
+            if logs and not skipped:
                 self._log_train(step, last_step, consumed, last_loss, lr, extras, meter.interval())
             if t.val_check_interval and step % t.val_check_interval == 0 and t.limit_val_batches > 0:
                 last_val = self._validate_and_log(val_ds, step)
