@@ -155,6 +155,21 @@ def _overflow_forcer(engine):
             clear_lp()
 
         return lambda: _patched(opt, step=step)
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):  # ZeRO 0 + bf16: its non-finite-norm branch
+        skip = deepspeed_internal(opt, "_skip_invalid_grad_norm", purpose)
+
+        def step(closure=None):
+            # its loss-scale bookkeeping (iteration count; bf16's scale is static) as if the step never ran
+            scale_cfg = getattr(opt, "loss_scale_config", None)
+            saved = dict(vars(scale_cfg)) if hasattr(scale_cfg, "__dict__") else None
+            skip()
+            if saved is not None:
+                vars(scale_cfg).update(saved)
+
+        return lambda: _patched(opt, step=step)
     if isinstance(opt, torch.optim.Optimizer):  # ZeRO 0, fp32: the engine zeroes the gradients after step()
         return lambda: _patched(opt, step=lambda closure=None: None, overflow=True)
     raise ConfigError(f"trainer.nan_policy=skip: the optimizer {type(opt).__name__} (from DeepSpeed's engine) is "
@@ -335,6 +350,16 @@ class BadSteps:
                                    f"skips such a step)")
         return why, mean
 
+    def check_consecutive(self, step: int, reason: str) -> None:
+        """Stop the run (after the skip was recorded and logged) when more than ``max_consecutive_skips`` computed
+        steps in a row were bad."""
+        if self.consecutive > self.max_consecutive:
+            first = step - self.consecutive + 1
+            raise MegatronExtError(
+                f"steps {first}-{step}: {self.consecutive} consecutive steps were bad (the last: {reason}), more than "
+                f"trainer.max_consecutive_skips={self.max_consecutive}; stopping. Skipped batches are listed in "
+                f"{self.run_file}; lower model.optim.lr, or resume from an earlier checkpoint with trainer.skip_steps")
+
     def good(self, loss: Optional[float]) -> None:
         """A step that was taken (``loss``: its checked loss, None when steps are not checked)."""
         if loss is not None:
@@ -359,12 +384,5 @@ class BadSteps:
                         "" if computed else " (not computed)")
         if computed:
             self.consecutive += 1
-            if self.consecutive > self.max_consecutive:
-                first = step - self.consecutive + 1
-                raise MegatronExtError(
-                    f"steps {first}-{step}: {self.consecutive} consecutive steps were bad (the last: {reason}), more "
-                    f"than trainer.max_consecutive_skips={self.max_consecutive}; stopping. Skipped batches are "
-                    f"listed in {self.run_file}; lower model.optim.lr or resume from an earlier checkpoint with "
-                    f"trainer.skip_steps")
         return {"train/skipped": 1.0, "train/skipped_samples_start": float(start),
                 "train/skipped_samples_end": float(start + self.gbs), "train/skipped_total": float(self.total_skipped)}

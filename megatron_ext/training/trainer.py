@@ -720,6 +720,7 @@ class Trainer:
             skipped = recorded or self._skip_why
             if skipped:
                 self.exp.log_metrics(step, self.bad.skipped(step, consumed - gbs, skipped, recorded is None))
+                self.bad.check_consecutive(step, skipped)
             else:
                 pending.append((step, loss))
                 self.bad.good(self._step_mean)
