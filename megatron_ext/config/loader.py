@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -232,6 +232,59 @@ def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={v}: expected an integer {want}")
 
 
+NAN_POLICIES = ("stop", "skip")
+
+
+def parse_skip_steps(values: Any, key: str = "trainer.skip_steps") -> List[int]:
+    """``trainer.skip_steps``: a list of step numbers (>= 1) and ranges ``"A-B"`` (both ends included)."""
+    if values is None:
+        return []
+    if isinstance(values, (str, int)):
+        values = [values]
+    out = set()
+    for v in values:
+        text = str(v).strip()
+        lo, sep, hi = text.partition("-")
+        try:
+            a = int(lo)
+            b = int(hi) if sep else a
+        except ValueError:
+            raise ConfigError(f"{key}: item {v!r} is not a step number or a range 'A-B' (e.g. [5, '100-120'])") \
+                from None
+        if isinstance(v, bool) or a < 1 or b < a:
+            raise ConfigError(f"{key}: item {v!r}: expected steps >= 1 (a range 'A-B' with A <= B)")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def validate_bad_steps(t, pipeline: bool, precision: str) -> None:
+    """Cross-key checks of the bad-step keys (``training/bad_steps.py``; ``validate_config`` calls it)."""
+    if t.nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"trainer.nan_policy={t.nan_policy!r}: expected one of {', '.join(NAN_POLICIES)}")
+    if t.max_consecutive_skips is None or int(t.max_consecutive_skips) < 0:
+        raise ConfigError(f"trainer.max_consecutive_skips={t.max_consecutive_skips}: expected an integer >= 0 "
+                          f"(0: the first skipped step stops the run)")
+    if t.loss_spike_factor is not None and not float(t.loss_spike_factor) > 1.0:
+        raise ConfigError(f"trainer.loss_spike_factor={t.loss_spike_factor}: expected null (off) or a number > 1 "
+                          f"(a step whose loss exceeds factor x the running mean is bad)")
+    if t.loss_spike_window is None or int(t.loss_spike_window) < 1:
+        raise ConfigError(f"trainer.loss_spike_window={t.loss_spike_window}: expected an integer >= 1")
+    parse_skip_steps(t.skip_steps)
+    if pipeline:
+        for key, on in (("nan_policy", t.nan_policy == "skip"), ("loss_spike_factor", t.loss_spike_factor is not None)):
+            if on:
+                raise ConfigError(
+                    f"trainer.{key}={t.get(key)} is not supported with model.pipeline_model_parallel_size > 1 (the "
+                    f"pipeline engine updates inside train_batch, before the step's loss can be checked); use "
+                    f"nan_policy=stop and loss_spike_factor=null there, or pipeline_model_parallel_size=1")
+    if precision == "16":
+        for key, on in (("nan_policy", t.nan_policy == "skip"), ("loss_spike_factor", t.loss_spike_factor is not None)):
+            if on:
+                raise ConfigError(
+                    f"trainer.{key}={t.get(key)} is not supported with trainer.precision=16: fp16 loss scaling "
+                    f"already skips steps whose gradients overflow (and lowers the scale); use precision bf16 or 32")
+
+
 def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
     """Check cross-key constraints (the model's architecture included: ``model_validation``, for this device) and
     compute the values that depend on the world size. Raises ConfigError naming the key."""
@@ -258,9 +311,7 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
     if t.limit_train_batches == 0 and not (m.ckpt_path or em.resume_from_checkpoint):
         raise ConfigError("trainer.limit_train_batches=0 means evaluation only and needs model.ckpt_path=<checkpoint> "
                           "(or exp_manager.resume_from_checkpoint=<checkpoint>)")
-    from megatron_ext.training import bad_steps
-
-    bad_steps.validate(t, m.pipeline_model_parallel_size > 1, prec)
+    validate_bad_steps(t, m.pipeline_model_parallel_size > 1, prec)
     expected_world = t.devices * t.num_nodes
     if expected_world != world_size:
         raise ConfigError(

@@ -39,63 +39,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_ext.config.loader import parse_skip_steps
 from megatron_ext.errors import CheckpointError, ConfigError, MegatronExtError
+from megatron_ext.training.engine import deepspeed_internal
 
 log = logging.getLogger("megatron_ext")
 
 RUN_FILE = "skipped_batches.jsonl"
-POLICIES = ("stop", "skip")
-
-
-# ---------------------------------------------------------------------------------------------------- config
-def parse_skip_steps(values: Any, key: str = "trainer.skip_steps") -> List[int]:
-    """``trainer.skip_steps``: a list of step numbers (>= 1) and ranges ``"A-B"`` (both ends included)."""
-    if values is None:
-        return []
-    if isinstance(values, (str, int)):
-        values = [values]
-    out = set()
-    for v in values:
-        text = str(v).strip()
-        lo, sep, hi = text.partition("-")
-        try:
-            a = int(lo)
-            b = int(hi) if sep else a
-        except ValueError:
-            raise ConfigError(f"{key}: item {v!r} is not a step number or a range 'A-B' (e.g. [5, '100-120'])") \
-                from None
-        if isinstance(v, bool) or a < 1 or b < a:
-            raise ConfigError(f"{key}: item {v!r}: expected steps >= 1 (a range 'A-B' with A <= B)")
-        out.update(range(a, b + 1))
-    return sorted(out)
-
-
-def validate(t, pipeline: bool, precision: str) -> None:
-    """Cross-key checks of the bad-step keys (``config.loader.validate_config`` calls it)."""
-    if t.nan_policy not in POLICIES:
-        raise ConfigError(f"trainer.nan_policy={t.nan_policy!r}: expected one of {', '.join(POLICIES)}")
-    if t.max_consecutive_skips is None or int(t.max_consecutive_skips) < 0:
-        raise ConfigError(f"trainer.max_consecutive_skips={t.max_consecutive_skips}: expected an integer >= 0 "
-                          f"(0: the first skipped step stops the run)")
-    if t.loss_spike_factor is not None and not float(t.loss_spike_factor) > 1.0:
-        raise ConfigError(f"trainer.loss_spike_factor={t.loss_spike_factor}: expected null (off) or a number > 1 "
-                          f"(a step whose loss exceeds factor x the running mean is bad)")
-    if t.loss_spike_window is None or int(t.loss_spike_window) < 1:
-        raise ConfigError(f"trainer.loss_spike_window={t.loss_spike_window}: expected an integer >= 1")
-    parse_skip_steps(t.skip_steps)
-    if pipeline:
-        for key, on in (("nan_policy", t.nan_policy == "skip"), ("loss_spike_factor", t.loss_spike_factor is not None)):
-            if on:
-                raise ConfigError(
-                    f"trainer.{key}={t.get(key)} is not supported with model.pipeline_model_parallel_size > 1 (the "
-                    f"pipeline engine updates inside train_batch, before the step's loss can be checked); use "
-                    f"nan_policy=stop and loss_spike_factor=null there, or pipeline_model_parallel_size=1")
-    if precision == "16":
-        for key, on in (("nan_policy", t.nan_policy == "skip"), ("loss_spike_factor", t.loss_spike_factor is not None)):
-            if on:
-                raise ConfigError(
-                    f"trainer.{key}={t.get(key)} is not supported with trainer.precision=16: fp16 loss scaling "
-                    f"already skips steps whose gradients overflow (and lowers the scale); use precision bf16 or 32")
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -123,8 +73,6 @@ def _overflow_forcer(engine):
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from megatron_ext.training.engine import deepspeed_internal
-
     opt = engine.optimizer
     purpose = "trainer.nan_policy=skip (dropping a bad step's update)"
     if isinstance(opt, DeepSpeedZeroOptimizer):  # ZeRO 1/2: step() checks check_overflow() first
@@ -144,21 +92,21 @@ def _overflow_forcer(engine):
             return opt._loss_scale_update_and_overflow_cleanup() if update_scale else True
 
         return lambda: _patched(opt, _overflow_check_and_loss_scale_update=overflow_check)
-    if isinstance(opt, BF16_Optimizer):  # ZeRO 0 + bf16: its overflow branch, without computing the norm
+    if isinstance(opt, BF16_Optimizer):  # bf16 without ZeRO when DeepSpeed picks it (a DeepSpeed JSON's data_types)
         clear_hp = deepspeed_internal(opt, "clear_hp_grads", purpose)
         clear_lp = deepspeed_internal(opt, "clear_lp_grads", purpose)
 
-        def step(closure=None):
+        def bf16_skip(closure=None):  # its overflow branch, without computing the norm
             opt.overflow = True
             opt._global_grad_norm = float("inf")
             clear_hp()
             clear_lp()
 
-        return lambda: _patched(opt, step=step)
+        return lambda: _patched(opt, step=bf16_skip)
     from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    if isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):  # ZeRO 0 + bf16: its non-finite-norm branch
+    if isinstance(opt, (FP16_Optimizer, FP16_UnfusedOptimizer)):  # ZeRO 0 + bf16 (tested): its non-finite-norm branch
         skip = deepspeed_internal(opt, "_skip_invalid_grad_norm", purpose)
 
         def step(closure=None):
@@ -180,8 +128,6 @@ def install_update_skip(engine) -> None:
     """``engine.mext_skip_update = True`` before ``engine.step()`` at an accumulation boundary drops that update
     (the module docstring says how). Also makes bf16 ZeRO 1/2 treat a non-finite gradient norm as an overflow, as
     DeepSpeed's other optimizers do (``check_grad_overflow``; one extra pass over the gradient partitions)."""
-    from megatron_ext.training.engine import deepspeed_internal
-
     original = deepspeed_internal(engine, "_take_model_step", "trainer.nan_policy=skip")
     forcer = _overflow_forcer(engine)
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer

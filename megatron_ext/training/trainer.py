@@ -44,7 +44,7 @@ from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manu
 from megatron_ext.training import faults
 from megatron_ext.training.bad_steps import BadSteps, install_update_skip
 from megatron_ext.training.checkpointing import Checkpointer, LoadedState
-from megatron_ext.training.engine import build_ds_config, build_engine
+from megatron_ext.training.engine import build_ds_config, build_engine, model_parallel_grad_norm
 from megatron_ext.training.exp_manager import ExpManager
 from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
 from megatron_ext.training.lr_schedulers import build_scheduler, config_state, keep_config_on_resume
@@ -604,8 +604,6 @@ class Trainer:
         gradients are reduced by now: their norm is checked in the same sync and reused by the clipping."""
         norm = None
         if self.bad.policy == "skip" and hasattr(self.engine, "mext_grad_norm"):
-            from megatron_ext.training.engine import model_parallel_grad_norm
-
             norm = self.engine.mext_norm_ready = model_parallel_grad_norm(self.engine.module)
         self._skip_why, self._step_mean = self.bad.verdict(self._step_no, loss, norm)
         if self._skip_why:

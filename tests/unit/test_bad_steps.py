@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from megatron_ext.config.loader import parse_skip_steps, validate_bad_steps
 from megatron_ext.config.schema import TrainerConfig
 from megatron_ext.errors import CheckpointError, ConfigError, MegatronExtError
 from megatron_ext.training import bad_steps, faults
@@ -40,11 +41,11 @@ def test_fault_active(monkeypatch):
 
 
 def test_config_checks():
-    assert bad_steps.parse_skip_steps([5, "7-9", 8]) == [5, 7, 8, 9]
+    assert parse_skip_steps([5, "7-9", 8]) == [5, 7, 8, 9]
     for val in (["x"], [0], ["5-3"]):
         with pytest.raises(ConfigError, match="trainer.skip_steps"):
-            bad_steps.parse_skip_steps(val)
-    bad_steps.validate(_t(nan_policy="skip", loss_spike_factor=3.0), pipeline=False, precision="bf16")
+            parse_skip_steps(val)
+    validate_bad_steps(_t(nan_policy="skip", loss_spike_factor=3.0), pipeline=False, precision="bf16")
     for kw, pipeline, prec, key in [
         ({"nan_policy": "ignore"}, False, "32", "trainer.nan_policy='ignore'"),
         ({"loss_spike_factor": 1.0}, False, "32", "trainer.loss_spike_factor=1.0"),
@@ -55,7 +56,7 @@ def test_config_checks():
         ({"nan_policy": "skip"}, False, "16", "precision=16"),
     ]:
         with pytest.raises(ConfigError, match="trainer.") as e:
-            bad_steps.validate(_t(**kw), pipeline=pipeline, precision=prec)
+            validate_bad_steps(_t(**kw), pipeline=pipeline, precision=prec)
         assert key in str(e.value), (kw, str(e.value))
 
 
