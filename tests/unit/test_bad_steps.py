@@ -1,5 +1,5 @@
 """The bad-step rules in one process (training/bad_steps.py) and the test-only fault injector (training/faults.py).
-Real runs: tests/integration/test_bad_steps.py."""
+Real runs: tests/integration/test_bad_steps_runs.py."""
 import json
 
 import pytest
