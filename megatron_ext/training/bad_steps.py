@@ -204,6 +204,7 @@ class BadSteps:
         self.last_skipped = False  # the last step taken was skipped (its loss / grad norm are no state's)
         self.total_skipped = 0
         self.run_file: Optional[str] = None
+        self._in_run_file: set = set()  # sample ranges the run file already lists (a resume does not repeat them)
         for s in parse_skip_steps(t.skip_steps):
             self.pending.append(_record(s, (s - 1) * global_batch_size, s * global_batch_size,
                                         "trainer.skip_steps"))
@@ -226,7 +227,9 @@ class BadSteps:
         self.consecutive = int(saved.get("consecutive", 0) or 0)
         self.total_skipped = len(known)
         if own_run:
-            known += read_run_file(self.run_file)
+            from_file = read_run_file(self.run_file)
+            self._in_run_file = {tuple(r["samples"]) for r in from_file}
+            known += from_file
         elif self.rank == 0 and os.path.exists(self.run_file):
             n = 1
             while os.path.exists(os.path.join(run_dir, f"skipped_batches.{n}.jsonl")):
@@ -320,7 +323,7 @@ class BadSteps:
         self.records.append(rec)
         self.total_skipped += 1
         self.last_skipped = True
-        if self.rank == 0 and self.run_file is not None:
+        if self.rank == 0 and self.run_file is not None and tuple(rec["samples"]) not in self._in_run_file:
             with open(self.run_file, "a") as f:
                 f.write(json.dumps(rec) + "\n")
                 f.flush()

@@ -13,7 +13,9 @@ the same denominator with the labels. ``val/loss`` is token-weighted over all va
 
 Losses stay on the device: the loop keeps each step's loss there and copies them to the host once per logged
 step (and at a checkpoint step), all-reduced over data parallel in the same single collective; that copy also
-detects a non-finite loss of any step since the previous one and stops the run naming that step.
+detects a non-finite loss of any step since the previous one and stops the run naming that step. With
+``trainer.nan_policy=skip`` or ``trainer.loss_spike_factor`` each step is checked before its update instead (one
+small all-reduce and host sync per step) and a bad step is stopped at or skipped on every rank (``bad_steps.py``).
 """
 from __future__ import annotations
 

@@ -103,6 +103,8 @@ def test_records_resume_and_limit(tmp_path):
     assert r.recorded(8) is None and r.recorded(12) is None
     assert r.recorded(16) == "recorded: the loss is not finite on rank 1 (nan)" and r.recorded(20) == "recorded: again"
     assert r.recorded(24) is None
+    r.skipped(5, 16, "recorded: the loss is not finite on rank 1 (nan)", computed=False)  # listed already: not again
+    assert len(open(tmp_path / bad_steps.RUN_FILE).readlines()) == 2
     # a fresh run in that directory puts the old record aside instead of obeying it
     f = _guard()
     f.start(str(tmp_path), consumed=0, meta=None, own_run=False)
