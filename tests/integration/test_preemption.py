@@ -20,10 +20,10 @@ from test_launch import _children, _finish, _kill_group, _start
 
 from megatron_ext.parallel.launch import EXIT_REQUEUE, RESTART_ENV, run_with_restarts, run_workers
 
-STEPS = 300
+STEPS = 150
 COMMON = ["+experiment=cpu_smoke", "model.seq_length=32", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=0",
           "trainer.log_every_n_steps=1", "exp_manager.create_tensorboard_logger=false",
-          "exp_manager.checkpoint_callback_params.every_n_train_steps=50", "trainer.devices=2"]
+          "exp_manager.checkpoint_callback_params.every_n_train_steps=25", "trainer.devices=2"]
 
 
 @pytest.fixture
