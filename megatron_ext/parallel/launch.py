@@ -34,11 +34,11 @@ from megatron_ext.training.exp_manager import resolve_run_dir
 
 EXIT_DIST_FAILURE = 3
 EXIT_BAD_INPUT = 2
-# preempted (SIGTERM / SIGUSR1): every rank stopped after the same step and a checkpoint of it was written; requeue
-# the job (EX_TEMPFAIL). megatron_ext.training.preemption does the stopping.
-EXIT_REQUEUE = 75
-# set in the workers on a restart by the self-launcher (trainer.max_restarts) or the per-task SLURM template
-RESTART_ENV = "MEGATRON_EXT_RESTART_COUNT"
+# EXIT_REQUEUE = 75: preempted (SIGTERM / SIGUSR1), every rank stopped after the same step and a checkpoint of it was
+# written; requeue the job (EX_TEMPFAIL). RESTART_ENV: set in the workers on a restart by the self-launcher
+# (trainer.max_restarts) or the per-task SLURM template. Defined next to the code that stops the run (a leaf module
+# that imports no torch), used here.
+from megatron_ext.training.preemption import EXIT_REQUEUE, RESTART_ENV, Preempted, write_requeue_file  # noqa: E402
 # set in the workers a self-launching parent starts: its pid (the workers die with it)
 PARENT_ENV = "MEGATRON_EXT_LAUNCH_PARENT"
 LAUNCH_DOC = "launch/ (torchrun.sh, deepspeed.sh, slurm_*.sbatch; README 'Multi-process and multi-node')"
@@ -488,8 +488,6 @@ def run_training(fit, timeout_minutes: Optional[float] = None) -> int:
     """The training entry points' body: ``fit()`` inside :func:`report_dist_failures`; returns 0, or
     :data:`EXIT_REQUEUE` after a preemption (``training.preemption.Preempted``: the checkpoint is written; rank 0
     prints one line and writes ``MEGATRON_EXT_REQUEUE_FILE`` when the SLURM templates set it)."""
-    from megatron_ext.training.preemption import Preempted, write_requeue_file
-
     try:
         with report_dist_failures(timeout_minutes):
             fit()

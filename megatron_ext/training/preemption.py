@@ -21,9 +21,12 @@ import threading
 import time
 from typing import Optional
 
-from megatron_ext.parallel.launch import EXIT_REQUEUE, RESTART_ENV
-
 log = logging.getLogger("megatron_ext")
+
+# preempted: a checkpoint of the last step was written; requeue the job (EX_TEMPFAIL). Re-exported by
+# megatron_ext.parallel.launch next to the other exit statuses.
+EXIT_REQUEUE = 75
+RESTART_ENV = "MEGATRON_EXT_RESTART_COUNT"  # set by the self-launcher and the per-task SLURM template on a restart
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 ELASTIC_MARKER = ".elastic_run_id"  # in the run directory: torchrun's TORCHELASTIC_RUN_ID of the run that made it
