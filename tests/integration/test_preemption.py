@@ -250,10 +250,9 @@ def test_parent_forwards_sigusr1_and_reports_75(tmp_path, capfd):
 
 def test_max_restarts_is_refused_under_a_launcher(env, tmp_path):
     """Under torchrun, trainer.max_restarts would do nothing: refused, naming torchrun's --max-restarts."""
-    from helpers import entry_error_in_process  # noqa: F401  (the same line the entry point prints)
+    from helpers import compose_entry_config
     from megatron_ext.errors import ConfigError
     from megatron_ext.parallel.launch import maybe_self_launch
-    from helpers import compose_entry_config
 
     cfg = compose_entry_config(["+experiment=cpu_smoke", "trainer.max_restarts=2"])
     old = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
