@@ -42,6 +42,9 @@ class TrainerConfig:
     loss_spike_factor: Optional[float] = None  # a loss above factor x the running mean is bad (null = off)
     loss_spike_window: int = 100  # good steps in that running mean; no spike check until it is full
     skip_steps: List[Any] = field(default_factory=list)  # steps whose batches are skipped unread: [5, "100-120"]
+    # self-launch (trainer.devices>1 or this key>0, no launcher): restart all processes after a failure up to this
+    # many times, resuming from the latest checkpoint (not after bad input, exit 2, nor a preemption, exit 75)
+    max_restarts: int = 0
 
 
 @dataclass

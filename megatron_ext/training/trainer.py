@@ -50,6 +50,7 @@ from megatron_ext.training.engine import build_ds_config, build_engine, model_pa
 from megatron_ext.training.exp_manager import ExpManager
 from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
 from megatron_ext.training.lr_schedulers import build_scheduler, config_state, keep_config_on_resume
+from megatron_ext.training import preemption
 from megatron_ext.training.optim import build_optimizer
 from megatron_ext.training.throughput import peak_tflops
 
@@ -143,7 +144,10 @@ class Trainer:
         # initialise from trainer.seed per component, see models/gpt.py).
         seed_everything(t.seed + 100 * self.pp_rank)
         self.task = task_factory(cfg, self.device)
+        restart = preemption.apply_restart(cfg)  # a restarted worker resumes from latest, in the same run directory
         self.exp = ExpManager(cfg, self.rank)
+        if restart:
+            log.info("%s: %s", restart, self.exp.run_dir)
         self.faults = faults.from_env()  # test-only (MEGATRON_EXT_FAULT_INJECT); a bad value stops here
         if self.pipeline and any(f.kind in ("nan", "spike") for f in self.faults):
             raise ConfigError(f"{faults.ENV}: nan/spike faults act on the loss of the non-pipeline step; "
@@ -688,11 +692,35 @@ class Trainer:
 
     def _train_loop(self, train_ds, val_ds, step: int, consumed: int) -> Dict[str, Any]:
         ckpt = _CheckpointSchedule(self)
+        self._preempt = preemption.PreemptionHandler(self.device)
+        self._preempt.install()  # SIGTERM / SIGUSR1 only set a flag, checked at every step boundary
         try:
             return self._train_steps(train_ds, val_ds, step, consumed, ckpt)
         except BaseException:
             ckpt.finish(quiet=True)  # a checkpoint being written in the background still completes
             raise
+        finally:
+            self._preempt.uninstall()
+
+    def _stop_if_preempted(self, step: int, first_step: int, consumed: int, pending: list, lr: float,
+                           last_loss: Optional[float], ckpt: "_CheckpointSchedule") -> None:
+        """At a step boundary: when any rank got SIGTERM/SIGUSR1 (one all-reduce), every rank writes a checkpoint of
+        this step (unless it was just written, or nothing was trained since the resume), waits for an async save in
+        flight, and raises ``Preempted`` (the entry point exits 75)."""
+        why = self._preempt.should_stop()
+        if why is None:
+            return
+        log.warning("preemption: %s; writing a checkpoint of step %d and stopping", why, step)
+        if pending:
+            last_loss, _ = self._sync(pending, {}, lr)
+            pending.clear()
+        if ckpt.ckpt is not None and ckpt.saved_at != step and step > first_step:
+            ckpt.save(step, consumed, last_loss)
+        ckpt.finish()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank has the checkpoint committed before any exits (srun --kill-on-bad-exit)
+        latest = find_latest(ckpt.ckpt.ckpt_dir) if ckpt.ckpt is not None else None
+        raise preemption.Preempted(step, why, os.path.join(ckpt.ckpt.ckpt_dir, latest) if latest else None)
 
     def _train_steps(self, train_ds, val_ds, step: int, consumed: int, ckpt: "_CheckpointSchedule") -> Dict[str, Any]:
         t, gbs = self.cfg.trainer, self.cfg.model.global_batch_size
@@ -703,6 +731,7 @@ class Trainer:
         pending: list = []  # (step, loss on the device) since the last host sync
         last_loss, last_val, extras = None, None, {}
         t_start = time.perf_counter()
+        self._stop_if_preempted(step, first_step, consumed, pending, 0.0, last_loss, ckpt)  # (a signal during start-up)
         while step < last_step:
             lr = self.optimizer.param_groups[0]["lr"]
             logs = (step + 1) % t.log_every_n_steps == 0 or step + 1 == last_step or step == first_step
@@ -735,6 +764,8 @@ class Trainer:
             if ckpt.due(step):
                 ckpt.save(step, consumed, last_loss)
                 meter.restart()
+            if step < last_step:
+                self._stop_if_preempted(step, first_step, consumed, pending, lr, last_loss, ckpt)
         if ckpt.due_at_end(step, first_step):
             ckpt.save(step, consumed, last_loss)
         ckpt.finish()  # a checkpoint still being written in the background
