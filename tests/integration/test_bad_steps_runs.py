@@ -6,7 +6,8 @@ parameters, Adam moments and step count, LR scheduler, RNG states, every tensor 
 bitwise that of a run (B) whose data omits those two batches (``trainer.skip_steps``: never read); a resume (C) from
 A's checkpoint at step 4, written before the bad steps, skips them again at the same steps (from the run
 directory's skipped_batches.jsonl) and ends bitwise equal too. ZeRO 0 fp32 for A, B, C; A and B are compared under
-ZeRO 3 and bf16 ZeRO 2 too, and with ``MEXT_BADSTEPS_LAYOUTS=1`` under ZeRO 1, ZeRO 2 and bf16 ZeRO 0 as well.
+ZeRO 3 and bf16 ZeRO 2 too, and with ``MEXT_BADSTEPS_LAYOUTS=1`` under ZeRO 1, ZeRO 2, bf16 ZeRO 0, ZeRO 2 with CPU offload of the
+optimizer and TP2 as well.
 Also: the consecutive-skip limit stops a run naming the steps, and 1,000 clean steps of the tiny model skip
 nothing.
 """
@@ -116,7 +117,8 @@ def test_skips_are_recorded(runs):
 
 LAYOUTS = [["model.zero_stage=3"], ["trainer.precision=bf16", "model.zero_stage=2"]]
 if os.environ.get("MEXT_BADSTEPS_LAYOUTS") == "1":
-    LAYOUTS += [["model.zero_stage=1"], ["model.zero_stage=2"], ["trainer.precision=bf16"]]
+    LAYOUTS += [["model.zero_stage=1"], ["model.zero_stage=2"], ["trainer.precision=bf16"],
+                ["model.zero_stage=2", "model.offload_optimizer=cpu"], ["model.tensor_model_parallel_size=2"]]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "-".join(v.split(".")[-1] for v in x))
