@@ -674,8 +674,6 @@ class Trainer:
             self._build()
             step, consumed = self._restore()
             self.exp.start(resumed_step=step if step > 0 else None)
-            self.bad = BadSteps(t, self.cfg.model.global_batch_size, self.rank, self.device)
-            self.bad.start(self.exp.run_dir, consumed, self._restored_meta, own_run=self._resumed_own)
             result: Dict[str, Any] = {"run_dir": self.exp.run_dir}
             if t.limit_train_batches == 0:
                 val = self.validate(val_ds, max(1, t.limit_val_batches))
@@ -685,6 +683,8 @@ class Trainer:
                          self._ppl(val, extra), "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
                 result.update(step=self._loaded_step, val_loss=val)
                 return result
+            self.bad = BadSteps(t, self.cfg.model.global_batch_size, self.rank, self.device)
+            self.bad.start(self.exp.run_dir, consumed, self._restored_meta, own_run=self._resumed_own)
             result.update(self._train_loop(train_ds, val_ds, step, consumed))
             return result
         finally:
