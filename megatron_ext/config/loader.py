@@ -257,7 +257,7 @@ def parse_skip_steps(values: Any, key: str = "trainer.skip_steps") -> List[int]:
     return sorted(out)
 
 
-def validate_bad_steps(t, pipeline: bool, precision: str) -> None:
+def validate_bad_steps(t, precision: str) -> None:
     """Cross-key checks of the bad-step keys (``training/bad_steps.py``; ``validate_config`` calls it)."""
     if t.nan_policy not in NAN_POLICIES:
         raise ConfigError(f"trainer.nan_policy={t.nan_policy!r}: expected one of {', '.join(NAN_POLICIES)}")
@@ -270,13 +270,6 @@ def validate_bad_steps(t, pipeline: bool, precision: str) -> None:
     if t.loss_spike_window is None or int(t.loss_spike_window) < 1:
         raise ConfigError(f"trainer.loss_spike_window={t.loss_spike_window}: expected an integer >= 1")
     parse_skip_steps(t.skip_steps)
-    if pipeline:
-        for key, on in (("nan_policy", t.nan_policy == "skip"), ("loss_spike_factor", t.loss_spike_factor is not None)):
-            if on:
-                raise ConfigError(
-                    f"trainer.{key}={t.get(key)} is not supported with model.pipeline_model_parallel_size > 1 (the "
-                    f"pipeline engine updates inside train_batch, before the step's loss can be checked); use "
-                    f"nan_policy=stop and loss_spike_factor=null there, or pipeline_model_parallel_size=1")
     if precision == "16":
         for key, on in (("nan_policy", t.nan_policy == "skip"), ("loss_spike_factor", t.loss_spike_factor is not None)):
             if on:
@@ -311,7 +304,7 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
     if t.limit_train_batches == 0 and not (m.ckpt_path or em.resume_from_checkpoint):
         raise ConfigError("trainer.limit_train_batches=0 means evaluation only and needs model.ckpt_path=<checkpoint> "
                           "(or exp_manager.resume_from_checkpoint=<checkpoint>)")
-    validate_bad_steps(t, m.pipeline_model_parallel_size > 1, prec)
+    validate_bad_steps(t, prec)
     expected_world = t.devices * t.num_nodes
     if expected_world != world_size:
         raise ConfigError(

@@ -24,7 +24,9 @@ How the update is dropped: DeepSpeed's ``engine.step()`` at the accumulation bou
 ``_take_model_step``, which steps the optimizer and, unless the optimizer reports an overflow, the scheduler.
 :func:`install_update_skip` wraps it: when ``engine.mext_skip_update`` is set, the optimizer's own overflow path
 is forced (the path DeepSpeed takes for an fp16 overflow or a non-finite gradient norm: gradients -- ZeRO's
-partitions included -- are cleared, no update), so the engine also skips the scheduler and counts the step.
+partitions included -- are cleared, no update), so the engine also skips the scheduler and counts the step. The
+pipeline engine steps inside ``train_batch``: ``engine.mext_before_update`` (set by the trainer) runs the check
+there, just before the update.
 """
 from __future__ import annotations
 
@@ -138,6 +140,9 @@ def install_update_skip(engine) -> None:
     cls_step = type(engine)._take_model_step  # DeepSpeed's, without our fp32 clipping around it
 
     def take_model_step(*args, **kwargs):
+        check = engine.__dict__.get("mext_before_update")
+        if check is not None:  # the pipeline engine: the step's check runs here, inside its schedule
+            check()
         if not engine.mext_skip_update:
             return original(*args, **kwargs)
         if hasattr(engine, "mext_grad_norm"):
@@ -268,14 +273,17 @@ class BadSteps:
             return rec["reason"]
         return None
 
-    def verdict(self, step: int, local_loss: torch.Tensor, grad_norm: Optional[torch.Tensor]
+    def verdict(self, step: int, local_loss: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor]
                 ) -> Tuple[Optional[str], float]:
-        """Whether step ``step`` is bad: every rank's loss (this rank's mean micro-batch loss) and the gradient norm
-        when given (the same on every rank) come to every host in one all-reduce. Returns (why it is bad or None,
-        the step's loss averaged over ranks = over data parallel). Raises with ``nan_policy=stop``."""
+        """Whether step ``step`` is bad: every rank's loss (this rank's mean micro-batch loss; None on a pipeline
+        stage that computes none) and the gradient norm when given (the same on every rank) come to every host in one
+        all-reduce. Returns (why it is bad or None, the step's loss averaged over the ranks that have one = over data
+        parallel). Raises with ``nan_policy=stop``."""
         world = dist.get_world_size() if dist.is_initialized() else 1
-        v = torch.zeros(world + 1, dtype=torch.float64, device=self.device)
-        v[self.rank] = local_loss.detach().double().reshape(())
+        v = torch.zeros(world + 2, dtype=torch.float64, device=self.device)
+        if local_loss is not None:
+            v[self.rank] = local_loss.detach().double().reshape(())
+            v[world + 1] = 1.0
         if grad_norm is not None:
             v[world] = grad_norm.detach().double().reshape(()) / world
         if world > 1:
@@ -283,7 +291,7 @@ class BadSteps:
         host = v.tolist()
         losses, norm = host[:world], host[world]
         bad = [r for r, x in enumerate(losses) if not math.isfinite(x)]
-        mean = sum(losses) / world
+        mean = sum(losses) / max(host[world + 1], 1.0)
         why = None
         if bad:
             why = "the loss is not finite on rank " + ", ".join(f"{r} ({losses[r]})" for r in bad)

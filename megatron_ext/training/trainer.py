@@ -46,7 +46,7 @@ from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manu
 from megatron_ext.training import faults
 from megatron_ext.training.bad_steps import BadSteps, install_update_skip
 from megatron_ext.training.checkpointing import Checkpointer, LoadedState
-from megatron_ext.training.engine import build_ds_config, build_engine, model_parallel_grad_norm
+from megatron_ext.training.engine import build_ds_config, build_engine, deepspeed_internal, model_parallel_grad_norm
 from megatron_ext.training.exp_manager import ExpManager
 from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
 from megatron_ext.training.lr_schedulers import build_scheduler, config_state, keep_config_on_resume
@@ -149,9 +149,6 @@ class Trainer:
         if restart:
             log.info("%s: %s", restart, self.exp.run_dir)
         self.faults = faults.from_env()  # test-only (MEGATRON_EXT_FAULT_INJECT); a bad value stops here
-        if self.pipeline and any(f.kind in ("nan", "spike") for f in self.faults):
-            raise ConfigError(f"{faults.ENV}: nan/spike faults act on the loss of the non-pipeline step; "
-                              f"model.pipeline_model_parallel_size must be 1")
         self.bad: Optional[BadSteps] = None
         self._restored_meta: Optional[Dict[str, Any]] = None
         self._resumed_own = False
@@ -236,8 +233,17 @@ class Trainer:
             )
         self.engine, self.optimizer, self.scheduler = build_engine(model, optimizer, scheduler, ds_config)
         self.ds_config = ds_config
-        if cfg.trainer.nan_policy == "skip":  # a bad step's update can be dropped (bad_steps.py)
-            install_update_skip(self.engine)
+        t = cfg.trainer
+        if t.nan_policy == "skip" or (self.pipeline and t.loss_spike_factor is not None):
+            install_update_skip(self.engine)  # a bad step's update can be dropped / checked in the pipeline's schedule
+        if self.pipeline and self.faults:  # test-only: the pipeline's last stage computes the loss in its loss_fn
+            loss_fn = self.engine.module.loss_fn
+
+            def injected_loss_fn(outputs, labels):
+                loss = loss_fn(outputs, labels)
+                return self._inject_faults(loss) if self.engine.module.training else loss
+
+            self.engine.module.loss_fn = injected_loss_fn
         n_params = sum(p.numel() for p in model.parameters())
         log.info(
             "model: %.2fM parameters on this rank | world %d = tp %d x pp %d x dp %d | micro-batch %d, "
@@ -570,13 +576,20 @@ class Trainer:
         returns it already averaged over DP) -- and, with ``keep_extras``, each extra as a device tensor
         ``[numerator, denominator]`` summed over the micro-batches (a scalar extra counts 1 per micro-batch)."""
         batches, _, denom = self._global_batch(it)
-        if self.pipeline:  # the engine runs the 1F1B schedule over the micro-batches
-            loss = self.engine.train_batch(data_iter=iter([self.task.pipeline_batch(b, denom) for b in batches]))
+        guard = self.bad is not None and self.bad.check_each_step  # bad-step check before the update (bad_steps.py)
+        rng = self._rng_states() if guard and self.bad.policy == "skip" else None
+        if self.pipeline:  # the engine runs the 1F1B schedule over the micro-batches, the update last
+            if guard:  # checked inside the schedule, just before its optimizer step
+                self.engine.mext_before_update = self._check_pipeline_step
+            try:
+                loss = self.engine.train_batch(data_iter=iter([self.task.pipeline_batch(b, denom) for b in batches]))
+            finally:
+                self.engine.__dict__.pop("mext_before_update", None)
+            if guard:
+                self._after_update(rng)
             return loss.detach().float().reshape(()), {}
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         extras: Dict[str, torch.Tensor] = {}
-        guard = self.bad is not None and self.bad.check_each_step  # bad-step check before the update (bad_steps.py)
-        rng = self._rng_states() if guard and self.bad.policy == "skip" else None
         for i, batch in enumerate(batches):
             loss, _, micro_extras = self.task.loss(self.engine, batch, denom)
             loss = self._inject_faults(loss)
@@ -614,6 +627,15 @@ class Trainer:
         self._skip_why, self._step_mean = self.bad.verdict(self._step_no, loss, norm)
         if self._skip_why:
             self.engine.mext_skip_update = True
+
+    def _check_pipeline_step(self) -> None:
+        """``_check_step`` for the pipeline engine, called at its optimizer step (the gradients are reduced by then):
+        the loss is the last stage's mean over its micro-batches (the engine's running sum); other stages have none."""
+        local = None
+        if self.engine.is_last_stage():
+            total = deepspeed_internal(self.engine, "total_loss", "trainer.nan_policy=skip with the pipeline engine")
+            local = total.detach().float() / self.derived.accumulate_grad_batches
+        self._check_step(local)
 
     def _after_update(self, rng: Optional[Dict[str, Any]]) -> None:
         """A step DeepSpeed did not apply (its optimizer found a non-finite gradient norm) is skipped too; a

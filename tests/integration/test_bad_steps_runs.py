@@ -6,8 +6,8 @@ parameters, Adam moments and step count, LR scheduler, RNG states, every tensor 
 bitwise that of a run (B) whose data omits those two batches (``trainer.skip_steps``: never read); a resume (C) from
 A's checkpoint at step 4, written before the bad steps, skips them again at the same steps (from the run
 directory's skipped_batches.jsonl) and ends bitwise equal too. ZeRO 0 fp32 for A, B, C; A and B are compared under
-ZeRO 3 and bf16 ZeRO 2 too, and with ``MEXT_BADSTEPS_LAYOUTS=1`` under ZeRO 1, ZeRO 2, bf16 ZeRO 0, ZeRO 2 with CPU offload of the
-optimizer and TP2 as well.
+ZeRO 3, bf16 ZeRO 2 and PP2 (the pipeline engine) too, and with ``MEXT_BADSTEPS_LAYOUTS=1`` under ZeRO 1, ZeRO 2, bf16
+ZeRO 0, ZeRO 2 with CPU offload of the optimizer, TP2 and PP2 with ZeRO 1 as well.
 Also: the consecutive-skip limit stops a run naming the steps, and 1,000 clean steps of the tiny model skip
 nothing.
 """
@@ -115,15 +115,19 @@ def test_skips_are_recorded(runs):
     assert loss["A"] == loss["B"] and {s: loss["A"][s] for s in (6, 8)} == {s: loss["C"][s] for s in (6, 8)}
 
 
-LAYOUTS = [["model.zero_stage=3"], ["trainer.precision=bf16", "model.zero_stage=2"]]
+PP2 = ["model.pipeline_model_parallel_size=2"]
+LAYOUTS = [["model.zero_stage=3"], ["trainer.precision=bf16", "model.zero_stage=2"], PP2]
 if os.environ.get("MEXT_BADSTEPS_LAYOUTS") == "1":
     LAYOUTS += [["model.zero_stage=1"], ["model.zero_stage=2"], ["trainer.precision=bf16"],
-                ["model.zero_stage=2", "model.offload_optimizer=cpu"], ["model.tensor_model_parallel_size=2"]]
+                ["model.zero_stage=2", "model.offload_optimizer=cpu"], ["model.tensor_model_parallel_size=2"],
+                PP2 + ["model.zero_stage=1"]]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: "-".join(v.split(".")[-1] for v in x))
-def test_skip_under_zero_and_bf16(tmp_path, cache_home, layout):
-    _run(tmp_path, "A", faults=FAULTS, extra=layout, cache=cache_home)
+def test_skip_under_other_layouts(tmp_path, cache_home, layout):
+    # the pipeline computes the loss on its last stage (rank 1): both faults go there
+    faults = FAULTS.replace("rank=0", "rank=1") if PP2[0] in layout else FAULTS
+    _run(tmp_path, "A", faults=faults, extra=layout, cache=cache_home)
     _run(tmp_path, "B", extra=["trainer.skip_steps=[5,7]", *layout], cache=cache_home)
     step8 = [tmp_path / "bad" / v / "checkpoints" / "step_0000008" for v in "AB"]
     assert not _differ(_state(step8[0]), _state(step8[1]))

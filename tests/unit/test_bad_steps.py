@@ -45,18 +45,17 @@ def test_config_checks():
     for val in (["x"], [0], ["5-3"]):
         with pytest.raises(ConfigError, match="trainer.skip_steps"):
             parse_skip_steps(val)
-    validate_bad_steps(_t(nan_policy="skip", loss_spike_factor=3.0), pipeline=False, precision="bf16")
-    for kw, pipeline, prec, key in [
-        ({"nan_policy": "ignore"}, False, "32", "trainer.nan_policy='ignore'"),
-        ({"loss_spike_factor": 1.0}, False, "32", "trainer.loss_spike_factor=1.0"),
-        ({"loss_spike_window": 0}, False, "32", "trainer.loss_spike_window=0"),
-        ({"max_consecutive_skips": -1}, False, "32", "trainer.max_consecutive_skips=-1"),
-        ({"nan_policy": "skip"}, True, "32", "pipeline_model_parallel_size"),
-        ({"loss_spike_factor": 3.0}, True, "32", "pipeline_model_parallel_size"),
-        ({"nan_policy": "skip"}, False, "16", "precision=16"),
+    validate_bad_steps(_t(nan_policy="skip", loss_spike_factor=3.0), precision="bf16")
+    for kw, prec, key in [
+        ({"nan_policy": "ignore"}, "32", "trainer.nan_policy='ignore'"),
+        ({"loss_spike_factor": 1.0}, "32", "trainer.loss_spike_factor=1.0"),
+        ({"loss_spike_window": 0}, "32", "trainer.loss_spike_window=0"),
+        ({"max_consecutive_skips": -1}, "32", "trainer.max_consecutive_skips=-1"),
+        ({"nan_policy": "skip"}, "16", "precision=16"),
+        ({"loss_spike_factor": 3.0}, "16", "precision=16"),
     ]:
         with pytest.raises(ConfigError, match="trainer.") as e:
-            validate_bad_steps(_t(**kw), pipeline=pipeline, precision=prec)
+            validate_bad_steps(_t(**kw), precision=prec)
         assert key in str(e.value), (kw, str(e.value))
 
 
