@@ -10,7 +10,10 @@
 * :func:`strip_launcher_args` — drops the ``--local_rank=N`` argument the deepspeed launcher appends, which
   Hydra would reject.
 
-Exit statuses of the entry points: 2 = bad input (config, data), 3 = a collective failed or timed out.
+Exit statuses of the entry points: 2 = bad input (config, data), 3 = a collective failed or timed out, 4 = a step
+exceeded ``trainer.step_timeout_minutes`` (``megatron_ext.training.watchdog``: every rank's stacks in
+``<run_dir>/stacks/``; with self-launch the parent prints the one line naming the ranks that waited in a collective,
+those that did not and those that did not respond, e.g. a stopped worker, whose stacks it takes too).
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ from typing import Dict, Iterator, List, Optional, Sequence
 from megatron_ext.config.loader import check_config, validate_config
 from megatron_ext.errors import ConfigError
 from megatron_ext.parallel.state import _free_port as fp, read_dist_env, use_cuda
+from megatron_ext.training import watchdog
 from megatron_ext.training.exp_manager import resolve_run_dir
 
 EXIT_DIST_FAILURE = 3
+EXIT_STEP_TIMEOUT = watchdog.EXIT_STEP_TIMEOUT  # 4: a step exceeded trainer.step_timeout_minutes
 # set in the workers a self-launching parent starts: its pid (the workers die with it)
 PARENT_ENV = "MEGATRON_EXT_LAUNCH_PARENT"
 LAUNCH_DOC = "launch/ (torchrun.sh, deepspeed.sh, slurm_*.sbatch; README 'Multi-process and multi-node')"
@@ -179,7 +184,14 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
     print(f"[launch] starting {nprocs} processes on this machine (MASTER_PORT={env['MASTER_PORT']}"
           + (f", OMP_NUM_THREADS={env['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in env else "") + ")",
           file=sys.stderr, flush=True)
-    return run_workers(cmd, nprocs, env, cwd=_original_cwd())
+    if t.get("step_timeout_minutes") is None:
+        return run_workers(cmd, nprocs, env, cwd=_original_cwd())
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mext-launch-") as tmp:  # the step watchdog's report comes here
+        report = os.path.join(tmp, "step_timeout.json")
+        env[watchdog.REPORT_ENV] = report
+        return run_workers(cmd, nprocs, env, cwd=_original_cwd(), step_timeout_report=report)
 
 
 def _signame(sig: int) -> str:
@@ -236,6 +248,10 @@ def _failure_line(failed: Dict[int, int], still_running: Dict[int, str]) -> tupl
     elif rc == EXIT_DIST_FAILURE:
         what = f"rank {rank} exited with status 3 (a collective failed or timed out; see its error above)"
         status = rc
+    elif rc == EXIT_STEP_TIMEOUT:
+        what = (f"rank {rank} exited with status 4 (a step exceeded trainer.step_timeout_minutes; its stacks are in "
+                f"the run directory's stacks/)")
+        status = rc
     else:
         what = f"rank {rank} exited with status {rc} (see its output above)"
         status = rc
@@ -248,7 +264,8 @@ def _failure_line(failed: Dict[int, int], still_running: Dict[int, str]) -> tupl
 
 
 def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optional[str] = None,
-                grace_s: float = 10.0, settle_s: float = 3.0, poll_s: float = 0.1) -> int:
+                grace_s: float = 10.0, settle_s: float = 3.0, poll_s: float = 0.1,
+                step_timeout_report: Optional[str] = None) -> int:
     """Run ``cmd`` as ranks 0..nprocs-1 (RANK and LOCAL_RANK set on top of ``env``) and wait.
 
     All exit 0 -> 0. When one fails, the others are stopped (SIGTERM, SIGKILL after ``grace_s``) and one line
@@ -256,7 +273,9 @@ def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optio
     signal). A rank that exits with status 3 only reports that a collective failed (another rank died or hung):
     after the first failure the parent waits up to ``settle_s`` for the other ranks to exit on their own (so the
     rank that caused it can be named, and the others can print what they saw) before it stops them.
-    Ctrl-C / SIGTERM of the parent stops the workers (return 130 / 143).
+    Ctrl-C / SIGTERM of the parent stops the workers (return 130 / 143). With ``step_timeout_report`` (the
+    file the workers' step watchdog reports to, ``watchdog.REPORT_ENV``) a worker's exit status 4 makes the parent
+    print the watchdog's one line instead, with the workers it finds stopped named (and their stacks taken).
     """
     procs: List[subprocess.Popen] = []
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers only work there
@@ -290,6 +309,13 @@ def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optio
                     first_fail_t = first_fail_t or time.monotonic()
             if not failed and all(rc == 0 for rc in rcs):
                 return 0
+            if failed and step_timeout_report and EXIT_STEP_TIMEOUT in failed.values():
+                line = watchdog.launcher_report(step_timeout_report, procs, None, watchdog.PEER_WAIT_S + 5.0,
+                                                _proc_state)
+                if line is not None:
+                    _stop(procs, grace_s)
+                    print(line, file=sys.stderr, flush=True)
+                    return EXIT_STEP_TIMEOUT
             if failed:
                 # give the other ranks a moment to exit on their own (and print what they saw) before stopping them
                 all_done = all(rc is not None for rc in rcs)

@@ -41,6 +41,7 @@ from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointE
 from megatron_ext.modules.cross_entropy import loss_token_count, loss_token_denominator
 from megatron_ext.parallel import state as pstate
 from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
+from megatron_ext.training import faults, stragglers, watchdog
 from megatron_ext.training.checkpointing import Checkpointer, LoadedState
 from megatron_ext.training.engine import build_ds_config, build_engine
 from megatron_ext.training.exp_manager import ExpManager
@@ -541,7 +542,10 @@ class Trainer:
         if self.dp_size > 1:
             from megatron.core import parallel_state as ps
 
+            t0 = time.perf_counter()
             dist.all_reduce(count, group=ps.get_data_parallel_group())
+            if getattr(self, "_stragglers", None) is not None:  # waiting, not compute
+                self._stragglers.add_wait(time.perf_counter() - t0)
         return batches, count, loss_token_denominator(count, accum, self.dp_size)
 
     def _train_step(self, it: Iterator, keep_extras: bool) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -621,11 +625,17 @@ class Trainer:
 
     def _train_loop(self, train_ds, val_ds, step: int, consumed: int) -> Dict[str, Any]:
         ckpt = _CheckpointSchedule(self)
+        faults.check()  # a bad MEGATRON_EXT_FAULT_INJECT (test-only) stops here
+        self._stragglers = stragglers.for_trainer(self)  # per-rank compute time (trainer.straggler_every_n_steps)
+        self._watchdog = watchdog.for_trainer(self)  # trainer.step_timeout_minutes
         try:
             return self._train_steps(train_ds, val_ds, step, consumed, ckpt)
         except BaseException:
             ckpt.finish(quiet=True)  # a checkpoint being written in the background still completes
             raise
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.close()
 
     def _train_steps(self, train_ds, val_ds, step: int, consumed: int, ckpt: "_CheckpointSchedule") -> Dict[str, Any]:
         t, gbs = self.cfg.trainer, self.cfg.model.global_batch_size
@@ -636,7 +646,13 @@ class Trainer:
         pending: list = []  # (step, loss on the device) since the last host sync
         last_loss, last_val = None, None
         t_start = time.perf_counter()
+        wd, strag, strag_metrics = self._watchdog, self._stragglers, {}
         while step < last_step:
+            if wd is not None:
+                wd.begin(step + 1)
+            if strag is not None:
+                strag.step_begin(step + 1)
+            faults.inject_sleep(self.rank, step + 1, strag)  # test-only (MEGATRON_EXT_FAULT_INJECT)
             lr = self.optimizer.param_groups[0]["lr"]
             logs = (step + 1) % t.log_every_n_steps == 0 or step + 1 == last_step or step == first_step
             if hasattr(self.engine, "mext_want_norm"):  # fp32 ZeRO-0: our clipping computes the norm (if clip = 0: on demand)
@@ -644,13 +660,19 @@ class Trainer:
             loss, extras = self._train_step(it, keep_extras=logs)
             step += 1
             consumed += gbs
+            if strag is not None:  # every straggler_every_n_steps: one small all-gather of the compute times
+                strag_metrics = strag.step_end(step) or strag_metrics
             pending.append((step, loss))
             meter.steps += 1
             if logs or ckpt.due(step):
                 last_loss, extras = self._sync(pending, extras, lr)
                 pending = []
             if logs:
-                self._log_train(step, last_step, consumed, last_loss, lr, extras, meter.interval())
+                self._log_train(step, last_step, consumed, last_loss, lr, {**extras, **strag_metrics},
+                                meter.interval())
+                strag_metrics = {}
+            if wd is not None:  # validation and checkpoint writing are not timed
+                wd.idle()
             if t.val_check_interval and step % t.val_check_interval == 0 and t.limit_val_batches > 0:
                 last_val = self._validate_and_log(val_ds, step)
                 meter.restart()
