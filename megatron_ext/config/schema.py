@@ -42,7 +42,7 @@ class TrainerConfig:
     # all-gather each rank's compute time every N steps (train/step_time_min, _max, _slowest_rank); 0 = off,
     # null = 10 where it can be measured (no pipeline engine, ZeRO < 3), else off
     straggler_every_n_steps: Optional[int] = None
-    # warn when a rank computes more than this fraction longer than the median of the others in 3/4 of a window
+    # warn when a rank computes more than this fraction longer than the median of the others (median over a window)
     straggler_threshold: float = 0.2
 
 

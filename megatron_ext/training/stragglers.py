@@ -6,8 +6,9 @@ step's gradient reduction (DeepSpeed's backward epilogue at the gradient-accumul
 gradient all-reduce / ZeRO reduce starts), minus the time it spent in the step's token-count all-reduce
 (``Trainer._global_batch``). Every ``trainer.straggler_every_n_steps`` steps the ranks all-gather these times (one
 small collective) and rank 0 logs ``train/step_time_min``, ``train/step_time_max`` (the fastest and slowest rank's
-mean compute time over those steps) and ``train/step_time_slowest_rank``; when one rank was more than
-``trainer.straggler_threshold`` slower than the median of the other ranks in at least 3/4 of those steps, a warning
+mean compute time over those steps) and ``train/step_time_slowest_rank``; when the slowest rank's compute, step by
+step, exceeded the median of the other ranks' by more than ``trainer.straggler_threshold`` in most of those steps
+(its median per-step ratio over the window is above 1 + threshold: one noisy step does not count), a warning
 names it.
 
 Where it measures compute only: no pipeline engine (its schedule exchanges activations all through the step) and no
@@ -18,7 +19,6 @@ group wait for each other, so a slow rank shows up as its whole TP group (the wa
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Dict, List, Optional
 
@@ -28,7 +28,6 @@ from megatron_ext.training import faults  # (torch is imported where used: the c
 log = logging.getLogger("megatron_ext")
 
 AUTO_EVERY = 10  # trainer.straggler_every_n_steps=null where the measurement works
-CONSISTENT = 0.75  # "consistently": slower in at least this share of a window's steps
 
 
 def resolve_every(cfg) -> int:
@@ -51,8 +50,8 @@ def resolve_every(cfg) -> int:
 
 def _window_verdict(times: List[List[float]], threshold: float) -> Dict[str, Any]:
     """``times[rank][i]``: compute seconds of the window's steps. Returns min/max/slowest over the ranks' means and the
-    straggler (a rank slower than (1 + threshold) x the median of the other ranks in >= CONSISTENT of the steps and
-    the slowest on average), or None."""
+    straggler (the slowest rank on average, when its median over the steps of its time / the median of the other
+    ranks' times is above 1 + threshold), or None."""
     world = len(times)
     means = [sum(t) / max(len(t), 1) for t in times]
     slowest = max(range(world), key=lambda r: means[r])
@@ -71,11 +70,14 @@ def _window_verdict(times: List[List[float]], threshold: float) -> Dict[str, Any
             ratios.append(times[slowest][i] / med)
             if times[slowest][i] > (1.0 + threshold) * med:
                 slow_steps += 1
-    if n and slow_steps >= math.ceil(CONSISTENT * n):
+    ratios.sort()
+    median_ratio = (ratios[len(ratios) // 2] if len(ratios) % 2 else
+                    0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2])) if ratios else 0.0
+    if median_ratio > 1.0 + threshold:
         others_mean = [means[r] for r in range(world) if r != slowest]
         out["straggler"] = {"rank": slowest, "slow_steps": slow_steps, "steps": n,
                             "mean": means[slowest], "others_median": sorted(others_mean)[len(others_mean) // 2],
-                            "ratio": sorted(ratios)[len(ratios) // 2] if ratios else float("nan")}
+                            "ratio": median_ratio}
     return out
 
 
@@ -149,9 +151,9 @@ class StragglerMonitor:
         local = torch.tensor(self.times, dtype=torch.float64, device=self.device)
         self.times = []
         if self.world > 1:
-            out = torch.empty(self.world * local.numel(), dtype=torch.float64, device=self.device)
-            dist.all_gather_into_tensor(out, local, group=self.group)
-            rows = out.view(self.world, -1).tolist()
+            out = [torch.empty_like(local) for _ in range(self.world)]
+            dist.all_gather(out, local, group=self.group)
+            rows = [o.tolist() for o in out]
         else:
             rows = [local.tolist()]
         v = _window_verdict(rows, self.threshold)
@@ -160,7 +162,8 @@ class StragglerMonitor:
             self.warned.append(s["rank"])
             log.warning(
                 "straggler: rank %d computed %.0f%% longer than the median of the other ranks (%.4f s vs %.4f s "
-                "per step, compute before the gradient reduction) in %d of the last %d steps (up to step %d; "
+                "per step, compute before the gradient reduction; median per-step ratio; more than the threshold in %d "
+                "of the last %d steps up to step %d; "
                 "trainer.straggler_threshold=%g); check that rank's host (CPU/GPU clocks, other jobs, data loading)",
                 s["rank"], 100 * (s["ratio"] - 1), s["mean"], s["others_median"], s["slow_steps"], s["steps"],
                 step, self.threshold)

@@ -63,7 +63,13 @@ def where(frame) -> Dict[str, Any]:
         frames.append(frame)
         frame = frame.f_back
     frames.reverse()  # outermost first
-    coll = next((f for f in frames if any(p in f.f_code.co_filename for p in _COLLECTIVE_PATHS)), None)
+    is_comm = [any(p in f.f_code.co_filename for p in _COLLECTIVE_PATHS) for f in frames]
+    coll = None
+    if any(is_comm):  # name the collective itself (all_reduce), not torch's logging wrapper around it
+        i = is_comm.index(True)
+        run = [f for f, c in zip(frames[i:], is_comm[i:]) if c]
+        coll = next((f for f in run if f.f_code.co_name not in ("wrapper", "inner")
+                     and not f.f_code.co_name.startswith("_")), run[0])
     target = coll if coll is not None else (frames[-1] if frames else None)
     if target is None:
         return {"collective": False, "where": "unknown"}
