@@ -11,10 +11,11 @@ alternating blocks of ``--block`` steps, in the same processes on the same data 
 Lines (rank 0's step wall times, after ``--warmup`` steps):
 
 * ``step_time_off`` / ``step_time_on``: median seconds per step of each mode;
-* ``overhead_ratio``: step_time_on / step_time_off (the end-to-end figure; noise of the machine included);
+* ``overhead_ratio``: step_time_on / step_time_off (the end-to-end figure; noise of the machine included), and
+  ``overhead_ratio_paired``: the median over rounds of (mean on-step time / mean off-step time) of the same round;
 * ``overhead_direct_fraction``: the monitor's own work per step -- ``--calls`` iterations of exactly what it adds to
   a step (step_begin, add_wait, compute_done, step_end with the all-gather every ``--every`` steps, both ranks in
-  lockstep) timed alone -- divided by step_time_off. This isolates the cost from step-to-step noise.
+  lockstep, ``every``=10) timed alone -- divided by step_time_off. This isolates the cost from step-to-step noise.
 
     python bench/bench_stragglers.py            # 4 layers, hidden 512, seq 256, global batch 8 (about 2 minutes)
     python bench/bench_stragglers.py --quick    # 2 layers, hidden 256, seq 128: well under a minute
@@ -36,9 +37,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = "stragglers"
 
-FULL = dict(layers=4, hidden=512, heads=8, seq=256, global_batch=8, micro_batch=4, warmup=3, block=10, rounds=4,
+FULL = dict(layers=4, hidden=512, heads=8, seq=256, global_batch=8, micro_batch=4, warmup=3, block=1, rounds=30,
             every=10, calls=5000)
-QUICK = dict(layers=2, hidden=256, heads=4, seq=128, global_batch=4, micro_batch=2, warmup=2, block=5, rounds=2,
+QUICK = dict(layers=2, hidden=256, heads=4, seq=128, global_batch=4, micro_batch=2, warmup=2, block=1, rounds=10,
              every=10, calls=1000)
 
 
@@ -83,6 +84,7 @@ def worker(p: dict, out_path: str, exp_dir: str) -> None:
             tr._stragglers = mon
 
     times = {"on": [], "off": []}
+    rounds = []
     step = 0
 
     def run(mode: str, n: int, keep: bool) -> None:
@@ -103,6 +105,8 @@ def worker(p: dict, out_path: str, exp_dir: str) -> None:
     for r in range(p["rounds"]):  # alternate, starting with a different mode each round
         for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
             run(mode, p["block"], keep=True)
+        k = p["block"]
+        rounds.append(statistics.mean(times["on"][-k:]) / statistics.mean(times["off"][-k:]))
     # the monitor's own per-step work, alone (the all-gather every `every` calls keeps the ranks in lockstep)
     set_mode(True)
     torch.distributed.barrier()
@@ -115,7 +119,7 @@ def worker(p: dict, out_path: str, exp_dir: str) -> None:
     direct = (time.perf_counter() - t0) / p["calls"]
     if tr.rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"times": times, "direct_s_per_step": direct,
+            json.dump({"times": times, "paired": rounds, "direct_s_per_step": direct,
                        "params": sum(x.numel() for x in tr.engine.module.parameters())}, f)
     tr.exp.close()
 
@@ -164,6 +168,7 @@ def main() -> int:
               "git_commit": commit, "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
     lines = [
         ("step_time_off", off, "s"), ("step_time_on", on, "s"), ("overhead_ratio", on / off, "ratio"),
+        ("overhead_ratio_paired", statistics.median(res["paired"]), "ratio"),
         ("overhead_direct_s_per_step", res["direct_s_per_step"], "s"),
         ("overhead_direct_fraction", res["direct_s_per_step"] / off, "fraction"),
     ]
