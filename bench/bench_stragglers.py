@@ -14,7 +14,7 @@ Lines (rank 0's step wall times, after ``--warmup`` steps):
 * ``overhead_ratio``: step_time_on / step_time_off (the end-to-end figure; noise of the machine included), and
   ``overhead_ratio_paired``: the median over rounds of (mean on-step time / mean off-step time) of the same round;
 * ``overhead_direct_fraction``: the monitor's own work per step -- ``--calls`` iterations of exactly what it adds to
-  a step (step_begin, add_wait, compute_done, step_end with the all-gather every ``--every`` steps, both ranks in
+  a step (step_begin, wait_begin/_end, compute_done, step_end with the all-gather every ``--every`` steps, both ranks in
   lockstep, ``every``=10) timed alone -- divided by step_time_off. This isolates the cost from step-to-step noise.
 
     python bench/bench_stragglers.py            # 4 layers, hidden 512, seq 256, global batch 8 (about 2 minutes)
@@ -113,7 +113,7 @@ def worker(p: dict, out_path: str, exp_dir: str) -> None:
     t0 = time.perf_counter()
     for i in range(1, p["calls"] + 1):
         mon.step_begin(i)
-        mon.add_wait(0.0)
+        mon.wait_end(mon.wait_begin())
         mon.compute_done()
         mon.step_end(i)
     direct = (time.perf_counter() - t0) / p["calls"]

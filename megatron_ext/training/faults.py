@@ -14,6 +14,7 @@ Never set it in a real run. A bad value stops the run with one error naming the 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
@@ -136,8 +137,6 @@ def inject_sleep(rank: int, step: int, monitor=None) -> float:
         seconds = f.args["seconds"]
     else:
         seconds = f.args["fraction"] * ((monitor.last_compute if monitor is not None else None) or 0.0)
-    import time
-
     time.sleep(seconds)
     if monitor is not None:
         monitor.injected += seconds

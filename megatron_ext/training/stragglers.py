@@ -84,8 +84,8 @@ def _window_verdict(times: List[List[float]], threshold: float) -> Dict[str, Any
 class StragglerMonitor:
     """Per-rank compute time of each step, gathered every ``every`` steps (see the module docstring).
 
-    The training thread calls ``step_begin(step)``; reports the time of the step's own collectives (``add_wait``);
-    the engine's
+    The training thread calls ``step_begin(step)``; brackets the step's own collectives before the gradient reduction
+    with ``wait_begin`` / ``wait_end``; the engine's
     backward epilogue calls ``compute_done()`` (``install``); ``step_end(step)`` returns the gathered metrics on a
     gather step (every rank; rank 0 also warns), else None.
     """
@@ -94,11 +94,13 @@ class StragglerMonitor:
                  group=None):
         self.every, self.threshold, self.rank, self.world = every, threshold, rank, world
         self.device, self.group = device, group
-        self.times: List[float] = []
-        self.last_compute: Optional[float] = None  # the previous step's compute, without injected sleep
-        self._t0 = 0.0
-        self._wait = 0.0
-        self._done: Optional[float] = None
+        # on a GPU the host runs ahead of the kernels: the times come from CUDA events on the current stream
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+        self.times: List[Any] = []  # per step: seconds (CPU), or CUDA events (start, done, [(wait start, end)])
+        self._last: Any = None  # the previous step's record (for last_compute)
+        self._t0: Any = 0.0
+        self._wait: Any = 0.0
+        self._done: Any = None
         self.injected = 0.0  # seconds of injected sleep in this step (faults.inject_sleep)
         self._step = 0
         self.warned: List[int] = []  # ranks named in a warning (one per gather)
@@ -120,35 +122,71 @@ class StragglerMonitor:
 
         engine._backward_epilogue = backward_epilogue
 
+    def _now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
     def step_begin(self, step: int) -> None:
         self._step = step
-        self._wait, self._done, self.injected = 0.0, None, 0.0
-        self._t0 = time.perf_counter()
+        self._wait, self._done, self.injected = ([] if self.cuda else 0.0), None, 0.0
+        self._t0 = self._now()
 
-    def add_wait(self, seconds: float) -> None:
-        """Time this step spent in one of its own collectives before the gradient reduction (not compute)."""
-        self._wait += seconds
+    def wait_begin(self) -> Any:
+        """Before one of the step's own collectives that precede the gradient reduction (the token count)."""
+        return self._now()
+
+    def wait_end(self, token: Any) -> None:
+        """After it: its time is waiting, not compute."""
+        if self.cuda:
+            self._wait.append((token, self._now()))
+        else:
+            self._wait += time.perf_counter() - token
 
     def compute_done(self) -> None:
-        self._done = time.perf_counter()
+        self._done = self._now()
 
     def step_end(self, step: int) -> Optional[Dict[str, float]]:
         """Record this step's compute; on a gather step, all-gather the window and return ``step_time_min``,
         ``step_time_max``, ``step_time_slowest_rank`` (logged as ``train/...``)."""
-        end = self._done if self._done is not None else time.perf_counter()
-        compute = max(0.0, end - self._t0 - self._wait)
-        self.times.append(compute)
-        self.last_compute = max(0.0, compute - self.injected)
+        done = self._done if self._done is not None else self._now()
+        if self.cuda:  # resolved at the gather (events need the kernels to have run)
+            rec: Any = (self._t0, done, self._wait)
+        else:
+            rec = max(0.0, done - self._t0 - self._wait)
+        self.times.append(rec)
+        self._last = (rec, self.injected)
         if step % self.every:
             return None
         return self._gather(step)
+
+    @staticmethod
+    def _seconds(rec: Any) -> float:
+        if isinstance(rec, float):
+            return rec
+        t0, done, waits = rec
+        done.synchronize()
+        wait_ms = sum(a.elapsed_time(b) for a, b in waits)
+        return max(0.0, (t0.elapsed_time(done) - wait_ms) / 1000.0)
+
+    @property
+    def last_compute(self) -> Optional[float]:
+        """The previous step's compute without injected sleep (``faults.inject_sleep``'s ``fraction``)."""
+        if self._last is None:
+            return None
+        rec, injected = self._last
+        return max(0.0, self._seconds(rec) - injected)
 
     # ---------------------------------------------------------------- the gather
     def _gather(self, step: int) -> Dict[str, float]:
         import torch
         import torch.distributed as dist
 
-        local = torch.tensor(self.times, dtype=torch.float64, device=self.device)
+        local = torch.tensor([self._seconds(r) for r in self.times], dtype=torch.float64, device=self.device)
         self.times = []
         if self.world > 1:
             out = [torch.empty_like(local) for _ in range(self.world)]

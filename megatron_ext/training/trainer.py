@@ -542,10 +542,11 @@ class Trainer:
         if self.dp_size > 1:
             from megatron.core import parallel_state as ps
 
-            t0 = time.perf_counter()
+            strag = getattr(self, "_stragglers", None)  # this collective's time is waiting, not compute
+            token = strag.wait_begin() if strag is not None else None
             dist.all_reduce(count, group=ps.get_data_parallel_group())
-            if getattr(self, "_stragglers", None) is not None:  # waiting, not compute
-                self._stragglers.add_wait(time.perf_counter() - t0)
+            if strag is not None:
+                strag.wait_end(token)
         return batches, count, loss_token_denominator(count, accum, self.dp_size)
 
     def _train_step(self, it: Iterator, keep_extras: bool) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:

@@ -176,8 +176,10 @@ def test_monitor_measures_compute_without_waits_and_injected_sleep(monkeypatch):
     monkeypatch.setattr(stragglers, "time", clock)
     m = stragglers.StragglerMonitor(every=2, threshold=0.2, rank=0, world=1, device="cpu")
     m.step_begin(1)
-    clock.now += 0.020
-    m.add_wait(0.015)  # 15 ms of those 20 were the token-count all-reduce
+    clock.now += 0.005
+    token = m.wait_begin()
+    clock.now += 0.015  # the token-count all-reduce: waiting
+    m.wait_end(token)
     clock.now += 0.010
     m.compute_done()  # the backward epilogue: the gradient reduction starts
     clock.now += 0.500  # reduction, optimizer step, logging: not compute
