@@ -48,6 +48,8 @@ _HEADER = "# megatron_ext step timeout "
 _COLLECTIVE_PATHS = (os.sep + os.path.join("torch", "distributed") + os.sep,
                      os.sep + os.path.join("deepspeed", "comm") + os.sep)
 _OURS = os.sep + "megatron_ext" + os.sep
+# our own hooks inside the step (not where the caller is): the line names the trainer's frame instead
+_INSTRUMENTS = tuple(os.path.join("training", n) for n in ("stragglers.py", "watchdog.py", "faults.py"))
 
 
 def stacks_path(stacks_dir: str, rank: int) -> str:
@@ -68,7 +70,7 @@ def where(frame) -> Dict[str, Any]:
     if any(is_comm):  # name the collective itself (all_reduce), not torch's logging wrapper around it
         i = is_comm.index(True)
         run = [f for f, c in zip(frames[i:], is_comm[i:]) if c]
-        coll = next((f for f in run if f.f_code.co_name not in ("wrapper", "inner")
+        coll = next((f for f in run if "wrapper" not in f.f_code.co_name and f.f_code.co_name != "inner"
                      and not f.f_code.co_name.startswith("_")), run[0])
     target = coll if coll is not None else (frames[-1] if frames else None)
     if target is None:
@@ -77,7 +79,7 @@ def where(frame) -> Dict[str, Any]:
     for f in frames:
         if f is target:
             break
-        if _OURS in f.f_code.co_filename:
+        if _OURS in f.f_code.co_filename and not f.f_code.co_filename.endswith(_INSTRUMENTS):
             ours = f
     if target is not None and _OURS in target.f_code.co_filename:
         ours = None
