@@ -12,7 +12,9 @@ Config: configs/gpt/megatron_gpt_config.yaml over the schema in megatron_ext/con
 (precedence CLI > YAML > dataclass defaults). See README.md.
 
 Exit status: 0 ok; 2 bad input (one line ``error: ...``, or Hydra's message for its own config errors); 3 a
-collective failed or timed out (one line ``error: rank R: ...``: another rank died or hung); 130 interrupted (Ctrl-C).
+collective failed or timed out (one line ``error: rank R: ...``: another rank died or hung); 4 a step exceeded
+trainer.step_timeout_minutes (one line ``error: step N exceeded ...`` naming the ranks that waited in a collective and
+those that did not; every rank's stacks in <run_dir>/stacks/); 130 interrupted (Ctrl-C).
 """
 import sys
 
