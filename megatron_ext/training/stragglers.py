@@ -199,12 +199,11 @@ class StragglerMonitor:
         if s is not None and self.rank == 0:
             self.warned.append(s["rank"])
             log.warning(
-                "straggler: rank %d computed %.0f%% longer than the median of the other ranks (%.4f s vs %.4f s "
-                "per step, compute before the gradient reduction; median per-step ratio; more than the threshold in %d "
-                "of the last %d steps up to step %d; "
-                "trainer.straggler_threshold=%g); check that rank's host (CPU/GPU clocks, other jobs, data loading)",
-                s["rank"], 100 * (s["ratio"] - 1), s["mean"], s["others_median"], s["slow_steps"], s["steps"],
-                step, self.threshold)
+                "straggler: rank %d computed %.0f%% longer per step than the median of the other ranks (median "
+                "per-step ratio over steps %d-%d; mean %.4f s vs %.4f s, compute before the gradient reduction; above "
+                "the threshold in %d of %d steps; trainer.straggler_threshold=%g); check that rank's host (CPU/GPU "
+                "clocks, other jobs, data loading)", s["rank"], 100 * (s["ratio"] - 1), step - s["steps"] + 1, step,
+                s["mean"], s["others_median"], s["slow_steps"], s["steps"], self.threshold)
         return {"step_time_min": v["min"], "step_time_max": v["max"], "step_time_slowest_rank": float(v["slowest"])}
 
 

@@ -31,6 +31,7 @@ def test_stopped_rank_dumps_every_stack_and_exits_4(env, tmp_path):  # noqa: F81
         t_stop = time.monotonic()
         (rc, out), = _finish([p], timeout=120)
         elapsed = time.monotonic() - t_stop
+        print(f"exit 4 came {elapsed:.1f} s after the SIGSTOP")
     finally:
         for k in kids.values():
             try:
@@ -73,8 +74,8 @@ def test_straggler_named_only_while_slowed(run_env, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     warnings = [x for x in out.splitlines() if "straggler:" in x]
-    assert len(warnings) == 1, (warnings, open(glob.glob(str(tmp_path / "gpt_smoke" / "*" / "metrics.jsonl"))[0]).read(), out[-3000:])
-    assert "straggler: rank 1 computed" in warnings[0] and "up to step 20;" in warnings[0], warnings
+    assert len(warnings) == 1, (warnings, out[-3000:])
+    assert "straggler: rank 1 computed" in warnings[0] and "over steps 11-20;" in warnings[0], warnings
     metrics_path, = glob.glob(str(tmp_path / "gpt_smoke" / "*" / "metrics.jsonl"))
     with open(metrics_path) as f:
         rows = {m["step"]: m for m in map(json.loads, f)}
