@@ -11,7 +11,8 @@ Config: configs/bart/megatron_bart_config.yaml over the schema ``BARTConfig`` in
 and tensor/data parallelism of pretrain_gpt.py. See README.md.
 
 Exit status: 0 ok; 2 bad input (one line ``error: ...``); 3 a collective failed or timed out; 4 a step exceeded
-trainer.step_timeout_minutes (every rank's stacks in <run_dir>/stacks/); 130 interrupted.
+trainer.step_timeout_minutes (every rank's stacks in <run_dir>/stacks/); 75 preempted (SIGTERM / SIGUSR1: a
+checkpoint of the last step was written; requeue the job); 130 interrupted.
 """
 import sys
 
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 from megatron_ext.config.loader import hydra_main, register_schemas
 from megatron_ext.config.schema import BARTConfig
 from megatron_ext.errors import run_entry_point
-from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures, strip_launcher_args
+from megatron_ext.parallel.launch import maybe_self_launch, run_training, strip_launcher_args
 
 register_schemas()
 
@@ -37,9 +38,8 @@ def train(cfg: DictConfig) -> int:
     from megatron_ext.training.bart_task import BARTTask  # start-up cost: training stack
     from megatron_ext.training.trainer import Trainer  # start-up cost: training stack
 
-    with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
-        Trainer(cfg, BARTTask, schema=BARTConfig).fit()
-    return 0
+    # 75 (EXIT_REQUEUE): preempted by SIGTERM/SIGUSR1, a checkpoint of the last step written
+    return run_training(lambda: Trainer(cfg, BARTTask, schema=BARTConfig).fit(), cfg.trainer.get("dist_timeout_minutes"))
 
 
 @hydra_main(config_path="configs/bart", config_name="megatron_bart_config")

@@ -14,7 +14,9 @@ Config: configs/gpt/megatron_gpt_config.yaml over the schema in megatron_ext/con
 Exit status: 0 ok; 2 bad input (one line ``error: ...``, or Hydra's message for its own config errors); 3 a
 collective failed or timed out (one line ``error: rank R: ...``: another rank died or hung); 4 a step exceeded
 trainer.step_timeout_minutes (one line ``error: step N exceeded ...`` naming the ranks that waited in a collective and
-those that did not; every rank's stacks in <run_dir>/stacks/); 130 interrupted (Ctrl-C).
+those that did not; every rank's stacks in <run_dir>/stacks/); 75 preempted (SIGTERM or SIGUSR1 to any rank or to the
+self-launching parent: every rank stopped after the same step, a checkpoint of it was written; requeue the job, it
+resumes from there); 130 interrupted (Ctrl-C).
 """
 import sys
 
@@ -24,7 +26,7 @@ from omegaconf import DictConfig
 
 from megatron_ext.config.loader import hydra_main, register_schemas
 from megatron_ext.errors import run_entry_point
-from megatron_ext.parallel.launch import maybe_self_launch, report_dist_failures, strip_launcher_args
+from megatron_ext.parallel.launch import maybe_self_launch, run_training, strip_launcher_args
 from megatron_ext.training.exp_manager import check_sweep_launch
 
 register_schemas()
@@ -44,9 +46,8 @@ def train(cfg: DictConfig) -> int:
     from megatron_ext.training.gpt_task import GPTTask  # start-up cost: training stack
     from megatron_ext.training.trainer import Trainer  # start-up cost: training stack
 
-    with report_dist_failures(cfg.trainer.get("dist_timeout_minutes")):
-        Trainer(cfg, GPTTask).fit()
-    return 0
+    # 75 (EXIT_REQUEUE): preempted by SIGTERM/SIGUSR1, a checkpoint of the last step written
+    return run_training(lambda: Trainer(cfg, GPTTask).fit(), cfg.trainer.get("dist_timeout_minutes"))
 
 
 @hydra_main(config_path="configs/gpt", config_name="megatron_gpt_config")

@@ -13,6 +13,8 @@
 #   MASTER_PORT   default: 20000 + SLURM_JOB_ID % 20000 (the same on every node, different for concurrent jobs)
 #   NPROC_PER_NODE  torchrun mode: processes per node (SLURM_GPUS_ON_NODE, else 1)
 #   SCRIPT, PYTHON, OMP_NUM_THREADS   as in launch/torchrun.sh
+#   MAX_RESTARTS, SHUTDOWN_TIMEOUT    torchrun mode: torchrun --max-restarts (0) and --shutdown-timeout (120), as in
+#                 launch/torchrun.sh (SIGUSR1 is forwarded to the workers too)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,7 +67,13 @@ torchrun)
     # node-level SLURM_PROCID/SLURM_NTASKS as a process rank
     unset SLURM_PROCID SLURM_NTASKS SLURM_LOCALID RANK WORLD_SIZE LOCAL_RANK
     echo "[slurm_task] node ${SLURM_NODEID:-?}/$NNODES on $(hostname): torchrun $NPROC_PER_NODE processes, rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
+    # a restarted worker group must not read the dead group's addresses from torchrun's shared store (gloo then
+    # connects to dead ports): every round gets its own store (torch's own switch)
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+    set -x
     exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
+        --max-restarts="${MAX_RESTARTS:-0}" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
+        --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}" \
         --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${SLURM_JOB_ID:-megatron_ext}" \
         "$SCRIPT" trainer.devices="$NPROC_PER_NODE" trainer.num_nodes="$NNODES" "$@"
     ;;

@@ -19,6 +19,12 @@
 #   SCRIPT          entry point, relative to the repository or absolute (pretrain_gpt.py)
 #   PYTHON          interpreter (python)
 #   OMP_NUM_THREADS threads per process (CPU cores / NPROC_PER_NODE)
+#   MAX_RESTARTS    torchrun --max-restarts (0): after a worker fails, torchrun restarts all of them this many times;
+#                   a restarted worker resumes from the latest checkpoint of the same run directory
+#   SHUTDOWN_TIMEOUT  torchrun --shutdown-timeout (120): seconds the workers get, after torchrun forwards SIGTERM /
+#                   SIGUSR1 to them, to finish their step and write the checkpoint before SIGKILL
+# SIGUSR1 to torchrun is forwarded to the workers (--signals-to-handle adds it to torchrun's SIGTERM,SIGINT,SIGHUP,
+# SIGQUIT; by default SIGUSR1 would kill torchrun); the workers then checkpoint and exit 75 (README "Fault tolerance").
 # trainer.devices and trainer.num_nodes are set to NPROC_PER_NODE and NNODES (given first, so an explicit
 # override on the command line wins; a mismatch with the launched world size is then reported as an error).
 set -euo pipefail
@@ -41,7 +47,11 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     export OMP_NUM_THREADS
 fi
 
-args=(--nproc_per_node="$NPROC_PER_NODE" --nnodes="$NNODES")
+# a restarted worker group must not read the dead group's addresses from torchrun's shared store (gloo then
+# connects to dead ports): every round gets its own store (torch's own switch)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+args=(--nproc_per_node="$NPROC_PER_NODE" --nnodes="$NNODES" --max-restarts="${MAX_RESTARTS:-0}"
+      --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}")
 if [[ "$NNODES" -eq 1 && -z "${MASTER_PORT:-}" ]]; then
     args+=(--standalone)
 elif [[ "$RDZV_BACKEND" == "c10d" ]]; then

@@ -5,6 +5,9 @@ Subprocess runs of the tests go through one fork server per session (``tests/for
 every subprocess it starts: DeepSpeed's JIT ops (``cpu_adam``, ``fused_adam``) are built once per checkout, not
 once per session. A ``TORCH_EXTENSIONS_DIR`` set by the caller is kept."""
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -22,8 +25,6 @@ def pytest_configure(config):
     global _FORKSERVER
     import forkserver
 
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        return  # pytest-xdist's controller runs no test: each worker starts its own server
     _FORKSERVER = forkserver.start()
     if _FORKSERVER is not None:
         helpers.PYTHON = _FORKSERVER.python
@@ -33,6 +34,52 @@ def pytest_unconfigure(config):
     if _FORKSERVER is not None:
         _FORKSERVER.stop()
         helpers.PYTHON = helpers.sys.executable
+    if _PREBUILD is not None and _PREBUILD.poll() is None:  # a short session that needed no op: stop the build
+        os.killpg(_PREBUILD.pid, signal.SIGTERM)  # (its torch lock is cleared by the next builder: BuildLock)
+        _PREBUILD.wait()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The in-process tier first, then the subprocess tier (each in its collection order): quick failures come
+    first, and DeepSpeed's ops build in the background (below) while the unit tests run."""
+    items.sort(key=lambda item: 0 if os.sep + "unit" + os.sep in str(item.path) else 1)
+
+
+# DeepSpeed's JIT ops, built by one background process started with the session when integration tests are
+# collected: a cold checkout's builds (~1 minute of compiler time) overlap the in-process tier instead of stalling
+# the first test that needs them. Every builder holds the op's BuildLock (megatron_ext.kernels), so a test that
+# needs an op before it is done waits for it (saying so after 10 s) and then loads the built op.
+PREBUILD_OPS = ("cpu_adam", "fused_adam")
+_PREBUILD_SCRIPT = """
+import megatron_ext
+from megatron_ext.training.optim import AVAILABLE_OPTIMIZERS, _load_deepspeed_op
+for name in %r:
+    if name in AVAILABLE_OPTIMIZERS:
+        print(name, _load_deepspeed_op(name) or "ok", flush=True)
+""" % (PREBUILD_OPS,)
+_PREBUILD = None
+
+
+def pytest_collection_finish(session):
+    global _PREBUILD
+    if os.environ.get("MEGATRON_EXT_TEST_PREBUILD") == "0" or session.config.option.collectonly:
+        return
+    if not any(os.sep + "integration" + os.sep in str(item.path) for item in session.items):
+        return
+    os.makedirs(os.path.join(REPO, ".cache"), exist_ok=True)  # (gitignored)
+    log = open(os.path.join(REPO, ".cache", "prebuild_ops.log"), "w")  # what it built, or why not
+    _PREBUILD = subprocess.Popen([sys.executable, "-c", _PREBUILD_SCRIPT], stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
+
+
+@pytest.fixture(scope="session")
+def prebuilt_ops():
+    """The background build of DeepSpeed's ops, finished (for a test that plays with their build locks)."""
+    if _PREBUILD is not None:
+        try:
+            _PREBUILD.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the background build of DeepSpeed's ops {PREBUILD_OPS} took more than 900 s")
 
 
 @pytest.fixture(scope="session")

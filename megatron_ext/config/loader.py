@@ -245,7 +245,7 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
     for key in ("trainer.max_steps", "model.micro_batch_size", "model.global_batch_size", "model.seq_length",
                 "trainer.devices", "trainer.num_nodes", "trainer.log_every_n_steps"):
         _positive(cfg, key)
-    for key in ("trainer.val_check_interval", "trainer.limit_val_batches"):
+    for key in ("trainer.val_check_interval", "trainer.limit_val_batches", "trainer.max_restarts"):
         _positive(cfg, key, allow_zero=True)
     if t.limit_train_batches is not None and t.limit_train_batches < 0:
         raise ConfigError(f"trainer.limit_train_batches={t.limit_train_batches}: expected null or an integer >= 0")

@@ -36,6 +36,9 @@ class TrainerConfig:
     deterministic: bool = False
     # glibc malloc keeps freed host memory for reuse (no page faults on every new tensor); null = on for CPU runs
     reuse_host_memory: Optional[bool] = None
+    # self-launch (trainer.devices>1 or this key>0, no launcher): restart all processes after a failure up to this
+    # many times, resuming from the latest checkpoint (not after bad input, exit 2, nor a preemption, exit 75)
+    max_restarts: int = 0
     # a step (the train step, its loss sync and logging; not validation or checkpoint writing) running longer makes
     # every rank dump its stacks to <run_dir>/stacks/ and the job exit 4; null = off
     step_timeout_minutes: Optional[float] = None

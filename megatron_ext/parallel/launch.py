@@ -3,8 +3,10 @@
 * :func:`maybe_self_launch` — ``python pretrain_gpt.py trainer.devices=N`` outside any launcher starts the N
   workers itself (as NeMo/Lightning users expect): the same command, re-run N times with RANK, WORLD_SIZE,
   LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT set. The parent waits; when a worker fails
-  it stops the others and names the rank that failed. Under torchrun, the deepspeed launcher or SLURM (see
-  ``read_dist_env``) nothing is started: the launcher's environment is used.
+  it stops the others and names the rank that failed. SIGTERM / SIGUSR1 to the parent are forwarded to the
+  workers (they checkpoint and exit 75 together, and so does the parent); ``trainer.max_restarts`` restarts all
+  workers after a failure (resuming from the latest checkpoint). Under torchrun, the deepspeed launcher or SLURM
+  (see ``read_dist_env``) nothing is started: the launcher's environment is used.
 * :func:`report_dist_failures` — turns the errors torch.distributed raises when a peer died or a collective
   timed out into one line ``error: rank R: ...`` and exit status 3 (instead of a stack trace, or a hang).
 * :func:`strip_launcher_args` — drops the ``--local_rank=N`` argument the deepspeed launcher appends, which
@@ -13,7 +15,8 @@
 Exit statuses of the entry points: 2 = bad input (config, data), 3 = a collective failed or timed out, 4 = a step
 exceeded ``trainer.step_timeout_minutes`` (``megatron_ext.training.watchdog``: every rank's stacks in
 ``<run_dir>/stacks/``; with self-launch the parent prints the one line naming the ranks that waited in a collective,
-those that did not and those that did not respond, e.g. a stopped worker, whose stacks it takes too).
+those that did not and those that did not respond, e.g. a stopped worker, whose stacks it takes too), 75 = preempted
+(SIGTERM/SIGUSR1): a checkpoint of the last step was written, requeue the job (``EXIT_REQUEUE``).
 """
 from __future__ import annotations
 
@@ -35,6 +38,12 @@ from megatron_ext.training.exp_manager import resolve_run_dir
 
 EXIT_DIST_FAILURE = 3
 EXIT_STEP_TIMEOUT = watchdog.EXIT_STEP_TIMEOUT  # 4: a step exceeded trainer.step_timeout_minutes
+EXIT_BAD_INPUT = 2
+# EXIT_REQUEUE = 75: preempted (SIGTERM / SIGUSR1), every rank stopped after the same step and a checkpoint of it was
+# written; requeue the job (EX_TEMPFAIL). RESTART_ENV: set in the workers on a restart by the self-launcher
+# (trainer.max_restarts) or the per-task SLURM template. Defined next to the code that stops the run (a leaf module
+# that imports no torch), used here.
+from megatron_ext.training.preemption import EXIT_REQUEUE, RESTART_ENV, Preempted, write_requeue_file  # noqa: E402
 # set in the workers a self-launching parent starts: its pid (the workers die with it)
 PARENT_ENV = "MEGATRON_EXT_LAUNCH_PARENT"
 LAUNCH_DOC = "launch/ (torchrun.sh, deepspeed.sh, slurm_*.sbatch; README 'Multi-process and multi-node')"
@@ -158,6 +167,12 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
     on_cuda = use_cuda(t.accelerator)
     if denv.launched:
         validate_config(checked, denv.world_size, on_cuda)
+        if t.max_restarts and not os.environ.get(PARENT_ENV):
+            raise ConfigError(
+                f"trainer.max_restarts={t.max_restarts} restarts the processes this command starts itself (no "
+                f"launcher); under a launcher use its own restarts: torchrun --max-restarts (launch/torchrun.sh and "
+                f"launch/slurm_torchrun.sbatch: MAX_RESTARTS=N), launch/slurm_per_task.sbatch: MAX_RESTARTS=N"
+            )
         return None
     if t.num_nodes is not None and t.num_nodes > 1:
         raise ConfigError(
@@ -166,8 +181,8 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
             f"the processes on every node; see {LAUNCH_DOC}"
         )
     validate_config(checked, t.devices * t.num_nodes, on_cuda)  # trainer.devices < 1 etc. -> ConfigError
-    if t.devices == 1:
-        return None
+    if t.devices == 1 and not t.max_restarts:
+        return None  # (with restarts, one process is started as a worker too, so that it can be restarted)
     if on_cuda:
         import torch
 
@@ -182,16 +197,47 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
         env["OMP_NUM_THREADS"] = str(max(1, _cpu_count() // nprocs))
     cmd = _child_command(_pinned_version(cfg))
     print(f"[launch] starting {nprocs} processes on this machine (MASTER_PORT={env['MASTER_PORT']}"
-          + (f", OMP_NUM_THREADS={env['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in env else "") + ")",
+          + (f", OMP_NUM_THREADS={env['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in env else "")
+          + (f", up to {t.max_restarts} restarts" if t.max_restarts else "") + ")",
           file=sys.stderr, flush=True)
     if t.get("step_timeout_minutes") is None:
-        return run_workers(cmd, nprocs, env, cwd=_original_cwd())
+        return run_with_restarts(cmd, nprocs, env, cwd=_original_cwd(), max_restarts=int(t.max_restarts))
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mext-launch-") as tmp:  # the step watchdog's report comes here
         report = os.path.join(tmp, "step_timeout.json")
         env[watchdog.REPORT_ENV] = report
-        return run_workers(cmd, nprocs, env, cwd=_original_cwd(), step_timeout_report=report)
+        return run_with_restarts(cmd, nprocs, env, cwd=_original_cwd(), max_restarts=int(t.max_restarts),
+                                 step_timeout_report=report)
+
+
+# exit statuses after which restarting cannot help (or is not wanted): ok, bad input, preempted, interrupted
+NO_RESTART = (0, EXIT_BAD_INPUT, EXIT_REQUEUE, 130)
+
+
+def run_with_restarts(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optional[str] = None,
+                      max_restarts: int = 0, **kw) -> int:
+    """:func:`run_workers`, and after a failure start all workers again, up to ``max_restarts`` times, each time
+    with ``MEGATRON_EXT_RESTART_COUNT`` = the restart number (the workers then resume from the latest checkpoint of
+    the run directory, ``training.preemption.apply_restart``) and a fresh MASTER_PORT. One line per restart names
+    its cause. Exit statuses in :data:`NO_RESTART` (bad input, preempted, interrupted) and a terminated parent end
+    the run at once."""
+    attempt = 0
+    while True:
+        info: Dict[str, object] = {}
+        e = dict(env)
+        if attempt:
+            e.update({RESTART_ENV: str(attempt), "MASTER_PORT": str(_free_port())})
+        rc = run_workers(cmd, nprocs, e, cwd=cwd, info=info, **kw)
+        if rc in NO_RESTART or info.get("terminated") or attempt >= max_restarts:
+            if rc not in NO_RESTART and max_restarts and attempt >= max_restarts and not info.get("terminated"):
+                print(f"[launch] giving up after {attempt} restart(s) (trainer.max_restarts={max_restarts}): the last "
+                      f"attempt ended with status {rc}", file=sys.stderr, flush=True)
+            return rc
+        attempt += 1
+        cause = str(info.get("line") or f"exit status {rc}").removeprefix("error: ")
+        print(f"[launch] restart {attempt}/{max_restarts} (trainer.max_restarts) after: {cause}; starting the {nprocs} "
+              f"processes again, resuming from the latest checkpoint", file=sys.stderr, flush=True)
 
 
 def _signame(sig: int) -> str:
@@ -265,6 +311,7 @@ def _failure_line(failed: Dict[int, int], still_running: Dict[int, str]) -> tupl
 
 def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optional[str] = None,
                 grace_s: float = 10.0, settle_s: float = 3.0, poll_s: float = 0.1,
+                info: Optional[Dict[str, object]] = None, wait_note_s: float = 30.0,
                 step_timeout_report: Optional[str] = None) -> int:
     """Run ``cmd`` as ranks 0..nprocs-1 (RANK and LOCAL_RANK set on top of ``env``) and wait.
 
@@ -273,17 +320,27 @@ def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optio
     signal). A rank that exits with status 3 only reports that a collective failed (another rank died or hung):
     after the first failure the parent waits up to ``settle_s`` for the other ranks to exit on their own (so the
     rank that caused it can be named, and the others can print what they saw) before it stops them.
-    Ctrl-C / SIGTERM of the parent stops the workers (return 130 / 143). With ``step_timeout_report`` (the
-    file the workers' step watchdog reports to, ``watchdog.REPORT_ENV``) a worker's exit status 4 makes the parent
-    print the watchdog's one line instead, with the workers it finds stopped named (and their stacks taken).
+    SIGTERM or SIGUSR1 to the parent is forwarded to every worker: they agree to stop after the same step, write a
+    checkpoint and exit 75 (``EXIT_REQUEUE``), which is then the parent's status too (not a failure); the parent
+    says what it waits for every ``wait_note_s``. A second SIGTERM stops the workers at once (return 143); Ctrl-C
+    stops them (return 130). ``info`` (optional) receives ``line`` (the failure line) and ``terminated``. With ``step_timeout_report`` (the file the workers' step watchdog reports to,
+    ``watchdog.REPORT_ENV``) a worker's exit status 4 makes the parent print the watchdog's one line instead, with the
+    workers it finds stopped named (and their stacks taken).
     """
     procs: List[subprocess.Popen] = []
+    info = {} if info is None else info
+    if step_timeout_report:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(step_timeout_report)  # an earlier attempt's (trainer.max_restarts)
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers only work there
     old_int = signal.getsignal(signal.SIGINT)
-    old_term = signal.getsignal(signal.SIGTERM)
+    old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    received: List[int] = []
 
     def on_term(signum, frame):
-        raise _Terminated(signum)
+        if received and signum == signal.SIGTERM:
+            raise _Terminated(signum)  # the second one: stop now
+        received.append(signum)
 
     try:
         # The workers ignore SIGINT (a Ctrl-C reaches the whole process group): the parent stops them instead.
@@ -298,21 +355,45 @@ def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optio
             if main_thread:
                 signal.signal(signal.SIGINT, old_int if old_int is not None else signal.default_int_handler)
         if main_thread:
-            signal.signal(signal.SIGTERM, on_term)
+            for sig in old_handlers:
+                signal.signal(sig, on_term)
         failed: Dict[int, int] = {}
         first_fail_t: Optional[float] = None
+        forwarded, note_t, sig_t = 0, 0.0, 0.0
         while True:
+            if len(received) > forwarded:  # forward each signal once, outside the handler
+                for sig in received[forwarded:]:
+                    live = [p for p in procs if p.poll() is None]
+                    for p in live:
+                        with contextlib.suppress(ProcessLookupError):
+                            p.send_signal(sig)
+                            p.send_signal(signal.SIGCONT)
+                    print(f"[launch] {_signame(sig)}: forwarded to {len(live)} worker processes; they stop after their "
+                          f"current step, write a checkpoint and exit {EXIT_REQUEUE} (send SIGTERM again to stop them "
+                          f"at once)", file=sys.stderr, flush=True)
+                forwarded, note_t = len(received), time.monotonic()
+                sig_t = sig_t or note_t
             rcs = [p.poll() for p in procs]
             for rank, rc in enumerate(rcs):
-                if rc not in (None, 0) and rank not in failed:
+                if rc not in (None, 0, EXIT_REQUEUE) and rank not in failed:
                     failed[rank] = rc
                     first_fail_t = first_fail_t or time.monotonic()
-            if not failed and all(rc == 0 for rc in rcs):
+            if not failed and all(rc in (0, EXIT_REQUEUE) for rc in rcs):
+                if EXIT_REQUEUE in rcs:
+                    print(f"[launch] preempted: the workers wrote a checkpoint and exited {EXIT_REQUEUE} (requeue "
+                          f"the job: it resumes from that checkpoint)", file=sys.stderr, flush=True)
+                    return EXIT_REQUEUE
                 return 0
+            if received and not failed and time.monotonic() - note_t >= wait_note_s:
+                waiting = [r for r, rc in enumerate(rcs) if rc is None]
+                print(f"[launch] waiting for ranks {waiting} to finish their step and write the checkpoint "
+                      f"({time.monotonic() - sig_t:.0f} s since the signal)", file=sys.stderr, flush=True)
+                note_t = time.monotonic()
             if failed and step_timeout_report and EXIT_STEP_TIMEOUT in failed.values():
                 line = watchdog.launcher_report(step_timeout_report, procs, None, watchdog.PEER_WAIT_S + 5.0,
                                                 _proc_state)
                 if line is not None:
+                    info["line"] = line
                     _stop(procs, grace_s)
                     print(line, file=sys.stderr, flush=True)
                     return EXIT_STEP_TIMEOUT
@@ -322,21 +403,25 @@ def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optio
                 if all_done or time.monotonic() - first_fail_t >= settle_s:
                     running = {r: _proc_state(p.pid) for r, p in enumerate(procs) if p.poll() is None}
                     line, status = _failure_line(failed, running)
+                    info["line"] = line
                     _stop(procs, grace_s)
                     print(line, file=sys.stderr, flush=True)
                     return status
             time.sleep(poll_s)
     except KeyboardInterrupt:
+        info["terminated"] = True
         _stop(procs, grace_s)
         print(f"interrupted: stopped {len(procs)} worker processes", file=sys.stderr, flush=True)
         return 130
     except _Terminated as t:
+        info["terminated"] = True
         _stop(procs, grace_s)
         print(f"terminated by {_signame(t.sig)}: stopped {len(procs)} worker processes", file=sys.stderr, flush=True)
         return 128 + t.sig
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+            for sig, old in old_handlers.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
         for p in procs:  # never leave a worker behind
             if p.poll() is None:
                 p.kill()
@@ -427,3 +512,21 @@ def report_dist_failures(timeout_minutes: Optional[float] = None) -> Iterator[No
             sys.stdout.flush()
         print(line, file=sys.stderr, flush=True)
         os._exit(EXIT_DIST_FAILURE)
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+def run_training(fit, timeout_minutes: Optional[float] = None) -> int:
+    """The training entry points' body: ``fit()`` inside :func:`report_dist_failures`; returns 0, or
+    :data:`EXIT_REQUEUE` after a preemption (``training.preemption.Preempted``: the checkpoint is written; rank 0
+    prints one line and writes ``MEGATRON_EXT_REQUEUE_FILE`` when the SLURM templates set it)."""
+    try:
+        with report_dist_failures(timeout_minutes):
+            fit()
+    except Preempted as p:
+        if _dist_rank() in ("0", "?"):
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            print(f"preempted: {p}", file=sys.stderr, flush=True)
+            write_requeue_file(str(p))
+        return EXIT_REQUEUE
+    return 0

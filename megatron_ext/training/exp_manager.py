@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_ext.checkpoint.files import remove_incomplete
 from megatron_ext.errors import ConfigError
 from megatron_ext.parallel.state import read_dist_env
+from megatron_ext.training.preemption import elastic_version, record_elastic_run
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,8 @@ def _pick_version(em: DictConfig, base: str) -> str:
     tag = sweep_job_tag(job) if job is not None else None
     if tag is not None and version is not None and "exp_manager.version" not in job["swept_keys"]:
         version = f"{version}_{tag}"
+    if version is None:  # a torchrun restart: the directory this torchrun run made (training.preemption)
+        version = elastic_version(base)
     if version is None and em.resume_if_exists and os.path.isdir(base):
         cands = [d for d in sorted(os.listdir(base)) if _has_checkpoint(os.path.join(base, d))
                  and (tag is None or d.endswith(f"_{tag}"))]
@@ -301,6 +304,7 @@ class ExpManager:
                             "(%s)", len(old), self.ckpt_dir, ", ".join(old))
             os.makedirs(self.ckpt_dir, exist_ok=True)
             remove_incomplete(self.ckpt_dir)
+            record_elastic_run(self.run_dir)  # under torchrun: a restart finds this directory again
         except BaseException:
             self._unlock()
             raise

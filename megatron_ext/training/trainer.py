@@ -17,6 +17,7 @@ detects a non-finite loss of any step since the previous one and stops the run n
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ from megatron_ext.training.engine import build_ds_config, build_engine
 from megatron_ext.training.exp_manager import ExpManager
 from megatron_ext.training.host_memory import resolve_reuse_host_memory, reuse_host_memory
 from megatron_ext.training.lr_schedulers import build_scheduler, config_state, keep_config_on_resume
+from megatron_ext.training import preemption
 from megatron_ext.training.optim import build_optimizer
 from megatron_ext.training.throughput import peak_tflops
 
@@ -140,7 +142,10 @@ class Trainer:
         # initialise from trainer.seed per component, see models/gpt.py).
         seed_everything(t.seed + 100 * self.pp_rank)
         self.task = task_factory(cfg, self.device)
+        restart = preemption.apply_restart(cfg)  # a restarted worker resumes from latest, in the same run directory
         self.exp = ExpManager(cfg, self.rank)
+        if restart:
+            log.info("%s: %s", restart, self.exp.run_dir)
 
     # ------------------------------------------------------------------ helpers
     def _num_samples(self) -> tuple[int, int, int]:
@@ -626,6 +631,8 @@ class Trainer:
 
     def _train_loop(self, train_ds, val_ds, step: int, consumed: int) -> Dict[str, Any]:
         ckpt = _CheckpointSchedule(self)
+        self._preempt = preemption.PreemptionHandler(self.device)
+        self._preempt.install()  # SIGTERM / SIGUSR1 only set a flag, checked at every step boundary
         faults.check()  # a bad MEGATRON_EXT_FAULT_INJECT (test-only) stops here
         self._stragglers = stragglers.for_trainer(self)  # per-rank compute time (trainer.straggler_every_n_steps)
         self._watchdog = watchdog.for_trainer(self)  # trainer.step_timeout_minutes
@@ -635,8 +642,29 @@ class Trainer:
             ckpt.finish(quiet=True)  # a checkpoint being written in the background still completes
             raise
         finally:
+            self._preempt.uninstall()
             if self._watchdog is not None:
                 self._watchdog.close()
+
+    def _stop_if_preempted(self, step: int, first_step: int, consumed: int, pending: list, lr: float,
+                           last_loss: Optional[float], ckpt: "_CheckpointSchedule") -> None:
+        """At a step boundary: when any rank got SIGTERM/SIGUSR1 (one all-reduce), every rank writes a checkpoint of
+        this step (unless it was just written, or nothing was trained since the resume), waits for an async save in
+        flight, and raises ``Preempted`` (the entry point exits 75)."""
+        why = self._preempt.should_stop()
+        if why is None:
+            return
+        log.warning("preemption: %s; writing a checkpoint of step %d and stopping", why, step)
+        if pending:
+            last_loss, _ = self._sync(pending, {}, lr)
+            pending.clear()
+        if ckpt.ckpt is not None and ckpt.saved_at != step and step > first_step:
+            ckpt.save(step, consumed, last_loss)
+        ckpt.finish()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank has the checkpoint committed before any exits (srun --kill-on-bad-exit)
+        latest = find_latest(ckpt.ckpt.ckpt_dir) if ckpt.ckpt is not None else None
+        raise preemption.Preempted(step, why, os.path.join(ckpt.ckpt.ckpt_dir, latest) if latest else None)
 
     def _train_steps(self, train_ds, val_ds, step: int, consumed: int, ckpt: "_CheckpointSchedule") -> Dict[str, Any]:
         t, gbs = self.cfg.trainer, self.cfg.model.global_batch_size
@@ -647,6 +675,7 @@ class Trainer:
         pending: list = []  # (step, loss on the device) since the last host sync
         last_loss, last_val = None, None
         t_start = time.perf_counter()
+        self._stop_if_preempted(step, first_step, consumed, pending, 0.0, last_loss, ckpt)  # (a signal during start-up)
         wd, strag, strag_metrics = self._watchdog, self._stragglers, {}
         while step < last_step:
             if wd is not None:
@@ -672,20 +701,28 @@ class Trainer:
                 self._log_train(step, last_step, consumed, last_loss, lr, {**extras, **strag_metrics},
                                 meter.interval())
                 strag_metrics = {}
-            if wd is not None:  # validation and checkpoint writing are not timed
-                wd.idle()
             if t.val_check_interval and step % t.val_check_interval == 0 and t.limit_val_batches > 0:
-                last_val = self._validate_and_log(val_ds, step)
+                with self._untimed():
+                    last_val = self._validate_and_log(val_ds, step)
                 meter.restart()
             if ckpt.due(step):
                 ckpt.save(step, consumed, last_loss)
                 meter.restart()
+            if step < last_step:
+                self._stop_if_preempted(step, first_step, consumed, pending, lr, last_loss, ckpt)
+        if wd is not None:
+            wd.idle()  # training is over
         if ckpt.due_at_end(step, first_step):
             ckpt.save(step, consumed, last_loss)
         ckpt.finish()  # a checkpoint still being written in the background
         elapsed = time.perf_counter() - t_start
         log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
         return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}
+
+    def _untimed(self):
+        """Validation and checkpoint writing do not count towards trainer.step_timeout_minutes."""
+        wd = getattr(self, "_watchdog", None)
+        return wd.paused() if wd is not None else contextlib.nullcontext()
 
     def _log_train(self, step: int, last_step: int, consumed: int, loss: float, lr: float, extras: Dict[str, float],
                    perf: Dict[str, float]) -> None:
@@ -717,12 +754,14 @@ class _CheckpointSchedule:
         return self.ckpt is not None and bool(self.save_last) and self.saved_at != step and step > first_step
 
     def save(self, step: int, consumed: int, loss: Optional[float]) -> None:
-        self.trainer._save(self.ckpt, step, consumed, loss)
+        with self.trainer._untimed():
+            self.trainer._save(self.ckpt, step, consumed, loss)
         self.saved_at = step
 
     def finish(self, quiet: bool = False) -> None:
         if self.ckpt is not None:
-            self.ckpt.finish(quiet)
+            with self.trainer._untimed():
+                self.ckpt.finish(quiet)
 
 
 class _Throughput:

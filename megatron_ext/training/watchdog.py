@@ -4,7 +4,8 @@ one line naming the ranks that were waiting in a collective and those that were 
 
 Each rank runs a thread of its own, independent of any collective (a hung collective blocks the training thread,
 not this one: torch.distributed releases the GIL while it waits). The training loop marks the start of each step
-(``begin``) and the pauses that are not steps (validation, checkpoint writing: ``idle``). When the current step has
+(``begin``); validation and checkpoint writing are not timed (``paused``), the rest of the iteration is (the loss
+sync, logging, the preemption check's all-reduce). When the current step has
 run longer than the timeout, the thread
 
 1. writes a header (rank, step, seconds, where the training thread is) and ``faulthandler.dump_traceback`` of all
@@ -24,6 +25,7 @@ training stack.
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import logging
@@ -32,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 log = logging.getLogger("megatron_ext")
 
@@ -105,10 +107,11 @@ def read_header(path: str) -> Optional[Dict[str, Any]]:
             text = f.read()
     except OSError:
         return None
-    if not text.startswith(_HEADER) or not text.endswith(_END):
+    i = text.rfind(_HEADER)  # (after a dump the launcher asked for, when the rank then timed out itself)
+    if i < 0 or not text.endswith(_END):
         return None
     try:
-        return json.loads(text[len(_HEADER):text.index("\n")])
+        return json.loads(text[i + len(_HEADER):text.index("\n", i)])
     except ValueError:
         return None
 
@@ -172,8 +175,19 @@ class StepWatchdog:
         self._t0 = time.monotonic()
 
     def idle(self) -> None:
-        """Not in a step (validation, checkpoint writing): not timed."""
+        """Not in a step (training has ended): not timed."""
         self._t0 = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Validation and checkpoint writing inside a step's iteration: not timed; the clock goes on after."""
+        t0, start = self._t0, time.monotonic()
+        self._t0 = None
+        try:
+            yield
+        finally:
+            if t0 is not None:
+                self._t0 = t0 + (time.monotonic() - start)
 
     def close(self) -> None:
         self._stop.set()
@@ -217,7 +231,7 @@ class StepWatchdog:
         os.fsync(f.fileno())
         # every rank's file, or PEER_WAIT_S
         deadline = time.monotonic() + self.peer_wait_s
-        headers: Dict[int, Dict[str, Any]] = {}
+        headers: Dict[int, Dict[str, Any]] = {self.rank: header}
         while True:
             for r in range(self.world):
                 if r not in headers:

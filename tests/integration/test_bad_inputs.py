@@ -1203,7 +1203,7 @@ print("OPTIMIZER", type(opt).__name__, flush=True)
 """
 
 
-def test_tools_deepspeed_op_build_does_not_wait_on_a_dead_builders_lock():
+def test_tools_deepspeed_op_build_does_not_wait_on_a_dead_builders_lock(prebuilt_ops):
     """A killed JIT build of DeepSpeed's cpu_adam op leaves torch's ``lock`` in its build directory; building the
     optimizer later must not wait on it forever (before: no output, no end). Runs in the suite's own
     TORCH_EXTENSIONS_DIR, so the op it builds is the one the optimizer tests use."""

@@ -6,7 +6,8 @@ tensors bitwise.
 
 Layouts: 1 process, TP2, PP2, DP2 ZeRO-1, DP2 ZeRO-3, TP2 with ZeRO-2 and CPU offload of the optimizer: all 30
 ordered pairs, each with its round trip. One launch of B (``reshard_hop.py --train``) both writes the state it
-loaded and trains steps 11-20; a second launch takes that back to A. ``MEXT_RESHARD_MATRIX=cycle`` runs only a
+loaded and trains steps 11-20; the round trips back to A take one launch per layout A (``--many``: one engine
+loads, in turn, every B checkpoint of that A). ``MEXT_RESHARD_MATRIX=cycle`` runs only a
 cycle through the six layouts (each one A once and B once), for a quick look. Three more pairs go beyond the
 matrix: TP2 x PP2 (4 processes) -> DP2 ZeRO-3, PP2 with ZeRO-1 -> 1 process, and bf16 DP2 ZeRO-1 -> bf16 TP2
 ZeRO-2 (bf16 losses compared to bf16's precision).
@@ -115,20 +116,48 @@ def a_runs(tmp_path_factory, env):
     return exp, {a: _train(env, exp, f"A_{a}", a) for a in dict.fromkeys(a for a, _ in PAIRS)}
 
 
+@pytest.fixture(scope="module")
+def hops(a_runs, env):
+    """(a, b) -> (B's checkpoint of the state it loaded from A's step 10, B's run trained on to step 20); filled
+    by the tests of the pairs, or by the round-trip test for the pairs it finds missing."""
+    exp, runs = a_runs
+
+    def hop(a, b):
+        if (a, b) not in cache:
+            cache[a, b] = _hop(env, runs[a], exp, f"B_{a}_{b}", b, train=True)
+        return cache[a, b]
+
+    cache = {}
+    return hop
+
+
 @pytest.mark.parametrize("a,b", PAIRS, ids=[f"{a}-to-{b}" for a, b in PAIRS])
-def test_resume_in_other_layout(a_runs, env, a, b):
+def test_resume_in_other_layout(a_runs, hops, a, b):
     exp, runs = a_runs
     run_a = runs[a]
     state_a = _state(run_a)
     assert any(k.endswith("/exp_avg_sq") for k in state_a) and any(k.endswith("/step") for k in state_a)
     # the state B loads is A's, bitwise; B trains on from step 10 as A did
-    hop, run_b = _hop(env, run_a, exp, f"B_{a}_{b}", b, train=True)
+    hop, run_b = hops(a, b)
     _assert_bitwise(_state(hop), state_a, f"{a} -> {b}: state loaded in {b}")
-    # and back in A
-    back, _ = _hop(env, hop, exp, f"back_{a}_{b}", a)
-    _assert_bitwise(_state(back), state_a, f"{a} -> {b} -> {a}")
     la, lb = _losses(run_a), _losses(run_b)
     assert sorted(lb) == list(range(11, 21))
     rel = {s: abs(lb[s] - la[s]) / abs(la[s]) for s in lb}
     t11, t12, tall = TOLERANCE["bf16" if a.startswith("bf16") else "fp32"]
     assert rel[11] <= t11 and rel[12] <= t12 and max(rel.values()) <= tall, rel
+
+
+def test_round_trips_give_back_a_bitwise(a_runs, hops, env, tmp_path):
+    """Every pair's B checkpoint back in A: one launch per layout A loads, in turn, the checkpoints all its B's
+    wrote (``reshard_hop.py --many``) and writes each back; every one equals A's state bitwise."""
+    exp, runs = a_runs
+    for a in dict.fromkeys(a for a, _ in PAIRS):
+        listing = tmp_path / f"back_{a}.txt"
+        outs = {b: exp / "rs" / f"back_{a}_{b}" / "checkpoints" for x, b in PAIRS if x == a}
+        listing.write_text("".join(f"{hops(a, b)[0] / 'checkpoints'} {out}\n" for b, out in outs.items()))
+        world, over = LAYOUTS[a]
+        _run(env, world, ["tests/integration/reshard_hop.py", "--many", str(listing), *COMMON, *over,
+                          f"trainer.devices={world}", f"exp_manager.exp_dir={exp}", f"exp_manager.version=back_{a}"])
+        state_a = _state(runs[a])
+        for b in outs:
+            _assert_bitwise(_state(exp / "rs" / f"back_{a}_{b}"), state_a, f"{a} -> {b} -> {a}")

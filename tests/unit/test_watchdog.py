@@ -135,6 +135,8 @@ def test_a_stack_file_counts_once_complete(tmp_path):
     assert watchdog.read_header(str(p))["rank"] == 0
     p.write_text("Thread 0x1 (most recent call first):\n" + watchdog._END)  # a signal-only dump
     assert watchdog.read_header(str(p)) is None
+    p.write_text("Thread 0x1 (most recent call first):\n" + watchdog._HEADER + '{"rank": 1}\n' + watchdog._END)
+    assert watchdog.read_header(str(p)) == {"rank": 1}  # a launcher-asked dump, then the rank's own
 
 
 def test_earlier_dumps_are_moved_not_overwritten(tmp_path):
