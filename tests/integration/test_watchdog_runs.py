@@ -52,7 +52,7 @@ def test_stopped_rank_dumps_every_stack_and_exits_4(env, tmp_path):  # noqa: F81
     assert len(stacks) == 1 and f"stacks in {stacks[0]}" in line, (stacks, line)
     h = read_header(os.path.join(stacks[0], "rank0.txt"))
     assert h is not None and h["rank"] == 0 and h["collective"] is True, h
-    assert "megatron_ext/training/trainer.py" in h["where"], h
+    assert "called from " in h["where"] and "at megatron_ext/training/" in h["where"], h  # trainer / preemption check
     with open(os.path.join(stacks[0], "rank0.txt")) as f:
         text0 = f.read()
     assert "in _train_steps" in text0 and "step-watchdog" not in text0.split("\n", 1)[0]
