@@ -85,3 +85,29 @@ def test_straggler_named_only_while_slowed(run_env, tmp_path):
         assert m["train/step_time_slowest_rank"] in (0.0, 1.0), m
     assert rows[20]["train/step_time_slowest_rank"] == 1.0
     assert rows[20]["train/step_time_max"] > 1.2 * rows[20]["train/step_time_min"], rows[20]
+
+
+def test_parent_prints_the_reporters_line_and_names_its_stopped_worker(tmp_path, capfd):
+    """run_workers with a step-timeout report file: rank 1 stops itself (SIGSTOP), rank 0 writes the watchdog's
+    report and exits 4; the parent prints one line from the report with rank 1 named stopped, wakes rank 1 with the
+    dump signal (its default action ends it here), and returns 4."""
+    from megatron_ext.parallel.launch import run_workers
+
+    report = {"step": 3, "timeout_minutes": 0.1, "stacks_dir": str(tmp_path), "collective": {"0": "all_reduce at x"},
+              "not_collective": {}, "silent": [1]}
+    path = tmp_path / "report.json"
+    code = ("import json, os, signal, sys, time\n"
+            "r = int(os.environ['RANK'])\n"
+            "if r == 1:\n    os.kill(os.getpid(), signal.SIGSTOP)\n    time.sleep(60)\n"
+            "time.sleep(1.0)\n"
+            f"open({str(path)!r} + '.tmp', 'w').write({json.dumps(report)!r})\n"
+            f"os.replace({str(path)!r} + '.tmp', {str(path)!r})\n"
+            "sys.exit(4)\n")
+    rc = run_workers([sys.executable, "-c", code], 2, dict(os.environ), grace_s=5, settle_s=0.5,
+                     step_timeout_report=str(path))
+    err = capfd.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert rc == 4 and len(lines) == 1, err
+    assert lines[0] == ("error: step 3 exceeded trainer.step_timeout_minutes=0.1 (6 s); waiting in a collective: "
+                        "rank 0 (all_reduce at x); not in a collective: none; not responding: rank 1 (stopped "
+                        f"(SIGSTOP?); the launcher took its stacks); stacks in {tmp_path}"), lines[0]
