@@ -1,15 +1,18 @@
-"""Test-only fault injection: ``MEGATRON_EXT_FAULT_INJECT`` makes a chosen rank misbehave at chosen steps, so the
-fault-tolerance paths (hang watchdog, straggler detection, ...) can be tested with real processes.
+"""Test-only fault injection: ``MEGATRON_EXT_FAULT_INJECT`` makes chosen ranks misbehave at chosen steps.
 
-Syntax: semicolon-separated faults ``kind:rank=R:steps=S1,S2-S5[:arg=value]`` (steps are optimizer steps counted
-from 1, as in metrics.jsonl; ``a-b`` is inclusive). Kinds in this build:
+It exists so that the fault-tolerance paths (skipping bad steps, stragglers, hangs) can be exercised by real runs;
+it is not meant for training. The variable holds semicolon-separated faults::
 
-* ``sleep`` -- the rank sleeps in its compute at those steps, before the step's first collective: ``seconds=S``
-  (a fixed time; a large value makes a hang), or ``fraction=F`` (F x the rank's own measured compute time of its
+    kind:rank=R:steps=S1,S2-S5[:arg=value]
+
+- ``sleep``: the rank sleeps in its compute at those steps, before the step's first collective: ``seconds=S`` (a
+  fixed time; a large value makes a hang), or ``fraction=F`` (F x the rank's own measured compute time of its
   previous step, without injected sleep: "this rank is F slower"; needs the straggler measurement,
-  ``trainer.straggler_every_n_steps``).
+  ``trainer.straggler_every_n_steps``). Exactly one of the two.
 
-Never set it in a real run. A bad value stops the run with one error naming the variable.
+``rank`` is the global rank; ``steps`` are optimizer step numbers as logged (the first step is 1); a range ``S-E``
+includes both ends. Example: ``MEGATRON_EXT_FAULT_INJECT="sleep:rank=1:steps=11-20:fraction=0.3"``.
+A value that does not parse is a :class:`ConfigError` naming the variable, at start-up.
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ from megatron_ext.errors import ConfigError
 
 ENV = "MEGATRON_EXT_FAULT_INJECT"
 
-# kind -> {arg: (type, required group)}; a kind takes exactly one of the args listed under "one_of" when set
-_KINDS: Dict[str, Dict[str, object]] = {
-    "sleep": {"args": {"seconds": float, "fraction": float}, "one_of": ("seconds", "fraction")},
+# kind -> {argument: (type, default)}
+KINDS: Dict[str, Dict[str, tuple]] = {
+    "sleep": {"seconds": (float, None), "fraction": (float, None)},
 }
 
 
@@ -33,98 +36,99 @@ class Fault:
     kind: str
     rank: int
     steps: Set[int]
-    args: Dict[str, float] = field(default_factory=dict)
+    args: Dict[str, object] = field(default_factory=dict)
 
 
-def _bad(value: str, why: str) -> ConfigError:
-    return ConfigError(f"{ENV}={value!r}: {why}; expected semicolon-separated "
-                       f"'kind:rank=R:steps=S1,S2-S5[:arg=value]' with kind one of {', '.join(sorted(_KINDS))} "
-                       f"(a test-only variable, README 'Fault tolerance')")
+def _bad(value: str, part: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"{ENV}={value!r}: {why} in {part!r}; expected semicolon-separated 'kind:rank=R:steps=S1,S2-S5[:arg=value]' "
+        f"with kind one of {', '.join(sorted(KINDS))} (a test-only variable: unset it for training)"
+    )
 
 
-def _steps(value: str, text: str) -> Set[int]:
+def _steps(value: str, part: str, text: str) -> Set[int]:
     out: Set[int] = set()
-    for part in text.split(","):
-        lo, sep, hi = part.partition("-")
+    for item in text.split(","):
+        lo, sep, hi = item.strip().partition("-")
         try:
             a = int(lo)
             b = int(hi) if sep else a
         except ValueError:
-            raise _bad(value, f"steps={text!r} is not a list of steps or ranges a-b") from None
+            raise _bad(value, part, f"steps item {item!r} is not an integer or a range A-B") from None
         if a < 1 or b < a:
-            raise _bad(value, f"steps={text!r}: steps count from 1 and a range a-b needs a <= b")
+            raise _bad(value, part, f"steps item {item!r} must be >= 1 (a range A-B with A <= B)")
         out.update(range(a, b + 1))
     return out
 
 
 def parse(env_value: Optional[str]) -> List[Fault]:
-    """The faults of a ``MEGATRON_EXT_FAULT_INJECT`` value ([] for None or empty); ConfigError for a bad one."""
+    """The faults of a ``MEGATRON_EXT_FAULT_INJECT`` value (None or blank: none)."""
     faults: List[Fault] = []
-    if not env_value or not env_value.strip():
-        return faults
-    for item in (s.strip() for s in env_value.split(";")):
-        if not item:
+    for part in (env_value or "").split(";"):
+        part = part.strip()
+        if not part:
             continue
-        kind, *fields = item.split(":")
-        if kind not in _KINDS:
-            raise _bad(env_value, f"unknown fault kind {kind!r}")
-        spec = _KINDS[kind]
+        kind, *fields = [f.strip() for f in part.split(":")]
+        if kind not in KINDS:
+            raise _bad(env_value, part, f"unknown kind {kind!r}")
         kv: Dict[str, str] = {}
         for f in fields:
-            k, sep, v = f.partition("=")
-            if not sep or not k or k in kv:
-                raise _bad(env_value, f"{f!r} in {item!r} is not a single key=value")
+            k, eq, v = f.partition("=")
+            if not eq or not k or not v:
+                raise _bad(env_value, part, f"field {f!r} is not name=value")
+            if k in kv:
+                raise _bad(env_value, part, f"field {k!r} given twice")
             kv[k] = v
-        if "rank" not in kv or "steps" not in kv:
-            raise _bad(env_value, f"{item!r} needs rank=R and steps=...")
+        for need in ("rank", "steps"):
+            if need not in kv:
+                raise _bad(env_value, part, f"'{need}=' is missing")
         try:
             rank = int(kv.pop("rank"))
         except ValueError:
-            raise _bad(env_value, f"rank in {item!r} is not an integer") from None
+            raise _bad(env_value, part, "rank is not an integer") from None
         if rank < 0:
-            raise _bad(env_value, f"rank in {item!r} must be >= 0")
-        steps = _steps(env_value, kv.pop("steps"))
-        args: Dict[str, float] = {}
-        for k, v in kv.items():
-            typ = spec["args"].get(k)  # type: ignore[union-attr]
-            if typ is None:
-                raise _bad(env_value, f"{kind} takes no argument {k!r} (it takes {', '.join(spec['args'])})")
+            raise _bad(env_value, part, "rank must be >= 0")
+        steps = _steps(env_value, part, kv.pop("steps"))
+        args: Dict[str, object] = {}
+        for name, (typ, default) in KINDS[kind].items():
+            raw = kv.pop(name, None)
+            if raw is None:
+                args[name] = default
+                continue
             try:
-                args[k] = typ(v)
+                args[name] = typ(raw)
             except ValueError:
-                raise _bad(env_value, f"{k}={v!r} in {item!r} is not a number") from None
-            if args[k] < 0:
-                raise _bad(env_value, f"{k}={v!r} in {item!r} must be >= 0")
-        one_of = spec.get("one_of")
-        if one_of and sum(k in args for k in one_of) != 1:  # type: ignore[union-attr]
-            raise _bad(env_value, f"{item!r} needs exactly one of {', '.join(one_of)}")  # type: ignore[arg-type]
+                raise _bad(env_value, part, f"{name}={raw!r} is not a {typ.__name__}") from None
+        if kv:
+            raise _bad(env_value, part, f"unknown argument(s) {', '.join(sorted(kv))} for kind {kind!r}")
+        if kind == "sleep":
+            given = [k for k in ("seconds", "fraction") if args[k] is not None]
+            if len(given) != 1:
+                raise _bad(env_value, part, "sleep takes exactly one of seconds=S, fraction=F")
+            if not args[given[0]] >= 0:
+                raise _bad(env_value, part, f"{given[0]} must be >= 0")
         faults.append(Fault(kind, rank, steps, args))
     return faults
 
 
-_cache: Optional[tuple] = None
+_cache: tuple = (None, [])  # (the variable's value, its faults)
 
 
-def _faults() -> List[Fault]:
+def from_env() -> List[Fault]:
+    """The faults of the current ``MEGATRON_EXT_FAULT_INJECT`` (parsed once per value)."""
     global _cache
     value = os.environ.get(ENV)
-    if _cache is None or _cache[0] != value:
+    if value != _cache[0]:
         _cache = (value, parse(value))
     return _cache[1]
 
 
 def active(kind: str, rank: int, step: int) -> Optional[Fault]:
-    """The fault of ``kind`` injected on ``rank`` at ``step`` (environment variable ``MEGATRON_EXT_FAULT_INJECT``),
-    or None."""
-    for f in _faults():
+    """The fault of ``kind`` that ``MEGATRON_EXT_FAULT_INJECT`` sets for ``rank`` at ``step``, if any."""
+    for f in from_env():
         if f.kind == kind and f.rank == rank and step in f.steps:
             return f
     return None
-
-
-def check() -> List[Fault]:
-    """Parse the variable now (at start-up: a bad value stops the run before training)."""
-    return _faults()
 
 
 def inject_sleep(rank: int, step: int, monitor=None) -> float:
@@ -133,10 +137,10 @@ def inject_sleep(rank: int, step: int, monitor=None) -> float:
     f = active("sleep", rank, step)
     if f is None:
         return 0.0
-    if "seconds" in f.args:
-        seconds = f.args["seconds"]
+    if f.args.get("seconds") is not None:
+        seconds = float(f.args["seconds"])
     else:
-        seconds = f.args["fraction"] * ((monitor.last_compute if monitor is not None else None) or 0.0)
+        seconds = float(f.args["fraction"]) * ((monitor.last_compute if monitor is not None else None) or 0.0)
     time.sleep(seconds)
     if monitor is not None:
         monitor.injected += seconds

@@ -211,7 +211,7 @@ def for_trainer(trainer) -> Optional[StragglerMonitor]:
     """The monitor of a trainer's run, installed on its engine (None when off)."""
     cfg = trainer.cfg
     every = resolve_every(cfg)
-    wants_fraction = any(f.kind == "sleep" and "fraction" in f.args for f in faults.check())
+    wants_fraction = any(f.kind == "sleep" and f.args.get("fraction") is not None for f in faults.from_env())
     if every <= 0:
         if wants_fraction:
             raise ConfigError(f"{faults.ENV}: a sleep fault with fraction=F needs the straggler measurement "

@@ -633,7 +633,7 @@ class Trainer:
         ckpt = _CheckpointSchedule(self)
         self._preempt = preemption.PreemptionHandler(self.device)
         self._preempt.install()  # SIGTERM / SIGUSR1 only set a flag, checked at every step boundary
-        faults.check()  # a bad MEGATRON_EXT_FAULT_INJECT (test-only) stops here
+        faults.from_env()  # a bad MEGATRON_EXT_FAULT_INJECT (test-only) stops here
         self._stragglers = stragglers.for_trainer(self)  # per-rank compute time (trainer.straggler_every_n_steps)
         self._watchdog = watchdog.for_trainer(self)  # trainer.step_timeout_minutes
         try:
