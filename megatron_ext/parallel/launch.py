@@ -323,9 +323,10 @@ def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optio
     SIGTERM or SIGUSR1 to the parent is forwarded to every worker: they agree to stop after the same step, write a
     checkpoint and exit 75 (``EXIT_REQUEUE``), which is then the parent's status too (not a failure); the parent
     says what it waits for every ``wait_note_s``. A second SIGTERM stops the workers at once (return 143); Ctrl-C
-    stops them (return 130). ``info`` (optional) receives ``line`` (the failure line) and ``terminated``. With ``step_timeout_report`` (the file the workers' step watchdog reports to,
-    ``watchdog.REPORT_ENV``) a worker's exit status 4 makes the parent print the watchdog's one line instead, with the
-    workers it finds stopped named (and their stacks taken).
+    stops them (return 130). ``info`` (optional) receives ``line`` (the failure line) and ``terminated``. With
+    ``step_timeout_report`` (the file the workers' step watchdog reports to, ``watchdog.REPORT_ENV``) a worker's
+    exit status 4 makes the parent print the watchdog's one line instead, with the workers it finds stopped named
+    (and their stacks taken).
     """
     procs: List[subprocess.Popen] = []
     info = {} if info is None else info
@@ -390,7 +391,7 @@ def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optio
                       f"({time.monotonic() - sig_t:.0f} s since the signal)", file=sys.stderr, flush=True)
                 note_t = time.monotonic()
             if failed and step_timeout_report and EXIT_STEP_TIMEOUT in failed.values():
-                line = watchdog.launcher_report(step_timeout_report, procs, None, watchdog.PEER_WAIT_S + 5.0,
+                line = watchdog.launcher_report(step_timeout_report, procs, watchdog.PEER_WAIT_S + 5.0,
                                                 _proc_state)
                 if line is not None:
                     info["line"] = line

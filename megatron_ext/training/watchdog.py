@@ -296,8 +296,7 @@ def for_trainer(trainer) -> Optional[StepWatchdog]:
 
 
 # ----------------------------------------------------------------------------------------------- the launcher side
-def launcher_report(report_file: str, procs: List[Any], stacks_dir_hint: Optional[str], wait_s: float,
-                    proc_state) -> Optional[str]:
+def launcher_report(report_file: str, procs: List[Any], wait_s: float, proc_state) -> Optional[str]:
     """In the self-launching parent after a worker exited with status 4: make stopped workers dump their stacks
     (DUMP_SIGNAL, then SIGCONT), wait up to ``wait_s`` for the reporter's JSON, and return the one line (None when
     no worker reported: the caller prints its own)."""
