@@ -10,9 +10,10 @@ Config: configs/bart/megatron_bart_config.yaml over the schema ``BARTConfig`` in
 (precedence CLI > YAML > dataclass defaults). Shares the trainer, exp manager, checkpoints, logging, launchers
 and tensor/data parallelism of pretrain_gpt.py. See README.md.
 
-Exit status: 0 ok; 2 bad input (one line ``error: ...``) or training stopped on
-a bad step (trainer.nan_policy / max_consecutive_skips); 3 a collective failed or timed out; 75 preempted (SIGTERM /
-SIGUSR1: a checkpoint of the last step was written; requeue the job); 130 interrupted.
+Exit status: 0 ok; 2 bad input (one line ``error: ...``) or training stopped on a bad step (trainer.nan_policy /
+max_consecutive_skips); 3 a collective failed or timed out; 4 a step exceeded trainer.step_timeout_minutes (every
+rank's stacks in <run_dir>/stacks/); 75 preempted (SIGTERM / SIGUSR1: a checkpoint of the last step was written;
+requeue the job); 130 interrupted.
 """
 import sys
 

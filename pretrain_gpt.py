@@ -11,11 +11,13 @@
 Config: configs/gpt/megatron_gpt_config.yaml over the schema in megatron_ext/config/schema.py
 (precedence CLI > YAML > dataclass defaults). See README.md.
 
-Exit status: 0 ok; 2 bad input (one line ``error: ...``, or Hydra's message for its own config errors), or training stopped on a bad
-step (a non-finite loss or spike, trainer.nan_policy / max_consecutive_skips); 3 a
-collective failed or timed out (one line ``error: rank R: ...``: another rank died or hung); 75 preempted (SIGTERM or
-SIGUSR1 to any rank or to the self-launching parent: every rank stopped after the same step, a checkpoint of it was
-written; requeue the job, it resumes from there); 130 interrupted (Ctrl-C).
+Exit status: 0 ok; 2 bad input (one line ``error: ...``, or Hydra's message for its own config errors), or training
+stopped on a bad step (a non-finite loss or spike, trainer.nan_policy / max_consecutive_skips); 3 a collective failed
+or timed out (one line ``error: rank R: ...``: another rank died or hung); 4 a step exceeded
+trainer.step_timeout_minutes (one line ``error: step N exceeded ...`` naming the ranks that waited in a collective and
+those that did not; every rank's stacks in <run_dir>/stacks/); 75 preempted (SIGTERM or SIGUSR1 to any rank or to the
+self-launching parent: every rank stopped after the same step, a checkpoint of it was written; requeue the job, it
+resumes from there); 130 interrupted (Ctrl-C).
 """
 import sys
 

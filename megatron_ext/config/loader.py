@@ -12,6 +12,7 @@ from megatron_ext.config.model_validation import check_model_config
 from megatron_ext.config.schema import BARTConfig, GPTConfig, default_optim
 from megatron_ext.config.validation import check_run_config
 from megatron_ext.errors import ConfigError
+from megatron_ext.training.stragglers import resolve_every
 
 SCHEMAS = {"gpt_schema": GPTConfig, "bart_schema": BARTConfig}
 
@@ -294,6 +295,15 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
         _positive(cfg, key, allow_zero=True)
     if t.limit_train_batches is not None and t.limit_train_batches < 0:
         raise ConfigError(f"trainer.limit_train_batches={t.limit_train_batches}: expected null or an integer >= 0")
+    step_timeout = t.get("step_timeout_minutes")
+    if step_timeout is not None and not step_timeout > 0:
+        raise ConfigError(f"trainer.step_timeout_minutes={step_timeout}: expected null (off) or a number of minutes > 0")
+    every = t.get("straggler_every_n_steps")
+    if every is not None and every < 0:
+        raise ConfigError(f"trainer.straggler_every_n_steps={every}: expected null (auto), 0 (off) or an integer > 0")
+    thr = t.get("straggler_threshold")
+    if thr is None or not thr > 0:
+        raise ConfigError(f"trainer.straggler_threshold={thr}: expected a fraction > 0 (0.2 = 20% slower)")
     em = cfg.exp_manager
     if m.ckpt_path and em.resume_from_checkpoint:
         raise ConfigError(
@@ -336,6 +346,7 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
         raise ConfigError(f"model.zero_stage={m.zero_stage}: expected 0, 1, 2 or 3")
     if m.deepspeed_config is not None and not os.path.isfile(m.deepspeed_config):
         raise ConfigError(f"model.deepspeed_config: file not found: {m.deepspeed_config}")
+    resolve_every(cfg)  # trainer.straggler_every_n_steps > 0 where compute cannot be measured: refused
     if pp > 1 and m.zero_stage >= 2:
         raise ConfigError(
             f"model.zero_stage={m.zero_stage} cannot be combined with model.pipeline_model_parallel_size={pp}: "

@@ -45,6 +45,14 @@ class TrainerConfig:
     # self-launch (trainer.devices>1 or this key>0, no launcher): restart all processes after a failure up to this
     # many times, resuming from the latest checkpoint (not after bad input, exit 2, nor a preemption, exit 75)
     max_restarts: int = 0
+    # a step (the train step, its loss sync and logging; not validation or checkpoint writing) running longer makes
+    # every rank dump its stacks to <run_dir>/stacks/ and the job exit 4; null = off
+    step_timeout_minutes: Optional[float] = None
+    # all-gather each rank's compute time every N steps (train/step_time_min, _max, _slowest_rank); 0 = off,
+    # null = 10 where it can be measured (no pipeline engine, ZeRO < 3), else off
+    straggler_every_n_steps: Optional[int] = None
+    # warn when a rank computes more than this fraction longer than the median of the others (median over a window)
+    straggler_threshold: float = 0.2
 
 
 @dataclass

@@ -12,7 +12,10 @@
 * :func:`strip_launcher_args` — drops the ``--local_rank=N`` argument the deepspeed launcher appends, which
   Hydra would reject.
 
-Exit statuses of the entry points: 2 = bad input (config, data), 3 = a collective failed or timed out, 75 = preempted
+Exit statuses of the entry points: 2 = bad input (config, data), 3 = a collective failed or timed out, 4 = a step
+exceeded ``trainer.step_timeout_minutes`` (``megatron_ext.training.watchdog``: every rank's stacks in
+``<run_dir>/stacks/``; with self-launch the parent prints the one line naming the ranks that waited in a collective,
+those that did not and those that did not respond, e.g. a stopped worker, whose stacks it takes too), 75 = preempted
 (SIGTERM/SIGUSR1): a checkpoint of the last step was written, requeue the job (``EXIT_REQUEUE``).
 """
 from __future__ import annotations
@@ -30,9 +33,11 @@ from typing import Dict, Iterator, List, Optional, Sequence
 from megatron_ext.config.loader import check_config, validate_config
 from megatron_ext.errors import ConfigError
 from megatron_ext.parallel.state import _free_port as fp, read_dist_env, use_cuda
+from megatron_ext.training import watchdog
 from megatron_ext.training.exp_manager import resolve_run_dir
 
 EXIT_DIST_FAILURE = 3
+EXIT_STEP_TIMEOUT = watchdog.EXIT_STEP_TIMEOUT  # 4: a step exceeded trainer.step_timeout_minutes
 EXIT_BAD_INPUT = 2
 # EXIT_REQUEUE = 75: preempted (SIGTERM / SIGUSR1), every rank stopped after the same step and a checkpoint of it was
 # written; requeue the job (EX_TEMPFAIL). RESTART_ENV: set in the workers on a restart by the self-launcher
@@ -195,7 +200,15 @@ def maybe_self_launch(cfg, schema=None) -> Optional[int]:
           + (f", OMP_NUM_THREADS={env['OMP_NUM_THREADS']}" if "OMP_NUM_THREADS" in env else "")
           + (f", up to {t.max_restarts} restarts" if t.max_restarts else "") + ")",
           file=sys.stderr, flush=True)
-    return run_with_restarts(cmd, nprocs, env, cwd=_original_cwd(), max_restarts=int(t.max_restarts))
+    if t.get("step_timeout_minutes") is None:
+        return run_with_restarts(cmd, nprocs, env, cwd=_original_cwd(), max_restarts=int(t.max_restarts))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mext-launch-") as tmp:  # the step watchdog's report comes here
+        report = os.path.join(tmp, "step_timeout.json")
+        env[watchdog.REPORT_ENV] = report
+        return run_with_restarts(cmd, nprocs, env, cwd=_original_cwd(), max_restarts=int(t.max_restarts),
+                                 step_timeout_report=report)
 
 
 # exit statuses after which restarting cannot help (or is not wanted): ok, bad input, preempted, interrupted
@@ -281,6 +294,10 @@ def _failure_line(failed: Dict[int, int], still_running: Dict[int, str]) -> tupl
     elif rc == EXIT_DIST_FAILURE:
         what = f"rank {rank} exited with status 3 (a collective failed or timed out; see its error above)"
         status = rc
+    elif rc == EXIT_STEP_TIMEOUT:
+        what = (f"rank {rank} exited with status 4 (a step exceeded trainer.step_timeout_minutes; its stacks are in "
+                f"the run directory's stacks/)")
+        status = rc
     else:
         what = f"rank {rank} exited with status {rc} (see its output above)"
         status = rc
@@ -294,7 +311,8 @@ def _failure_line(failed: Dict[int, int], still_running: Dict[int, str]) -> tupl
 
 def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optional[str] = None,
                 grace_s: float = 10.0, settle_s: float = 3.0, poll_s: float = 0.1,
-                info: Optional[Dict[str, object]] = None, wait_note_s: float = 30.0) -> int:
+                info: Optional[Dict[str, object]] = None, wait_note_s: float = 30.0,
+                step_timeout_report: Optional[str] = None) -> int:
     """Run ``cmd`` as ranks 0..nprocs-1 (RANK and LOCAL_RANK set on top of ``env``) and wait.
 
     All exit 0 -> 0. When one fails, the others are stopped (SIGTERM, SIGKILL after ``grace_s``) and one line
@@ -305,10 +323,16 @@ def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optio
     SIGTERM or SIGUSR1 to the parent is forwarded to every worker: they agree to stop after the same step, write a
     checkpoint and exit 75 (``EXIT_REQUEUE``), which is then the parent's status too (not a failure); the parent
     says what it waits for every ``wait_note_s``. A second SIGTERM stops the workers at once (return 143); Ctrl-C
-    stops them (return 130). ``info`` (optional) receives ``line`` (the failure line) and ``terminated``.
+    stops them (return 130). ``info`` (optional) receives ``line`` (the failure line) and ``terminated``. With
+    ``step_timeout_report`` (the file the workers' step watchdog reports to, ``watchdog.REPORT_ENV``) a worker's
+    exit status 4 makes the parent print the watchdog's one line instead, with the workers it finds stopped named
+    (and their stacks taken).
     """
     procs: List[subprocess.Popen] = []
     info = {} if info is None else info
+    if step_timeout_report:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(step_timeout_report)  # an earlier attempt's (trainer.max_restarts)
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers only work there
     old_int = signal.getsignal(signal.SIGINT)
     old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
@@ -366,6 +390,14 @@ def run_workers(cmd: Sequence[str], nprocs: int, env: Dict[str, str], cwd: Optio
                 print(f"[launch] waiting for ranks {waiting} to finish their step and write the checkpoint "
                       f"({time.monotonic() - sig_t:.0f} s since the signal)", file=sys.stderr, flush=True)
                 note_t = time.monotonic()
+            if failed and step_timeout_report and EXIT_STEP_TIMEOUT in failed.values():
+                line = watchdog.launcher_report(step_timeout_report, procs, watchdog.PEER_WAIT_S + 5.0,
+                                                _proc_state)
+                if line is not None:
+                    info["line"] = line
+                    _stop(procs, grace_s)
+                    print(line, file=sys.stderr, flush=True)
+                    return EXIT_STEP_TIMEOUT
             if failed:
                 # give the other ranks a moment to exit on their own (and print what they saw) before stopping them
                 all_done = all(rc is not None for rc in rcs)

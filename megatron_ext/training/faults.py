@@ -7,14 +7,20 @@ it is not meant for training. The variable holds semicolon-separated faults::
 
 - ``nan``: the rank's loss of those steps becomes NaN (so do its gradients).
 - ``spike``: the rank's loss (and gradients) of those steps is multiplied by ``factor`` (default 100).
+- ``sleep``: the rank sleeps in its compute at those steps, before the step's first collective: ``seconds=S`` (a
+  fixed time; a large value makes a hang), or ``fraction=F`` (F x the rank's own measured compute time of its
+  previous step, without injected sleep: "this rank is F slower"; needs the straggler measurement,
+  ``trainer.straggler_every_n_steps``). Exactly one of the two.
 
 ``rank`` is the global rank; ``steps`` are optimizer step numbers as logged (the first step is 1); a range ``S-E``
-includes both ends. Example: ``MEGATRON_EXT_FAULT_INJECT="nan:rank=1:steps=5;spike:rank=0:steps=9:factor=50"``.
+includes both ends. Examples: ``MEGATRON_EXT_FAULT_INJECT="nan:rank=1:steps=5;spike:rank=0:steps=9:factor=50"``,
+``MEGATRON_EXT_FAULT_INJECT="sleep:rank=1:steps=11-20:fraction=0.3"``.
 A value that does not parse is a :class:`ConfigError` naming the variable, at start-up.
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
@@ -26,6 +32,7 @@ ENV = "MEGATRON_EXT_FAULT_INJECT"
 KINDS: Dict[str, Dict[str, tuple]] = {
     "nan": {},
     "spike": {"factor": (float, 100.0)},
+    "sleep": {"seconds": (float, None), "fraction": (float, None)},
 }
 
 
@@ -101,6 +108,12 @@ def parse(env_value: Optional[str]) -> List[Fault]:
             raise _bad(env_value, part, f"unknown argument(s) {', '.join(sorted(kv))} for kind {kind!r}")
         if kind == "spike" and not args["factor"] > 0:
             raise _bad(env_value, part, "factor must be > 0")
+        if kind == "sleep":
+            given = [k for k in ("seconds", "fraction") if args[k] is not None]
+            if len(given) != 1:
+                raise _bad(env_value, part, "sleep takes exactly one of seconds=S, fraction=F")
+            if not args[given[0]] >= 0:
+                raise _bad(env_value, part, f"{given[0]} must be >= 0")
         faults.append(Fault(kind, rank, steps, args))
     return faults
 
@@ -123,3 +136,19 @@ def active(kind: str, rank: int, step: int) -> Optional[Fault]:
         if f.kind == kind and f.rank == rank and step in f.steps:
             return f
     return None
+
+
+def inject_sleep(rank: int, step: int, monitor=None) -> float:
+    """The ``sleep`` fault of ``rank`` at ``step``, if any: sleep (``fraction`` is relative to ``monitor``'s
+    ``last_compute``, the straggler measurement), tell the monitor how long, return the seconds slept."""
+    f = active("sleep", rank, step)
+    if f is None:
+        return 0.0
+    if f.args.get("seconds") is not None:
+        seconds = float(f.args["seconds"])
+    else:
+        seconds = float(f.args["fraction"]) * ((monitor.last_compute if monitor is not None else None) or 0.0)
+    time.sleep(seconds)
+    if monitor is not None:
+        monitor.injected += seconds
+    return seconds

@@ -19,6 +19,7 @@ small all-reduce and host sync per step) and a bad step is stopped at or skipped
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointE
 from megatron_ext.modules.cross_entropy import loss_token_count, loss_token_denominator
 from megatron_ext.parallel import state as pstate
 from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
-from megatron_ext.training import faults
+from megatron_ext.training import faults, stragglers, watchdog
 from megatron_ext.training.bad_steps import BadSteps, install_update_skip
 from megatron_ext.training.checkpointing import Checkpointer, LoadedState
 from megatron_ext.training.engine import build_ds_config, build_engine, deepspeed_internal, model_parallel_grad_norm
@@ -567,7 +568,11 @@ class Trainer:
         if self.dp_size > 1:
             from megatron.core import parallel_state as ps
 
+            strag = getattr(self, "_stragglers", None)  # this collective's time is waiting, not compute
+            token = strag.wait_begin() if strag is not None else None
             dist.all_reduce(count, group=ps.get_data_parallel_group())
+            if strag is not None:
+                strag.wait_end(token)
         return batches, count, loss_token_denominator(count, accum, self.dp_size)
 
     def _train_step(self, it: Iterator, keep_extras: bool) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
@@ -716,6 +721,9 @@ class Trainer:
         ckpt = _CheckpointSchedule(self)
         self._preempt = preemption.PreemptionHandler(self.device)
         self._preempt.install()  # SIGTERM / SIGUSR1 only set a flag, checked at every step boundary
+        faults.from_env()  # a bad MEGATRON_EXT_FAULT_INJECT (test-only) stops here
+        self._stragglers = stragglers.for_trainer(self)  # per-rank compute time (trainer.straggler_every_n_steps)
+        self._watchdog = watchdog.for_trainer(self)  # trainer.step_timeout_minutes
         try:
             return self._train_steps(train_ds, val_ds, step, consumed, ckpt)
         except BaseException:
@@ -723,6 +731,8 @@ class Trainer:
             raise
         finally:
             self._preempt.uninstall()
+            if self._watchdog is not None:
+                self._watchdog.close()
 
     def _stop_if_preempted(self, step: int, first_step: int, consumed: int, pending: list, lr: float,
                            last_loss: Optional[float], ckpt: "_CheckpointSchedule") -> None:
@@ -754,7 +764,13 @@ class Trainer:
         last_loss, last_val, extras = None, None, {}
         t_start = time.perf_counter()
         self._stop_if_preempted(step, first_step, consumed, pending, 0.0, last_loss, ckpt)  # (a signal during start-up)
+        wd, strag, strag_metrics = self._watchdog, self._stragglers, {}
         while step < last_step:
+            if wd is not None:
+                wd.begin(step + 1)
+            if strag is not None:
+                strag.step_begin(step + 1)
+            faults.inject_sleep(self.rank, step + 1, strag)  # test-only (MEGATRON_EXT_FAULT_INJECT)
             lr = self.optimizer.param_groups[0]["lr"]
             logs = (step + 1) % t.log_every_n_steps == 0 or step + 1 == last_step or step == first_step
             if hasattr(self.engine, "mext_want_norm"):  # fp32 ZeRO-0: our clipping computes the norm (if clip = 0: on demand)
@@ -767,6 +783,8 @@ class Trainer:
                 loss, extras = self._train_step(it, keep_extras=logs)
             step += 1
             consumed += gbs
+            if strag is not None:  # every straggler_every_n_steps: one small all-gather of the compute times
+                strag_metrics = strag.step_end(step) or strag_metrics
             meter.steps += 1
             skipped = recorded or self._skip_why
             if skipped:
@@ -779,21 +797,31 @@ class Trainer:
                 last_loss, extras = self._sync(pending, extras, lr)
                 pending = []
             if logs and not skipped:
-                self._log_train(step, last_step, consumed, last_loss, lr, extras, meter.interval())
+                self._log_train(step, last_step, consumed, last_loss, lr, {**extras, **strag_metrics},
+                                meter.interval())
+                strag_metrics = {}
             if t.val_check_interval and step % t.val_check_interval == 0 and t.limit_val_batches > 0:
-                last_val = self._validate_and_log(val_ds, step)
+                with self._untimed():
+                    last_val = self._validate_and_log(val_ds, step)
                 meter.restart()
             if ckpt.due(step):
                 ckpt.save(step, consumed, last_loss)
                 meter.restart()
             if step < last_step:
                 self._stop_if_preempted(step, first_step, consumed, pending, lr, last_loss, ckpt)
+        if wd is not None:
+            wd.idle()  # training is over
         if ckpt.due_at_end(step, first_step):
             ckpt.save(step, consumed, last_loss)
         ckpt.finish()  # a checkpoint still being written in the background
         elapsed = time.perf_counter() - t_start
         log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
         return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}
+
+    def _untimed(self):
+        """Validation and checkpoint writing do not count towards trainer.step_timeout_minutes."""
+        wd = getattr(self, "_watchdog", None)
+        return wd.paused() if wd is not None else contextlib.nullcontext()
 
     def _log_train(self, step: int, last_step: int, consumed: int, loss: float, lr: float, extras: Dict[str, float],
                    perf: Dict[str, float]) -> None:
@@ -825,12 +853,14 @@ class _CheckpointSchedule:
         return self.ckpt is not None and bool(self.save_last) and self.saved_at != step and step > first_step
 
     def save(self, step: int, consumed: int, loss: Optional[float]) -> None:
-        self.trainer._save(self.ckpt, step, consumed, loss)
+        with self.trainer._untimed():
+            self.trainer._save(self.ckpt, step, consumed, loss)
         self.saved_at = step
 
     def finish(self, quiet: bool = False) -> None:
         if self.ckpt is not None:
-            self.ckpt.finish(quiet)
+            with self.trainer._untimed():
+                self.ckpt.finish(quiet)
 
 
 class _Throughput:
