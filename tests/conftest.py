@@ -3,7 +3,8 @@
 Subprocess runs of the tests go through one fork server per session (``tests/forkserver``, ``helpers.PYTHON``).
 ``TORCH_EXTENSIONS_DIR`` defaults to ``<checkout>/.cache/torch_extensions`` (gitignored) for the test session and
 every subprocess it starts: DeepSpeed's JIT ops (``cpu_adam``, ``fused_adam``) are built once per checkout, not
-once per session. A ``TORCH_EXTENSIONS_DIR`` set by the caller is kept."""
+once per session; ``MEGATRON_EXT_KERNELS_CACHE`` (the EMA kernels) defaults to ``<checkout>/.cache/kernels``. Values
+set by the caller are kept."""
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import helpers
 from helpers import REPO, script_env
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions"))
+# the fused EMA kernels (megatron_ext.kernels) likewise: once per checkout, never in the user's ~/.cache
+os.environ.setdefault("MEGATRON_EXT_KERNELS_CACHE", os.path.join(REPO, ".cache", "kernels"))
 
 _FORKSERVER = None
 
@@ -45,14 +48,16 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: 0 if os.sep + "unit" + os.sep in str(item.path) else 1)
 
 
-# DeepSpeed's JIT ops, built by one background process started with the session when integration tests are
-# collected: a cold checkout's builds (~1 minute of compiler time) overlap the in-process tier instead of stalling
-# the first test that needs them. Every builder holds the op's BuildLock (megatron_ext.kernels), so a test that
+# DeepSpeed's JIT ops and our CPU EMA kernel, built by one background process started with the session when
+# integration tests are collected: a cold checkout's builds (~1 minute of compiler time) overlap the in-process tier
+# instead of stalling the first test that needs them. Every builder holds the op's BuildLock (megatron_ext.kernels), so a test that
 # needs an op before it is done waits for it (saying so after 10 s) and then loads the built op.
 PREBUILD_OPS = ("cpu_adam", "fused_adam")
 _PREBUILD_SCRIPT = """
 import megatron_ext
+from megatron_ext.kernels import build
 from megatron_ext.training.optim import AVAILABLE_OPTIMIZERS, _load_deepspeed_op
+print("ema cpu kernel", build(cuda=False)["cpu"], flush=True)
 for name in %r:
     if name in AVAILABLE_OPTIMIZERS:
         print(name, _load_deepspeed_op(name) or "ok", flush=True)

@@ -710,14 +710,15 @@ class Trainer:
                          self._ppl(val, extra), "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
                 result.update(step=self._loaded_step, val_loss=val)
                 return result
-            self.bad = BadSteps(t, self.cfg.model.global_batch_size, self.rank, self.device)
-            self.bad.start(self.exp.run_dir, consumed, self._restored_meta, own_run=self._resumed_own)
             result.update(self._train_loop(train_ds, val_ds, step, consumed))
             return result
         finally:
             self.exp.close()
 
     def _train_loop(self, train_ds, val_ds, step: int, consumed: int) -> Dict[str, Any]:
+        """Train from ``step`` (``consumed`` samples) to the end, once the engine is built and restored."""
+        self.bad = BadSteps(self.cfg.trainer, self.cfg.model.global_batch_size, self.rank, self.device)
+        self.bad.start(self.exp.run_dir, consumed, self._restored_meta, own_run=self._resumed_own)
         ckpt = _CheckpointSchedule(self)
         self._preempt = preemption.PreemptionHandler(self.device)
         self._preempt.install()  # SIGTERM / SIGUSR1 only set a flag, checked at every step boundary

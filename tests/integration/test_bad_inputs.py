@@ -962,6 +962,8 @@ def _tools_preprocess(capsys, *args):
 
 def _tools_env(**extra):
     env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # (left by an in-process run)
+        env.pop(k, None)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
