@@ -69,6 +69,8 @@ def pytest_collection_finish(session):
     global _PREBUILD
     if os.environ.get("MEGATRON_EXT_TEST_PREBUILD") == "0" or session.config.option.collectonly:
         return
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return  # with pytest-xdist, the first worker builds for all
     if not any(os.sep + "integration" + os.sep in str(item.path) for item in session.items):
         return
     os.makedirs(os.path.join(REPO, ".cache"), exist_ok=True)  # (gitignored)
