@@ -28,6 +28,8 @@ def pytest_configure(config):
     global _FORKSERVER
     import forkserver
 
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller runs no test: each worker starts its own server
     _FORKSERVER = forkserver.start()
     if _FORKSERVER is not None:
         helpers.PYTHON = _FORKSERVER.python
@@ -42,10 +44,22 @@ def pytest_unconfigure(config):
         _PREBUILD.wait()
 
 
+# the longest integration modules (a few minutes of the suite together) start first, so that the two pytest-xdist
+# workers finish together rather than one waiting for the other's last long module; those that need DeepSpeed's
+# ops (test_optim, test_reshard's CPU offload) stay later, when the background build (below) is done
+LONG_FIRST = ("test_launch.py", "test_preemption.py", "test_watchdog_runs.py", "test_synthetic_train.py",
+              "test_bench_scaling.py", "test_parallel_equivalence.py")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The in-process tier first, then the subprocess tier (each in its collection order): quick failures come
-    first, and DeepSpeed's ops build in the background (below) while the unit tests run."""
-    items.sort(key=lambda item: 0 if os.sep + "unit" + os.sep in str(item.path) else 1)
+    """The in-process tier first, then the subprocess tier (its longest modules first, the rest in collection
+    order): quick failures come first, and DeepSpeed's ops build in the background (below) meanwhile."""
+    def key(item):
+        if os.sep + "unit" + os.sep in str(item.path):
+            return 0, 0
+        name = item.path.name
+        return 1, (LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST))
+    items.sort(key=key)
 
 
 # DeepSpeed's JIT ops and our CPU EMA kernel, built by one background process started with the session when

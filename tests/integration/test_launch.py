@@ -265,9 +265,9 @@ def test_killed_rank_gives_clear_errors(env, tmp_path):
 
 
 def test_hung_rank_times_out_with_clear_error(env, tmp_path):
-    """SIGSTOP one rank (a hang, not a death): with trainer.dist_timeout_minutes=0.2 the other rank reports the
-    timed-out collective after ~12 s and exits 3; the parent names the stopped rank."""
-    p = _start([sys.executable, "pretrain_gpt.py", *LONG, "trainer.dist_timeout_minutes=0.2",
+    """SIGSTOP one rank (a hang, not a death): with trainer.dist_timeout_minutes=0.1 the other rank reports the
+    timed-out collective after ~6 s and exits 3; the parent names the stopped rank."""
+    p = _start([sys.executable, "pretrain_gpt.py", *LONG, "trainer.dist_timeout_minutes=0.1",
                 f"exp_manager.exp_dir={tmp_path}"], env, tmp_path / "stop.log")
     kids = {}
     try:
@@ -285,8 +285,8 @@ def test_hung_rank_times_out_with_clear_error(env, tmp_path):
                 pass
         _kill_group(p)
     assert rc == 3, out[-3000:]
-    assert 0.2 * 60 * 0.8 < elapsed < 0.2 * 60 + 45, elapsed
-    assert ("error: rank 0: a collective operation timed out after trainer.dist_timeout_minutes=0.2 (12 s): another "
+    assert 0.1 * 60 * 0.8 < elapsed < 0.1 * 60 + 45, elapsed
+    assert ("error: rank 0: a collective operation timed out after trainer.dist_timeout_minutes=0.1 (6 s): another "
             "rank probably hung or died") in out, out[-3000:]
     assert "rank 1 was still running (stopped" in out, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
