@@ -95,12 +95,17 @@ def pytest_collection_finish(session):
 
 @pytest.fixture(scope="session")
 def prebuilt_ops():
-    """The background build of DeepSpeed's ops, finished (for a test that plays with their build locks)."""
-    if _PREBUILD is not None:
-        try:
+    """DeepSpeed's ops built, and no build of them running anywhere (for a test that plays with their build
+    locks): this session's background build finished, or -- on another pytest-xdist worker than the one that
+    started it -- the same script run here, which waits on the build locks and returns once the ops are built."""
+    try:
+        if _PREBUILD is not None:
             _PREBUILD.wait(timeout=900)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the background build of DeepSpeed's ops {PREBUILD_OPS} took more than 900 s")
+        else:
+            subprocess.run([sys.executable, "-c", _PREBUILD_SCRIPT], stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=900, env=dict(os.environ))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"building DeepSpeed's ops {PREBUILD_OPS} took more than 900 s")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ points (``fit_in_process``, ``entry_error_in_process``) that tests use where the
 
 Importable as ``helpers`` (pytest's ``pythonpath`` in pyproject.toml puts ``tests/`` on the path)."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -34,9 +33,10 @@ GPT_ZERO3_DP2_RUN = [
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a test's rendezvous: below the ephemeral range, as the self-launcher picks it (see there)."""
+    from megatron_ext.parallel.state import _free_port
+
+    return _free_port()
 
 
 def multiprocess_env(**extra) -> dict:

@@ -19,7 +19,33 @@ from megatron_ext.config.validation import use_cuda  # noqa: F401  (trainer.acce
 from megatron_ext.errors import ConfigError
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux: 32768-60999 by default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def _free_port() -> int:
+    """A TCP port free now for a rendezvous store to listen on. Picked at random *below* the ephemeral range when
+    it can be: a port the kernel hands out itself (bind to 0) is in that range, where every outgoing connection
+    (gloo opens one per peer and group) also takes its local port, so between our pick and the store's listen
+    another process's connection may take it (EADDRINUSE). Falls back to a kernel-chosen port."""
+    import random
+
+    lo, _ = _ephemeral_range()
+    rnd = random.SystemRandom()
+    for _ in range(64) if lo > 11000 else ():
+        port = rnd.randrange(10000, lo - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

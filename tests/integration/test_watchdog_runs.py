@@ -84,7 +84,8 @@ def test_straggler_named_only_while_slowed(run_env, tmp_path):
         assert 0 < m["train/step_time_min"] <= m["train/step_time_max"], m
         assert m["train/step_time_slowest_rank"] in (0.0, 1.0), m
     assert rows[20]["train/step_time_slowest_rank"] == 1.0
-    assert rows[20]["train/step_time_max"] > 1.2 * rows[20]["train/step_time_min"], rows[20]
+    # (the verdict above is the median per-step ratio; the window means only need to show rank 1 slower)
+    assert rows[20]["train/step_time_max"] > 1.1 * rows[20]["train/step_time_min"], rows[20]
 
 
 def test_parent_prints_the_reporters_line_and_names_its_stopped_worker(tmp_path, capfd):
