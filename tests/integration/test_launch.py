@@ -264,11 +264,11 @@ def test_killed_rank_gives_clear_errors(env, tmp_path):
     assert not kids[0].is_running() or kids[0].status() == "zombie"
 
 
-def test_hung_rank_times_out_with_clear_error(env, tmp_path):
-    """SIGSTOP one rank (a hang, not a death): with trainer.dist_timeout_minutes=0.1 the other rank reports the
-    timed-out collective after ~6 s and exits 3; the parent names the stopped rank."""
-    p = _start([sys.executable, "pretrain_gpt.py", *LONG, "trainer.dist_timeout_minutes=0.1",
-                f"exp_manager.exp_dir={tmp_path}"], env, tmp_path / "stop.log")
+def _stop_rank1_mid_training(overrides, env, tmp_path):
+    """A self-launched 2-process run of many steps: once it logs steps, rank 1 is SIGSTOPped (a hang, not a death).
+    Returns (the parent's exit status, its output, seconds from the stop to its end); every process is gone after."""
+    p = _start([sys.executable, "pretrain_gpt.py", *LONG, *overrides, f"exp_manager.exp_dir={tmp_path}"], env,
+               tmp_path / "stop.log")
     kids = {}
     try:
         kids = _children(p.pid, 2)
@@ -276,7 +276,7 @@ def test_hung_rank_times_out_with_clear_error(env, tmp_path):
         kids[1].suspend()
         t_stop = time.monotonic()
         (rc, out), = _finish([p], timeout=120)
-        elapsed = time.monotonic() - t_stop
+        return rc, out, time.monotonic() - t_stop
     finally:
         for k in kids.values():
             try:
@@ -284,6 +284,12 @@ def test_hung_rank_times_out_with_clear_error(env, tmp_path):
             except Exception:
                 pass
         _kill_group(p)
+
+
+def test_hung_rank_times_out_with_clear_error(env, tmp_path):
+    """SIGSTOP one rank (a hang, not a death): with trainer.dist_timeout_minutes=0.1 the other rank reports the
+    timed-out collective after ~6 s and exits 3; the parent names the stopped rank."""
+    rc, out, elapsed = _stop_rank1_mid_training(["trainer.dist_timeout_minutes=0.1"], env, tmp_path)
     assert rc == 3, out[-3000:]
     assert 0.1 * 60 * 0.8 < elapsed < 0.1 * 60 + 45, elapsed
     assert ("error: rank 0: a collective operation timed out after trainer.dist_timeout_minutes=0.1 (6 s): another "

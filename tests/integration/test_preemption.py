@@ -248,21 +248,14 @@ def test_parent_forwards_sigusr1_and_reports_75(tmp_path, capfd):
     assert "error:" not in err, err
 
 
-def test_max_restarts_is_refused_under_a_launcher(env, tmp_path):
+def test_max_restarts_is_refused_under_a_launcher(monkeypatch):
     """Under torchrun, trainer.max_restarts would do nothing: refused, naming torchrun's --max-restarts."""
     from helpers import compose_entry_config
     from megatron_ext.errors import ConfigError
     from megatron_ext.parallel.launch import maybe_self_launch
 
     cfg = compose_entry_config(["+experiment=cpu_smoke", "trainer.max_restarts=2"])
-    old = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
-    os.environ.update(RANK="0", WORLD_SIZE="1")
-    try:
-        with pytest.raises(ConfigError, match=r"trainer.max_restarts=2 .*--max-restarts"):
-            maybe_self_launch(cfg)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    monkeypatch.setenv("RANK", "0")  # as a launcher sets them
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"trainer.max_restarts=2 .*--max-restarts"):
+        maybe_self_launch(cfg)

@@ -6,10 +6,9 @@ import glob
 import json
 import os
 import sys
-import time
 
 from helpers import run_script
-from test_launch import LONG, _children, _finish, _kill_group, _start, _wait_for_steps, env  # noqa: F401
+from test_launch import _stop_rank1_mid_training, env  # noqa: F401
 
 from megatron_ext.training.watchdog import read_header
 
@@ -20,25 +19,9 @@ def test_stopped_rank_dumps_every_stack_and_exits_4(env, tmp_path):  # noqa: F81
     """SIGSTOP rank 1 mid-training with trainer.step_timeout_minutes=0.1 (the collective timeout is 5 minutes): rank
     0's watchdog dumps its stacks (waiting in a collective), the parent finds rank 1 stopped and takes its stacks,
     and the job exits 4 within 6 + 30 s with one line naming both."""
-    p = _start([sys.executable, "pretrain_gpt.py", *LONG, "trainer.dist_timeout_minutes=5",
-                f"trainer.step_timeout_minutes={TIMEOUT_MIN}", f"exp_manager.exp_dir={tmp_path}"], env,
-               tmp_path / "stop.log")
-    kids = {}
-    try:
-        kids = _children(p.pid, 2)
-        _wait_for_steps(str(tmp_path / "gpt_smoke" / "*" / "metrics.jsonl"), p)
-        kids[1].suspend()
-        t_stop = time.monotonic()
-        (rc, out), = _finish([p], timeout=120)
-        elapsed = time.monotonic() - t_stop
-        print(f"exit 4 came {elapsed:.1f} s after the SIGSTOP")
-    finally:
-        for k in kids.values():
-            try:
-                k.kill()
-            except Exception:
-                pass
-        _kill_group(p)
+    rc, out, elapsed = _stop_rank1_mid_training(
+        ["trainer.dist_timeout_minutes=5", f"trainer.step_timeout_minutes={TIMEOUT_MIN}"], env, tmp_path)
+    print(f"exit 4 came {elapsed:.1f} s after the SIGSTOP")
     assert rc == 4, out[-3000:]
     assert elapsed < TIMEOUT_MIN * 60 + 30, elapsed
     lines = [x for x in out.splitlines() if x.startswith("error:")]
