@@ -24,15 +24,18 @@ def test_bad_task_config_through_pretrain_gpt(run_env, tmp_path, in_process):
 # ------------------------------------------------------------------------------------------- end to end
 def test_copy_task_preset_learns_copy_end_to_end(tmp_path, in_process):
     """The preset as ``pretrain_gpt.py +experiment=copy_task`` composes it, trained in this process (one thread:
-    2 shared cores); the command line's composition of the preset is checked by the bad-config test above."""
+    2 shared cores); the command line's composition of the preset is checked by the bad-config test above. 800 of
+    its 1000 steps (the schedule then decays sooner: > 0.99 exact match from step 400; the whole preset gets
+    there at step 600), to keep the suite's time."""
     t0 = time.perf_counter()
-    fit_in_process(["+experiment=copy_task", f"exp_manager.exp_dir={tmp_path}", "exp_manager.version=e2e"])
+    fit_in_process(["+experiment=copy_task", "trainer.max_steps=800", f"exp_manager.exp_dir={tmp_path}",
+                    "exp_manager.version=e2e"])
     wall = time.perf_counter() - t0
     run_dir = tmp_path / "copy_task" / "e2e"
     with open(run_dir / "metrics.jsonl") as f:
         recs = [json.loads(line) for line in f if line.strip()]
     vals = [m for m in recs if "val/exact_match" in m]
-    assert [m["step"] for m in vals] == [200, 400, 600, 800, 1000]
+    assert [m["step"] for m in vals] == [200, 400, 600, 800]
     first, last = vals[0], vals[-1]
     assert last["val/exact_match"] > 0.99, vals
     assert first["val/exact_match"] < last["val/exact_match"] and last["val/loss"] < first["val/loss"]
