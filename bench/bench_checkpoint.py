@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megatron_ext  # noqa: E402,F401  (DS_ACCELERATOR=cpu without a GPU)
 import torch  # noqa: E402
-from bench_train import _StdoutToStderr  # noqa: E402  (DeepSpeed prints notices on stdout: keep it JSON lines)
+from bench_train import _StdoutToStderr, gpt_engine  # noqa: E402  (_StdoutToStderr: DeepSpeed prints notices on stdout)
 
 MODELS = {
     "bench": dict(layers=6, hidden=512, heads=8, seq=512, vocab=8192, batch=1),
@@ -53,29 +53,9 @@ QUICK = {"tiny": dict(layers=2, hidden=64, heads=4, seq=64, vocab=512, batch=1)}
 
 
 def build_engine(shape):
-    from megatron_ext.config.loader import load_config
-    from megatron_ext.models.gpt import GPTModel
-    from megatron_ext.parallel.random import model_parallel_manual_seed
-    from megatron_ext.parallel.state import initialize_parallel
-    from megatron_ext.training.engine import build_ds_config, build_engine
-    from megatron_ext.training.gpt_task import GPTTask
-    from megatron_ext.training.optim import build_optimizer
-
-    cfg = load_config(overrides=[
-        f"model.num_layers={shape['layers']}", f"model.hidden_size={shape['hidden']}",
-        f"model.num_attention_heads={shape['heads']}", f"model.seq_length={shape['seq']}",
-        f"model.micro_batch_size={shape['batch']}", f"model.global_batch_size={shape['batch']}",
-        "model.hidden_dropout=0.0", "model.attention_dropout=0.0",
-    ])
-    initialize_parallel(1, 1, accelerator="cpu")
-    torch.manual_seed(0)
-    model_parallel_manual_seed(0)
-    model = GPTModel(cfg.model, shape["vocab"])
-    opt = build_optimizer(model, {"name": "adamw", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 0.01})
-    ds = build_ds_config(micro_batch_size=shape["batch"], global_batch_size=shape["batch"], accumulate_grad_batches=1,
-                         precision="32", zero_stage=0, gradient_clip_val=1.0)
-    engine, _, _ = build_engine(model, opt, None, ds)
-    task = GPTTask(cfg, torch.device("cpu"))
+    """bench_train's GPT engine of ``shape`` (fp32), after one training step (the optimizer then holds both Adam
+    moments): (engine, parameter count, the trainer's meta.json fields)."""
+    engine, model, cfg, task = gpt_engine(shape)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=g)
     loss, _, _ = task.loss(engine, {"tokens": x, "labels": x, "loss_mask": torch.ones(shape["batch"], shape["seq"])})

@@ -154,7 +154,10 @@ def build_ours(shape, precision):
         return _build_ours(shape, precision)
 
 
-def _build_ours(shape, precision):
+def gpt_engine(shape, precision="32", overrides=()):
+    """Our GPTModel of ``shape`` (dropout off, seeded) inside a DeepSpeed engine (AdamW, ZeRO 0, clip 1.0) in this
+    process, with the GPT task that computes its loss: (engine, model, cfg, task). ``overrides`` are config keys on
+    top (bench_checkpoint.py builds its models here too)."""
     from megatron_ext.config.loader import load_config
     from megatron_ext.parallel.random import model_parallel_manual_seed
     from megatron_ext.parallel.state import initialize_parallel
@@ -167,9 +170,7 @@ def _build_ours(shape, precision):
         f"model.num_layers={shape['layers']}", f"model.hidden_size={shape['hidden']}",
         f"model.num_attention_heads={shape['heads']}", f"model.seq_length={shape['seq']}",
         f"model.micro_batch_size={shape['batch']}", f"model.global_batch_size={shape['batch']}",
-        "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "model.position_embedding_type=learned_absolute",
-        "model.normalization=layernorm", "model.activation=gelu", "model.share_embeddings_and_output_weights=true",
-        "model.bias=true", f"trainer.precision={precision}",
+        "model.hidden_dropout=0.0", "model.attention_dropout=0.0", *overrides,
     ])
     initialize_parallel(1, 1, accelerator="cpu")
     torch.manual_seed(0)
@@ -180,6 +181,13 @@ def _build_ours(shape, precision):
                          precision=precision, zero_stage=0, gradient_clip_val=1.0)
     engine, _, _ = build_engine(model, opt, None, ds)
     task = GPTTask(cfg, torch.device("cpu"))  # byte tokenizer; the model keeps the bench vocab
+    return engine, model, cfg, task
+
+
+def _build_ours(shape, precision):
+    engine, _, cfg, task = gpt_engine(shape, precision, [
+        "model.position_embedding_type=learned_absolute", "model.normalization=layernorm", "model.activation=gelu",
+        "model.share_embeddings_and_output_weights=true", "model.bias=true", f"trainer.precision={precision}"])
     mask = torch.ones(shape["batch"], shape["seq"])
 
     def step(x, y):

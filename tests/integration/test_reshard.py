@@ -80,15 +80,15 @@ def _at_step10(src_run, exp, version):
     return exp / "rs" / version
 
 
-def _hop(env, src_run, exp, version, layout, train=False):
-    """Resume ``src_run``'s step 10 under ``layout`` (as run ``version``_in) and write the loaded state as run
-    ``version``'s step 10; with ``train``, the resumed run then trains steps 11-20. Returns (version, version_in)."""
+def _hop(env, src_run, exp, version, layout):
+    """Resume ``src_run``'s step 10 under ``layout`` (as run ``version``_in), write the loaded state as run
+    ``version``'s step 10, and train the resumed run on to step 20. Returns (version, version_in)."""
     run_in = _at_step10(src_run, exp, version + "_in")
     out = exp / "rs" / version / "checkpoints"
     world, over = LAYOUTS[layout]
-    _run(env, world, ["tests/integration/reshard_hop.py", str(out), *(["--train"] if train else []), *COMMON,
-                      *over, f"trainer.devices={world}", f"exp_manager.exp_dir={exp}",
-                      f"exp_manager.version={version}_in", "exp_manager.resume_if_exists=true"])
+    _run(env, world, ["tests/integration/reshard_hop.py", str(out), "--train", *COMMON, *over,
+                      f"trainer.devices={world}", f"exp_manager.exp_dir={exp}", f"exp_manager.version={version}_in",
+                      "exp_manager.resume_if_exists=true"])
     return exp / "rs" / version, run_in
 
 
@@ -124,7 +124,7 @@ def hops(a_runs, env):
 
     def hop(a, b):
         if (a, b) not in cache:
-            cache[a, b] = _hop(env, runs[a], exp, f"B_{a}_{b}", b, train=True)
+            cache[a, b] = _hop(env, runs[a], exp, f"B_{a}_{b}", b)
         return cache[a, b]
 
     cache = {}
