@@ -33,8 +33,9 @@ class TrainerConfig:
     # null; int: 0 = evaluation only (needs model.ckpt_path), N = at most N steps in this invocation; float in
     # [0, 1]: 0.0 = evaluation only, else each epoch is that fraction of its steps (needs max_epochs)
     limit_train_batches: Any = None
-    # true / N: N train steps, validation on N global batches, no checkpoints, no loggers but the console
-    fast_dev_run: Any = False
+    # true / N: N train steps, validation on N global batches, no checkpoints, no loggers but the console; null
+    # (default, so NeMo's +trainer.fast_dev_run=true works) / false / 0: off
+    fast_dev_run: Any = None
     log_every_n_steps: int = 10
     accumulate_grad_batches: Optional[int] = None  # derived from batch sizes; if set, must agree
     gradient_clip_val: float = 1.0  # 0 disables clipping

@@ -54,9 +54,9 @@ def fast_dev_run_steps(t) -> int:
 def check_config(t) -> None:
     """Types and ranges of the keys (ConfigError naming the key); run in ``config.loader.validate_config``."""
     ms, me = t.max_steps, t.get("max_epochs")
-    fdr = t.get("fast_dev_run", False)
-    if not (isinstance(fdr, bool) or (_is_int(fdr) and fdr >= 0)):
-        raise ConfigError(f"trainer.fast_dev_run={fdr!r}: expected true/false or an integer N >= 0 (N train steps "
+    fdr = t.get("fast_dev_run", None)
+    if not (fdr is None or isinstance(fdr, bool) or (_is_int(fdr) and fdr >= 0)):
+        raise ConfigError(f"trainer.fast_dev_run={fdr!r}: expected null, true/false or an integer N >= 0 (N train steps "
                           f"and N validation batches, no checkpoints or loggers)")
     if me is not None and not (_is_int(me) and me >= 1):
         raise ConfigError(f"trainer.max_epochs={me!r}: expected null or an integer >= 1")
