@@ -302,6 +302,10 @@ def check_config(cfg) -> None:
     if p.get("monitor") is not None:
         metric_name(p.monitor, f"{key}.monitor")
         check_mode(p.mode, f"{key}.mode")
+        if not em.get("create_checkpoint_callback", True):
+            raise ConfigError(f"{key}.monitor={p.monitor} chooses which checkpoints to keep, but "
+                              f"exp_manager.create_checkpoint_callback=false writes none; set {key}.monitor=null or "
+                              f"create_checkpoint_callback=true")
         if not validates and not t.get("fast_dev_run"):
             raise ConfigError(f"{key}.monitor={p.monitor}: the run never validates (trainer.val_check_interval="
                               f"{t.val_check_interval}, trainer.limit_val_batches={t.limit_val_batches}), so the "

@@ -107,6 +107,11 @@ def test_prune_by_score_names_the_best_and_leaves_other_files_alone(tmp_path):
                                                                    f"validates"),
     ([f'{CKPT}.filename="{{val_loss}}-{{epochs}}"', f"{CKPT}.monitor=val_loss"],
      f"error: {CKPT}.filename='{{val_loss}}-{{epochs}}': unknown field {{epochs}}"),
+    ([f"{CKPT}.monitor=val_loss", "exp_manager.create_checkpoint_callback=false"],
+     f"error: {CKPT}.monitor=val_loss chooses which checkpoints to keep, but exp_manager.create_checkpoint_callback="
+     f"false writes none"),
+    ([f'{CKPT}.filename="{{step}}"'], f"error: {CKPT}.filename='{{step}}' names the best checkpoints, which needs "
+                                      f"{CKPT}.monitor"),
     (["exp_manager.create_early_stopping_callback=true", "exp_manager.early_stopping_callback_params.patience=0"],
      "error: exp_manager.early_stopping_callback_params.patience=0: expected an integer >= 1"),
     (["trainer.max_steps=-1"], "error: trainer.max_steps=-1 (no step limit) needs trainer.max_epochs"),
