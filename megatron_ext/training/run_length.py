@@ -157,7 +157,8 @@ def resolve(cfg, train_ds: Any, val_ds: Any) -> Optional[dict]:
     wants_train = not eval_only and (me is not None or _is_float(t.val_check_interval)
                                      or "{epoch" in (cfg.exp_manager.checkpoint_callback_params.get("filename") or ""))
     if wants_train:
-        key = "trainer.max_epochs" if me is not None else "trainer.val_check_interval"
+        key = ("trainer.max_epochs" if me is not None else "trainer.val_check_interval"
+               if _is_float(t.val_check_interval) else "exp_manager.checkpoint_callback_params.filename ({epoch})")
         samples = samples_per_epoch(train_ds, key)
         full = samples // gbs
         if full < 1:
