@@ -56,8 +56,8 @@ def check_config(t) -> None:
     ms, me = t.max_steps, t.get("max_epochs")
     fdr = t.get("fast_dev_run", None)
     if not (fdr is None or isinstance(fdr, bool) or (_is_int(fdr) and fdr >= 0)):
-        raise ConfigError(f"trainer.fast_dev_run={fdr!r}: expected null, true/false or an integer N >= 0 (N train steps "
-                          f"and N validation batches, no checkpoints or loggers)")
+        raise ConfigError(f"trainer.fast_dev_run={fdr!r}: expected null, true/false or an integer N >= 0 (N train "
+                          f"steps and N validation batches, no checkpoints or loggers)")
     if me is not None and not (_is_int(me) and me >= 1):
         raise ConfigError(f"trainer.max_epochs={me!r}: expected null or an integer >= 1")
     if not _is_int(ms) or not (ms > 0 or ms == -1):
@@ -135,7 +135,7 @@ def samples_per_epoch(ds: Any, key: str = "trainer.max_epochs") -> int:
     if name == "BARTDataset":
         return int(ds.num_chunks)
     if name == "BlendedBARTDataset":
-        return sum(samples_per_epoch(d, key) for d in getattr(ds, "datasets", getattr(ds, "parts", [])) if d is not None)
+        return sum(samples_per_epoch(d, key) for d in ds.datasets if d is not None)
     if name == "SyntheticDataset":
         n = ds.params.num_examples(ds.split)
         if not n:

@@ -742,7 +742,8 @@ class Trainer:
         self.bad.start(self.exp.run_dir, consumed, self._restored_meta, own_run=self._resumed_own)
         ckpt = _CheckpointSchedule(self)
         self._early = EarlyStopping.from_config(self.cfg.exp_manager)
-        if self._early is not None and self._restored_meta and self._early.load(self._restored_meta.get("early_stopping")):
+        restored = (self._restored_meta or {}).get("early_stopping")
+        if self._early is not None and self._early.load(restored):
             log.info("early stopping: %d validation(s) without improvement so far (best %s at step %s), from the "
                      "checkpoint", self._early.wait, self._early.best, self._early.best_step)
         self._monitors_checked = False

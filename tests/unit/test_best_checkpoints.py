@@ -122,7 +122,8 @@ def test_prune_by_score_names_the_best_and_leaves_other_files_alone(tmp_path):
     (["trainer.max_epochs=0"], "error: trainer.max_epochs=0: expected null or an integer >= 1"),
     (["+trainer.fast_dev_run=-1"], "error: trainer.fast_dev_run=-1: expected null, true/false or an integer N >= 0"),
     (["trainer.max_steps=-1", "trainer.max_epochs=1", "model.data.task=copy", "model.tokenizer.library=char",
-      "model.seq_length=18", "+model.data.task_params.max_len=8"], "error: trainer.max_epochs: the synthetic task 'copy' draws its train examples on the fly"),
+      "model.seq_length=18", "+model.data.task_params.max_len=8"],
+     "error: trainer.max_epochs: the synthetic task 'copy' draws its train examples on the fly"),
 ])
 def test_bad_keys_are_refused_naming_the_key(in_process, tmp_path, overrides, expected):
     line = entry_error_in_process([*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2", *overrides,
@@ -170,7 +171,8 @@ def test_epochs_fractions_and_fast_dev_run(in_process, tmp_path):
     from megatron_ext.tokenizers import build_tokenizer_from_config
     from megatron_ext.training.run_length import samples_per_epoch
 
-    syn = ["model.data.task=copy", "model.tokenizer.library=char", "model.seq_length=18", "+model.data.task_params.max_len=8",
+    syn = ["model.data.task=copy", "model.tokenizer.library=char", "model.seq_length=18",
+           "+model.data.task_params.max_len=8",
            "+model.data.task_params.num_train=24", "+model.data.task_params.num_val=16", "model.optim.lr=0.003",
            "trainer.max_steps=-1", "trainer.max_epochs=2", "trainer.val_check_interval=0.5",
            "trainer.limit_val_batches=0.5", f"{CKPT}.every_n_train_steps=0", f"exp_manager.exp_dir={tmp_path}"]
