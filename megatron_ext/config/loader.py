@@ -288,13 +288,12 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
         raise ConfigError(f"trainer.precision={t.precision!r}: expected one of 32, bf16, 16 (or 16-mixed, bf16-mixed)")
     if prec == "16" and not on_cuda:
         raise ConfigError("trainer.precision=16 (fp16) needs a GPU; on CPU use trainer.precision=bf16 or 32")
-    for key in ("trainer.max_steps", "model.micro_batch_size", "model.global_batch_size", "model.seq_length",
+    for key in ("model.micro_batch_size", "model.global_batch_size", "model.seq_length",
                 "trainer.devices", "trainer.num_nodes", "trainer.log_every_n_steps"):
         _positive(cfg, key)
-    for key in ("trainer.val_check_interval", "trainer.limit_val_batches", "trainer.max_restarts"):
-        _positive(cfg, key, allow_zero=True)
-    if t.limit_train_batches is not None and t.limit_train_batches < 0:
-        raise ConfigError(f"trainer.limit_train_batches={t.limit_train_batches}: expected null or an integer >= 0")
+    _positive(cfg, "trainer.max_restarts", allow_zero=True)
+    # trainer.max_steps, max_epochs, val_check_interval, limit_*_batches, fast_dev_run (training/run_length.py) and
+    # the monitor / early-stopping keys (training/best.py): config.validation.check_run_config
     step_timeout = t.get("step_timeout_minutes")
     if step_timeout is not None and not step_timeout > 0:
         raise ConfigError(f"trainer.step_timeout_minutes={step_timeout}: expected null (off) or a number of minutes > 0")

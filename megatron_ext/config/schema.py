@@ -24,10 +24,18 @@ class TrainerConfig:
     num_nodes: int = 1
     accelerator: str = "auto"  # auto | cpu | gpu
     precision: str = "32"  # 32 | bf16 | 16 (also accepts bf16-mixed / 16-mixed)
-    max_steps: int = 100
-    val_check_interval: int = 50  # run validation every N optimizer steps (0 = never)
-    limit_val_batches: int = 4  # global batches per validation
-    limit_train_batches: Optional[int] = None  # 0 = evaluation only (needs model.ckpt_path)
+    max_steps: int = 100  # -1 = no step limit (needs max_epochs); with both set the first reached stops
+    # passes over the train split (steps per epoch = one epoch's samples // global_batch_size); null = max_steps only
+    max_epochs: Optional[int] = None
+    # int N: validate every N optimizer steps (0 = never); float in (0, 1]: every that fraction of an epoch
+    val_check_interval: Any = 50
+    limit_val_batches: Any = 4  # int: global batches per validation; float in [0, 1]: that fraction of the split
+    # null; int: 0 = evaluation only (needs model.ckpt_path), N = at most N steps in this invocation; float in
+    # [0, 1]: 0.0 = evaluation only, else each epoch is that fraction of its steps (needs max_epochs)
+    limit_train_batches: Any = None
+    # true / N: N train steps, validation on N global batches, no checkpoints, no loggers but the console; null
+    # (default, so NeMo's +trainer.fast_dev_run=true works) / false / 0: off
+    fast_dev_run: Any = None
     log_every_n_steps: int = 10
     accumulate_grad_batches: Optional[int] = None  # derived from batch sizes; if set, must agree
     gradient_clip_val: float = 1.0  # 0 disables clipping
@@ -59,7 +67,14 @@ class TrainerConfig:
 class CheckpointCallbackParams:
     every_n_train_steps: int = 100  # 0 = only at the end of training
     save_last: bool = True  # also save when training ends
-    save_top_k: int = -1  # keep this many newest checkpoints (-1 = keep all)
+    save_top_k: int = -1  # keep this many newest checkpoints (-1 = keep all); with monitor: the k best + the newest
+    # a validation metric (val/loss; NeMo's val_loss is accepted): checkpoints are also written at each validation and
+    # save_top_k keeps the best by it (plus the newest, for resume); null = save_top_k keeps the newest
+    monitor: Optional[str] = None
+    mode: str = "min"  # min | max: which way the monitored metric improves
+    # a name for each kept best checkpoint, e.g. "{val_loss:.2f}-{step}" -> checkpoints/val_loss=2.31-step=40, a
+    # symlink to its step_N directory (fields: step, epoch, consumed_samples, val_<metric>); null = none
+    filename: Optional[str] = None
     # also write the layout-free state (step_N/layout_free: fp32 weights + optimizer state by global parameter name)
     # that lets a resume change TP / PP / DP / ZeRO; false: the checkpoint resumes only under its own layout
     save_layout_free: bool = True
@@ -68,6 +83,14 @@ class CheckpointCallbackParams:
     verify_checksums: bool = True
     # write checkpoints in the background: the step pays for a host copy of the state, one save in flight
     async_save: bool = False
+
+
+@dataclass
+class EarlyStoppingCallbackParams:
+    monitor: str = "val_loss"  # a validation metric (val/loss or NeMo's val_loss)
+    mode: str = "min"  # min | max
+    patience: int = 10  # stop after this many validations in a row without improvement
+    min_delta: float = 0.001  # an improvement is a change by more than this
 
 
 @dataclass
@@ -88,6 +111,9 @@ class ExpManagerConfig:
     wandb_logger_kwargs: WandbLoggerKwargs = field(default_factory=WandbLoggerKwargs)
     create_checkpoint_callback: bool = True
     checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
+    # stop training when the monitored validation metric stops improving (NeMo's / Lightning's EarlyStopping)
+    create_early_stopping_callback: bool = False
+    early_stopping_callback_params: EarlyStoppingCallbackParams = field(default_factory=EarlyStoppingCallbackParams)
     resume_if_exists: bool = False
     resume_ignore_no_checkpoint: bool = True
     # a checkpoint of another run (a step directory, a checkpoints directory or a run directory: its latest) whose

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from megatron_ext.config.model_validation import check_model_config
 from megatron_ext.errors import ConfigError
+from megatron_ext.training import best, run_length
 
 
 def use_cuda(accelerator: str = "auto") -> bool:
@@ -40,6 +41,8 @@ def check_run_config(cfg: DictConfig) -> None:
             f"trainer.dist_timeout_minutes={timeout}: expected a number of minutes > 0 (how long a collective may "
             f"wait for the other ranks before the run stops with an error)"
         )
+    run_length.check_config(t)  # max_steps / max_epochs, val_check_interval, limit_*_batches, fast_dev_run
+    best.check_config(cfg)  # checkpoint_callback_params.monitor / mode / filename, early stopping
     check_model_config(m, use_cuda=use_cuda(t.accelerator))
     data = m.get("data")
     if data is not None and data.get("reset_attention_mask"):

@@ -96,9 +96,10 @@ class Checkpointer:
     committed in the background (:mod:`megatron_ext.checkpoint.async_save`), one save at a time, over a process
     group of their own. :meth:`finish` waits for the last one (the trainer calls it before training ends)."""
 
-    def __init__(self, ckpt_dir: str, save_top_k: int = -1, async_save: bool = False):
+    def __init__(self, ckpt_dir: str, save_top_k: int = -1, async_save: bool = False, best=None):
         self.ckpt_dir = ckpt_dir
         self.save_top_k = save_top_k
+        self.best = best  # training.best.BestCheckpoints: keep the k best by a monitored metric (+ the newest)
         self.saver = BackgroundSaver() if async_save else None
         self._snapshots: Dict[str, Any] = {}  # file name -> its host snapshot from the last async save
         # collective, so every rank builds its Checkpointer at the same point (the trainer does, in the train loop)
@@ -260,10 +261,23 @@ class Checkpointer:
             from None
 
     def _prune(self) -> None:
-        if self.save_top_k is None or self.save_top_k < 0:
-            return
+        """Rank 0, after a commit. Without ``best``: keep the ``save_top_k`` newest complete checkpoints (-1: all).
+        With ``best`` (``monitor``): keep the ``save_top_k`` best by the score in their ``meta.json`` plus the
+        newest, then point the best-checkpoint aliases and ``best.json`` at them (``training.best``)."""
         done = list_complete(self.ckpt_dir)
-        for _, d in done[: max(0, len(done) - max(1, self.save_top_k))]:
+        if self.best is not None:
+            keep, ranked, metas = self.best.prune_plan(self.ckpt_dir, done)
+            drop = [d for _, d in done if d not in keep]
+        elif self.save_top_k is None or self.save_top_k < 0:
+            return
+        else:
+            drop = [d for _, d in done[: max(0, len(done) - max(1, self.save_top_k))]]
+        if self.best is not None:  # the aliases move to the kept checkpoints before any goes
+            self.best.publish(self.ckpt_dir, ranked, metas)
+            if drop:
+                log.info("save_top_k=%d by %s (%s): best %s; removing %s", self.best.k, self.best.monitor,
+                         self.best.mode, ", ".join(ranked) or "(none scored yet)", ", ".join(drop))
+        for d in drop:
             gone = os.path.join(self.ckpt_dir, ".del-" + d)
             os.rename(os.path.join(self.ckpt_dir, d), gone)  # atomic: no step_N fragment if killed while deleting
             shutil.rmtree(gone, ignore_errors=True)

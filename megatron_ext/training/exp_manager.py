@@ -352,8 +352,9 @@ class ExpManager:
             os.replace(cfg_path, os.path.join(self.run_dir, f"config.{n}.yaml"))
         with open(cfg_path, "w") as f:
             f.write(OmegaConf.to_yaml(self.cfg, resolve=True))
-        self._prepare_metrics(resumed_step)
-        self._metrics_f = open(self.metrics_path, "a", buffering=1)
+        if not self.cfg.trainer.get("fast_dev_run"):  # fast_dev_run: no loggers but the console
+            self._prepare_metrics(resumed_step)
+            self._metrics_f = open(self.metrics_path, "a", buffering=1)
         if self.em.create_tensorboard_logger:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -417,7 +418,8 @@ class ExpManager:
             return
         clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
         rec = {"step": step, **clean}
-        self._metrics_f.write(json.dumps(rec, allow_nan=True) + "\n")
+        if self._metrics_f is not None:
+            self._metrics_f.write(json.dumps(rec, allow_nan=True) + "\n")
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):

@@ -44,7 +44,8 @@ from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointE
 from megatron_ext.modules.cross_entropy import loss_token_count, loss_token_denominator
 from megatron_ext.parallel import state as pstate
 from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
-from megatron_ext.training import faults, stragglers, watchdog
+from megatron_ext.training import faults, run_length, stragglers, watchdog
+from megatron_ext.training.best import BestCheckpoints, EarlyStopping, check_logged, resolve_logged
 from megatron_ext.training.bad_steps import BadSteps, install_update_skip
 from megatron_ext.training.checkpointing import Checkpointer, LoadedState
 from megatron_ext.training.engine import build_ds_config, build_engine, deepspeed_internal, model_parallel_grad_norm
@@ -119,6 +120,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, task_factory, schema=None):
         cfg = check_config(cfg, schema or GPTConfig)
         self.cfg = cfg
+        run_length.apply_fast_dev_run(cfg)  # trainer.fast_dev_run: N steps, no checkpoints, no loggers
         t = cfg.trainer
         self.on_cuda = pstate.use_cuda(t.accelerator)
         # every config error before the process group starts (the launcher's environment gives the world size)
@@ -153,6 +155,9 @@ class Trainer:
         self.bad: Optional[BadSteps] = None
         self._restored_meta: Optional[Dict[str, Any]] = None
         self._resumed_own = False
+        self._epoch: Dict[str, Any] = {}  # trainer.max_epochs & co. as resolved (training/run_length.py)
+        self._early: Optional[EarlyStopping] = None
+        self._val_at: tuple = (None, {})  # (step, metrics) of the last validation: a checkpoint of that step keeps them
 
     # ------------------------------------------------------------------ helpers
     def _num_samples(self) -> tuple[int, int, int]:
@@ -261,11 +266,19 @@ class Trainer:
                 "zero_stage": self.ds_config["zero_optimization"]["stage"], "precision": self.derived.precision,
                 "vocab_size": getattr(getattr(self.task, "tokenizer", None), "vocab_size", None)}
 
-    def _meta(self) -> Dict[str, Any]:
+    def _meta(self, step: Optional[int] = None) -> Dict[str, Any]:
         from omegaconf import OmegaConf
 
         bad = {"bad_steps": self.bad.state()} if self.bad is not None else {}
-        return {**self._layout(), "model_config": OmegaConf.to_container(self.cfg.model, resolve=True), **bad}
+        extra: Dict[str, Any] = {}  # for a checkpoint of ``step``:
+        if step is not None and self._val_at[0] == step:  # this step validated (training/best.py)
+            extra["val_metrics"] = dict(self._val_at[1])
+        if self._epoch.get("steps_per_epoch") and step:
+            extra["epoch"] = (int(step) - 1) // int(self._epoch["steps_per_epoch"])
+        if self._early is not None:
+            extra["early_stopping"] = self._early.state()
+        return {**self._layout(), "model_config": OmegaConf.to_container(self.cfg.model, resolve=True), **bad,
+                **extra}
 
     def _layout_change(self, meta: Dict[str, Any], with_optimizer: bool) -> list:
         """What differs between the layout that wrote ``meta`` and this run's, as far as DeepSpeed's own loader
@@ -477,7 +490,7 @@ class Trainer:
                         find_latest(ckpt.ckpt_dir) or "(none)")
             return
         keep = self.cfg.exp_manager.checkpoint_callback_params.save_layout_free
-        ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta(),
+        ckpt.save(self.engine, step, consumed, self._rng_states(), self._meta(step),
                   layout_free=self._save_layout_free(step, consumed) if keep else None)
 
     def _save_layout_free(self, step: int, consumed: int):
@@ -542,15 +555,18 @@ class Trainer:
         loss_sum, tokens = total.tolist()
         return loss_sum / max(tokens, 1.0)
 
-    def _validate_and_log(self, val_ds, step: int) -> Optional[float]:
+    def _validate_and_log(self, val_ds, step: int) -> Dict[str, float]:
+        """Validate, log; the metrics logged (empty when nothing was validated)."""
         val = self.validate(val_ds, self.cfg.trainer.limit_val_batches)
-        if val is not None:
-            extra = getattr(self, "_val_extras", {})
-            ppl = self._ppl(val, extra)
-            self.exp.log_metrics(step, {"val/loss": val, "val/ppl": ppl, **extra})
-            log.info("step %d | val/loss %.4f | val/ppl %.3f%s", step, val, ppl,
-                     "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
-        return val
+        if val is None:
+            return {}
+        extra = getattr(self, "_val_extras", {})
+        ppl = self._ppl(val, extra)
+        metrics = {"val/loss": val, "val/ppl": ppl, **extra}
+        self.exp.log_metrics(step, metrics)
+        log.info("step %d | val/loss %.4f | val/ppl %.3f%s", step, val, ppl,
+                 "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
+        return metrics
 
     @staticmethod
     def _ppl(val_loss: float, extras: Dict[str, float]) -> float:
@@ -697,6 +713,11 @@ class Trainer:
         t = self.cfg.trainer
         self._loaded_step = 0
         try:  # exp.close (in finally) also releases the run directory's lock
+            probe = (None, None, None)
+            if run_length.needs_epoch(self.cfg):  # an epoch's size, from a first build of one global batch
+                probe = self.task.build_datasets(run_length.probe_sizes(self.cfg))
+            self._epoch = run_length.resolve(self.cfg, probe[0], probe[1])
+            del probe
             train_ds, val_ds, test_ds = self.task.build_datasets(self._num_samples())
             self._build()
             step, consumed = self._restore()
@@ -720,6 +741,12 @@ class Trainer:
         self.bad = BadSteps(self.cfg.trainer, self.cfg.model.global_batch_size, self.rank, self.device)
         self.bad.start(self.exp.run_dir, consumed, self._restored_meta, own_run=self._resumed_own)
         ckpt = _CheckpointSchedule(self)
+        self._early = EarlyStopping.from_config(self.cfg.exp_manager)
+        restored = (self._restored_meta or {}).get("early_stopping")
+        if self._early is not None and self._early.load(restored):
+            log.info("early stopping: %d validation(s) without improvement so far (best %s at step %s), from the "
+                     "checkpoint", self._early.wait, self._early.best, self._early.best_step)
+        self._monitors_checked = False
         self._preempt = preemption.PreemptionHandler(self.device)
         self._preempt.install()  # SIGTERM / SIGUSR1 only set a flag, checked at every step boundary
         faults.from_env()  # a bad MEGATRON_EXT_FAULT_INJECT (test-only) stops here
@@ -794,20 +821,29 @@ class Trainer:
             else:
                 pending.append((step, loss))
                 self.bad.good(self._step_mean)
-            if (logs or ckpt.due(step)) and pending:
+            validates = bool(t.val_check_interval) and step % t.val_check_interval == 0 and t.limit_val_batches > 0
+            saves = ckpt.due(step) or (validates and ckpt.at_validation)
+            if (logs or saves) and pending:
                 last_loss, extras = self._sync(pending, extras, lr)
                 pending = []
             if logs and not skipped:
                 self._log_train(step, last_step, consumed, last_loss, lr, {**extras, **strag_metrics},
                                 meter.interval())
                 strag_metrics = {}
-            if t.val_check_interval and step % t.val_check_interval == 0 and t.limit_val_batches > 0:
+            stop_why = None
+            if validates:
                 with self._untimed():
-                    last_val = self._validate_and_log(val_ds, step)
+                    val_metrics = self._validate_and_log(val_ds, step)
+                last_val = val_metrics.get("val/loss", last_val)
+                stop_why = self._after_validation(step, val_metrics, ckpt)
                 meter.restart()
-            if ckpt.due(step):
+            if saves:
                 ckpt.save(step, consumed, last_loss)
                 meter.restart()
+            if stop_why is not None:
+                log.info("early stopping: %s; stopped after step %d of %d", stop_why, step, last_step)
+                self._stopped_early = stop_why
+                break
             if step < last_step:
                 self._stop_if_preempted(step, first_step, consumed, pending, lr, last_loss, ckpt)
         if wd is not None:
@@ -817,7 +853,34 @@ class Trainer:
         ckpt.finish()  # a checkpoint still being written in the background
         elapsed = time.perf_counter() - t_start
         log.info("training done: %d steps in %.1fs; run directory %s", step - first_step, elapsed, self.exp.run_dir)
-        return {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}
+        out = {"step": step, "train_loss": last_loss, "val_loss": last_val, "elapsed_s": elapsed}
+        if getattr(self, "_stopped_early", None):
+            out["stopped_early"] = self._stopped_early
+        return out
+
+    def _after_validation(self, step: int, metrics: Dict[str, float], ckpt: "_CheckpointSchedule") -> Optional[str]:
+        """After a validation (every rank holds the same metrics): remember them for a checkpoint of this step; at
+        the first one, check that the monitored metrics are logged (naming the key otherwise) and settle their
+        logged names; count it for early stopping. Returns why to stop, or None."""
+        if not metrics:
+            return None
+        self._val_at = (step, metrics)
+        best = ckpt.ckpt.best if ckpt.ckpt is not None else None
+        if not self._monitors_checked:
+            monitors = []
+            if best is not None:
+                monitors.append(("exp_manager.checkpoint_callback_params.monitor", best.monitor))
+            if self._early is not None:
+                monitors.append((f"{EarlyStopping.KEY}.monitor", self._early.monitor))
+            check_logged(metrics, monitors)
+            if best is not None:
+                best.monitor = resolve_logged(best.monitor, metrics)
+            if self._early is not None:
+                self._early.monitor = resolve_logged(self._early.monitor, metrics)
+            self._monitors_checked = True
+        if self._early is None:
+            return None
+        return self._early.update(step, metrics[self._early.monitor])
 
     def _untimed(self):
         """Validation and checkpoint writing do not count towards trainer.step_timeout_minutes."""
@@ -836,15 +899,19 @@ class Trainer:
 
 
 class _CheckpointSchedule:
-    """When the train loop writes a checkpoint: every ``every_n_train_steps`` steps, and at the end with
-    ``save_last`` unless the last step was just saved (``exp_manager.create_checkpoint_callback`` off: never)."""
+    """When the train loop writes a checkpoint: every ``every_n_train_steps`` steps, after every validation when
+    ``monitor`` is set (``at_validation``: the checkpoints ``save_top_k`` ranks, training/best.py), and at the end
+    with ``save_last`` unless the last step was just saved (``exp_manager.create_checkpoint_callback`` off:
+    never)."""
 
     def __init__(self, trainer: "Trainer"):
         p = trainer.cfg.exp_manager.checkpoint_callback_params
         self.trainer = trainer
         self.every, self.save_last = p.every_n_train_steps, p.save_last
-        self.ckpt = Checkpointer(trainer.exp.ckpt_dir, p.save_top_k, async_save=p.async_save) \
+        self.ckpt = Checkpointer(trainer.exp.ckpt_dir, p.save_top_k, async_save=p.async_save,
+                                 best=BestCheckpoints.from_params(p)) \
             if trainer.cfg.exp_manager.create_checkpoint_callback else None
+        self.at_validation = self.ckpt is not None and self.ckpt.best is not None
         self.saved_at: Optional[int] = None
 
     def due(self, step: int) -> bool:
