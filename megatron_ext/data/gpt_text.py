@@ -301,7 +301,7 @@ class TextDocumentTokens:
         if self._byte_tok and self.data_impl == "text_mmap":
             ids = np.frombuffer(self._raw(idx), dtype=np.uint8).astype(np.int64)
         else:
-            ids = np.asarray(self.tokenizer.tokenize_batch_flat([self.text(idx)])[0], dtype=np.int64)
+            ids = np.asarray(self.tokenizer.tokenize(self.text(idx)), dtype=np.int64)  # one text: no thread pool
         out = np.empty(ids.shape[0] + 1, dtype=np.int64)
         out[:-1] = ids
         out[-1] = self.eod
