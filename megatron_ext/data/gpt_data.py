@@ -6,6 +6,9 @@ documents by ``splits_string`` ("949,50,1"), the weighted blend across datasets,
 shuffled document/sample/shuffle indices, cached as ``.npy`` files and reused by later runs
 with the same data, sequence length, seed, split and sizes.
 
+Raw text and JSONL (``data_impl=text_mmap`` / ``jsonl``) go through :mod:`megatron_ext.data.gpt_text`, which
+reuses the builder and the cache planning below with its own ``GPTDataset`` subclass.
+
 ``model.data.data_prefix`` forms:
 
 * ``[]`` -- the built-in corpus (:mod:`megatron_ext.data.default_corpus`);
