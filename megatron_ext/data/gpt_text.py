@@ -125,9 +125,11 @@ class TextDocumentTokens:
         self.eod = int(tokenizer.eod)
         self._byte_tok = _is_byte_tokenizer(tokenizer)
         self._lines = TextMemMapDataset(self.path, index_mapping_dir=index_mapping_dir)  # the newline index
+        self.fingerprint = file_fingerprint(self.path)
+        if self.fingerprint["size"] != int(self._lines._sizes[0]):
+            raise DataError(f"{self.path} changed while it was being opened; try again")
         self._size = int(self._lines._sizes[0])
         self._ends = self._lines._ends[0]
-        self.fingerprint = file_fingerprint(self.path)
         ident = {"tokenizer": tokenizer.unique_identifiers, "data_impl": data_impl,
                  "text_key": text_key if data_impl == "jsonl" else None}
         self.cache_key = hashlib.md5(json.dumps(ident, sort_keys=True, default=str).encode("utf-8"),
@@ -238,12 +240,12 @@ class TextDocumentTokens:
             info = _load_json(f"{base}.{name}.json")
             if info is None or any(info.get(k) != v for k, v in expected.items()):
                 continue
-            try:
-                lines = np.load(f"{base}.{name}.lines.npy")
-                lengths = np.load(f"{base}.{name}.lengths.npy")
+            n = info.get("num_documents")
+            try:  # memory-mapped, as IndexedDataset's tables are (a big corpus has many documents)
+                lines = np.load(f"{base}.{name}.lines.npy", mmap_mode="r" if n else None)
+                lengths = np.load(f"{base}.{name}.lengths.npy", mmap_mode="r" if n else None)
             except (OSError, ValueError):
                 continue
-            n = info.get("num_documents")
             if lines.shape == (n,) and lengths.shape == (n,) and lines.dtype == np.int64 and lengths.dtype == np.int32:
                 return lines, lengths
         logger.info("%s: finding the documents of %d lines and counting their tokens (once; cached)", self.path,

@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 from helpers import SHARED_DATA, TINY_GPT, fit_in_process
 from megatron_ext.cli import preprocess_data as pp
 from megatron_ext.config.schema import DataConfig
-from megatron_ext.data import gpt_text
 from megatron_ext.data.gpt_data import build_gpt_datasets
 from megatron_ext.data.gpt_text import TextDocumentTokens, build_gpt_text_datasets
 from megatron_ext.errors import ConfigError, DataError
