@@ -216,3 +216,21 @@ def test_pretrain_gpt_on_text_trains_on_the_preprocessed_samples(tmp_path, in_pr
 
     text, mmap = losses("text"), losses("mmap")
     assert len(text) == 4 and text == mmap, (text, mmap)
+
+
+def test_blend_per_split_uses_each_file_whole(tmp_path):
+    """The splits helper's entry: (paths, weights) per split, each used whole -- as the file alone with the whole
+    split given to that split."""
+    tok = build_tokenizer("byte")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(f"alpha {i} " * (i % 5 + 1) + "\n" for i in range(120)), encoding="utf-8")
+    b.write_text("".join(f"beta {i} " * (i % 3 + 1) + "\n" for i in range(80)), encoding="utf-8")
+    cfg = data_cfg(data_impl="text_mmap", index_mapping_dir=str(tmp_path / "c"))
+    train, valid, test = build_gpt_text_datasets(cfg, tok, 16, (20, 6, 0), 4,
+                                                 blend_per_split=[([str(a)], None), ([str(b)], None), ([str(b)], None)])
+    assert test is None  # no test samples requested
+    alone = build_gpt_text_datasets(data_cfg(data_impl="text_mmap", data_prefix=[str(b)], splits_string="0,1,0",
+                                             index_mapping_dir=str(tmp_path / "c")), tok, 16, (0, 6, 0), 4)[1]
+    assert len(valid) == len(alone) and all(np.array_equal(valid[i]["tokens"], alone[i]["tokens"]) for i in range(6))
+    text = bytes(int(t) for i in range(20) for t in train[i]["tokens"] if t < 256)
+    assert b"alpha" in text and b"beta" not in text
