@@ -42,8 +42,10 @@ write the same cache file, and all files are written under a temporary name and 
 (``model.data.index_mapping_dir``, default ``<dir of the first file>/cache``, or under ``$XDG_CACHE_HOME`` when
 that directory is not writable) is built as for ``data_impl=mmap`` (:mod:`megatron_ext.data.gpt_data`: rank 0,
 plus one child process per host that does not share rank 0's cache directory). Its key (megatron-core's
-description hash) holds the class, each file's path and fingerprint, the tokenizer's identifiers, ``data_impl``
-and ``text_key``, besides megatron-core's own (seed, sequence length, split, sizes).
+description hash) holds the class, each file's path, document and token counts and an MD5 of its token counts
+(what the indices are computed from; identical for identical copies of the file on several nodes, whatever their
+mtimes), the tokenizer's identifiers, ``data_impl`` and ``text_key``, besides megatron-core's own (seed, sequence
+length, split, sizes).
 
 Cost: tokenizing on the fly costs loader time per sample (see ``bench/bench_text_gpt.py``); preprocessing stays
 the fast path for big corpora and long documents (a sample cut from a long document tokenizes all of it).
@@ -88,7 +90,7 @@ from megatron_ext.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 GPT_TEXT_IMPLS = ("text_mmap", "jsonl")
-DOCS_VERSION = 1
+DOCS_VERSION = 2
 _SCAN_LINES = 8192  # lines per block of the one-time scan
 _BOM = b"\xef\xbb\xbf"
 _SPLIT_NAMES = ("train", "validation", "test")
@@ -232,6 +234,7 @@ class TextDocumentTokens:
         return self._lines._candidates(self.path)
 
     def _load_or_build(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(document lines, token counts) from the cache, or scanned and cached; sets :attr:`identity`."""
         n_lines = int(len(self._ends))
         expected = {"version": DOCS_VERSION, "key": self.cache_key, "data_impl": self.data_impl,
                     "num_lines": n_lines, **self.fingerprint}
@@ -246,19 +249,23 @@ class TextDocumentTokens:
                 lengths = np.load(f"{base}.{name}.lengths.npy", mmap_mode="r" if n else None)
             except (OSError, ValueError):
                 continue
-            if lines.shape == (n,) and lengths.shape == (n,) and lines.dtype == np.int64 and lengths.dtype == np.int32:
+            if lines.shape == (n,) and lengths.shape == (n,) and lines.dtype == np.int64 and lengths.dtype == np.int32 \
+                    and isinstance(info.get("lengths_md5"), str):
+                self.identity = {k: info[k] for k in ("num_documents", "num_tokens", "lengths_md5")}
                 return lines, lengths
         logger.info("%s: finding the documents of %d lines and counting their tokens (once; cached)", self.path,
                     n_lines)
         lines, lengths = self._scan()
         if file_fingerprint(self.path) != self.fingerprint:
             raise DataError(f"{self.path} changed while it was being read; try again")
+        self.identity = {"num_documents": int(lines.shape[0]), "num_tokens": int(lengths.astype(np.int64).sum()),
+                         "lengths_md5": hashlib.md5(np.ascontiguousarray(lengths).tobytes(),
+                                                    usedforsecurity=False).hexdigest()}
         base = self._lines._writable_base(self.path, "document token counts")
         _save_npy(f"{base}.{name}.lines.npy", lines)
         _save_npy(f"{base}.{name}.lengths.npy", lengths)
-        _save_json(f"{base}.{name}.json", {**expected, "num_documents": int(lines.shape[0]),
-                                           "num_tokens": int(lengths.astype(np.int64).sum()), "path": self.path,
-                                           "text_key": self.text_key, "tokenizer": self.tokenizer.unique_identifiers})
+        _save_json(f"{base}.{name}.json", {**expected, **self.identity, "path": self.path, "text_key": self.text_key,
+                                           "tokenizer": self.tokenizer.unique_identifiers})
         return lines, lengths
 
     # ------------------------------------------------------------------ access
@@ -339,6 +346,9 @@ class TextGPTDatasetConfig(GPTDatasetConfig):
     data_impl: str = "text_mmap"
     text_key: str = "text"
     index_mapping_dir: Optional[str] = None
+    # per file: document count, token count and an MD5 of the token counts -- all the sample indices depend on
+    # (with the tokenizer, seed, sequence length, split and sizes), and the same for identical copies of a file
+    # on several nodes, whatever their mtimes
     text_fingerprints: Dict[str, Any] = field(default_factory=dict)
     text_tokenizer: Any = None  # the tokenizer itself (not in the key: its identifiers are, via ``tokenizer``)
     text_sources: Dict[str, Any] = field(default_factory=dict)  # path -> opened TextDocumentTokens (or rebuilt)
@@ -511,8 +521,7 @@ def build_gpt_text_datasets(data_cfg, tokenizer, seq_length: int, num_samples: T
         eod_mask_loss=bool(_get(data_cfg, "eod_mask_loss", False)), create_attention_mask=False,
         num_dataset_builder_threads=1, data_impl=impl, text_key=text_key if impl == "jsonl" else "text",
         index_mapping_dir=mapping, text_tokenizer=tokenizer,
-        text_fingerprints={p: {k: s.fingerprint[k] for k in ("size", "mtime_ns", "checksum")}
-                           for p, s in sources.items()},
+        text_fingerprints={p: s.identity for p, s in sources.items()},
         text_sources=sources,
     )
     if per_split is None:

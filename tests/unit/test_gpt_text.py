@@ -131,7 +131,8 @@ def test_caches_are_reused_and_keyed_on_file_tokenizer_and_impl(tmp_path, monkey
     first = build_gpt_text_datasets(cfg, tok, 16, (40, 8, 8), 3)
     descriptions = sorted(glob.glob(str(cache / "*description.txt")))
     assert len(descriptions) == 3 and "TextGPTDataset" in descriptions[0]
-    assert '"data_impl": "text_mmap"' in open(descriptions[0]).read()
+    described = open(descriptions[0]).read()
+    assert '"data_impl": "text_mmap"' in described and '"lengths_md5"' in described and "byte" in described
 
     def no_scan(self):
         raise AssertionError("the document scan ran again")
