@@ -235,3 +235,15 @@ def test_blend_per_split_uses_each_file_whole(tmp_path):
     assert len(valid) == len(alone) and all(np.array_equal(valid[i]["tokens"], alone[i]["tokens"]) for i in range(6))
     text = bytes(int(t) for i in range(20) for t in train[i]["tokens"] if t < 256)
     assert b"alpha" in text and b"beta" not in text
+
+
+def test_a_file_changed_during_the_run_is_an_error(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'{"text": "abcd"}\n{"text": "efgh"}\n')
+    docs = TextDocumentTokens(str(f), "jsonl", build_tokenizer("byte"), str(tmp_path / "c"))
+    assert list(docs.get(1)) == [101, 102, 103, 104, 256]
+    with open(f, "r+b") as fh:  # same size, same lines, another text length
+        fh.seek(17)
+        fh.write(b'{"text": "ef"}  ')
+    with pytest.raises(DataError, match=r"d.jsonl, line 2: has 3 tokens now but 5 when the dataset was built"):
+        docs.get(1)
