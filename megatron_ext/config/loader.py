@@ -81,8 +81,23 @@ def _explain(e: OmegaConfBaseException) -> str:
     msg = getattr(e, "msg", None) or str(e)
     msg = msg.split("\n")[0]
     if key:
-        return f"config key '{key}': {msg}"
+        return f"config key '{key}': {msg}{_bart_only_hint(key)}"
     return msg
+
+
+def _bart_only_hint(key: str) -> str:
+    """For a ``model.data`` key that only BART's data section has (noising, JSONL attribute columns): say so."""
+    from dataclasses import fields
+
+    from megatron_ext.config.schema import BARTDataConfig, DataConfig
+
+    prefix, _, leaf = str(key).rpartition(".")
+    if prefix != "model.data":
+        return ""
+    bart_only = {f.name for f in fields(BARTDataConfig)} - {f.name for f in fields(DataConfig)}
+    if leaf not in bart_only:
+        return ""
+    return f" (model.data.{leaf} is a key of pretrain_bart.py's data section; GPT pretraining does not use it)"
 
 
 def load_config(

@@ -135,9 +135,10 @@ class TokenizerConfig:
 class DataConfig:
     # [w1, prefix1, w2, prefix2, ...] or [prefix]; empty = built-in default corpus
     data_prefix: List[Any] = field(default_factory=list)
-    data_impl: str = "mmap"
+    data_impl: str = "mmap"  # mmap (.bin/.idx) | text_mmap (text, a document per line) | jsonl: tokenized on the fly
     splits_string: str = "949,50,1"
     index_mapping_dir: Optional[str] = None  # sample-index cache dir (default: <prefix dir>/cache)
+    text_key: str = "text"  # data_impl=jsonl: the JSON key holding the document text
     default_corpus_dir: Optional[str] = None  # where the built-in corpus is cached
     num_workers: int = 0
     seed: Optional[int] = None  # default: trainer.seed

@@ -6,6 +6,9 @@ documents by ``splits_string`` ("949,50,1"), the weighted blend across datasets,
 shuffled document/sample/shuffle indices, cached as ``.npy`` files and reused by later runs
 with the same data, sequence length, seed, split and sizes.
 
+Raw text and JSONL (``data_impl=text_mmap`` / ``jsonl``) go through :mod:`megatron_ext.data.gpt_text`, which
+reuses the builder and the cache planning below with its own ``GPTDataset`` subclass.
+
 ``model.data.data_prefix`` forms:
 
 * ``[]`` -- the built-in corpus (:mod:`megatron_ext.data.default_corpus`);
@@ -184,11 +187,14 @@ class _SingleProcessGroup:
         return False
 
 
-def _run_builder(cfg, sizes: Sequence[int]):
+def _run_builder(cfg, sizes: Sequence[int], dataset_cls=None):
+    """megatron-core's builder over ``dataset_cls`` (default ``GPTDataset``; the raw-text GPT datasets of
+    :mod:`megatron_ext.data.gpt_text` pass their subclass)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [int(s) for s in sizes], lambda: True, cfg)
+    cls = GPTDataset if dataset_cls is None else dataset_cls
+    builder = BlendedMegatronDatasetBuilder(cls, [int(s) for s in sizes], lambda: True, cfg)
     return builder.build()
 
 
@@ -196,14 +202,14 @@ def _child_main(payload_path: str) -> int:
     """Entry point of the index-building child process (see :func:`_prebuild_in_child`)."""
     import pickle
 
-    with open(payload_path, "rb") as f:
-        cfg, sizes = pickle.load(f)
+    with open(payload_path, "rb") as f:  # written by _prebuild_in_child of this run, never a user's file
+        cfg, sizes, dataset_cls = pickle.load(f)
     with _SingleProcessGroup():
-        _run_builder(cfg, sizes)
+        _run_builder(cfg, sizes, dataset_cls)
     return 0
 
 
-def _prebuild_in_child(cfg, sizes) -> None:
+def _prebuild_in_child(cfg, sizes, dataset_cls=None) -> None:
     """Build the sample-index cache in a fresh interpreter with a world of one.
 
     A plain subprocess (not ``multiprocessing``'s spawn, which re-imports the user's main
@@ -217,7 +223,7 @@ def _prebuild_in_child(cfg, sizes) -> None:
     fd, payload = tempfile.mkstemp(prefix="megatron_ext_index_", suffix=".pkl")
     try:
         with os.fdopen(fd, "wb") as f:
-            pickle.dump((cfg, [int(s) for s in sizes]), f)
+            pickle.dump((cfg, [int(s) for s in sizes], dataset_cls), f)
         code = (
             "import sys; sys.path[:0] = {path!r}; "
             "from megatron_ext.data.gpt_data import _child_main; sys.exit(_child_main({payload!r}))"
@@ -283,8 +289,9 @@ def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[
         raise ConfigError(f"num_samples={num_samples!r}: expected three non-negative integers (train, valid, test)")
     if str(getattr(data_cfg, "data_impl", "mmap")) not in ("mmap", "lazy", "cached"):
         raise ConfigError(
-            f"model.data.data_impl={data_cfg.data_impl!r}: GPT pretraining reads Megatron .bin/.idx files; "
-            f"expected 'mmap' (make them with tools/preprocess_data.py)"
+            f"model.data.data_impl={data_cfg.data_impl!r}: expected 'mmap' (Megatron .bin/.idx files from "
+            f"tools/preprocess_data.py), 'text_mmap' (text files, one document per line) or 'jsonl' (JSONL files, "
+            f"the text under model.data.text_key)"
         )
     split = parse_splits_string(data_cfg.splits_string)
     prefixes, weights = parse_data_prefix(data_cfg.data_prefix)

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import DictConfig
 
+from megatron_ext.errors import ConfigError
 from megatron_ext.modules.cross_entropy import masked_token_loss
 from megatron_ext.data.gpt_data import build_gpt_datasets
 from megatron_ext.data.synthetic import build_synthetic_datasets, resolve_synthetic
@@ -57,6 +58,13 @@ class GPTTask:
                 log.warning("model.data.task=%s with pipeline parallelism: val/exact_match is not computed (the "
                             "pipeline engine computes the loss itself)", self.synthetic.spec.name)
             return build_synthetic_datasets(self.synthetic, self.tokenizer, num_samples, seed)
+        if str(d.get("data_impl", "mmap")) in ("text_mmap", "jsonl"):  # raw text / JSONL, tokenized on the fly
+            from megatron_ext.data.gpt_text import build_gpt_text_datasets
+
+            return build_gpt_text_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
+        if str(d.get("text_key", "text")) != "text":
+            raise ConfigError(f"model.data.text_key={d.text_key!r} with model.data.data_impl={d.data_impl}: the text "
+                              f"key is read from JSONL files only (data_impl=jsonl); leave it at 'text'")
         return build_gpt_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
 
     # --------------------------------------------------------------- stepping
