@@ -9,7 +9,7 @@ format is described in :mod:`megatron_ext.data.validation`.
   ``DType.optimal_dtype``);
 * :class:`DatasetWriter`: a ``.bin``/``.idx`` pair written under temporary names (``.bin.tmp``/``.idx.tmp``) in whole
   chunks of documents, sha256 of each file computed on the way, renamed into place by :meth:`DatasetWriter.commit`;
-* :func:`read_index`: the tables of an ``.idx`` (header checks only; :mod:`megatron_ext.data.validation` checks more);
+* :func:`read_index`, :func:`check_dataset`: the tables of an ``.idx``, the header checked, or the whole pair checked;
 * :func:`merge_into`: several pairs of one dtype concatenated into one pair, in the order given.
 """
 from __future__ import annotations
@@ -84,23 +84,67 @@ class Index:
 
 
 def read_index(idx_path: str) -> Index:
-    """The tables of ``idx_path`` (memory-mapped); a DataError names the file when the header is not MMIDIDX."""
+    """The tables of ``idx_path`` (memory-mapped) after the header checks: magic, version, an integer dtype code, a
+    file as long as the header says (a multimodal index is refused); each problem is a DataError naming the file."""
     size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as f:
         head = f.read(HEADER_BYTES)
     if len(head) < HEADER_BYTES or head[:9] != IDX_MAGIC:
-        raise DataError(f"{idx_path}: not a Megatron index file (bad magic or truncated header)")
+        raise DataError(f"{idx_path}: not a Megatron index file (bad magic {head[:9]!r} or a header shorter than "
+                        f"{HEADER_BYTES} bytes); the file is corrupt or is not an .idx")
     (version,) = struct.unpack("<Q", head[9:17])
-    if version != IDX_VERSION or head[17] not in CODE_DTYPES:
-        raise DataError(f"{idx_path}: unsupported index (version {version}, dtype code {head[17]})")
+    if version != IDX_VERSION:
+        raise DataError(f"{idx_path}: unsupported index version {version}, expected {IDX_VERSION}")
+    if head[17] not in CODE_DTYPES:
+        raise DataError(f"{idx_path}: dtype code {head[17]} is not an integer token type; expected one of "
+                        + ", ".join(f"{c} ({d.name})" for c, d in sorted(CODE_DTYPES.items())))
     s, d = struct.unpack("<QQ", head[18:34])
-    if size != HEADER_BYTES + 12 * s + 8 * d:
-        raise DataError(f"{idx_path}: index file is {size} bytes, its header describes "
-                        f"{HEADER_BYTES + 12 * s + 8 * d}; the file is corrupt")
+    expected = HEADER_BYTES + 12 * s + 8 * d
+    if s and size == expected + s:
+        raise DataError(f"{idx_path}: a multimodal index (one mode byte per sequence); expected a plain token index")
+    if size != expected:
+        raise DataError(f"{idx_path}: index file is {size} bytes but its header ({s} sequences, {d} document-table "
+                        f"entries) describes {expected}; the file is corrupt or truncated")
     mm = np.memmap(idx_path, dtype=np.uint8, mode="r")
     lengths = np.frombuffer(mm, dtype=np.int32, count=s, offset=HEADER_BYTES)
     doc_idx = np.frombuffer(mm, dtype=np.int64, count=d, offset=HEADER_BYTES + 12 * s)
     return Index(idx_path, CODE_DTYPES[head[17]], lengths, doc_idx)
+
+
+def check_dataset(prefix: str, key: str = "--input") -> Index:
+    """The index of the pair ``prefix.bin``/``prefix.idx`` after checking it whole: both files present, the header
+    (:func:`read_index`), a document table from 0 to the sequence count in increasing order, non-negative lengths,
+    sequences stored back to back, a ``.bin`` of the size the index describes. (The same checks as
+    :mod:`megatron_ext.data.validation`, without importing megatron-core.)"""
+    bin_path, idx_path = prefix + ".bin", prefix + ".idx"
+    missing = [p for p in (bin_path, idx_path) if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{key}: {' and '.join(missing)} not found; expected a Megatron dataset (the prefix of a "
+                        f".bin/.idx pair, as tools/preprocess_data.py writes)")
+    ix = read_index(idx_path)
+    s = ix.lengths.shape[0]
+    docs = ix.doc_idx
+    if docs.shape[0] < 1 or docs[0] != 0 or docs[-1] != s or (docs.shape[0] > 1 and np.any(np.diff(docs) < 0)):
+        raise DataError(f"{idx_path}: corrupt document table: expected increasing entries from 0 to the sequence "
+                        f"count {s}")
+    if s and ix.lengths.min() < 0:
+        raise DataError(f"{idx_path}: corrupt index: a sequence has a negative length")
+    itemsize = ix.dtype.itemsize
+    pointers = np.frombuffer(np.memmap(idx_path, dtype=np.uint8, mode="r"), dtype=np.int64, count=s,
+                             offset=HEADER_BYTES + 4 * s)
+    expected = np.zeros(s, dtype=np.int64)
+    if s > 1:
+        np.cumsum(ix.lengths[:-1].astype(np.int64) * itemsize, out=expected[1:])
+    if not np.array_equal(pointers, expected):
+        bad = int(np.argmax(pointers != expected))
+        raise DataError(f"{idx_path}: corrupt index: sequence {bad} starts at byte {int(pointers[bad])} of the .bin, "
+                        f"expected {int(expected[bad])} (sequences must be stored back to back)")
+    total = ix.num_tokens
+    if os.path.getsize(bin_path) != total * itemsize:
+        raise DataError(f"{bin_path}: size is {os.path.getsize(bin_path)} bytes, but {idx_path} describes {total} "
+                        f"tokens of {ix.dtype.name} = {total * itemsize} bytes; the .bin is truncated or does not "
+                        f"belong to this .idx")
+    return ix
 
 
 class DatasetWriter:
@@ -111,7 +155,7 @@ class DatasetWriter:
         self.prefix = prefix
         self.dtype = np.dtype(dtype)
         self.bin_tmp, self.idx_tmp = prefix + ".bin.tmp", prefix + ".idx.tmp"
-        self._bin = open(self.bin_tmp, "wb")
+        self._bin = open(self.bin_tmp, "wb", buffering=0)  # one write per chunk of documents: no buffer needed
         self._sha = hashlib.sha256()
         self._lengths: List[np.ndarray] = []
         self.num_tokens = 0
@@ -125,7 +169,9 @@ class DatasetWriter:
         if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
             raise DataError("a document has more than 2^31 tokens")
         data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
-        self._bin.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[self._bin.write(view):]
         self._sha.update(data)
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
         self.num_tokens += int(tokens.shape[0])
@@ -134,7 +180,6 @@ class DatasetWriter:
     def finalize(self, fsync: bool = False) -> None:
         """Close the ``.bin.tmp`` and write the ``.idx.tmp`` (one sequence per document)."""
         if fsync:
-            self._bin.flush()
             os.fsync(self._bin.fileno())
         self._bin.close()
         self.bin_size = os.path.getsize(self.bin_tmp)
@@ -223,4 +268,4 @@ def merge_into(prefixes: Sequence[str], bin_path: str, idx_path: str,
     return int(all_lengths.shape[0]), int(doc_idx.shape[0] - 1), int(all_lengths.sum(dtype=np.int64))
 
 
-__all__ = ["DatasetWriter", "Index", "merge_into", "optimal_dtype", "read_index", "sha256_file", "write_index"]
+__all__ = ["DatasetWriter", "Index", "check_dataset", "check_same_dtype", "merge_into", "optimal_dtype", "read_index", "sha256_file", "write_index"]

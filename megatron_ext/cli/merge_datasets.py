@@ -12,8 +12,8 @@ written by ``megatron_ext/indexed_files.py`` -- the code that ``tools/preprocess
 with, so merging its ``--per-shard`` outputs gives its merged output byte for byte. megatron-core's
 ``IndexedDataset`` reads the result.
 
-Every input is checked first (:mod:`megatron_ext.data.validation`: both files present, a valid MMIDIDX header,
-consistent tables, a ``.bin`` of the size the ``.idx`` describes) and all must hold the same token dtype; each
+Every input is checked first (``megatron_ext.indexed_files.check_dataset``: both files present, a valid MMIDIDX
+header, consistent tables, a ``.bin`` of the size the ``.idx`` describes) and all must hold the same token dtype; each
 problem is one error naming the file. An output that is an input is refused, an existing output is replaced only
 with ``--overwrite``; the output is written under ``.tmp`` names and renamed at the end.
 """
@@ -26,7 +26,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_ext.errors import DataError, run_entry_point
-from megatron_ext.indexed_files import Index, check_same_dtype, merge_into, read_index
+from megatron_ext.indexed_files import check_dataset, check_same_dtype, merge_into
 from megatron_ext.output_files import check_outputs, write_error
 
 PROG = "merge_datasets"
@@ -64,16 +64,6 @@ def expand_prefixes(specs: Sequence[str]) -> List[str]:
     return prefixes
 
 
-def check_input(prefix: str) -> Index:
-    """megatron_ext.data.validation's checks of one input (files, header, tables, .bin size), then its tables."""
-    from megatron_ext.data.validation import _check_tables, check_files_exist, read_idx_header
-
-    bin_path, idx_path = check_files_exist(prefix, key="--input")
-    header = read_idx_header(idx_path)
-    _check_tables(idx_path, bin_path, header)
-    return read_index(idx_path)
-
-
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     t0 = time.perf_counter()
     prefixes = expand_prefixes(args.input)
@@ -84,7 +74,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                   overwrite=args.overwrite)
     check_outputs([("--output-prefix", bin_path + ".tmp"), ("--output-prefix", idx_path + ".tmp")], inputs,
                   overwrite_flag=None)
-    indexes = [check_input(p) for p in prefixes]
+    indexes = [check_dataset(p, "--input") for p in prefixes]
     check_same_dtype(indexes, "--input")
     out_dir = os.path.dirname(out)
     ok = False
