@@ -35,8 +35,8 @@ Output (Megatron's naming, so Megatron data prefixes work unchanged)
   * one input shard: written straight to ``{output_prefix}_{key}_document.*``, as before.
   * several shards (default): each shard is tokenized into ``{output_prefix}.parts/{shard}_{key}_document.*``,
     then the parts are concatenated in input order into ``{output_prefix}_{key}_document.*``
-    (``megatron_ext/indexed_files.py``, the same code as ``tools/merge_datasets.py``) and ``{output_prefix}.parts``
-    is removed.
+    (``megatron_ext/indexed_files.py``, the same code as ``tools/merge_datasets.py``); then the parts and the
+    manifest are removed, and ``{output_prefix}.parts`` with them when nothing else is in it.
   * ``--per-shard``: ``{output_prefix}_{shard}_{key}_document.*`` for every shard, nothing merged.
 
 Resuming (several shards or ``--per-shard``)
@@ -86,7 +86,6 @@ import codecs
 import glob
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -905,9 +904,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 with _writing(pre + ".bin"):
                     os.replace(pre + ".bin.tmp", pre + ".bin")
                     os.replace(pre + ".idx.tmp", pre + ".idx")
-            shutil.rmtree(parts_dir, ignore_errors=True)
+            # only what this tool wrote there: the parts and the manifest (then the directory, when empty)
+            for f in [f for j in jobs for f in j.output_files()] + [manifest_path]:
+                if os.path.exists(f):
+                    os.remove(f)
+            try:
+                os.rmdir(parts_dir)
+            except OSError:
+                pass
             say(f"{PROG}: merged {n} shard(s) in input order in {time.perf_counter() - t_merge:.2f} s; removed "
-                f"{parts_dir}")
+                f"the parts and {manifest_path}")
         ok = True
     finally:
         bar.leave = ok  # on error, clear the bar so the one-line message stands alone
