@@ -1,6 +1,6 @@
 """tools/preprocess_data.py with shards (issue 19, item 6), in process: compressed inputs read as the plain file,
 input expansion, what a resumed run refuses, tools/merge_datasets.py's input checks. (The kill-and-resume run:
-tests/integration/test_preprocess_shards.py.)"""
+tests/integration/test_preprocess_resume.py.)"""
 import filecmp
 import gzip
 import json
