@@ -67,6 +67,13 @@ def test_gz_shards_killed_after_two_resume_identical_and_merge_equals_merged(tmp
     assert "1 other file(s) skipped" in out and "part-00, part-01, part-02, part-03" in out
     assert sorted(os.listdir(clean)) == ["c_text_document.bin", "c_text_document.idx"]  # no .parts left
     merged = _shas(clean)
+    one = tmp_path / "one.txt"  # the shards' text as one file: the same dataset
+    with open(one, "wb") as f:
+        for i in range(4):
+            with gzip.open(os.path.join(inp, f"part-{i:02d}.txt.gz")) as g:
+                f.write(g.read())
+    _pp(capsys, "--input", one, "--output-prefix", tmp_path / "one" / "c")
+    assert _shas(tmp_path / "one") == merged
 
     # killed after 2 shards: 2 recorded, the 3rd half-written under a .tmp name, no merged output
     res = tmp_path / "res"
