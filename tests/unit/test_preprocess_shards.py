@@ -133,3 +133,11 @@ def test_merge_refuses_mixed_dtypes_and_corrupt_inputs(tmp_path, capsys):
     rc, _, err = _run(md, capsys, "--input", tmp_path / "u16", "--output-prefix", tmp_path / "u16")
     assert rc == 2 and "is the input" in err
     assert not list(tmp_path.glob("m*"))
+
+
+def test_zst_without_zstandard_names_the_package(tmp_path, capsys, monkeypatch):
+    f = tmp_path / "a.jsonl.zst"
+    f.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n'))
+    monkeypatch.setitem(__import__("sys").modules, "zstandard", None)  # as if not installed: import fails
+    err = _pp(capsys, "--input", f, "--output-prefix", tmp_path / "o" / "x", ok=False)
+    assert str(f) in err and "'zstandard'" in err and "pip install zstandard" in err
