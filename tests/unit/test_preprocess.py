@@ -329,3 +329,35 @@ def test_output_feeds_megatron_gpt_dataset(corpus, tmp_path):
             assert b in whole
         elif b:
             assert any(b in d for d in doc_bytes)
+
+
+def test_merge_equals_megatron_core_add_index(tmp_path):
+    """tools/merge_datasets.py's merge (megatron_ext/indexed_files.py) is byte for byte megatron-core's
+    IndexedDatasetBuilder.add_index of the same inputs -- one of them with a document of two sequences -- and
+    IndexedDataset reads it."""
+    import warnings
+
+    import helpers
+    from megatron_ext.cli import merge_datasets as md
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    a = helpers.write_dataset(str(tmp_path / "a"), [[1, 2, 3], [4], [5, 6]])
+    b = str(tmp_path / "b")
+    builder = IndexedDatasetBuilder(b + ".bin", dtype=np.uint16)
+    builder.add_document(np.array([7, 8, 9, 10], dtype=np.int64), [1, 3])  # one document, two sequences
+    builder.add_document(np.array([11], dtype=np.int64), [1])
+    builder.finalize(b + ".idx")
+    ref = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=np.uint16)
+    for p in (a, b):
+        ref.add_index(p)
+    ref.finalize(str(tmp_path / "ref.idx"))
+
+    assert md.main(["--input", a, b + ".idx", "--output-prefix", str(tmp_path / "out" / "m")]) == 0
+    for ext in (".bin", ".idx"):
+        assert filecmp.cmp(tmp_path / ("ref" + ext), tmp_path / "out" / ("m" + ext), shallow=False)
+    ds = _indexed_dataset(str(tmp_path / "out" / "m"))
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 3], [4], [5, 6], [7], [8, 9, 10], [11]]
+    assert ds.document_indices.tolist() == [0, 1, 2, 3, 5, 6]
