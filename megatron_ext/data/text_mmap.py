@@ -104,12 +104,18 @@ def scan_newlines(path: str, newline: int = 10, size: Optional[int] = None) -> n
 
 
 def _dir_writable(directory: str) -> bool:
-    """Whether files can be created in ``directory`` (created if missing). Tests monkeypatch this."""
+    """Whether files can be created in ``directory`` (created if missing) and it is meant to be written: a directory
+    without any write bit in its mode counts as read-only even for root. Tests monkeypatch this."""
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError:
         return False
     if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:  # a directory marked read-only for everyone (no write bit) stays so for root, whom os.access lets through
+        if not os.stat(directory).st_mode & 0o222:
+            return False
+    except OSError:
         return False
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)

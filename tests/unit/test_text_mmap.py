@@ -210,3 +210,20 @@ def test_sentencepiece_token_counts_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(type(tok), "tokenize_batch_flat", boom)
     again = TextMemMapDataset(str(corpus), tokenizer=tok, index_mapping_dir=str(tmp_path / "cache"))
     assert again.token_lengths().tolist() == lengths.tolist()
+
+
+def test_a_directory_marked_read_only_gets_no_index_even_for_root(tmp_path, monkeypatch):
+    """A corpus directory whose mode has no write bit is read-only for the caches even when os.access lets root in:
+    the index goes to the fallback cache and nothing is written beside the file."""
+    data = tmp_path / "ro"
+    data.mkdir()
+    (data / "a.txt").write_text("one\ntwo\nthree\n")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    data.chmod(0o555)
+    try:
+        ds = TextMemMapDataset([str(data / "a.txt")])
+        assert len(ds) == 3 and ds.get_text(1) == "two"
+        assert sorted(os.listdir(data)) == ["a.txt"]
+        assert list((tmp_path / "xdg").rglob("a.txt.idx.npy"))
+    finally:
+        data.chmod(0o755)
