@@ -293,6 +293,10 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
         _positive(cfg, key)
     for key in ("trainer.val_check_interval", "trainer.limit_val_batches", "trainer.max_restarts"):
         _positive(cfg, key, allow_zero=True)
+    limit_test = t.get("limit_test_batches")
+    if limit_test is not None and limit_test < 0:
+        raise ConfigError(f"trainer.limit_test_batches={limit_test}: expected null (as trainer.limit_val_batches), 0 "
+                          f"(no test evaluation) or an integer > 0")
     if t.limit_train_batches is not None and t.limit_train_batches < 0:
         raise ConfigError(f"trainer.limit_train_batches={t.limit_train_batches}: expected null or an integer >= 0")
     step_timeout = t.get("step_timeout_minutes")

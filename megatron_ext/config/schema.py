@@ -26,7 +26,10 @@ class TrainerConfig:
     precision: str = "32"  # 32 | bf16 | 16 (also accepts bf16-mixed / 16-mixed)
     max_steps: int = 100
     val_check_interval: int = 50  # run validation every N optimizer steps (0 = never)
-    limit_val_batches: int = 4  # global batches per validation
+    limit_val_batches: int = 4  # global batches per validation (per validation dataset)
+    # global batches of each test dataset, evaluated once after training (and in evaluation-only runs); null = as
+    # limit_val_batches, 0 = off
+    limit_test_batches: Optional[int] = None
     limit_train_batches: Optional[int] = None  # 0 = evaluation only (needs model.ckpt_path)
     log_every_n_steps: int = 10
     accumulate_grad_batches: Optional[int] = None  # derived from batch sizes; if set, must agree
@@ -107,8 +110,9 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    # [w1, prefix1, w2, prefix2, ...] or [prefix]; empty = built-in default corpus
-    data_prefix: List[Any] = field(default_factory=list)
+    # [w1, prefix1, w2, prefix2, ...] or [prefix] (split by splits_string); empty = built-in default corpus; or a
+    # dict {train: [...], validation: [...], test: [...]} of separate files per split (README "Real corpora")
+    data_prefix: Any = None
     data_impl: str = "mmap"
     splits_string: str = "949,50,1"
     index_mapping_dir: Optional[str] = None  # sample-index cache dir (default: <prefix dir>/cache)
@@ -251,8 +255,8 @@ class TransformerStackConfig:
 @dataclass
 class BARTDataConfig:
     # [w1, path1, w2, path2, ...] or [path]: .bin/.idx prefixes (data_impl=mmap) or text files (data_impl=text_mmap);
-    # empty = the built-in corpus (mmap)
-    data_prefix: List[Any] = field(default_factory=list)
+    # empty = the built-in corpus (mmap); or a dict {train: [...], validation: [...], test: [...]} (README "Real corpora")
+    data_prefix: Any = None
     data_impl: str = "mmap"  # mmap | text_mmap | jsonl
     splits_string: str = "949,50,1"
     index_mapping_dir: Optional[str] = None  # where index caches go when the data directory is read-only
