@@ -158,3 +158,41 @@ def test_missing_train_entry_is_refused_when_training(corpora):
     cfg = load_config(overrides=[f"model.data.data_prefix={{validation: [{corpora['a']}]}}"]).model.data
     with pytest.raises(ConfigError, match="has no 'train' entry but 8 training samples are needed"):
         build_gpt_datasets(cfg, build_tokenizer("byte"), _SEQ, (8, 4, 0), 1)
+
+
+def test_list_form_test_split_is_built_or_dropped_with_a_warning(corpora, caplog):
+    """The list form's test split (``splits_string``'s third share) is built when samples are asked for; a share
+    that gives it no document (40 documents, "949,50,1") drops it with a warning instead of failing the run."""
+    from megatron_ext.data.gpt_data import build_gpt_datasets
+    from megatron_ext.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("byte")
+    over = [f"model.data.data_prefix=[{corpora['train']}]", f"model.data.index_mapping_dir={corpora['root'] / 'cache'}"]
+    train, valid, test = build_gpt_datasets(load_config(overrides=[*over, "model.data.splits_string='8,1,1'"])
+                                            .model.data, tok, _SEQ, (8, 4, 4), 1)
+    assert len(test) >= 4 and len(valid) >= 4  # (megatron-core rounds up to whole epochs)
+    with caplog.at_level("WARNING"):
+        train, valid, test = build_gpt_datasets(load_config(overrides=over).model.data, tok, _SEQ, (8, 4, 4), 1)
+    assert test is None and valid is not None
+    assert "leaves the test split of" in caplog.text and "no test split" in caplog.text
+
+
+def test_bart_dict_form_uses_whole_files_and_names_the_validation_sets(tmp_path):
+    from megatron_ext.config.schema import BARTDataConfig
+    from megatron_ext.data.bart import build_bart_datasets
+    from megatron_ext.tokenizers import build_tokenizer, ensure_mask_token
+
+    tok = ensure_mask_token(build_tokenizer("byte"))
+    files = {}
+    for name, n in (("tr", 30), ("x", 5), ("y", 7)):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("".join(f"{name} line {i} of some words\n" for i in range(n)))
+    data = BARTDataConfig(data_prefix={"train": [str(files["tr"])], "validation": [str(files["x"]), str(files["y"])]},
+                          data_impl="text_mmap", index_mapping_dir=str(tmp_path / "cache"))
+    train, valid, test = build_bart_datasets(data, tok, 32, 32, (16, 8, 8), seed=1)
+    assert test is None and list(valid) == ["x", "y"]  # no test entry: no test split
+    assert train.doc_range == (0, 30) and valid["x"].doc_range == (0, 5) and valid["y"].doc_range == (0, 7)
+    assert len(valid["x"]) == 8 and "x line" in tok.detokenize(valid["x"].target_tokens(0))
+    data.splits_string = "90,5,5"
+    with pytest.raises(ConfigError, match="is not used with the dict form"):
+        build_bart_datasets(data, tok, 32, 32, (16, 8, 8), seed=1)
