@@ -62,11 +62,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from megatron_ext.data.collective import all_gather, collective_check, world
 from megatron_ext.data.default_corpus import ensure_default_corpus
 from megatron_ext.data.prefixes import (PREFIX_KEY, SPLITS_KEY, is_split_dict, parse_data_prefix, parse_split_prefixes,
                                         parse_splits_string)
-from megatron_ext.data.validation import check_splits, validate_indexed_dataset
+from megatron_ext.data.validation import HEADER_BYTES, check_splits, split_document_ranges, validate_indexed_dataset
 from megatron_ext.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -315,10 +317,6 @@ def _validate_inputs(jobs: Sequence[_Job], tokenizer, cache_dir, splits_string):
 
 def _empty_test_split(infos, split_matrix) -> Optional[str]:
     """The first dataset whose test range (``split_matrix[2]``) holds no tokens, or None."""
-    import numpy as np
-
-    from megatron_ext.data.validation import HEADER_BYTES, split_document_ranges
-
     for info in infos:
         rng = split_document_ranges(info.num_sequences, split_matrix)[2]
         if rng is None:
