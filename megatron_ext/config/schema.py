@@ -255,7 +255,8 @@ class TransformerStackConfig:
 @dataclass
 class BARTDataConfig:
     # [w1, path1, w2, path2, ...] or [path]: .bin/.idx prefixes (data_impl=mmap) or text files (data_impl=text_mmap);
-    # empty = the built-in corpus (mmap); or a dict {train: [...], validation: [...], test: [...]} (README "Real corpora")
+    # empty = the built-in corpus (mmap); or a dict {train: [...], validation: [...], test: [...]} (README "Real
+    # corpora")
     data_prefix: Any = None
     data_impl: str = "mmap"  # mmap | text_mmap | jsonl
     splits_string: str = "949,50,1"

@@ -75,8 +75,8 @@ class Task(Protocol):
         """(loss to backprop: the summed token loss over ``batch["loss_mask"]`` divided by ``denominator``, by
         default this batch's loss-token count; the number of loss tokens; extras to log as ``train/<name>``,
         ``val/<name>`` and ``test/<name>``). An extra is a scalar (averaged over a step's micro-batches and DP ranks
-        for ``train/``, token-weighted over the evaluated batches for ``val/`` and ``test/``) or a (numerator, denominator) pair (both summed,
-        then divided)."""
+        for ``train/``, token-weighted over the evaluated batches for ``val/`` and ``test/``) or a (numerator,
+        denominator) pair (both summed, then divided)."""
         ...
 
     def flops_per_iteration(self, global_batch_size: int) -> float: ...

@@ -73,10 +73,9 @@ def split_run(corpora, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = Trainer(load_config(overrides=[*common, prefix, "trainer.max_steps=2", "trainer.val_check_interval=2",
-                                                 "trainer.limit_val_batches=1", "exp_manager.version=train",
-                                                 "exp_manager.checkpoint_callback_params.every_n_train_steps=0"]),
-                          GPTTask)
+        trainer = Trainer(load_config(overrides=[
+            *common, prefix, "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+            "exp_manager.version=train", "exp_manager.checkpoint_callback_params.every_n_train_steps=0"]), GPTTask)
         res = trainer.fit()
         model = trainer.engine.module.eval()
         datasets = trainer.task.build_datasets(trainer._num_samples())
@@ -167,7 +166,8 @@ def test_list_form_test_split_is_built_or_dropped_with_a_warning(corpora, caplog
     from megatron_ext.tokenizers import build_tokenizer
 
     tok = build_tokenizer("byte")
-    over = [f"model.data.data_prefix=[{corpora['train']}]", f"model.data.index_mapping_dir={corpora['root'] / 'cache'}"]
+    over = [f"model.data.data_prefix=[{corpora['train']}]",
+            f"model.data.index_mapping_dir={corpora['root'] / 'cache'}"]
     train, valid, test = build_gpt_datasets(load_config(overrides=[*over, "model.data.splits_string='8,1,1'"])
                                             .model.data, tok, _SEQ, (8, 4, 4), 1)
     assert len(test) >= 4 and len(valid) >= 4  # (megatron-core rounds up to whole epochs)
