@@ -309,6 +309,11 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
     _positive(cfg, "trainer.max_restarts", allow_zero=True)
     # trainer.max_steps, max_epochs, val_check_interval, limit_*_batches, fast_dev_run (training/run_length.py) and
     # the monitor / early-stopping keys (training/best.py): config.validation.check_run_config
+    limit_test = t.get("limit_test_batches")
+    if limit_test is not None and (isinstance(limit_test, bool) or not isinstance(limit_test, (int, float))
+                                   or limit_test < 0 or (isinstance(limit_test, float) and limit_test > 1)):
+        raise ConfigError(f"trainer.limit_test_batches={limit_test!r}: expected null (as trainer.limit_val_batches), 0 "
+                          f"(no test evaluation), an integer > 0 (global batches) or a fraction in (0, 1]")
     step_timeout = t.get("step_timeout_minutes")
     if step_timeout is not None and not step_timeout > 0:
         raise ConfigError(f"trainer.step_timeout_minutes={step_timeout}: expected null (off) or a number of minutes > 0")

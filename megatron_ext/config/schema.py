@@ -29,7 +29,11 @@ class TrainerConfig:
     max_epochs: Optional[int] = None
     # int N: validate every N optimizer steps (0 = never); float in (0, 1]: every that fraction of an epoch
     val_check_interval: Any = 50
-    limit_val_batches: Any = 4  # int: global batches per validation; float in [0, 1]: that fraction of the split
+    # int: global batches per validation (of each validation dataset); float in [0, 1]: that fraction of the split
+    limit_val_batches: Any = 4
+    # global batches of each test dataset, evaluated once after training (and in evaluation-only runs); null = as
+    # limit_val_batches, 0 = off; float in [0, 1]: that fraction of the test split
+    limit_test_batches: Any = None
     # null; int: 0 = evaluation only (needs model.ckpt_path), N = at most N steps in this invocation; float in
     # [0, 1]: 0.0 = evaluation only, else each epoch is that fraction of its steps (needs max_epochs)
     limit_train_batches: Any = None
@@ -133,8 +137,9 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    # [w1, prefix1, w2, prefix2, ...] or [prefix]; empty = built-in default corpus
-    data_prefix: List[Any] = field(default_factory=list)
+    # [w1, prefix1, w2, prefix2, ...] or [prefix] (split by splits_string); empty = built-in default corpus; or a
+    # dict {train: [...], validation: [...], test: [...]} of separate files per split (README "Real corpora")
+    data_prefix: Any = None
     data_impl: str = "mmap"  # mmap (.bin/.idx) | text_mmap (text, a document per line) | jsonl: tokenized on the fly
     splits_string: str = "949,50,1"
     index_mapping_dir: Optional[str] = None  # sample-index cache dir (default: <prefix dir>/cache)
@@ -278,8 +283,9 @@ class TransformerStackConfig:
 @dataclass
 class BARTDataConfig:
     # [w1, path1, w2, path2, ...] or [path]: .bin/.idx prefixes (data_impl=mmap) or text files (data_impl=text_mmap);
-    # empty = the built-in corpus (mmap)
-    data_prefix: List[Any] = field(default_factory=list)
+    # empty = the built-in corpus (mmap); or a dict {train: [...], validation: [...], test: [...]} (README "Real
+    # corpora")
+    data_prefix: Any = None
     data_impl: str = "mmap"  # mmap | text_mmap | jsonl
     splits_string: str = "949,50,1"
     index_mapping_dir: Optional[str] = None  # where index caches go when the data directory is read-only

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from megatron_ext.config.model_validation import check_model_config
+from megatron_ext.data.prefixes import is_split_dict, parse_split_prefixes
 from megatron_ext.errors import ConfigError
 from megatron_ext.training import best, run_length
 
@@ -45,6 +46,9 @@ def check_run_config(cfg: DictConfig) -> None:
     best.check_config(cfg)  # checkpoint_callback_params.monitor / mode / filename, early stopping
     check_model_config(m, use_cuda=use_cuda(t.accelerator))
     data = m.get("data")
+    if data is not None and is_split_dict(data.get("data_prefix")):  # its shape and keys (no file is read here)
+        kind = "prefix" if str(data.get("data_impl", "mmap")) in ("mmap", "lazy", "cached") else "file"
+        parse_split_prefixes(data.get("data_prefix"), kind, data.get("splits_string"))
     if data is not None and data.get("reset_attention_mask"):
         raise ConfigError(
             "model.data.reset_attention_mask=true is not supported yet: the model attends causally across "

@@ -49,13 +49,18 @@ need ``jsonl`` (a ``ConfigError`` otherwise), and every file of a blend must hav
 megatron-core's GPT datasets. ``data_prefix = [w1, p1, w2, p2, ...]`` blends the datasets:
 sample ``i`` goes to the dataset with the largest deficit ``w_j * max(i, 1) - count_j``
 (megatron-core's ``build_blending_indices``), deterministic, and each dataset is built with
-exactly the number of samples the blend takes from it.
+exactly the number of samples the blend takes from it. The dict form ``data_prefix = {train: [...],
+validation: [...], test: [...]}`` names each split's files instead (used whole, ``splits_string`` unused); a
+validation/test entry with several datasets (``[p1, p2]`` or ``{name: path}``,
+:func:`megatron_ext.data.prefixes.parse_split_prefixes`) comes back as an ordered ``{name: dataset}`` dict.
+With the list form, a test split that ``splits_string`` leaves without tokens is dropped with a warning.
 """
 from __future__ import annotations
 
 import logging
 import os
 import zlib
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -73,7 +78,8 @@ from megatron_ext.data.bart_noising import (
 from megatron_ext.data.collective import collective_check
 from megatron_ext.data.default_corpus import ensure_default_corpus
 from megatron_ext.data.documents import IndexedDocuments, JSONLDocuments, TextDocuments
-from megatron_ext.data.prefixes import as_list, parse_data_prefix, parse_splits_string, parse_text_paths
+from megatron_ext.data.prefixes import (as_list, is_split_dict, parse_data_prefix, parse_split_prefixes,
+                                        parse_splits_string, parse_text_paths)
 from megatron_ext.data.text_mmap import _dir_writable, check_jsonl_keys
 from megatron_ext.data.validation import split_document_ranges, validate_indexed_dataset
 from megatron_ext.errors import ConfigError, DataError
@@ -383,8 +389,8 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _open_sources(data_cfg, tokenizer, impl: str, text_key: str = "text", attribute_keys: Sequence[str] = ()
-                  ) -> Tuple[List[Any], Optional[List[float]]]:
+def _list_sources(data_cfg, tokenizer, impl: str) -> Tuple[List[str], Optional[List[float]], List[str]]:
+    """The list form of ``model.data.data_prefix``: ``(paths, weights or None, config key of each path)``."""
     if impl in ("text_mmap", "jsonl"):
         what = "text file (one document per line)" if impl == "text_mmap" else "JSONL file (one JSON object per line)"
         paths, weights = parse_text_paths(_cfg(data_cfg, "data_prefix", []), what)
@@ -394,6 +400,21 @@ def _open_sources(data_cfg, tokenizer, impl: str, text_key: str = "text", attrib
                 f"model.data.data_prefix is empty but model.data.data_impl={impl} needs {files}: "
                 f"[file] or [w1, file1, w2, file2, ...]; use data_impl=mmap for the built-in corpus"
             )
+    else:
+        paths, weights = parse_data_prefix(_cfg(data_cfg, "data_prefix", []))
+        if not paths:
+            # the plain tokenizer's ids are the wrapped one's, so the corpus cache is shared with GPT runs
+            paths = [collective_check(ensure_default_corpus, unwrap_tokenizer(tokenizer),
+                                      _cfg(data_cfg, "default_corpus_dir", None))]
+    keys = [f"model.data.data_prefix[{2 * i + 1}]" if weights is not None else "model.data.data_prefix"
+            for i in range(len(paths))]
+    return paths, weights, keys
+
+
+def _open_sources(data_cfg, tokenizer, impl: str, paths: Sequence[str], keys: Sequence[str], text_key: str = "text",
+                  attribute_keys: Sequence[str] = ()) -> List[Any]:
+    """The document sources of ``paths`` (text/JSONL files or ``.bin``/``.idx`` prefixes, checked first)."""
+    if impl in ("text_mmap", "jsonl"):
         mapping = _cfg(data_cfg, "index_mapping_dir", None)
 
         def open_all():
@@ -407,26 +428,67 @@ def _open_sources(data_cfg, tokenizer, impl: str, text_key: str = "text", attrib
                 out.append(src)
             return out
 
-        return collective_check(open_all), weights
+        return collective_check(open_all)
 
-    prefixes, weights = parse_data_prefix(_cfg(data_cfg, "data_prefix", []))
-    if not prefixes:
-        # the plain tokenizer's ids are the wrapped one's, so the corpus cache is shared with GPT runs
-        prefixes = [collective_check(ensure_default_corpus, unwrap_tokenizer(tokenizer),
-                                      _cfg(data_cfg, "default_corpus_dir", None))]
-    cache_dir = _stats_cache_dir(data_cfg, prefixes[0])
+    cache_dir = _stats_cache_dir(data_cfg, paths[0])
 
     def open_all():
         out = []
-        for i, p in enumerate(prefixes):
-            key = f"model.data.data_prefix[{2 * i + 1}]" if weights is not None else "model.data.data_prefix"
+        for p, key in zip(paths, keys):
             info = validate_indexed_dataset(p, int(tokenizer.vocab_size), cache_dir, getattr(tokenizer, "name", None),
                                             key)
             logger.info("dataset %s: %d documents, %d tokens", p, info.num_sequences, info.num_tokens)
             out.append(IndexedDocuments(p, int(tokenizer.eod)))
         return out
 
-    return collective_check(open_all), weights
+    return collective_check(open_all)
+
+
+def _empty_split(sources: Sequence[Any], bookends: Tuple[float, float], chunk: int) -> Optional[str]:
+    """The first source whose ``bookends`` share of documents gives no chunk (no tokens), or None."""
+    for src in sources:
+        beg, end = split_document_ranges(len(src), [bookends])[0]
+        lengths = np.asarray(src.lengths(), dtype=np.int64)[beg:end]
+        if end <= beg or not int((-(-lengths // chunk)).sum()):
+            return str(src.name)
+    return None
+
+
+def _split_dataset(sources: Sequence[Any], weights: Optional[Sequence[float]], s: int, size: int,
+                   bookends: Tuple[float, float], where: str, seq_length: int, seq_length_dec: int,
+                   noiser: BARTNoiser, data_seed: int):
+    """The ``size``-sample dataset of split ``s`` over the ``bookends`` share of each source's documents (a blend
+    when ``weights``). ``where`` says what chose the documents (for errors)."""
+    name = _SPLIT_NAMES[s]
+    if weights is None:
+        idx, sidx, per = None, None, [size]
+    else:
+        idx, sidx = blending_indices(weights, size)
+        per = [int(np.count_nonzero(idx == j)) for j in range(len(sources))]
+    parts = []
+    for j, src in enumerate(sources):
+        beg, end = split_document_ranges(len(src), [bookends])[0]
+        if not per[j]:
+            parts.append(None)
+            continue
+        if end <= beg:
+            raise DataError(
+                f"{src.name}: the {name} split gets 0 of the {len(src)} documents with {where}, but {per[j]} {name} "
+                f"samples are needed; use more documents or give the {name} split a larger share in "
+                f"model.data.splits_string"
+            )
+        salt = zlib.crc32(f"{j}:{os.path.basename(str(src.name))}".encode("utf-8"))
+        parts.append(BARTDataset(src, (beg, end), per[j], seq_length, seq_length_dec, noiser, data_seed, name,
+                                 salt=salt))
+    ds = parts[0] if weights is None else BlendedBARTDataset(parts, weights, size, idx, sidx)
+    for p in parts:
+        if p is not None:
+            logger.info(
+                "BART %s split of %s: documents %d..%d, %d chunks (%d tokens) of <= %d tokens, %d samples "
+                "(%d epochs)", name, p.source.name, p.doc_range[0], p.doc_range[1] - 1, p.num_chunks,
+                p.num_tokens, p.chunk_length, len(p), p.num_epochs,
+            )
+    return ds
 
 
 def build_bart_datasets(data_cfg, tokenizer, seq_length: int, seq_length_dec: int,
@@ -477,41 +539,44 @@ def build_bart_datasets(data_cfg, tokenizer, seq_length: int, seq_length_dec: in
     data_seed = _cfg(data_cfg, "seed", None)
     data_seed = int(seed if data_seed is None else data_seed)
 
-    sources, weights = _open_sources(data_cfg, tokenizer, impl, text_key, attribute_keys)
-    out: List[Optional[Any]] = []
-    for s, (name, size) in enumerate(zip(_SPLIT_NAMES, sizes)):
+    build = dict(seq_length=seq_length, seq_length_dec=seq_length_dec, noiser=noiser, data_seed=data_seed)
+    data_prefix = _cfg(data_cfg, "data_prefix", [])
+    if is_split_dict(data_prefix):  # files per split, each used whole; a split may hold several named datasets
+        splits = parse_split_prefixes(data_prefix, "prefix" if impl == "mmap" else "file", splits_string)
+        if sizes[0] and splits.train is None:
+            raise ConfigError(
+                f"model.data.data_prefix has no 'train' entry but {sizes[0]} training samples are needed; add "
+                f"model.data.data_prefix.train=[...] (only an evaluation-only run, trainer.limit_train_batches=0, "
+                f"needs none)"
+            )
+        out: List[Optional[Any]] = [None, None, None]
+        for s, name in enumerate(_SPLIT_NAMES):
+            sets: "OrderedDict[str, Any]" = OrderedDict()
+            for set_name, blend in (splits.sets(name).items() if sizes[s] else ()):
+                sources = _open_sources(data_cfg, tokenizer, impl, blend.paths, blend.keys, text_key, attribute_keys)
+                weights = None if blend.weights is None else list(blend.weights)
+                sets[set_name] = _split_dataset(sources, weights, s, sizes[s], (0.0, 1.0),
+                                                f"{blend.keys[0]} (the whole file)", **build)
+            out[s] = None if not sets else next(iter(sets.values())) if len(sets) == 1 else sets
+        return tuple(out)
+
+    paths, weights, keys = _list_sources(data_cfg, tokenizer, impl)
+    sources = _open_sources(data_cfg, tokenizer, impl, paths, keys, text_key, attribute_keys)
+    if sizes[2] and matrix[2] is not None:
+        empty = _empty_split(sources, matrix[2], chunk_length(seq_length, seq_length_dec))
+        if empty:
+            logger.warning(
+                "model.data.splits_string=%r leaves the test split of %s without tokens: no test split (evaluated "
+                "after training otherwise; give it a larger share, or name test files with the dict form of "
+                "model.data.data_prefix)", splits_string, empty)
+            matrix[2] = None
+    out = []
+    for s, size in enumerate(sizes):
         if not size or matrix[s] is None:
             out.append(None)
             continue
-        if weights is None:
-            idx, sidx, per = None, None, [size]
-        else:
-            idx, sidx = blending_indices(weights, size)
-            per = [int(np.count_nonzero(idx == j)) for j in range(len(sources))]
-        parts = []
-        for j, src in enumerate(sources):
-            beg, end = split_document_ranges(len(src), [matrix[s]])[0]
-            if not per[j]:
-                parts.append(None)
-                continue
-            if end <= beg:
-                raise DataError(
-                    f"{src.name}: the {name} split gets 0 of the {len(src)} documents with "
-                    f"model.data.splits_string={splits_string!r}, but {per[j]} {name} samples are needed; use more "
-                    f"documents or give the {name} split a larger share in model.data.splits_string"
-                )
-            salt = zlib.crc32(f"{j}:{os.path.basename(str(src.name))}".encode("utf-8"))
-            parts.append(BARTDataset(src, (beg, end), per[j], seq_length, seq_length_dec, noiser, data_seed, name,
-                                     salt=salt))
-        ds = parts[0] if weights is None else BlendedBARTDataset(parts, weights, size, idx, sidx)
-        for j, p in enumerate(parts):
-            if p is not None:
-                logger.info(
-                    "BART %s split of %s: documents %d..%d, %d chunks (%d tokens) of <= %d tokens, %d samples "
-                    "(%d epochs)", name, p.source.name, p.doc_range[0], p.doc_range[1] - 1, p.num_chunks,
-                    p.num_tokens, p.chunk_length, len(p), p.num_epochs,
-                )
-        out.append(ds)
+        out.append(_split_dataset(sources, weights, s, size, matrix[s],
+                                  f"model.data.splits_string={splits_string!r}", **build))
     return tuple(out)
 
 

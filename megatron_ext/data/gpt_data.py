@@ -15,6 +15,15 @@ reuses the builder and the cache planning below with its own ``GPTDataset`` subc
 * ``"/p/x"`` or ``["/p/x"]`` (or ``[w, "/p/x"]``) -- one dataset, ``/p/x.bin`` + ``/p/x.idx``;
 * ``[w1, "/p/a", w2, "/p/b", ...]`` -- a blend; samples are drawn in proportion to the
   (positive) weights.
+* ``{train: [...], validation: [...], test: [...]}`` -- separate files per split (NeMo's dict form,
+  Megatron-LM's ``--train-data-path/--valid-data-path/--test-data-path``), each used whole (megatron-core's
+  ``blend_per_split``; ``splits_string`` is not used). ``train`` is one of the forms above;
+  ``validation``/``test`` may also hold several datasets evaluated separately: ``[p1, p2]`` (named by file
+  stem) or ``{name: prefix or blend}`` (:func:`megatron_ext.data.prefixes.parse_split_prefixes`). Such a
+  split comes back as an ordered ``{name: dataset}`` dict.
+
+With the list form, the test split ``splits_string`` leaves without tokens (a small dataset) is dropped with a
+warning rather than failing the run (it was not named).
 
 A trailing ``.bin``/``.idx`` on a prefix is accepted and removed; ``~`` is expanded and the
 prefix made absolute (so the cache key does not depend on the working directory).
@@ -56,10 +65,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from megatron_ext.data.collective import all_gather, collective_check, world
 from megatron_ext.data.default_corpus import ensure_default_corpus
-from megatron_ext.data.prefixes import PREFIX_KEY, SPLITS_KEY, parse_data_prefix, parse_splits_string
-from megatron_ext.data.validation import check_splits, validate_indexed_dataset
+from megatron_ext.data.prefixes import (PREFIX_KEY, SPLITS_KEY, is_split_dict, parse_data_prefix, parse_split_prefixes,
+                                        parse_splits_string)
+from megatron_ext.data.validation import HEADER_BYTES, check_splits, split_document_ranges, validate_indexed_dataset
 from megatron_ext.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -135,24 +147,40 @@ def plan_index_builders(cache_dir: str) -> bool:
 
 
 # ------------------------------------------------------------------------ building
-def _dataset_config(
-    prefixes: List[str],
-    weights: Optional[List[float]],
-    split: str,
-    seq_length: int,
-    seed: int,
-    cache_dir: str,
-    tok: TokenizerInfo,
-    data_cfg,
-    sizes: Sequence[int],
-):
+_SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class _Job:
+    """One call of megatron-core's builder: the list form (one blend split by ``splits_string``) or one dataset of
+    one split of the dict form (``blend_per_split``, files used whole). ``keys``: the config key of each path."""
+
+    prefixes: List[str]
+    weights: Optional[List[float]]
+    keys: List[str]
+    sizes: List[int]
+    split: Optional[str] = None  # splits_string of the list form; None: per split
+    split_index: Optional[int] = None  # the dict form's split
+    name: Optional[str] = None  # the dict form's dataset name
+    cfg: Any = None
+
+    def split_matrix(self):
+        if self.split_index is None:
+            return self.cfg.split_matrix
+        return [(0.0, 1.0) if i == self.split_index else None for i in range(3)]
+
+
+def _dataset_config(job: _Job, seq_length: int, seed: int, cache_dir: str, tok: TokenizerInfo, data_cfg):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
+    blend = (list(job.prefixes), None if job.weights is None else list(job.weights))
+    if job.split_index is None:
+        where = dict(blend=blend, split=job.split)
+    else:
+        where = dict(blend_per_split=[blend if i == job.split_index else None for i in range(3)])
     cfg = GPTDatasetConfig(
         random_seed=int(seed),
         sequence_length=int(seq_length),
-        blend=(list(prefixes), None if weights is None else list(weights)),
-        split=split,
         path_to_cache=cache_dir,
         mmap_bin_files=True,
         tokenizer=tok,
@@ -161,9 +189,11 @@ def _dataset_config(
         eod_mask_loss=bool(data_cfg.eod_mask_loss),
         create_attention_mask=False,
         num_dataset_builder_threads=1,
+        **where,
     )
-    # splits nobody asks samples from are not built at all (returned as None)
-    cfg.split_matrix = [m if sizes[i] else None for i, m in enumerate(cfg.split_matrix)]
+    if job.split_index is None:
+        # splits nobody asks samples from are not built at all (returned as None)
+        cfg.split_matrix = [m if job.sizes[i] else None for i, m in enumerate(cfg.split_matrix)]
     return cfg
 
 
@@ -203,14 +233,16 @@ def _child_main(payload_path: str) -> int:
     import pickle
 
     with open(payload_path, "rb") as f:  # written by _prebuild_in_child of this run, never a user's file
-        cfg, sizes, dataset_cls = pickle.load(f)
+        jobs, dataset_cls = pickle.load(f)
     with _SingleProcessGroup():
-        _run_builder(cfg, sizes, dataset_cls)
+        for cfg, sizes in jobs:
+            _run_builder(cfg, sizes, dataset_cls)
     return 0
 
 
-def _prebuild_in_child(cfg, sizes, dataset_cls=None) -> None:
-    """Build the sample-index cache in a fresh interpreter with a world of one.
+def _prebuild_in_child(jobs: Sequence[_Job], dataset_cls=None) -> None:
+    """Build the sample-index cache of every job (anything with ``.cfg`` and ``.sizes``) in a fresh interpreter
+    with a world of one, over ``dataset_cls`` (default ``GPTDataset``).
 
     A plain subprocess (not ``multiprocessing``'s spawn, which re-imports the user's main
     script and would re-run an unguarded training script).
@@ -223,7 +255,7 @@ def _prebuild_in_child(cfg, sizes, dataset_cls=None) -> None:
     fd, payload = tempfile.mkstemp(prefix="megatron_ext_index_", suffix=".pkl")
     try:
         with os.fdopen(fd, "wb") as f:
-            pickle.dump((cfg, [int(s) for s in sizes], dataset_cls), f)
+            pickle.dump(([(j.cfg, [int(s) for s in j.sizes]) for j in jobs], dataset_cls), f)
         code = (
             "import sys; sys.path[:0] = {path!r}; "
             "from megatron_ext.data.gpt_data import _child_main; sys.exit(_child_main({payload!r}))"
@@ -236,7 +268,8 @@ def _prebuild_in_child(cfg, sizes, dataset_cls=None) -> None:
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
         raise DataError(
-            f"building the sample-index cache in {cfg.path_to_cache} failed (exit code {proc.returncode}): {tail}"
+            f"building the sample-index cache in {jobs[0].cfg.path_to_cache} failed (exit code {proc.returncode}): "
+            f"{tail}"
         )
 
 
@@ -263,15 +296,72 @@ def _noop(*args, **kwargs):
     return None
 
 
-def _validate_inputs(prefixes, weighted, tokenizer, cache_dir, split_matrix, sizes, splits_string):
+def _validate_inputs(jobs: Sequence[_Job], tokenizer, cache_dir, splits_string):
+    """Check every file (once) and that each split samples are asked from has tokens; returns the files' infos.
+    The list form's test split, when ``splits_string`` leaves it no documents in some dataset, is dropped from the
+    job (it was not asked for by name; one warning) instead of failing the run."""
     name = getattr(tokenizer, "name", None)
-    infos = []
-    for i, prefix in enumerate(prefixes):
-        key = f"{PREFIX_KEY}[{2 * i + 1}]" if weighted else PREFIX_KEY
-        info = validate_indexed_dataset(prefix, int(tokenizer.vocab_size), cache_dir, name, key)
-        check_splits(info, split_matrix, sizes, SPLITS_KEY, splits_string)
-        infos.append(info)
-    return infos
+    infos = OrderedDict()
+    for job in jobs:
+        for prefix, key in zip(job.prefixes, job.keys):
+            if prefix not in infos:
+                infos[prefix] = validate_indexed_dataset(prefix, int(tokenizer.vocab_size), cache_dir, name, key)
+        if job.split_index is None and job.sizes[2]:
+            empty = _empty_test_split([infos[p] for p in job.prefixes], job.cfg.split_matrix)
+            if empty:
+                logger.warning(
+                    "%s=%r leaves the test split of %s without tokens: no test split (evaluated after training "
+                    "otherwise; give it a larger share, or name test files with the dict form of %s)",
+                    SPLITS_KEY, splits_string, empty, PREFIX_KEY)
+                job.sizes[2] = 0
+                job.cfg.split_matrix[2] = None
+        shown = splits_string if job.split_index is None else None
+        where = SPLITS_KEY if job.split_index is None else f"{job.keys[0]} (the whole file)"
+        for prefix in job.prefixes:
+            check_splits(infos[prefix], job.split_matrix(), job.sizes, where, shown)
+    return list(infos.values())
+
+
+def _empty_test_split(infos, split_matrix) -> Optional[str]:
+    """The first dataset whose test range (``split_matrix[2]``) holds no tokens, or None."""
+    for info in infos:
+        rng = split_document_ranges(info.num_sequences, split_matrix)[2]
+        if rng is None:
+            continue
+        beg, end = rng
+        if end <= beg:
+            return info.prefix
+        lengths = np.fromfile(info.idx_path, dtype=np.int32, count=info.num_sequences, offset=HEADER_BYTES)
+        if int(lengths[beg:end].astype(np.int64).sum()) == 0:
+            return info.prefix
+    return None
+
+
+def _jobs(data_cfg, tokenizer, sizes: List[int]) -> List[_Job]:
+    """The builder calls ``model.data.data_prefix`` asks for (see :class:`_Job`)."""
+    if is_split_dict(data_cfg.data_prefix):
+        splits = parse_split_prefixes(data_cfg.data_prefix, "prefix", data_cfg.splits_string)
+        if sizes[0] and splits.train is None:
+            raise ConfigError(
+                f"{PREFIX_KEY} has no 'train' entry but {sizes[0]} training samples are needed; add "
+                f"{PREFIX_KEY}.train=[...] (only an evaluation-only run, trainer.limit_train_batches=0, needs none)"
+            )
+        jobs = []
+        for i, split in enumerate(_SPLITS):
+            if not sizes[i]:
+                continue
+            for name, blend in splits.sets(split).items():
+                size = [0, 0, 0]
+                size[i] = sizes[i]
+                jobs.append(_Job(list(blend.paths), None if blend.weights is None else list(blend.weights),
+                                 list(blend.keys), size, split_index=i, name=name))
+        return jobs
+    split = parse_splits_string(data_cfg.splits_string)
+    prefixes, weights = parse_data_prefix(data_cfg.data_prefix)
+    if not prefixes:
+        prefixes = [collective_check(ensure_default_corpus, tokenizer, data_cfg.default_corpus_dir)]
+    keys = [f"{PREFIX_KEY}[{2 * i + 1}]" if weights is not None else PREFIX_KEY for i in range(len(prefixes))]
+    return [_Job(prefixes, weights, keys, list(sizes), split=split)]
 
 
 def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[int, int, int], seed: int):
@@ -279,8 +369,10 @@ def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[
 
     ``num_samples`` is the number of samples each split must provide (see
     :func:`megatron_ext.data.samplers.compute_num_samples`); a split with 0 samples, or a 0 share
-    in ``splits_string``, is not built and comes back as ``None``. ``seed`` is used unless
-    ``data_cfg.seed`` is set. Call on every rank when ``torch.distributed`` is initialized.
+    in ``splits_string``, is not built and comes back as ``None``. With the dict form of ``data_prefix``
+    (``{train, validation, test}``: files per split, used whole) a split with several named datasets comes back
+    as an ordered ``{name: dataset}`` dict. ``seed`` is used unless ``data_cfg.seed`` is set. Call on every rank
+    when ``torch.distributed`` is initialized.
     """
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 1:
         raise ConfigError(f"model.seq_length={seq_length!r}: expected a positive integer")
@@ -293,19 +385,19 @@ def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[
             f"tools/preprocess_data.py), 'text_mmap' (text files, one document per line) or 'jsonl' (JSONL files, "
             f"the text under model.data.text_key)"
         )
-    split = parse_splits_string(data_cfg.splits_string)
-    prefixes, weights = parse_data_prefix(data_cfg.data_prefix)
     data_seed = seed if getattr(data_cfg, "seed", None) is None else data_cfg.seed
     rank, size = world()
 
-    if not prefixes:
-        prefixes = [collective_check(ensure_default_corpus, tokenizer, data_cfg.default_corpus_dir)]
-    cache_dir = collective_check(_resolve_cache_dir, data_cfg, prefixes[0])
+    jobs = _jobs(data_cfg, tokenizer, sizes)
+    if not jobs:
+        return None, None, None
+    cache_dir = collective_check(_resolve_cache_dir, data_cfg, jobs[0].prefixes[0])
 
     tok = TokenizerInfo.from_tokenizer(tokenizer)
-    cfg = _dataset_config(prefixes, weights, split, seq_length, data_seed, cache_dir, tok, data_cfg, sizes)
+    for job in jobs:
+        job.cfg = _dataset_config(job, seq_length, data_seed, cache_dir, tok, data_cfg)
 
-    check = (prefixes, weights is not None, tokenizer, cache_dir, cfg.split_matrix, sizes, data_cfg.splits_string)
+    check = (jobs, tokenizer, cache_dir, data_cfg.splits_string)
     if size == 1:
         infos = _validate_inputs(*check)
     else:
@@ -316,7 +408,7 @@ def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[
         infos = collective_check(_validate_inputs if is_builder else _noop, *check)
         infos = collective_check(_noop if is_builder else _validate_inputs, *check) or infos
         # ranks that cannot see rank 0's cache fill their own (rank 0 builds inside megatron-core)
-        collective_check(_prebuild_in_child if local_builder else _noop, cfg, sizes)
+        collective_check(_prebuild_in_child if local_builder else _noop, jobs)
 
     if data_cfg.reset_attention_mask:
         logger.warning(
@@ -328,12 +420,26 @@ def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[
             "dataset %s: %d documents, %d tokens (%s)", info.prefix, info.num_sequences, info.num_tokens, info.dtype
         )
 
+    out: List[Any] = [None, None, None]
     try:
         with _SingleProcessGroup():
-            train, valid, test = _run_builder(cfg, sizes)
+            for job in jobs:
+                built = _run_builder(job.cfg, job.sizes)
+                if job.split_index is None:
+                    out = list(built)
+                    continue
+                i = job.split_index
+                if out[i] is None:
+                    out[i] = OrderedDict()
+                out[i][job.name] = built[i]
     except OSError as err:
         raise DataError(f"reading the datasets or the sample-index cache in {cache_dir} failed: {err}") from err
-    for name, ds, n in (("train", train, sizes[0]), ("valid", valid, sizes[1]), ("test", test, sizes[2])):
-        if ds is not None:
-            logger.info("%s dataset: %d samples of %d tokens (%d requested)", name, len(ds), seq_length, n)
-    return train, valid, test
+    for i, ds in enumerate(out):
+        if isinstance(ds, OrderedDict) and len(ds) == 1:
+            out[i] = next(iter(ds.values()))  # one dataset: as the list form gives it
+    for i, (name, ds) in enumerate(zip(("train", "valid", "test"), out)):
+        for label, d in (ds.items() if isinstance(ds, OrderedDict) else [(None, ds)]):
+            if d is not None:
+                logger.info("%s dataset%s: %d samples of %d tokens (%d requested)", name,
+                            f" {label!r}" if label else "", len(d), seq_length, sizes[i])
+    return tuple(out)

@@ -58,6 +58,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -539,7 +540,7 @@ def build_gpt_text_datasets(data_cfg, tokenizer, seq_length: int, num_samples: T
         local_builder = plan_index_builders(cache_dir)
         if local_builder:
             child_cfg = _strip_sources(cfg)  # the child reopens the files (their caches exist now)
-            collective_check(_prebuild_in_child, child_cfg, sizes, dataset_cls)
+            collective_check(_prebuild_in_child, [SimpleNamespace(cfg=child_cfg, sizes=sizes)], dataset_cls)
         else:
             collective_check(_noop)
     try:
@@ -554,6 +555,43 @@ def build_gpt_text_datasets(data_cfg, tokenizer, seq_length: int, num_samples: T
     return out
 
 
+def build_gpt_text_split_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[int, int, int],
+                                  seed: int):
+    """``(train, valid, test)`` for any form of ``model.data.data_prefix``: the list form (split by
+    ``splits_string``) or the dict form ``{train, validation, test}`` (each split's files used whole; a split with
+    several named datasets comes back as an ordered ``{name: dataset}`` dict, one dataset as itself). Call on every
+    rank."""
+    from collections import OrderedDict
+
+    from megatron_ext.data.prefixes import is_split_dict, parse_split_prefixes
+
+    value = _get(data_cfg, "data_prefix", None)
+    if not is_split_dict(value):
+        return build_gpt_text_datasets(data_cfg, tokenizer, seq_length, num_samples, seed)
+    splits = parse_split_prefixes(value, "file", _get(data_cfg, "splits_string", None))
+    sizes = list(num_samples)
+    if sizes[0] and splits.train is None:
+        raise ConfigError(
+            f"{PREFIX_KEY} has no 'train' entry but {sizes[0]} training samples are needed; add "
+            f"{PREFIX_KEY}.train=[...] (only an evaluation-only run, trainer.limit_train_batches=0, needs none)"
+        )
+    out: List[Any] = [None, None, None]
+    for i, split in enumerate(("train", "validation", "test")):
+        if not sizes[i]:
+            continue
+        named = OrderedDict()
+        for name, blend in splits.sets(split).items():
+            per_split: List[Any] = [None, None, None]
+            per_split[i] = (list(blend.paths), None if blend.weights is None else list(blend.weights))
+            only = [0, 0, 0]
+            only[i] = sizes[i]
+            named[name] = build_gpt_text_datasets(data_cfg, tokenizer, seq_length, tuple(only), seed,
+                                                  blend_per_split=per_split)[i]
+        if named:
+            out[i] = next(iter(named.values())) if len(named) == 1 else named
+    return tuple(out)
+
+
 def _strip_sources(cfg):
     import copy
 
@@ -562,4 +600,5 @@ def _strip_sources(cfg):
     return out
 
 
-__all__ = ["GPT_TEXT_IMPLS", "TextDocumentTokens", "TextGPTDataset", "TextGPTDatasetConfig", "build_gpt_text_datasets", "check_text_data_keys"]
+__all__ = ["GPT_TEXT_IMPLS", "TextDocumentTokens", "TextGPTDataset", "TextGPTDatasetConfig", "build_gpt_text_datasets", "build_gpt_text_split_datasets",
+           "check_text_data_keys"]

@@ -49,12 +49,14 @@ def _task(lm):
 
 
 def _num_samples(cfg, with_test: bool = False) -> Tuple[int, int, int]:
-    """The (train, valid, test) sample counts the trainer asked for, so the validation index is the same one
-    (``with_test``: a test split of the validation size too, for browsing)."""
+    """The (train, valid, test) sample counts the trainer asked for, so the validation (and test) index is the same
+    one (``with_test``: the test split too; of the validation size when the run evaluated none, for browsing)."""
     t, m = cfg.trainer, cfg.model
     val = max(1, t.limit_val_batches) * m.global_batch_size
     train = 0 if t.limit_train_batches == 0 else t.max_steps * m.global_batch_size
-    return train, val, val if with_test else 0
+    limit_test = t.get("limit_test_batches")
+    test = (max(1, t.limit_val_batches) if limit_test is None else int(limit_test)) * m.global_batch_size
+    return train, val, (test or val) if with_test else 0
 
 
 class RunData:
@@ -70,26 +72,37 @@ class RunData:
             self._sets = task.build_datasets(_num_samples(task.cfg, with_test=True))
         return self._sets
 
-    def _loader(self, idx: int, batch_size: int):
+    def _dataset(self, idx: int, name: Optional[str] = None):
+        """The split's dataset; with several named datasets (``model.data.data_prefix`` dict form) the one called
+        ``name``."""
+        split = ("train", "validation", "test")[idx]
         ds = self._datasets()[idx]
         if ds is None:
-            raise ValueError(f"this run has no {('train', 'validation', 'test')[idx]} split (model.data.splits_string)")
-        return torch.utils.data.DataLoader(ds, batch_size=int(batch_size), shuffle=False)
+            raise ValueError(f"this run has no {split} split (model.data.data_prefix / splits_string)")
+        if isinstance(ds, dict):
+            if name not in ds:
+                raise ValueError(f"this run has several {split} datasets: {', '.join(ds)}; pass name=<one of them>"
+                                 + (f" (not {name!r})" if name is not None else ""))
+            return ds[name]
+        return ds
+
+    def _loader(self, idx: int, batch_size: int, name: Optional[str] = None):
+        return torch.utils.data.DataLoader(self._dataset(idx, name), batch_size=int(batch_size), shuffle=False)
 
     def train_dataloader(self, batch_size: int = 8):
         return self._loader(0, batch_size)
 
-    def val_dataloader(self, batch_size: int = 8):
-        return self._loader(1, batch_size)
+    def val_dataloader(self, batch_size: int = 8, name: Optional[str] = None):
+        return self._loader(1, batch_size, name)
 
-    def test_dataloader(self, batch_size: int = 8):
-        return self._loader(2, batch_size)
+    def test_dataloader(self, batch_size: int = 8, name: Optional[str] = None):
+        return self._loader(2, batch_size, name)
 
-    def show_sample(self, i: int, split: str = "val") -> str:
+    def show_sample(self, i: int, split: str = "val", name: Optional[str] = None) -> str:
         idx = {"train": 0, "val": 1, "test": 2}.get(split)
         if idx is None:
             raise ValueError(f"split={split!r}: expected train, val or test")
-        sample = self._datasets()[idx][int(i)]
+        sample = self._dataset(idx, name)[int(i)]
         key = "tokens" if "tokens" in sample else "text_enc"
         text = self.lm.decode([int(t) for t in sample[key]])
         print(text)
@@ -134,19 +147,20 @@ def validation_loss(lm, num_global_batches: Optional[int] = None) -> float:
     n = int(num_global_batches if num_global_batches is not None else max(1, cfg.trainer.limit_val_batches))
     val_ds = task.build_datasets(_num_samples(cfg))[1]
     if val_ds is None:
-        raise CheckpointError("this run has no validation split (model.data.splits_string)")
+        raise CheckpointError("this run has no validation split (model.data.data_prefix / splits_string)")
     mbs, gbs = int(cfg.model.micro_batch_size), int(cfg.model.global_batch_size)
-    loader = build_pretraining_dataloader(val_ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=0, dp_size=1,
-                                          num_workers=0)
     was = lm.model.training
     lm.model.eval()
     total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    it = iter(loader)
-    for _ in range(n * (gbs // mbs)):
-        batch = {k: (v.to(lm.device) if isinstance(v, torch.Tensor) else v) for k, v in next(it).items()}
-        loss, ntok, _ = task.loss(lm.model, batch)
-        total += float(loss) * float(ntok)
-        count += float(ntok)
+    for ds in (val_ds.values() if isinstance(val_ds, dict) else [val_ds]):  # several: token-weighted over all
+        loader = build_pretraining_dataloader(ds, consumed_samples=0, micro_batch_size=mbs, dp_rank=0, dp_size=1,
+                                              num_workers=0)
+        it = iter(loader)
+        for _ in range(n * (gbs // mbs)):
+            batch = {k: (v.to(lm.device) if isinstance(v, torch.Tensor) else v) for k, v in next(it).items()}
+            loss, ntok, _ = task.loss(lm.model, batch)
+            total += float(loss) * float(ntok)
+            count += float(ntok)
     lm.model.train(was)
     return (total / count.clamp(min=1.0)).item()
 

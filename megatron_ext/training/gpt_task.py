@@ -59,9 +59,9 @@ class GPTTask:
                             "pipeline engine computes the loss itself)", self.synthetic.spec.name)
             return build_synthetic_datasets(self.synthetic, self.tokenizer, num_samples, seed)
         if str(d.get("data_impl", "mmap")) in ("text_mmap", "jsonl"):  # raw text / JSONL, tokenized on the fly
-            from megatron_ext.data.gpt_text import build_gpt_text_datasets
+            from megatron_ext.data.gpt_text import build_gpt_text_split_datasets
 
-            return build_gpt_text_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
+            return build_gpt_text_split_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
         if str(d.get("text_key", "text")) != "text":
             raise ConfigError(f"model.data.text_key={d.text_key!r} with model.data.data_impl={d.data_impl}: the text "
                               f"key is read from JSONL files only (data_impl=jsonl); leave it at 'text'")

@@ -113,6 +113,7 @@ def needs_epoch(cfg) -> bool:
     fname = cfg.exp_manager.checkpoint_callback_params.get("filename") or ""
     return (t.get("max_epochs") is not None or _is_float(t.val_check_interval)
             or (_is_float(t.limit_val_batches) and 0 < t.limit_val_batches)
+            or (_is_float(t.get("limit_test_batches")) and 0 < t.limit_test_batches)
             or "{epoch" in fname)
 
 
@@ -120,8 +121,8 @@ def samples_per_epoch(ds: Any, key: str = "trainer.max_epochs") -> int:
     """Samples in one pass over ``ds``'s split (module docstring); ConfigError naming ``key`` when it has none."""
     if ds is None:
         raise ConfigError(f"{key}: the split is empty or not built (model.data.splits_string gives it no share)")
-    if isinstance(ds, dict):  # several named validation sets
-        return sum(samples_per_epoch(d, key) for d in ds.values())
+    if isinstance(ds, dict):  # several named validation / test sets, each evaluated on the same number of batches:
+        return min(samples_per_epoch(d, key) for d in ds.values())  # the fraction of the smallest
     own = getattr(ds, "samples_per_epoch", None)
     if own is not None and not callable(own):
         return int(own)
@@ -147,7 +148,7 @@ def samples_per_epoch(ds: Any, key: str = "trainer.max_epochs") -> int:
                       f"samples_per_epoch); use trainer.max_steps and integer step counts")
 
 
-def resolve(cfg, train_ds: Any, val_ds: Any) -> Optional[dict]:
+def resolve(cfg, train_ds: Any, val_ds: Any, test_ds: Any = None) -> Optional[dict]:
     """From a small first build (``train_ds``, ``val_ds``: see the module docstring): write the resolved integers
     into ``cfg.trainer``; returns what was resolved (for the log and the checkpoint's ``epoch``)."""
     t, gbs = cfg.trainer, int(cfg.model.global_batch_size)
@@ -184,19 +185,21 @@ def resolve(cfg, train_ds: Any, val_ds: Any) -> Optional[dict]:
                 info["val_check_interval"] = int(t.val_check_interval)
             if _is_float(t.limit_train_batches) and t.limit_train_batches > 0:
                 t.limit_train_batches = None  # the fraction is in the epoch's length now
-        if _is_float(t.limit_val_batches):
-            if t.limit_val_batches == 0:
-                t.limit_val_batches = 0
-            else:
-                frac = t.limit_val_batches
-                samples = samples_per_epoch(val_ds, "trainer.limit_val_batches")
-                n = int(samples // gbs * frac)
-                if n < 1:
-                    raise ConfigError(f"trainer.limit_val_batches={frac}: {frac} of the validation split "
-                                      f"({samples} samples, {samples // gbs} global batches of "
-                                      f"{gbs}) is less than one global batch; use a larger fraction or more data")
-                t.limit_val_batches = n
-                info["limit_val_batches"] = n
+        for name, ds, what in (("limit_val_batches", val_ds, "validation"), ("limit_test_batches", test_ds, "test")):
+            frac = t.get(name)
+            if not _is_float(frac):
+                continue
+            if frac == 0:
+                t[name] = 0
+                continue
+            samples = samples_per_epoch(ds, f"trainer.{name}")
+            n = int(samples // gbs * frac)
+            if n < 1:
+                raise ConfigError(f"trainer.{name}={frac}: {frac} of the {what} split ({samples} samples, "
+                                  f"{samples // gbs} global batches of {gbs}) is less than one global batch; use "
+                                  f"a larger fraction or more data")
+            t[name] = n
+            info[name] = n
         if _is_float(t.limit_train_batches) and t.limit_train_batches == 0:
             t.limit_train_batches = 0
         if t.max_steps == -1:  # fast_dev_run without epochs: its own step count
@@ -211,4 +214,5 @@ def probe_sizes(cfg) -> tuple:
     validation (when its size is a fraction)."""
     t, gbs = cfg.trainer, int(cfg.model.global_batch_size)
     val = gbs if _is_float(t.limit_val_batches) and t.limit_val_batches > 0 else 0
-    return gbs, val, 0
+    lt = t.get("limit_test_batches")
+    return gbs, val, gbs if _is_float(lt) and lt > 0 else 0

@@ -9,7 +9,9 @@ loss tokens of all its micro-batches and all-reduces the count over data paralle
 micro-batch loss is its summed token loss divided by ``count / (accumulation x dp)``
 (``modules.cross_entropy.loss_token_denominator``). DeepSpeed's averaging over micro-batches and ranks then gives
 ``train/loss = sum of token losses / count``, and the gradient is that loss's gradient. The pipeline engine gets
-the same denominator with the labels. ``val/loss`` is token-weighted over all validation batches.
+the same denominator with the labels. ``val/loss`` is token-weighted over all validation batches (of every
+validation dataset: ``val/loss/<name>`` is each one's own); ``test/loss`` likewise over the test split, evaluated
+once after training and in evaluation-only runs.
 
 Losses stay on the device: the loop keeps each step's loss there and copies them to the host once per logged
 step (and at a checkpoint step), all-reduced over data parallel in the same single collective; that copy also
@@ -64,15 +66,18 @@ class Task(Protocol):
 
     def build_model(self) -> torch.nn.Module: ...
 
-    def build_datasets(self, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]: ...
+    def build_datasets(self, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]:
+        """(train, valid, test): each None, a dataset, or (valid/test) an ordered ``{name: dataset}`` dict of
+        datasets evaluated separately."""
+        ...
 
     def loss(self, model, batch: Dict[str, torch.Tensor], denominator: Optional[torch.Tensor] = None
              ) -> tuple[torch.Tensor, torch.Tensor, Dict[str, Any]]:
         """(loss to backprop: the summed token loss over ``batch["loss_mask"]`` divided by ``denominator``, by
-        default this batch's loss-token count; the number of loss tokens; extras to log as ``train/<name>`` and
-        ``val/<name>``). An extra is a scalar (averaged over a step's micro-batches and DP ranks for ``train/``,
-        token-weighted over the validation batches for ``val/``) or a (numerator, denominator) pair (both summed,
-        then divided)."""
+        default this batch's loss-token count; the number of loss tokens; extras to log as ``train/<name>``,
+        ``val/<name>`` and ``test/<name>``). An extra is a scalar (averaged over a step's micro-batches and DP ranks
+        for ``train/``, token-weighted over the evaluated batches for ``val/`` and ``test/``) or a (numerator,
+        denominator) pair (both summed, then divided)."""
         ...
 
     def flops_per_iteration(self, global_batch_size: int) -> float: ...
@@ -162,13 +167,22 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def _num_samples(self) -> tuple[int, int, int]:
         """(train, valid, test) samples to build. Validation always reads the first ``limit_val_batches`` global
-        batches of the validation split (the same batches every time, so val/loss is comparable across steps);
-        the test split is not used by pretraining."""
+        batches of each validation dataset (the same batches every time, so val/loss is comparable across steps);
+        the test split the first ``limit_test_batches`` (null: as many as validation) once, after training."""
         t, m = self.cfg.trainer, self.cfg.model
+        test = self._limit_test_batches() * m.global_batch_size
         if t.limit_train_batches == 0:  # evaluation only
-            return 0, max(1, t.limit_val_batches) * m.global_batch_size, 0
+            return 0, max(1, t.limit_val_batches) * m.global_batch_size, test
         val = t.limit_val_batches * m.global_batch_size if t.val_check_interval else 0
-        return t.max_steps * m.global_batch_size, val, 0
+        return t.max_steps * m.global_batch_size, val, test
+
+    def _limit_test_batches(self) -> int:
+        """``trainer.limit_test_batches`` (null: ``limit_val_batches``, at least 1 in an evaluation-only run)."""
+        t = self.cfg.trainer
+        n = t.get("limit_test_batches")
+        if n is None:
+            n = max(1, t.limit_val_batches) if t.limit_train_batches == 0 else t.limit_val_batches
+        return int(n)
 
     def _dataloader(self, dataset, consumed: int):
         return build_pretraining_dataloader(
@@ -509,10 +523,48 @@ class Trainer:
     @torch.no_grad()
     def validate(self, dataset, num_global_batches: int) -> Optional[float]:
         """Token-weighted ``val/loss`` over the first ``num_global_batches`` global batches of ``dataset`` (sum of
-        token losses / loss tokens, over all of them and all DP ranks); ``self._val_extras`` gets ``val/<name>``.
-        Sums stay on the device and reach the host once."""
-        if dataset is None or num_global_batches <= 0:
+        token losses / loss tokens, over all of them and all DP ranks; a ``{name: dataset}`` dict: over the batches
+        of every dataset); ``self._val_extras`` gets ``val/<name>``. Sums stay on the device and reach the host
+        once per dataset."""
+        if not self.evaluate(dataset, num_global_batches, "val"):
             return None
+        combined = self._combined
+        self._val_extras = {k: v for k, v in combined.items() if k not in ("val/loss", "val/ppl")}
+        return combined["val/loss"]
+
+    def evaluate(self, datasets, num_global_batches: int, prefix: str = "val") -> Dict[str, float]:
+        """The metrics of one evaluation (``prefix`` ``val`` or ``test``) over the first ``num_global_batches``
+        global batches of each dataset: ``<prefix>/loss`` token-weighted over all their batches, ``<prefix>/ppl``
+        and each task extra ``<prefix>/<extra>`` (summed as in ``Task.loss``); with several datasets (a
+        ``{name: dataset}`` dict) also ``<prefix>/loss/<name>``, ``<prefix>/ppl/<name>`` and
+        ``<prefix>/<extra>/<name>`` per dataset. Empty when there is nothing to evaluate."""
+        if datasets is None or num_global_batches <= 0:
+            return {}
+        named = datasets if isinstance(datasets, dict) else {None: datasets}
+        total: Dict[str, list] = {}
+        out: Dict[str, float] = {}
+        for name, ds in named.items():
+            sums = self._eval_sums(ds, num_global_batches)
+            for k, (num, den) in sums.items():
+                acc = total.setdefault(k, [0.0, 0.0])
+                acc[0] += num
+                acc[1] += den
+            if name is not None and len(named) > 1:
+                one = self._eval_metrics(sums, prefix)
+                out.update({f"{k}/{name}": v for k, v in one.items()})
+        self._combined = self._eval_metrics(total, prefix)
+        return {**self._combined, **out}
+
+    def _eval_metrics(self, sums: Dict[str, Any], prefix: str) -> Dict[str, float]:
+        loss = sums["loss"][0] / max(sums["loss"][1], 1.0)
+        extras = {f"{prefix}/{k}": num / max(den, 1.0) for k, (num, den) in sums.items() if k != "loss"}
+        ppl = math.exp(min(extras.get(f"{prefix}/tokens_loss", loss), 50))
+        return {f"{prefix}/loss": loss, f"{prefix}/ppl": ppl, **extras}
+
+    @torch.no_grad()
+    def _eval_sums(self, dataset, num_global_batches: int) -> Dict[str, tuple]:
+        """``{"loss": (sum of token losses, loss tokens), <extra>: (numerator, denominator)}`` over the first
+        ``num_global_batches`` global batches of ``dataset``, summed over DP ranks."""
         if self.pipeline:
             return self._validate_pipeline(dataset, num_global_batches)
         self.engine.eval()
@@ -537,13 +589,12 @@ class Trainer:
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         self.engine.train()
         host = total.tolist()
-        self._val_extras = {f"val/{k}": host[2 + 2 * i] / max(host[3 + 2 * i], 1.0) for i, k in enumerate(names)}
-        return host[0] / max(host[1], 1.0)
+        return {"loss": (host[0], host[1]), **{k: (host[2 + 2 * i], host[3 + 2 * i]) for i, k in enumerate(names)}}
 
     @torch.no_grad()
-    def _validate_pipeline(self, dataset, num_global_batches: int) -> float:
+    def _validate_pipeline(self, dataset, num_global_batches: int) -> Dict[str, tuple]:
         """Pipeline engine: each global batch's loss is token-weighted (the denominator travels with the labels,
-        as in training); the batches are combined weighted by their loss tokens, as in ``validate``."""
+        as in training); the batches are combined weighted by their loss tokens, as in ``_eval_sums``."""
         it = self._iter(dataset, 0)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(num_global_batches):
@@ -553,25 +604,37 @@ class Trainer:
             total += torch.stack([out.detach().double().reshape(()) * count, count])
         self.engine.train()
         loss_sum, tokens = total.tolist()
-        return loss_sum / max(tokens, 1.0)
+        return {"loss": (loss_sum, tokens)}
 
     def _validate_and_log(self, val_ds, step: int) -> Dict[str, float]:
-        """Validate, log; the metrics logged (empty when nothing was validated)."""
-        val = self.validate(val_ds, self.cfg.trainer.limit_val_batches)
-        if val is None:
-            return {}
-        extra = getattr(self, "_val_extras", {})
-        ppl = self._ppl(val, extra)
-        metrics = {"val/loss": val, "val/ppl": ppl, **extra}
-        self.exp.log_metrics(step, metrics)
-        log.info("step %d | val/loss %.4f | val/ppl %.3f%s", step, val, ppl,
-                 "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
+        """Validate on ``trainer.limit_val_batches`` global batches of each validation dataset and log; returns the
+        metrics logged (``val/loss``, ``val/ppl``, ``val/<extra>``, per dataset ``val/loss/<name>``, ...), empty
+        when nothing was validated."""
+        return self._evaluate_and_log(val_ds, step, self.cfg.trainer.limit_val_batches, "val")
+
+    def _evaluate_and_log(self, datasets, step: int, num_global_batches: int, prefix: str,
+                          what: str = "") -> Dict[str, float]:
+        metrics = self.evaluate(datasets, num_global_batches, prefix)
+        if metrics:
+            self.exp.log_metrics(step, metrics)
+            main = (f"{prefix}/loss", f"{prefix}/ppl")
+            log.info("%sstep %d | %s %.4f | %s %.3f%s", what, step, main[0], metrics[main[0]], main[1],
+                     metrics[main[1]], "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if k not in main))
         return metrics
 
-    @staticmethod
-    def _ppl(val_loss: float, extras: Dict[str, float]) -> float:
-        """Perplexity of the token loss (``val/tokens_loss`` when a task adds other terms to its loss)."""
-        return math.exp(min(extras.get("val/tokens_loss", val_loss), 50))
+    def _test_and_log(self, test_ds, step: int) -> Dict[str, float]:
+        """The test split, once (after training, or in an evaluation-only run): ``test/loss`` etc. on
+        ``trainer.limit_test_batches`` global batches of each test dataset."""
+        return self._evaluate_and_log(test_ds, step, self._limit_test_batches(), "test", "test: ")
+
+    def _say_missing_splits(self, val_ds, test_ds, evaluation_only: bool) -> None:
+        """One log line for each evaluation the config asks for but the data has no split for."""
+        t = self.cfg.trainer
+        if val_ds is None and (evaluation_only or (t.val_check_interval and t.limit_val_batches > 0)):
+            log.info("no validation split (model.data.data_prefix / splits_string): validation is not run")
+        if test_ds is None and self._limit_test_batches() > 0:
+            log.info("no test split (model.data.data_prefix / splits_string): the test split is not evaluated "
+                     "(trainer.limit_test_batches=0 says so without this line)")
 
     # ------------------------------------------------------------------ step
     def _global_batch(self, it: Iterator) -> tuple[list, torch.Tensor, torch.Tensor]:
@@ -716,22 +779,23 @@ class Trainer:
             probe = (None, None, None)
             if run_length.needs_epoch(self.cfg):  # an epoch's size, from a first build of one global batch
                 probe = self.task.build_datasets(run_length.probe_sizes(self.cfg))
-            self._epoch = run_length.resolve(self.cfg, probe[0], probe[1])
+            self._epoch = run_length.resolve(self.cfg, probe[0], probe[1], probe[2])
             del probe
             train_ds, val_ds, test_ds = self.task.build_datasets(self._num_samples())
             self._build()
             step, consumed = self._restore()
             self.exp.start(resumed_step=step if step > 0 else None)
             result: Dict[str, Any] = {"run_dir": self.exp.run_dir}
+            self._say_missing_splits(val_ds, test_ds, t.limit_train_batches == 0)
             if t.limit_train_batches == 0:
-                val = self.validate(val_ds, max(1, t.limit_val_batches))
-                extra = getattr(self, "_val_extras", {})
-                self.exp.log_metrics(self._loaded_step, {"val/loss": val, "val/ppl": self._ppl(val, extra), **extra})
-                log.info("evaluation only: step %d | val/loss %.6f | val/ppl %.3f%s", self._loaded_step, val,
-                         self._ppl(val, extra), "".join(f" | {k} {v:.4f}" for k, v in extra.items()))
-                result.update(step=self._loaded_step, val_loss=val)
+                val = self._evaluate_and_log(val_ds, self._loaded_step, max(1, t.limit_val_batches), "val",
+                                             "evaluation only: ")
+                test = self._test_and_log(test_ds, self._loaded_step)
+                result.update(step=self._loaded_step, val_loss=val.get("val/loss"), test_loss=test.get("test/loss"))
                 return result
             result.update(self._train_loop(train_ds, val_ds, step, consumed))
+            test = self._test_and_log(test_ds, result["step"])  # once, after the last validation
+            result["test_loss"] = test.get("test/loss")
             return result
         finally:
             self.exp.close()

@@ -31,9 +31,9 @@ def _pretrain(env, exp, version, world, extra, check=True):
     return p
 
 
-def _val_losses(run_dir):
+def _val_losses(run_dir, key="val/loss"):
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return [r["val/loss"] for r in rows if "val/loss" in r]
+    return [r[key] for r in rows if key in r]
 
 
 def _convert(env, *args):
@@ -63,6 +63,9 @@ def test_tp2pp2_to_tp1_same_val_loss(tp2pp2_run, env, in_process):
                             "trainer.limit_train_batches=0", f"model.ckpt_path={out}"])  # one process: in this one
     (val,) = _val_losses(exp / "gpt_smoke" / "eval_tp1")
     assert abs(val - trained_val) < 1e-5, (val, trained_val)
+    # the test split ("949,50,1"), evaluated after training by the pipeline engine and in the evaluation-only run
+    (trained_test,), (test,) = _val_losses(run, "test/loss"), _val_losses(exp / "gpt_smoke" / "eval_tp1", "test/loss")
+    assert abs(test - trained_test) < 1e-5 and abs(test - val) > 1e-4, (test, trained_test, val)
 
 
 def test_back_out_to_new_layout_and_resume(tp2pp2_run, env):

@@ -67,8 +67,12 @@ def test_fresh_run_writes_everything_and_loss_falls(run_env, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "host memory:" not in r.stderr
     ev = _metrics(tmp_path / "eval" / "e0")
-    assert len(ev) == 1 and ev[0]["step"] == 40
+    assert [sorted(m) for m in ev] == [["step", "val/loss", "val/ppl"], ["step", "test/loss", "test/ppl"]]
+    assert ev[0]["step"] == ev[1]["step"] == 40
     assert ev[0]["val/loss"] == pytest.approx(vals[-1]["val/loss"], abs=1e-6)
+    # the list form's test split ("949,50,1"): evaluated after training, and again by the evaluation-only run
+    (trained_test,) = [m for m in _metrics(run_dir) if "test/loss" in m]
+    assert trained_test["step"] == 40 and ev[1]["test/loss"] == pytest.approx(trained_test["test/loss"], abs=1e-6)
 
 
 def test_sigkill_then_resume_matches_uninterrupted(run_env, tmp_path):

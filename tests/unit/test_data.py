@@ -365,7 +365,7 @@ def test_empty_dataset_and_empty_split(tmp_path, tok):
         ([1, "/a", 1, 5], "model.data.data_prefix[3]=5"),
         ([1, ""], "model.data.data_prefix[1]=''"),
         ([3], "model.data.data_prefix[0]=3"),
-        ({"a": 1}, "expected a list"),
+        ({"a": 1}, "unknown split 'a'; the dict form takes the keys train, validation, test"),
     ],
 )
 def test_bad_data_prefix_shapes(tmp_path, tok, value, fragment):
