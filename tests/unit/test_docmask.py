@@ -222,3 +222,20 @@ def test_bart_has_no_reset_attention_mask_key():
     cfg = compose_entry_config(["+model.data.reset_attention_mask=true"], "configs/bart", "megatron_bart_config")
     with pytest.raises(ConfigError, match="reset_attention_mask"):
         check_config(cfg, BARTConfig)
+
+
+def test_pipeline_layers_carry_segment_ids():
+    """The pipeline stages' layers (one stage holding them all; the PP2 run is test_parallel_equivalence's variant)
+    pass the segment ids along and give GPTModel's packed output."""
+    from megatron_ext.models.gpt_pipe import build_gpt_pipeline
+
+    cfg = tiny_cfg(seq_length=24, position_embedding_type="rope", share_embeddings_and_output_weights=False)
+    tokens, _ = packed_rows()
+    seg = segment_ids_from_tokens(tokens, EOD)
+    pid = document_position_ids(seg)
+    pipe = build_gpt_pipeline(cfg, VOCAB, init_seed=2).double().eval()
+    ref = GPTModel(cfg, VOCAB, init_seed=2).double().eval()
+    with torch.no_grad():
+        got = pipe((tokens, pid, seg))[..., :VOCAB]  # (the vocabulary padding is -inf)
+        assert (got - ref(tokens, position_ids=pid, segment_ids=seg)[..., :VOCAB]).abs().max() < 1e-9
+        assert (pipe((tokens, pid))[..., :VOCAB] - got).abs().max() > 1e-6
