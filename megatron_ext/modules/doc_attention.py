@@ -16,9 +16,10 @@ Implementations (``model.document_attention``):
   kernel); the outputs are scattered back. Right padding under a causal mask is exact: a real query never sees a
   later (padding) key. It computes about ``sum(len_i^2) / 2`` scores instead of ``s^2`` per row, no mask tensor;
 * ``varlen``: CUDA only, fp16/bf16 and no attention dropout: ``torch.nn.attention.varlen.varlen_attn`` (flash
-  attention over the unpadded tokens with ``cu_seqlens``), nothing padded at all;
-* ``auto`` (default): ``varlen`` where it applies (CUDA, half precision, no attention dropout), else ``packed``
-  (faster than ``mask`` on CPU at every measured size: ``bench/bench_docmask.py``).
+  attention over the unpadded tokens with ``cu_seqlens``), nothing padded at all. Opt-in: it has not run on a GPU
+  in this project's tests (no GPU was available), so ``auto`` does not pick it;
+* ``auto`` (default): ``packed`` on every device (faster than ``mask`` on CPU at every measured size:
+  ``bench/bench_docmask.py``; on CUDA SDPA's causal flash kernel runs the padded document batches).
 
 FlexAttention (``torch.nn.attention.flex_attention``) is not used: in torch 2.13 it has no backward on CPU.
 """
@@ -65,6 +66,33 @@ def check_segment_ids(segment_ids: torch.Tensor, tokens: torch.Tensor) -> None:
         raise DataError(f"segment_ids shape {tuple(segment_ids.shape)} does not match tokens {tuple(tokens.shape)}")
 
 
+# ``auto`` on the CPU: the explicit mask up to this sequence length, the packed path above it. PyTorch's CPU flash
+# kernel works in key blocks of up to 512 and skips only whole blocks above the diagonal, so up to 512 the causal
+# kernel computes (nearly) the full s x s scores anyway and the packed path's gathers cost more than the scores it
+# saves; above, the mask makes the kernel compute every block while the packed path computes the documents' own
+# (bench/bench_docmask.py; README "Document masking").
+AUTO_MASK_MAX_CPU = 512
+
+
+class _Permute(torch.autograd.Function):
+    """``x.index_select(0, index)`` where ``index`` is (part of) a permutation with a known inverse: the backward is
+    another gather, ``grad.index_select(0, inverse)`` (then zero where ``valid`` is False), instead of
+    index_select's scatter-add into a zero-filled buffer (several times slower on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, valid):
+        ctx.save_for_backward(inverse, valid)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, valid = ctx.saved_tensors
+        out = grad.index_select(0, inverse)
+        if valid is not None:
+            out.masked_fill_(~valid.view(-1, *([1] * (out.dim() - 1))), 0)
+        return out, None, None, None
+
+
 class DocumentMask:
     """Document structure of a packed batch, shared by all layers of one forward (``attention_mask`` argument of
     the transformer layers). Everything derived from the segment ids (dense mask, gather/scatter indices,
@@ -106,7 +134,9 @@ class DocumentMask:
 
     def packing(self):
         """Right-padded document batches: (list of (gather index ``[n_j * L_j]``, n_j, L_j), scatter index
-        ``[b*s]`` into the concatenation of the batches' outputs)."""
+        ``[b*s]`` into the concatenation of the batches' slots, gather index of all slots, real-slot mask). A padding
+        slot gathers its document's last token (any real row would do: causal attention never lets a real query see
+        it, and it gets no gradient)."""
         if self._packing is None:
             doc, start, length, lengths = self.documents()
             device = start.device
@@ -114,22 +144,23 @@ class DocumentMask:
             for d, n in enumerate(lengths):  # length class: the next power of two
                 classes.setdefault(1 << max(0, (n - 1).bit_length()), []).append(d)
             groups, row_base = [], torch.empty(len(lengths), dtype=torch.long)
-            width = torch.empty(len(lengths), dtype=torch.long)
+            gathers, valids = [], []
             offset = 0
             for key in sorted(classes):
                 docs = classes[key]
                 L = max(lengths[d] for d in docs)
                 ids = torch.tensor(docs, dtype=torch.long)
                 row_base[ids] = offset + torch.arange(len(docs)) * L
-                width[ids] = L
                 ids = ids.to(device)
                 ar = torch.arange(L, device=device)
-                gather = start[ids, None] + torch.minimum(ar[None, :], length[ids, None] - 1)
-                groups.append((gather.reshape(-1), len(docs), L))
+                gather = (start[ids, None] + torch.minimum(ar[None, :], length[ids, None] - 1)).reshape(-1)
+                groups.append((gather, len(docs), L))
+                gathers.append(gather)
+                valids.append((ar[None, :] < length[ids, None]).reshape(-1))
                 offset += len(docs) * L
             pos = torch.arange(doc.numel(), device=device) - start[doc]
             scatter = row_base.to(device)[doc] + pos
-            self._packing = (groups, scatter)
+            self._packing = (groups, scatter, torch.cat(gathers), torch.cat(valids))
         return self._packing
 
     def cu_seqlens(self) -> Tuple[torch.Tensor, int]:
@@ -141,9 +172,8 @@ class DocumentMask:
     def resolve_impl(self, q: torch.Tensor, dropout_p: float) -> str:
         if self.impl != "auto":
             return self.impl
-        if (_varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-                and dropout_p == 0.0):
-            return "varlen"
+        if q.device.type == "cpu" and q.shape[-2] <= AUTO_MASK_MAX_CPU:
+            return "mask"
         return "packed"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, sdpa) -> torch.Tensor:
@@ -169,14 +199,18 @@ class DocumentMask:
             out = _varlen_attn(qt.contiguous(), kt.contiguous(), vt.contiguous(), cu, cu, max_len, max_len,
                                window_size=(-1, 0))
             return out.view(b, s, nh, hd).transpose(1, 2)
-        groups, scatter = self.packing()
+        groups, scatter, gather_all, valid = self.packing()
+        # one gather of all slots per tensor (backward: a gather by the inverse map), then per length class a view
+        sizes = [n * L for _, n, L in groups]
+        # split (not slices): its backward is one concatenation, not a zero-filled buffer per slice
+        qs, ks, vs = (_Permute.apply(x, gather_all, scatter, None).split(sizes) for x in (qt, kt, vt))
         outs = []
-        for gather, n, L in groups:
-            qd, kd, vd = (x.index_select(0, gather).view(n, L, nh, hd).transpose(1, 2) for x in (qt, kt, vt))
+        for (_, n, L), qd, kd, vd in zip(groups, qs, ks, vs):
+            qd, kd, vd = (x.view(n, L, nh, hd).transpose(1, 2) for x in (qd, kd, vd))
             o = sdpa(qd, kd, vd, None, True, dropout_p)  # [n, heads, L, d]
             outs.append(o.transpose(1, 2).reshape(n * L, nh, hd))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        return out.index_select(0, scatter).view(b, s, nh, hd).transpose(1, 2)
+        return _Permute.apply(out, scatter, gather_all, valid).view(b, s, nh, hd).transpose(1, 2)
 
 
 __all__ = ["DOCUMENT_ATTENTION_IMPLS", "DocumentMask", "segment_ids_from_tokens", "document_position_ids",
