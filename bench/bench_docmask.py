@@ -16,7 +16,9 @@ Two measurements per (seq, path):
          gradients; ``out.sum().backward()``), batch 4, 8 heads of 64: tokens/s = batch * seq / time
   train  a full GPT training step (``GPTTask.loss`` on our GPTModel inside a DeepSpeed engine, backward, AdamW step),
          2 layers, hidden 256, 4 heads, vocab 8192, micro-batch 2: tokens/s
-Time: median over ``--repeats`` timed runs after ``--warmup``, paths round-robin (machine drift hits all alike).
+Time: the fastest of ``--repeats`` timed runs after ``--warmup`` (other load on the machine only ever slows a run
+down), paths round-robin (machine drift hits all alike). ``config.loadavg`` is the 1-minute load average at the
+start: figures taken with a load above the core count are only rough.
 
 Lines (stdout and ``--out``, default bench/results/bench_docmask_<device>.jsonl, one JSON object per figure):
   {"bench": "docmask", "metric": "<attn|train>_tokens_per_s_<path>", "value": .., "unit": "tokens/s", "config": ..}
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -67,7 +68,7 @@ def _timed(fn, warmup: int, repeats: int, names, sync):
             fn(name)
             sync()
             times[name].append(time.perf_counter() - t)
-    return {n: statistics.median(v) for n, v in times.items()}
+    return {n: min(v) for n, v in times.items()}
 
 
 def bench_attention(seq, seg, paths, device, args):
@@ -136,6 +137,7 @@ def main():
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                         f"bench_docmask_{device.type}.jsonl")
     threads = torch.get_num_threads()
+    loadavg = round(os.getloadavg()[0], 1)
     lines = []
 
     def emit(metric, value, unit, config):
@@ -147,7 +149,8 @@ def main():
     for seq in (int(s) for s in args.seqs.split(",")):
         seg = doc_rows(4, seq, args.docs, seed=seq)
         conf = {"seq": seq, "docs": args.docs, "batch": 4, "heads": 8, "head_dim": 64, "dtype": "fp32",
-                "device": device.type, "threads": threads, "repeats": args.repeats, "pass": "fwd_bwd"}
+                "device": device.type, "threads": threads, "repeats": args.repeats, "pass": "fwd_bwd",
+                "loadavg": loadavg}
         if device.type == "cuda" and "varlen" in attn_paths:
             attn_paths.remove("varlen")  # fp32 here; varlen needs half precision
         med = bench_attention(seq, seg, attn_paths, device, args)
@@ -161,7 +164,8 @@ def main():
             continue
         med = bench_train(seq, ["causal", "packed", "mask"], device, args)
         conf = {"seq": seq, "docs": args.docs, "layers": 2, "hidden": 256, "heads": 4, "vocab": 8192, "batch": 2,
-                "dtype": "fp32", "device": "cpu", "threads": threads, "repeats": max(1, args.repeats // 2)}
+                "dtype": "fp32", "device": "cpu", "threads": threads, "repeats": max(1, args.repeats // 2),
+                "loadavg": loadavg}
         tok = {p: 2 * seq / t for p, t in med.items()}
         for p in ("causal", "packed", "mask"):
             emit(f"train_tokens_per_s_{p}", tok[p], "tokens/s", conf)
