@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from megatron_ext.config.model_validation import DOCUMENT_ATTENTION_IMPLS
+from megatron_ext.errors import DataError
 
 try:  # torch >= 2.9 (CUDA flash attention over cu_seqlens)
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -57,8 +58,7 @@ def document_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 def check_segment_ids(segment_ids: torch.Tensor, tokens: torch.Tensor) -> None:
-    from megatron_ext.errors import DataError
-
+    """A DataError unless ``segment_ids`` is an integer tensor shaped like ``tokens``."""
     if not isinstance(segment_ids, torch.Tensor) or segment_ids.is_floating_point() or segment_ids.dtype == torch.bool:
         raise DataError(f"segment_ids must be an integer tensor [batch, seq] of document numbers, got "
                         f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)}")
