@@ -220,7 +220,7 @@ def test_bart_has_no_reset_attention_mask_key():
     from megatron_ext.config.schema import BARTConfig
 
     cfg = compose_entry_config(["+model.data.reset_attention_mask=true"], "configs/bart", "megatron_bart_config")
-    with pytest.raises(ConfigError, match="reset_attention_mask"):
+    with pytest.raises(ConfigError, match="model.data.reset_attention_mask.*a GPT key"):
         check_config(cfg, BARTConfig)
 
 
