@@ -18,8 +18,9 @@ Implementations (``model.document_attention``):
 * ``varlen``: CUDA only, fp16/bf16 and no attention dropout: ``torch.nn.attention.varlen.varlen_attn`` (flash
   attention over the unpadded tokens with ``cu_seqlens``), nothing padded at all. Opt-in: it has not run on a GPU
   in this project's tests (no GPU was available), so ``auto`` does not pick it;
-* ``auto`` (default): ``packed`` on every device (faster than ``mask`` on CPU at every measured size:
-  ``bench/bench_docmask.py``; on CUDA SDPA's causal flash kernel runs the padded document batches).
+* ``auto`` (default): on the CPU ``mask`` up to ``AUTO_MASK_MAX_CPU`` (512) tokens and ``packed`` above (see the
+  constant and ``bench/bench_docmask.py``); on CUDA ``packed`` (SDPA's causal flash kernel runs the padded document
+  batches; an explicit mask would keep SDPA off the flash kernel).
 
 FlexAttention (``torch.nn.attention.flex_attention``) is not used: in torch 2.13 it has no backward on CPU.
 """
