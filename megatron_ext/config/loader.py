@@ -76,10 +76,17 @@ def hydra_main(config_path: str, config_name: str):
     return decorate
 
 
+# GPT's packing keys, which a BART config does not have: the refusal says why
+_GPT_PACKING_KEYS = ("model.data.reset_attention_mask", "model.data.reset_position_ids", "model.data.eod_mask_loss")
+
+
 def _explain(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = getattr(e, "msg", None) or str(e)
     msg = msg.split("\n")[0]
+    if key in _GPT_PACKING_KEYS and "BARTDataConfig" in msg:
+        msg += (" (a GPT key for packed documents: BART samples are noised spans of one document each, "
+                "nothing to reset)")
     if key:
         return f"config key '{key}': {msg}{_bart_only_hint(key)}"
     return msg

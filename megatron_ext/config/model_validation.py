@@ -44,7 +44,8 @@ EMA_IMPL_CHOICES = EMA_IMPLS + ("fused", "auto")
 
 # transformer keys with no meaning for a Mega stack (the Mega models log the ones set away from their defaults)
 TRANSFORMER_ONLY_KEYS = ("num_attention_heads", "ffn_hidden_size", "normalization", "activation", "bias",
-                         "position_embedding_type", "activations_checkpoint_granularity")
+                         "position_embedding_type", "activations_checkpoint_granularity", "document_attention")
+DOCUMENT_ATTENTION_IMPLS = ("auto", "packed", "mask", "varlen")  # megatron_ext.modules.doc_attention
 
 
 # ----------------------------------------------------------------------------------------- derived values
@@ -286,6 +287,13 @@ def check_gpt_model_config(cfg, *, use_cuda: Optional[bool] = None) -> None:
         _fail("seq_length", cfg.seq_length, f"must be <= model.max_position_embeddings={max_pos}")
     if pos_type == "rope":
         _check_positive_numbers(cfg, "", ("rotary_base",))
+    impl = _get(cfg, "document_attention", "auto")
+    if impl not in DOCUMENT_ATTENTION_IMPLS:
+        _fail("document_attention", impl, f"expected one of {', '.join(DOCUMENT_ATTENTION_IMPLS)} (how attention "
+              f"stays within the documents of a packed sequence)")
+    if impl == "varlen" and use_cuda is False:
+        _fail("document_attention", impl, "varlen (flash attention over cu_seqlens) needs a CUDA device; use auto, "
+              "packed or mask on the CPU")
     if pp > 1 and cfg.num_layers < pp:
         raise ConfigError(
             f"model.num_layers={cfg.num_layers} is smaller than model.pipeline_model_parallel_size={pp}: every "
@@ -378,6 +386,7 @@ __all__ = [
     "GPT_ARCHS", "ENCODER_ARCHS", "DECODER_ARCHS", "ACTIVATIONS", "NORMALIZATIONS", "POSITION_EMBEDDING_TYPES",
     "CHECKPOINT_GRANULARITIES", "MEGA_NORMALIZATIONS", "MEGA_ATTENTION_ACTIVATIONS",
     "MEGA_RELATIVE_POSITIONAL_BIASES", "MEGA_ACTIVATIONS", "EMA_IMPLS", "EMA_IMPL_CHOICES", "TRANSFORMER_ONLY_KEYS",
+    "DOCUMENT_ATTENTION_IMPLS",
     "normalize_checkpoint_granularity", "is_encoder_decoder", "model_arch", "resolve_ffn_hidden_size", "resolve_max_position_embeddings", "resolve_seq_length_dec",
     "resolve_encdec_max_position_embeddings", "check_vocab_size", "check_mega_arch", "check_gpt_model_config",
     "check_encoder_decoder_config", "check_model_config",

@@ -147,8 +147,8 @@ class DataConfig:
     default_corpus_dir: Optional[str] = None  # where the built-in corpus is cached
     num_workers: int = 0
     seed: Optional[int] = None  # default: trainer.seed
-    reset_position_ids: bool = False
-    reset_attention_mask: bool = False
+    reset_position_ids: bool = False  # positions restart at 0 after every eod
+    reset_attention_mask: bool = False  # attention stays within each document (eod-separated) of a sample
     eod_mask_loss: bool = False
     # a synthetic task (megatron_ext.data.synthetic: copy | reverse | sort | histogram | registered ones) instead
     # of the indexed datasets; null = data_prefix. Character-level tasks need model.tokenizer.library=char.
@@ -224,6 +224,8 @@ class ModelConfig:
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     activations_checkpoint_granularity: Optional[str] = None  # null | full
+    # attention within packed documents (model.data.reset_attention_mask=true): auto | packed | mask | varlen
+    document_attention: str = "auto"
     # parallelism
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1

@@ -49,9 +49,27 @@ def check_run_config(cfg: DictConfig) -> None:
     if data is not None and is_split_dict(data.get("data_prefix")):  # its shape and keys (no file is read here)
         kind = "prefix" if str(data.get("data_impl", "mmap")) in ("mmap", "lazy", "cached") else "file"
         parse_split_prefixes(data.get("data_prefix"), kind, data.get("splits_string"))
-    if data is not None and data.get("reset_attention_mask"):
+    _check_document_masking(m)
+
+
+def _check_document_masking(m) -> None:
+    """``model.data.reset_attention_mask`` (GPT transformer only) and ``model.document_attention``."""
+    data = m.get("data")
+    reset = bool(data is not None and data.get("reset_attention_mask"))
+    impl = m.get("document_attention", "auto")
+    if reset and str(m.get("arch", "transformer")).lower() == "mega":
         raise ConfigError(
-            "model.data.reset_attention_mask=true is not supported yet: the model attends causally across "
-            "document boundaries (no per-document attention mask is built); set it to false "
-            "(model.data.reset_position_ids and model.data.eod_mask_loss do work)"
+            "model.data.reset_attention_mask=true does not work with model.arch=mega: Mega's EMA carries state "
+            "along the whole sequence, across document boundaries, and cannot be reset at eod; set "
+            "model.data.reset_attention_mask=false or use model.arch=transformer"
+        )
+    if reset and data.get("task") is not None:
+        raise ConfigError(
+            f"model.data.reset_attention_mask=true with model.data.task={data.get('task')!r}: a synthetic task has "
+            f"one example per sequence, no packed documents to keep apart; set model.data.reset_attention_mask=false"
+        )
+    if impl != "auto" and not reset and m.get("document_attention") is not None:
+        raise ConfigError(
+            f"model.document_attention={impl!r} chooses how attention stays within packed documents, which only "
+            f"happens with model.data.reset_attention_mask=true; set that too, or leave model.document_attention=auto"
         )

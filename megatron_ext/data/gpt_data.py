@@ -52,8 +52,9 @@ and the training loop does not depend on which ranks have data.
 Batches (via :mod:`megatron_ext.data.samplers`) hold ``tokens``/``labels`` (int64, ``[b, s]``),
 ``loss_mask`` (float32) and ``position_ids`` (int64). No attention mask is built
 (``create_attention_mask=False``): the model uses causal SDPA. ``reset_position_ids`` and
-``eod_mask_loss`` act on the batch; ``reset_attention_mask=true`` is refused by the config checks
-(``megatron_ext.config.validation``) until documents are masked from each other.
+``eod_mask_loss`` act on the batch (megatron-core); with ``reset_attention_mask=true`` the GPT task
+wraps the datasets so that samples also carry ``segment_ids`` (int32 ``[s]``, the document of each
+token: :mod:`megatron_ext.data.doc_segments`), from which the model keeps attention within documents.
 """
 from __future__ import annotations
 
@@ -410,11 +411,6 @@ def build_gpt_datasets(data_cfg, tokenizer, seq_length: int, num_samples: Tuple[
         # ranks that cannot see rank 0's cache fill their own (rank 0 builds inside megatron-core)
         collective_check(_prebuild_in_child if local_builder else _noop, jobs)
 
-    if data_cfg.reset_attention_mask:
-        logger.warning(
-            "model.data.reset_attention_mask=True: no attention mask is built (causal SDPA); attention is "
-            "only kept within documents if the model masks at eod itself"
-        )
     for info in infos or []:
         logger.info(
             "dataset %s: %d documents, %d tokens (%s)", info.prefix, info.num_sequences, info.num_tokens, info.dtype

@@ -88,10 +88,14 @@ class PretrainingBatchSampler(Sampler):
 
 def collate_gpt_batch(samples: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
     """Stack GPT samples into ``tokens``/``labels``/``position_ids`` (int64) and ``loss_mask``
-    (float32), each ``[batch, seq]``; other keys (e.g. a blend's ``dataset_id``) are dropped."""
+    (float32), each ``[batch, seq]``, plus ``segment_ids`` (int32, packed documents with
+    ``model.data.reset_attention_mask``) when the samples have them; other keys (e.g. a blend's
+    ``dataset_id``) are dropped."""
     batch = {}
     for key in BATCH_KEYS:
         batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(_DTYPES[key])
+    if "segment_ids" in samples[0]:
+        batch["segment_ids"] = torch.stack([torch.as_tensor(s["segment_ids"]) for s in samples]).to(torch.int32)
     return batch
 
 

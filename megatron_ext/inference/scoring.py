@@ -38,6 +38,10 @@ window**, never truncated: windows of ``W = max_length`` input tokens start ever
 first window sees at least ``W - stride + 1`` tokens of context (the standard strided evaluation; ``stride = W``
 gives disjoint windows). Rows that come with explicit ``position_ids`` must fit one window (a DataError otherwise).
 
+Packed documents (GPT, ``reset_attention_mask`` / ``reset_position_ids``, by default the LM's training config):
+the documents of a sequence (separated by ``eod``; a batch may give ``segment_ids``) attend only to themselves and
+their positions restart, so each is scored as if it were alone (see :func:`perplexities`).
+
 Encoder-decoder LMs (``lm.family == "encdec"``) score the target given the source, as in BART training: the
 decoder reads ``bos + target`` and predicts ``target + eos`` (``bos`` = ``tokenizer.bos``, or eod when the
 tokenizer has none; ``eos`` = eod), so a target of ``n`` tokens gives ``n + 1`` predictions (``per_token_res``
@@ -59,6 +63,7 @@ import torch
 
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.models.encoder_decoder import resolve_seq_length_dec
+from megatron_ext.modules.doc_attention import document_position_ids, segment_ids_from_tokens
 from megatron_ext.text_files import detect_format
 
 PAIR_KEYS = ("source", "target")
@@ -73,6 +78,7 @@ class _Item:
     labels: torch.Tensor  # [L] long
     mask: torch.Tensor  # [L] bool
     position_ids: Optional[torch.Tensor] = None  # [L] long
+    segment_ids: Optional[torch.Tensor] = None  # [L] int (document numbers of a packed row)
     source: Optional[torch.Tensor] = None  # [S] long (encdec)
     source_mask: Optional[torch.Tensor] = None  # [S] bool (encdec)
     where: str = ""
@@ -281,9 +287,15 @@ def _batch_items(lm, batch, where: str) -> Iterator[_Item]:
     labels = batch.get("labels")
     loss_mask = batch.get("loss_mask")
     pos = batch.get("position_ids")
+    seg = batch.get("segment_ids")
+    if seg is not None:
+        seg = _as_long(seg, "segment_ids", where, tokens.shape)
+        if seg.is_floating_point() or seg.dtype == torch.bool:
+            raise DataError(f"{where}: 'segment_ids' must be an integer tensor (document numbers), got {seg.dtype}")
     if labels is None:
-        if loss_mask is not None or pos is not None:
-            raise DataError(f"{where}: 'loss_mask' / 'position_ids' need 'labels' (they are aligned with the labels)")
+        if loss_mask is not None or pos is not None or seg is not None:
+            raise DataError(f"{where}: 'loss_mask' / 'position_ids' / 'segment_ids' need 'labels' (they are aligned "
+                            f"with the labels)")
         for r in range(tokens.shape[0]):
             ids = tokens[r].tolist()
             _check_ids(ids, vocab, f"{where}, row {r}")
@@ -299,7 +311,8 @@ def _batch_items(lm, batch, where: str) -> Iterator[_Item]:
         _check_ids(tokens[r].tolist(), vocab, f"{w} ('tokens')")
         _check_ids(labels[r][mask[r]].tolist(), vocab, f"{w} ('labels')")
         yield _Item(tokens=tokens[r].long(), labels=labels[r].long(), mask=mask[r],
-                    position_ids=None if pos is None else pos[r], where=w)
+                    position_ids=None if pos is None else pos[r], segment_ids=None if seg is None else seg[r],
+                    where=w)
 
 
 def iter_items(lm, data, text_key: str = "text") -> Iterator[_Item]:
@@ -353,9 +366,28 @@ def _pad_stack(rows: List[torch.Tensor], value, dtype) -> torch.Tensor:
     return out
 
 
+def _documents(lm, reset_attention_mask: Optional[bool], reset_position_ids: Optional[bool]) -> Tuple[bool, bool]:
+    """(keep attention within documents, restart positions per document) for scoring: the arguments, or where
+    None the LM's training config (``model.data.reset_attention_mask`` / ``reset_position_ids``)."""
+    for name, value in (("reset_attention_mask", reset_attention_mask), ("reset_position_ids", reset_position_ids)):
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r}: expected True, False or None (the model's training config)")
+    data = ((lm.config or {}).get("model") or {}).get("data") or {}
+    attn = bool(data.get("reset_attention_mask", False)) if reset_attention_mask is None else reset_attention_mask
+    pos = bool(data.get("reset_position_ids", False)) if reset_position_ids is None else reset_position_ids
+    if (attn or pos) and lm.family != "gpt":
+        if reset_attention_mask or reset_position_ids:
+            raise ConfigError(f"reset_attention_mask / reset_position_ids: packed documents are scored by GPT "
+                              f"(transformer) LMs only, this LM is {lm.family!r}")
+        return False, False
+    return attn, pos
+
+
 @torch.no_grad()
-def _forward(lm, items: List[_Item], pieces: List[_Piece]) -> List[torch.Tensor]:
-    """Per-token CE of every piece (``[end - begin]`` fp32 CPU tensors)."""
+def _forward(lm, items: List[_Item], pieces: List[_Piece], docs: Tuple[bool, bool] = (False, False)
+             ) -> List[torch.Tensor]:
+    """Per-token CE of every piece (``[end - begin]`` fp32 CPU tensors). ``docs``: (attention within documents,
+    positions restarted per document) -- documents end at eod (or as the item's ``segment_ids`` say)."""
     device = lm.device
     pad = 0
     toks = [items[p.item].tokens[p.begin:p.end] for p in pieces]
@@ -371,26 +403,49 @@ def _forward(lm, items: List[_Item], pieces: List[_Piece]) -> List[torch.Tensor]
         enc_mask = _pad_stack([items[p.item].source_mask for p in pieces], False, torch.bool).to(device)
         ce = model(enc, tokens, enc_mask, labels=labels)
     else:
-        position_ids = None
-        if lm.family == "gpt" and any(items[p.item].position_ids is not None for p in pieces):
+        position_ids, segs, extra = None, None, {}
+        if lm.family == "gpt" and any(docs):
+            eod = int(lm.tokenizer.eod)
+            segs = []
+            for p, tok in zip(pieces, toks):
+                given = items[p.item].segment_ids
+                segs.append(given[p.begin:p.end].long() if given is not None else
+                            segment_ids_from_tokens(tok, eod).long())
+        if lm.family == "gpt" and (docs[1] or any(items[p.item].position_ids is not None for p in pieces)):
             rows = []
-            for p in pieces:
+            for i, p in enumerate(pieces):
                 given = items[p.item].position_ids
-                rows.append(given[p.begin:p.end] if given is not None else torch.arange(p.end - p.begin))
+                if given is not None:
+                    rows.append(given[p.begin:p.end])
+                elif docs[1]:
+                    rows.append(document_position_ids(segs[i]))
+                else:
+                    rows.append(torch.arange(p.end - p.begin))
             position_ids = _pad_stack(rows, 0, torch.long).to(device)
-        ce = model(tokens, position_ids=position_ids, labels=labels)
+        if docs[0]:
+            # right padding is one more document of its own (real tokens never attend to it: causal)
+            extra["segment_ids"] = _pad_stack(segs, 2**30, torch.long).to(device=device, dtype=torch.int32)
+        ce = model(tokens, position_ids=position_ids, labels=labels, **extra)
     ce = ce.float().cpu()
     return [ce[i, : p.end - p.begin] for i, p in enumerate(pieces)]
 
 
 def perplexities(lm, data, *, per_token: bool = False, before_exp: bool = False, dummy_res: float = -1.0,
                  batch_size: int = 8, max_length: Optional[int] = None, stride: Optional[int] = None,
-                 text_key: str = "text") -> Tuple[float, float, float, int, Union[torch.Tensor, list]]:
+                 text_key: str = "text", reset_attention_mask: Optional[bool] = None,
+                 reset_position_ids: Optional[bool] = None) -> Tuple[float, float, float, int, Union[torch.Tensor, list]]:
     """``(mean, max, min, total_tokens, per_token_res)`` of ``lm`` on ``data``; see the module docstring for the
     definitions, the accepted inputs and the sliding window (``max_length`` = window length, default the model's
     ``seq_length``; ``stride`` default ``max_length // 2``; decoder-only LMs only). ``batch_size``: rows (windows)
-    per forward pass. The model runs in eval mode (no dropout) and is put back in its previous mode afterwards."""
+    per forward pass. The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
+
+    Packed documents (GPT): with ``reset_attention_mask`` every document of a row (ending at ``eod``, or as a
+    batch's ``segment_ids`` say) attends only to itself, and with ``reset_position_ids`` its positions restart at
+    0 -- together a document is scored as if it were alone (the prediction of a document's first token from the
+    previous document's ``eod`` is still made, from that ``eod``'s document). Both default to the LM's training
+    config (``model.data.reset_attention_mask`` / ``reset_position_ids``)."""
     _check_args(per_token, before_exp, dummy_res, batch_size, max_length, stride)
+    docs = _documents(lm, reset_attention_mask, reset_position_ids)
     if lm.family == "encdec":
         if max_length is not None or stride is not None:
             raise ConfigError("max_length / stride: the sliding window is for decoder-only LMs; an encoder-decoder "
@@ -409,7 +464,7 @@ def perplexities(lm, data, *, per_token: bool = False, before_exp: bool = False,
         nonlocal total, count, hi, lo
         if not queue:
             return
-        for p, ce in zip(queue, _forward(lm, items, queue)):
+        for p, ce in zip(queue, _forward(lm, items, queue, docs)):
             item = items[p.item]
             keep = item.mask[p.begin:p.end].clone()
             keep[: max(0, p.score_from - p.begin)] = False

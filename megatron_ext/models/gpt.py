@@ -56,6 +56,7 @@ from megatron_ext.config.model_validation import (
 from megatron_ext.config.schema import ModelConfig
 from megatron_ext.errors import DataError
 from megatron_ext.modules.attention import KVCache
+from megatron_ext.modules.doc_attention import DocumentMask, check_segment_ids
 from megatron_ext.modules.common import (
     dropout,
     ensure_model_parallel,
@@ -259,8 +260,11 @@ class GPTModel(LMHeadMixin, nn.Module):
       them into full-vocabulary logits for generation.
 
     ``attention_mask`` (optional, megatron convention: bool, ``True`` = may not attend,
-    broadcastable to ``[b, 1, s, s]``, already causal) replaces the built-in causal mask, e.g.
-    for ``reset_attention_mask`` documents. Activations are ``[b, s, h]``.
+    broadcastable to ``[b, 1, s, s]``, already causal) replaces the built-in causal mask.
+    ``segment_ids`` (optional, int ``[b, s]``: the document number of each token, see
+    ``megatron_ext.modules.doc_attention``) keeps attention causal *within* each document of a packed row
+    (``model.data.reset_attention_mask``), by ``model.document_attention``'s path; positions are ``position_ids``
+    (restarted per document with ``reset_position_ids``). Activations are ``[b, s, h]``.
 
     Generation only (see the module docstring): ``padding_mask`` ``[b, s]`` (True = real token) for a left-padded
     batch, and ``inference_cache`` (from ``new_inference_cache``) for incremental decoding -- ``tokens`` are then
@@ -292,6 +296,7 @@ class GPTModel(LMHeadMixin, nn.Module):
         self.ffn_hidden_size = resolve_ffn_hidden_size(cfg)
         self.share_embeddings_and_output_weights = bool(cfg.share_embeddings_and_output_weights)
         self.position_embedding_type = str(cfg.position_embedding_type).lower()
+        self.document_attention = str(getattr(cfg, "document_attention", "auto"))
 
         # sequence_parallel with TP=1 on CUDA is a no-op (megatron-core disables it too).
         parallel_config = make_parallel_config(tp, params_dtype=params_dtype, sequence_parallel=False)
@@ -350,7 +355,14 @@ class GPTModel(LMHeadMixin, nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         padding_mask: Optional[torch.Tensor] = None,
         inference_cache=None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        if segment_ids is not None:
+            if inference_cache is not None or padding_mask is not None or attention_mask is not None:
+                raise DataError("segment_ids (packed documents) build the attention mask themselves: pass them "
+                                "without attention_mask / padding_mask / inference_cache")
+            check_segment_ids(segment_ids, tokens)
+            attention_mask = DocumentMask(segment_ids, self.document_attention)
         if inference_cache is not None:
             return self._forward_cached(tokens, inference_cache, padding_mask, labels, attention_mask, position_ids)
         if padding_mask is not None:

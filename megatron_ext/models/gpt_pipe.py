@@ -6,6 +6,10 @@ The layer list (what ``PipelineModule`` partitions over the stages)::
                                                                                           when embeddings are tied]
     1 .. N     TransformerLayerPipe (hidden, position_ids) -> (hidden, position_ids)
     N + 1      FinalNormPipe      (hidden, position_ids) -> hidden
+
+With ``model.data.reset_attention_mask`` every tuple also carries ``segment_ids`` (int32 ``[b, s]``) after the
+position ids: ``(tokens, position_ids, segment_ids)`` -> ``(hidden, position_ids, segment_ids)`` -> ..., so each
+stage's layers attend within the documents (``megatron_ext.modules.doc_attention``).
     N + 2      LM head            hidden -> vocab-parallel logits (the tied embedding's weight, or its own
                                   ColumnParallelLinear)
     loss_fn    (logits, (labels, loss_mask)) -> masked mean cross-entropy of the micro-batch
@@ -47,6 +51,7 @@ from megatron_ext.modules.common import (
     scaled_init_method_normal,
 )
 from megatron_ext.modules.cross_entropy import masked_token_loss
+from megatron_ext.modules.doc_attention import DocumentMask
 from megatron_ext.modules.norms import build_norm
 from megatron_ext.modules.rotary import RotaryEmbedding
 from megatron_ext.modules.transformer import TransformerLayer, _tracker_replay_context
@@ -89,8 +94,8 @@ class EmbeddingPipe(nn.Module):
         self._pad_masks: dict = {}
 
     def forward(self, inputs):
-        tokens, position_ids = inputs
-        return self.embedding(tokens, position_ids), position_ids
+        tokens, position_ids = inputs[0], inputs[1]
+        return (self.embedding(tokens, position_ids),) + tuple(inputs[1:])
 
 
 def tied_logits(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
@@ -111,17 +116,20 @@ class TransformerLayerPipe(nn.Module):
                        if str(cfg.position_embedding_type).lower() == "rope" else None)
         gran = cfg.activations_checkpoint_granularity
         self.recompute = gran is not None and str(gran).lower() == "full"
+        self.document_attention = str(getattr(cfg, "document_attention", "auto"))
 
     def forward(self, inputs):
-        hidden, position_ids = inputs
+        hidden, position_ids = inputs[0], inputs[1]
+        # (hidden, position_ids[, segment_ids]): segment ids of packed documents travel with the activations
+        mask = DocumentMask(inputs[2], self.document_attention) if len(inputs) > 2 else None
         cos_sin = (self.rotary.cos_sin(hidden.shape[1], hidden.device, hidden.dtype, position_ids)
                    if self.rotary is not None else None)
         if self.recompute and self.training and torch.is_grad_enabled():
-            hidden = checkpoint(self.layer, hidden, None, cos_sin, use_reentrant=False,
+            hidden = checkpoint(self.layer, hidden, mask, cos_sin, use_reentrant=False,
                                 context_fn=_tracker_replay_context)
         else:
-            hidden = self.layer(hidden, None, cos_sin)
-        return hidden, position_ids
+            hidden = self.layer(hidden, mask, cos_sin)
+        return (hidden,) + tuple(inputs[1:])
 
 
 class FinalNormPipe(nn.Module):
@@ -132,8 +140,7 @@ class FinalNormPipe(nn.Module):
                                           float(cfg.layernorm_epsilon), bool(cfg.bias))
 
     def forward(self, inputs):
-        hidden, _ = inputs
-        return self.final_layernorm(hidden)
+        return self.final_layernorm(inputs[0])
 
 
 class OutputLayerPipe(nn.Module):

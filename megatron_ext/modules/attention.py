@@ -9,7 +9,9 @@ projection plus a fused KV projection laid out ``[heads, 2 (k/v), head_dim]``.
 
 Masks follow megatron-core's convention: ``attention_mask`` is boolean and ``True`` marks a
 position that may **not** be attended (broadcastable to ``[b, heads, s_q, s_kv]``). Without a
-mask, self-attention is causal via SDPA's ``is_causal=True`` (fused kernel, no mask tensor).
+mask, self-attention is causal via SDPA's ``is_causal=True`` (fused kernel, no mask tensor). A
+:class:`~megatron_ext.modules.doc_attention.DocumentMask` (segment ids of packed documents) in place of the mask
+makes self-attention causal within each document (``model.data.reset_attention_mask``).
 Attention-probability dropout runs inside the RNG tracker's model-parallel fork, so each TP rank
 draws an independent mask for its own heads.
 
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.modules.common import InitMethod, check_divisible, tp_group, tp_rank, tp_world_size
+from megatron_ext.modules.doc_attention import DocumentMask
 from megatron_ext.modules.linear import ColumnParallelLinear, RowParallelLinear
 from megatron_ext.modules.rotary import apply_rotary
 from megatron_ext.parallel.random import (
@@ -232,6 +235,10 @@ class ParallelSelfAttention(nn.Module):
             k, v = kv_cache.append(k, v)  # [b, nh, length + s, hd]
             mask, causal = kv_cache.owner.step_mask()
             ctx = _sdpa(q, k, v, mask, causal, dropout_p)
+        elif isinstance(attention_mask, DocumentMask):  # packed documents (modules/doc_attention.py)
+            if not self.causal:
+                raise ValueError("document masks (segment ids) are for causal self-attention (a decoder)")
+            ctx = attention_mask.attend(q, k, v, dropout_p, _sdpa)  # [b, nh, s, hd]
         else:
             mask = _sdpa_mask(attention_mask)
             ctx = _sdpa(q, k, v, mask, self.causal and mask is None, dropout_p)  # [b, nh, s, hd]

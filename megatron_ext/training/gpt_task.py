@@ -9,10 +9,12 @@ from omegaconf import DictConfig
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.modules.cross_entropy import masked_token_loss
+from megatron_ext.data.doc_segments import with_segment_ids
 from megatron_ext.data.gpt_data import build_gpt_datasets
 from megatron_ext.data.synthetic import build_synthetic_datasets, resolve_synthetic
 from megatron_ext.models.families import family_of_config
 from megatron_ext.models.flops import gpt_flops_per_iteration
+from megatron_ext.modules.doc_attention import segment_ids_from_tokens
 
 log = logging.getLogger("megatron_ext")
 
@@ -26,6 +28,8 @@ class GPTTask:
         self.model = None
         # model.data.task: a synthetic task (megatron_ext.data.synthetic) instead of the indexed datasets
         self.synthetic = resolve_synthetic(cfg.model.data, self.tokenizer, cfg.model.seq_length, tok.library)
+        # documents of a packed sample attend only to themselves (checked: GPT transformer, no synthetic task)
+        self.reset_attention_mask = bool(cfg.model.data.get("reset_attention_mask", False))
 
     # --------------------------------------------------------------- building
     def build_model(self) -> torch.nn.Module:
@@ -36,11 +40,12 @@ class GPTTask:
         self.model = family_of_config(m).build(m, self.tokenizer.vocab_size, init_seed=self.cfg.trainer.seed)
         return self.model
 
-    @staticmethod
-    def pipeline_batch(batch: Dict[str, torch.Tensor], denominator: Optional[torch.Tensor] = None):
+    def pipeline_batch(self, batch: Dict[str, torch.Tensor], denominator: Optional[torch.Tensor] = None):
         """A batch as DeepSpeed's pipeline engine wants it: (first-stage inputs, last-stage labels). ``denominator``
         (the trainer's token-weighting denominator of the global batch, see ``loss``) travels with the labels to
-        the loss function of the last stage (``models.gpt_pipe.gpt_pipe_loss``)."""
+        the loss function of the last stage (``models.gpt_pipe.gpt_pipe_loss``). With
+        ``model.data.reset_attention_mask`` the inputs are ``(tokens, position_ids, segment_ids)``: the segment
+        ids travel through every stage with the activations."""
         tokens = batch["tokens"]
         pos = batch.get("position_ids")
         if pos is None:
@@ -48,7 +53,19 @@ class GPTTask:
         labels = (batch["labels"], batch["loss_mask"])
         if denominator is not None:
             labels = labels + (denominator.reshape(()),)
-        return (tokens, pos), labels
+        seg = self.segment_ids(batch)
+        return ((tokens, pos) if seg is None else (tokens, pos, seg)), labels
+
+    def segment_ids(self, batch: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The batch's document ids (int32 ``[b, s]``) when ``model.data.reset_attention_mask`` is on, else None:
+        the batch's ``segment_ids`` (``data.doc_segments``), or derived from its tokens' eod if a dataset's own
+        collate function dropped them."""
+        if not self.reset_attention_mask:
+            return None
+        seg = batch.get("segment_ids")
+        if seg is None:
+            seg = segment_ids_from_tokens(batch["tokens"], self.tokenizer.eod)
+        return seg
 
     def build_datasets(self, num_samples: tuple[int, int, int]):
         d = self.cfg.model.data
@@ -61,11 +78,15 @@ class GPTTask:
         if str(d.get("data_impl", "mmap")) in ("text_mmap", "jsonl"):  # raw text / JSONL, tokenized on the fly
             from megatron_ext.data.gpt_text import build_gpt_text_split_datasets
 
-            return build_gpt_text_split_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
-        if str(d.get("text_key", "text")) != "text":
-            raise ConfigError(f"model.data.text_key={d.text_key!r} with model.data.data_impl={d.data_impl}: the text "
-                              f"key is read from JSONL files only (data_impl=jsonl); leave it at 'text'")
-        return build_gpt_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
+            splits = build_gpt_text_split_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
+        else:
+            if str(d.get("text_key", "text")) != "text":
+                raise ConfigError(f"model.data.text_key={d.text_key!r} with model.data.data_impl={d.data_impl}: the "
+                                  f"text key is read from JSONL files only (data_impl=jsonl); leave it at 'text'")
+            splits = build_gpt_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
+        if self.reset_attention_mask:  # samples carry their document ids (int32 [s])
+            splits = tuple(with_segment_ids(ds, self.tokenizer.eod) for ds in splits)
+        return splits
 
     # --------------------------------------------------------------- stepping
     def loss(self, model, batch: Dict[str, torch.Tensor], denominator: Optional[torch.Tensor] = None):
@@ -75,7 +96,11 @@ class GPTTask:
         tokens, labels = batch["tokens"], batch["labels"]
         extras: Dict[str, Any] = {}
         if self.synthetic is None:
-            per_token = model(tokens, position_ids=batch.get("position_ids"), labels=labels)
+            seg = self.segment_ids(batch)
+            if seg is None:
+                per_token = model(tokens, position_ids=batch.get("position_ids"), labels=labels)
+            else:
+                per_token = model(tokens, position_ids=batch.get("position_ids"), labels=labels, segment_ids=seg)
         else:
             per_token, extras = self._loss_and_accuracy(model, batch)
         loss, ntok = masked_token_loss(per_token, batch["loss_mask"], denominator)

@@ -123,6 +123,8 @@ def samples_per_epoch(ds: Any, key: str = "trainer.max_epochs") -> int:
         raise ConfigError(f"{key}: the split is empty or not built (model.data.splits_string gives it no share)")
     if isinstance(ds, dict):  # several named validation / test sets, each evaluated on the same number of batches:
         return min(samples_per_epoch(d, key) for d in ds.values())  # the fraction of the smallest
+    if type(ds).__name__ == "DocumentSegmentsDataset":  # reset_attention_mask's wrapper: the wrapped dataset's
+        return samples_per_epoch(ds.dataset, key)
     own = getattr(ds, "samples_per_epoch", None)
     if own is not None and not callable(own):
         return int(own)

@@ -914,9 +914,8 @@ def test_cfg_sgd_dict_override_on_the_command_line(run_env, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- 9: no accepted no-op keys
-def test_cfg_reset_attention_mask_is_refused(run_env):
-    err = _cfg_bad(run_env, "model.data.reset_attention_mask=true")
-    assert "model.data.reset_attention_mask" in err
+# (model.data.reset_attention_mask works now; where it cannot -- Mega, synthetic tasks, document_attention without
+# it -- the refusals are checked in process: tests/unit/test_docmask.py::test_config_refusals)
 
 
 # ---------------------------------------------------------------------- 11c: one line, exit 2, before any process

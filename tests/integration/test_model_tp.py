@@ -1,4 +1,5 @@
-"""GPTModel at TP=2 (2 gloo processes on CPU) equals TP=1: loss, gathered logits, gradients."""
+"""GPTModel at TP=2 (2 gloo processes on CPU) equals TP=1: loss, gathered logits, gradients; packed documents
+(segment ids) at TP=2 give each document's loss as if it ran alone (fp64)."""
 import importlib.util
 import json
 import os
@@ -30,3 +31,6 @@ def test_tp2_matches_tp1(tmp_path):
     ce = res["cross_entropy"]  # ours vs megatron-core's vocab_parallel_cross_entropy across 2 vocab shards
     assert ce["loss_diff"] < 1e-5 and ce["grad_diff"] < 1e-6 and ce["loss_mean"] > 1.0, ce
     assert res["rng"]["default_same"] and res["rng"]["tp_differs"], res["rng"]
+    for name in ("learned", "rope"):  # packed documents at TP2: each document's loss as if run alone (fp64)
+        dm = res["docmask"][name]
+        assert dm["max_diff"] < 1e-6 and dm["unmasked_diff"] > 1e-3, (name, dm)

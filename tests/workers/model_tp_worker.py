@@ -127,6 +127,51 @@ def main(out_path):
         res.update(zip(["init_diff", "loss_diff", "logits_diff", "emb_grad_diff", "max_grad_diff"], t.tolist()))
         results[name] = res
 
+    # Packed documents at TP2 (model.data.reset_attention_mask): in fp64 the loss of a packed batch equals the
+    # token-weighted loss of its documents run separately, learned and rotary positions, both attention paths.
+    from megatron_ext.modules.doc_attention import document_position_ids, segment_ids_from_tokens
+
+    dg = torch.Generator().manual_seed(11)
+    rows = []
+    for lens in ((4, 7, 1), (12,)):
+        row = []
+        for n in lens:
+            row += torch.randint(1, VOCAB, (n - 1,), generator=dg).tolist() + [0]
+        rows.append(row)
+    ptok = torch.tensor(rows)
+    plab = torch.randint(0, VOCAB, ptok.shape, generator=dg)
+    seg = segment_ids_from_tokens(ptok, 0)
+    pid = document_position_ids(seg)
+
+    def ce64(model, tok, lab, **kw):
+        logits = model.gather_logits(model(tok, **kw)).double()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), lab.reshape(-1), reduction="none")
+
+    docmask = {}
+    for name, kw in (("learned", {}), ("rope", dict(position_embedding_type="rope"))):
+        m = GPTModel(make_cfg(2, **kw), VOCAB, init_seed=5).double().eval()
+        with torch.no_grad():
+            pg = torch.Generator().manual_seed(21)  # replicated weights stay equal on both ranks
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=pg, dtype=p.dtype))
+            alone_sum, n, worst = 0.0, 0, 0.0
+            for impl in ("packed", "mask"):
+                m.document_attention = impl
+                packed = ce64(m, ptok, plab, position_ids=pid, segment_ids=seg).view(ptok.shape)
+                alone_sum, n = 0.0, 0
+                for r in range(ptok.shape[0]):
+                    for d in seg[r].unique():
+                        idx = (seg[r] == d).nonzero().squeeze(1)
+                        alone = ce64(m, ptok[r:r + 1, idx], plab[r:r + 1, idx])
+                        worst = max(worst, (packed[r, idx] - alone).abs().max().item())
+                        alone_sum, n = alone_sum + alone.sum().item(), n + idx.numel()
+                worst = max(worst, abs(packed.mean().item() - alone_sum / n))
+            unmasked = ce64(m, ptok, plab, position_ids=pid).view(ptok.shape)
+            t = torch.tensor([worst, -(unmasked - packed).abs().max().item()], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            docmask[name] = dict(max_diff=t[0].item(), unmasked_diff=-t[1].item())
+    results["docmask"] = docmask
+
     # Dropout streams: the TP stream differs across TP ranks, the default stream does not.
     model_parallel_manual_seed(5)
     default = torch.rand(8)
