@@ -201,22 +201,37 @@ def test_bart_only_keys_are_refused_for_gpt():
 
 
 def test_pretrain_gpt_on_text_trains_on_the_preprocessed_samples(tmp_path, in_process, corpus_lines):
-    """The same run on the raw file and on its preprocessed .bin/.idx: the same losses, step by step."""
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(corpus_lines) + "\n", encoding="utf-8")
-    prefix = preprocess(path, tmp_path / "pre", "byte")
-    common = [*TINY_GPT, "trainer.max_steps=3", "trainer.val_check_interval=3", f"exp_manager.exp_dir={tmp_path}",
+    """The same run on the raw files and on their preprocessed .bin/.idx -- with the dict form of data_prefix (two
+    named validation files, a test file), packed documents masked from each other, and its length in epochs (a
+    fraction of one): the same losses, step by step, for every split."""
+    parts = {"train": corpus_lines[:700], "v1": corpus_lines[700:800], "v2": corpus_lines[800:880],
+             "te": corpus_lines[880:]}
+    files, prefixes = {}, {}
+    for name, lines in parts.items():
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+        prefixes[name] = preprocess(files[name], tmp_path / f"pre_{name}", "byte")
+
+    def form(p):
+        return f"model.data.data_prefix={{train: [1.0, {p['train']}], validation: {{v1: {p['v1']}, v2: {p['v2']}}}, " \
+               f"test: [{p['te']}]}}"
+
+    common = [*TINY_GPT, "trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.limit_train_batches=0.02",
+              "trainer.val_check_interval=1.0", "model.data.reset_attention_mask=true",
+              "model.data.reset_position_ids=true", f"exp_manager.exp_dir={tmp_path}",
               "exp_manager.create_tensorboard_logger=false"]
-    fit_in_process([*common, "exp_manager.version=text", "model.data.data_impl=text_mmap",
-                    f"model.data.data_prefix=[1.0,{path}]"])
-    fit_in_process([*common, "exp_manager.version=mmap", f"model.data.data_prefix=[{prefix}]"])
+    text = fit_in_process([*common, "exp_manager.version=text", "model.data.data_impl=text_mmap", form(files)])
+    fit_in_process([*common, "exp_manager.version=mmap", form(prefixes)])
 
     def losses(version):
         rows = [json.loads(line) for line in (tmp_path / "megatron_gpt" / version / "metrics.jsonl").open()]
-        return [(r["step"], r[k]) for r in rows for k in ("train/loss", "val/loss") if k in r]
+        return [(r["step"], k, r[k]) for r in rows for k in sorted(r) if "loss" in k]
 
-    text, mmap = losses("text"), losses("mmap")
-    assert len(text) == 4 and text == mmap, (text, mmap)
+    text_rows, mmap_rows = losses("text"), losses("mmap")
+    keys = {k for _, k, _ in text_rows}
+    assert {"train/loss", "val/loss", "val/loss/v1", "val/loss/v2", "test/loss"} <= keys, keys
+    assert text["step"] > 1 and ("val/loss", text["step"]) in {(k, s) for s, k, _ in text_rows}  # an epoch's end
+    assert text_rows == mmap_rows, (text_rows, mmap_rows)
 
 
 def test_blend_per_split_uses_each_file_whole(tmp_path):
