@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from megatron_ext.config.model_validation import check_model_config
-from megatron_ext.config.schema import BARTConfig, GPTConfig, default_optim
+from megatron_ext.config.schema import BARTConfig, BARTDataConfig, DataConfig, GPTConfig, default_optim
 from megatron_ext.config.validation import check_run_config
 from megatron_ext.errors import ConfigError
 from megatron_ext.training.stragglers import resolve_every
@@ -94,10 +94,6 @@ def _explain(e: OmegaConfBaseException) -> str:
 
 def _bart_only_hint(key: str) -> str:
     """For a ``model.data`` key that only BART's data section has (noising, JSONL attribute columns): say so."""
-    from dataclasses import fields
-
-    from megatron_ext.config.schema import BARTDataConfig, DataConfig
-
     prefix, _, leaf = str(key).rpartition(".")
     if prefix != "model.data":
         return ""

@@ -57,6 +57,7 @@ import json
 import logging
 import os
 import socket
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -72,7 +73,15 @@ from megatron_ext.data.gpt_data import (
     _SingleProcessGroup,
     plan_index_builders,
 )
-from megatron_ext.data.prefixes import PREFIX_KEY, SPLITS_KEY, as_list, parse_splits_string, parse_text_paths
+from megatron_ext.data.prefixes import (
+    PREFIX_KEY,
+    SPLITS_KEY,
+    as_list,
+    is_split_dict,
+    parse_split_prefixes,
+    parse_splits_string,
+    parse_text_paths,
+)
 from megatron_ext.data.text_mmap import (
     TextMemMapDataset,
     _dir_writable,
@@ -561,10 +570,6 @@ def build_gpt_text_split_datasets(data_cfg, tokenizer, seq_length: int, num_samp
     ``splits_string``) or the dict form ``{train, validation, test}`` (each split's files used whole; a split with
     several named datasets comes back as an ordered ``{name: dataset}`` dict, one dataset as itself). Call on every
     rank."""
-    from collections import OrderedDict
-
-    from megatron_ext.data.prefixes import is_split_dict, parse_split_prefixes
-
     value = _get(data_cfg, "data_prefix", None)
     if not is_split_dict(value):
         return build_gpt_text_datasets(data_cfg, tokenizer, seq_length, num_samples, seed)

@@ -11,6 +11,7 @@ from megatron_ext.errors import ConfigError
 from megatron_ext.modules.cross_entropy import masked_token_loss
 from megatron_ext.data.doc_segments import with_segment_ids
 from megatron_ext.data.gpt_data import build_gpt_datasets
+from megatron_ext.data.gpt_text import build_gpt_text_split_datasets
 from megatron_ext.data.synthetic import build_synthetic_datasets, resolve_synthetic
 from megatron_ext.models.families import family_of_config
 from megatron_ext.models.flops import gpt_flops_per_iteration
@@ -76,8 +77,6 @@ class GPTTask:
                             "pipeline engine computes the loss itself)", self.synthetic.spec.name)
             return build_synthetic_datasets(self.synthetic, self.tokenizer, num_samples, seed)
         if str(d.get("data_impl", "mmap")) in ("text_mmap", "jsonl"):  # raw text / JSONL, tokenized on the fly
-            from megatron_ext.data.gpt_text import build_gpt_text_split_datasets
-
             splits = build_gpt_text_split_datasets(d, self.tokenizer, self.cfg.model.seq_length, num_samples, seed)
         else:
             if str(d.get("text_key", "text")) != "text":
