@@ -71,7 +71,7 @@ def main():
     lines = corpus_lines(a.corpus)
     work = tempfile.mkdtemp(prefix="bench_text_gpt_")
     os.environ["XDG_CACHE_HOME"] = os.path.join(work, "xdg")
-    out_f = open(a.out, "a") if a.out else None
+    out_f = open(a.out, "w") if a.out else None  # one run per results file
 
     def emit(metric, value, unit, **config):
         row = {"bench": "text_gpt", "metric": metric, "value": round(float(value), 3), "unit": unit,

@@ -18,7 +18,7 @@ Implementations (``model.document_attention``):
 * ``varlen``: CUDA only, fp16/bf16 and no attention dropout: ``torch.nn.attention.varlen.varlen_attn`` (flash
   attention over the unpadded tokens with ``cu_seqlens``), nothing padded at all. Opt-in: it has not run on a GPU
   in this project's tests (no GPU was available), so ``auto`` does not pick it;
-* ``auto`` (default): on the CPU ``mask`` up to ``AUTO_MASK_MAX_CPU`` (512) tokens and ``packed`` above (see the
+* ``auto`` (default): on the CPU ``mask`` up to ``AUTO_MASK_MAX_CPU`` (128) tokens and ``packed`` above (see the
   constant and ``bench/bench_docmask.py``); on CUDA ``packed`` (SDPA's causal flash kernel runs the padded document
   batches; an explicit mask would keep SDPA off the flash kernel).
 
@@ -67,12 +67,11 @@ def check_segment_ids(segment_ids: torch.Tensor, tokens: torch.Tensor) -> None:
         raise DataError(f"segment_ids shape {tuple(segment_ids.shape)} does not match tokens {tuple(tokens.shape)}")
 
 
-# ``auto`` on the CPU: the explicit mask up to this sequence length, the packed path above it. PyTorch's CPU flash
-# kernel works in key blocks of up to 512 and skips only whole blocks above the diagonal, so up to 512 the causal
-# kernel computes (nearly) the full s x s scores anyway and the packed path's gathers cost more than the scores it
-# saves; above, the mask makes the kernel compute every block while the packed path computes the documents' own
-# (bench/bench_docmask.py; README "Document masking").
-AUTO_MASK_MAX_CPU = 512
+# ``auto`` on the CPU: the explicit mask up to this sequence length, the packed path above it. Measured on a quiet
+# 2-core machine (bench/bench_docmask.py, 4 documents per row; README "Document masking"): at 128 tokens the mask is
+# 4-11% faster (the packed path's gathers cost more than the skipped scores save), from 256 on the packed path is
+# faster (attention fwd+bwd 1.3x at 256, 1.6x at 512, 2.5x at 2048; a whole train step 1.01x, 1.03x, 1.39x).
+AUTO_MASK_MAX_CPU = 128
 
 
 class _Permute(torch.autograd.Function):
