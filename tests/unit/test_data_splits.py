@@ -75,7 +75,11 @@ def split_run(corpora, tmp_path_factory):
     try:
         trainer = Trainer(load_config(overrides=[
             *common, prefix, "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-            "exp_manager.version=train", "exp_manager.checkpoint_callback_params.every_n_train_steps=0"]), GPTTask)
+            "exp_manager.version=train", "exp_manager.checkpoint_callback_params.every_n_train_steps=0",
+            # one named validation set's loss is a metric to keep the best checkpoints by
+            "exp_manager.checkpoint_callback_params.monitor=val/loss/a",
+            "exp_manager.checkpoint_callback_params.save_top_k=1",
+            "exp_manager.checkpoint_callback_params.filename='{val_loss_a:.4f}'"]), GPTTask)
         res = trainer.fit()
         model = trainer.engine.module.eval()
         datasets = trainer.task.build_datasets(trainer._num_samples())
@@ -110,6 +114,12 @@ def test_validation_sets_are_logged_each_and_token_weighted_and_the_test_split_a
     assert t["test/loss"] == pytest.approx(lt / nt, rel=1e-5) and t["test/ppl"] == pytest.approx(np.exp(lt / nt))
     assert not any(k.startswith("test/loss/") for k in t)  # one test set: no per-set names
     assert res["val_loss"] == v["val/loss"] and res["test_loss"] == t["test/loss"]
+    ckpt = os.path.join(res["run_dir"], "checkpoints")
+    with open(os.path.join(ckpt, "best.json")) as f:
+        best = json.load(f)
+    assert best["monitor"] == "val/loss/a" and [e["tag"] for e in best["best"]] == ["step_0000002"]
+    assert best["best"][0]["score"] == pytest.approx(v["val/loss/a"])
+    assert os.readlink(os.path.join(ckpt, f"val_loss_a={v['val/loss/a']:.4f}")) == "step_0000002"  # Lightning's names
 
 
 def test_evaluation_only_run_without_train_entry_evaluates_validation_and_test(split_run):
