@@ -42,6 +42,10 @@ FORMAT = "megatron_ext.consolidated.v1"
 # architecture keys that must agree between a consolidated file and the model loading it
 ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "normalization", "activation",
              "position_embedding_type", "share_embeddings_and_output_weights", "bias", "max_position_embeddings")
+# numeric architecture keys compared as numbers, and only when the saved config has them (older files may not)
+ARCH_NUMBERS = ("layernorm_epsilon", "rotary_base")
+# keys whose null means "the default of another key" (compared when the saved config has them)
+ARCH_OPTIONAL = ("num_query_groups",)
 
 VOCAB_PARTITIONED = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -221,6 +225,28 @@ def read_consolidated(path: str) -> Dict[str, Any]:
     return obj
 
 
+def read_weights_file(path: str, model_cfg=None) -> Dict[str, Any]:
+    """A consolidated ``.pt`` or a GPT ``.mext`` archive (``model.ckpt_path``) -> the consolidated dict."""
+    import tarfile
+
+    if not (str(path).endswith(".mext") or (not str(path).endswith(".pt") and tarfile.is_tarfile(path))):
+        return read_consolidated(path)
+    from megatron_ext.checkpoint.archive import read_archive  # start-up cost: archive module (imports this one)
+
+    with tempfile.TemporaryDirectory(prefix="mext-") as tmp:
+        obj = read_archive(path, tmp)
+    if obj.get("family") != "gpt":
+        raise CheckpointError(f"{path} holds a {obj.get('family')} model (its manifest's family); "
+                              f"model.ckpt_path of a GPT run needs a GPT archive")
+    lib = (obj.get("tokenizer") or {}).get("library")
+    mine = getattr(getattr(model_cfg, "tokenizer", None), "library", None) if model_cfg is not None else None
+    if lib and mine and str(lib).lower() != str(mine).lower():
+        raise CheckpointError(f"{path} was trained with model.tokenizer.library={lib} but this run has "
+                              f"model.tokenizer.library={mine}; use the tokenizer the archive was trained with")
+    obj.setdefault("step", 0)
+    return obj
+
+
 def _arch_value(cfg, key):
     v = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
     return v
@@ -241,12 +267,30 @@ def check_architecture(saved: Dict[str, Any], model_cfg, vocab_size: int, where:
         b = mine_res.get(k, _arch_value(model_cfg, k))
         if str(a).lower() != str(b).lower():
             raise CheckpointError(f"{where} was trained with model.{k}={a} but this model has model.{k}={b}")
+    for k in ARCH_NUMBERS + ARCH_OPTIONAL:
+        if not (isinstance(saved, dict) and k in saved):
+            continue
+        a, b = saved.get(k), _arch_value(model_cfg, k)
+        if k == "rotary_base" and str(_arch_value(model_cfg, "position_embedding_type")).lower() != "rope":
+            continue  # unused without rotary positions
+        if k in ARCH_OPTIONAL:
+            heads_a, heads_b = saved.get("num_attention_heads"), _arch_value(model_cfg, "num_attention_heads")
+            a, b = (heads_a if a is None else a), (heads_b if b is None else b)
+            same = str(a) == str(b)
+        else:
+            try:
+                same = a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), 1.0)
+            except (TypeError, ValueError):
+                same = False
+        if not same:
+            raise CheckpointError(f"{where} was trained with model.{k}={a} but this model has model.{k}={b}")
 
 
 def load_consolidated(model: torch.nn.Module, path: str, model_cfg) -> Dict[str, Any]:
     """Copy this rank's shards of a consolidated file into ``model`` (a ``GPTModel`` or a pipeline stage) in
-    place. Returns the file's header (step, source, ...)."""
-    obj = read_consolidated(path)
+    place. Returns the file's header (step, source, ...). ``path`` may also be a ``.mext`` archive of a GPT (e.g.
+    from ``tools/convert_from_hf.py``): its weights load the same way (its tokenizer library must be the run's)."""
+    obj = read_weights_file(path, model_cfg)
     sd = obj["state_dict"]
     vocab = int(getattr(model, "vocab_size", obj["vocab_size"]))
     if vocab != int(obj["vocab_size"]):
@@ -303,5 +347,5 @@ def save_consolidated(obj: Dict[str, Any], out_path: str) -> None:
 
 __all__: Iterable[str] = [
     "FORMAT", "partition_rule", "shard_of", "merge_shards", "checkpoint_meta", "consolidate_checkpoint", "read_consolidated",
-    "load_consolidated", "save_consolidated", "check_architecture",
+    "load_consolidated", "save_consolidated", "check_architecture", "read_weights_file",
 ]
