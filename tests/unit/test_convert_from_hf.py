@@ -161,3 +161,124 @@ def test_continue_pretraining_from_imported_archive(tmp_path, capsys, cache_home
     with pytest.raises(CheckpointError, match="model.layernorm_epsilon=1e-05 but this model has "
                                               "model.layernorm_epsilon=0.001"):
         fit_in_process(bad)
+
+
+# --------------------------------------------------------------------------------------------- other inputs
+def _variant(base, tmp_path, name, config=None, tensors=None):
+    """A copy of the HF directory ``base`` with config.json keys replaced (``None`` removes) and/or other tensors."""
+    from safetensors.torch import save_file
+
+    d = tmp_path / name
+    shutil.copytree(base, d)
+    if config is not None:
+        c = json.loads((d / "config.json").read_text())
+        for k, v in config.items():
+            c.pop(k, None) if v is None else c.__setitem__(k, v)
+        (d / "config.json").write_text(json.dumps(c))
+    if tensors is not None:
+        save_file(tensors, str(d / "model.safetensors"))
+    return d
+
+
+def test_sharded_bin_gives_the_safetensors_weights(tmp_path):
+    base = tmp_path / "st"
+    make_gpt2(base)
+    ref = import_from_hf(str(base))["state_dict"]
+    sd = _hf_tensors(base)
+    names = sorted(sd)
+    d = _variant(base, tmp_path, "bin")
+    os.remove(d / "model.safetensors")
+    half = len(names) // 2
+    wm = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        fname = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: sd[k] for k in part}, str(d / fname))
+        wm.update({k: fname for k in part})
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    got = import_from_hf(str(d))["state_dict"]
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_bad_inputs_one_clear_error_each(tmp_path, capsys):
+    base = tmp_path / "gpt2"
+    make_gpt2(base)
+    sd = _hf_tensors(base)
+    llama = tmp_path / "llama"
+    make_llama(llama, num_hidden_layers=1)
+    cases = []
+
+    def case(path, pattern, exc=(ConfigError, CheckpointError)):
+        cases.append((str(path), pattern, exc))
+
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    case(f, "not a directory")
+    case(tmp_path / "nope", "no such directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    case(empty, "no config.json")
+    case(_variant(base, tmp_path, "bert", {"model_type": "bert"}), r"model_type='bert': cannot be imported")
+    case(_variant(base, tmp_path, "cls", {"architectures": ["GPT2ForSequenceClassification"]}),
+         "GPT2ForSequenceClassification cannot be imported")
+    case(_variant(base, tmp_path, "relu", {"activation_function": "relu"}), "activation_function='relu': not supp")
+    case(_variant(base, tmp_path, "idx", {"scale_attn_by_inverse_layer_idx": True}),
+         "scale_attn_by_inverse_layer_idx=True: not supported")
+    case(_variant(llama, tmp_path, "scaling", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+         "rope_scaling=.*not supported")
+    case(_variant(llama, tmp_path, "yarn", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}),
+         "rope_parameters.rope_type='yarn': not supported")
+    case(_variant(llama, tmp_path, "bias", {"attention_bias": True}), "attention_bias=True with mlp_bias=False")
+    case(_variant(llama, tmp_path, "act", {"hidden_act": "gelu"}), "hidden_act='gelu': not supported")
+    case(_variant(llama, tmp_path, "hd", {"head_dim": 32}), "head_dim=32: not supported")
+    case(_variant(base, tmp_path, "neg", {"n_layer": -1}), "n_layer=-1: expected an integer >= 1")
+    miss = dict(sd)
+    miss.pop("transformer.h.1.mlp.c_fc.bias")
+    case(_variant(base, tmp_path, "missing", tensors=miss), "missing tensor transformer.h.1.mlp.c_fc.bias")
+    case(_variant(base, tmp_path, "extra", tensors={**sd, "transformer.h.2.ln_1.weight": torch.ones(64)}),
+         "unexpected tensor transformer.h.2.ln_1.weight")
+    case(_variant(base, tmp_path, "shape", tensors={**sd, "transformer.wpe.weight": torch.zeros(16, 64)}),
+         r"transformer.wpe.weight has shape \[16, 64\], expected \[32, 64\]")
+    esc = _variant(base, tmp_path, "escape")
+    os.rename(esc / "model.safetensors", tmp_path / "outside.safetensors")
+    (esc / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "../outside.safetensors" for k in sd}}))
+    case(esc, r"shard '../outside.safetensors' is not a file name inside")
+    link = _variant(base, tmp_path, "link")
+    os.remove(link / "model.safetensors")
+    os.symlink(tmp_path / "outside.safetensors", link / "w.safetensors")
+    (link / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "w.safetensors" for k in sd}}))
+    case(link, "shard 'w.safetensors' leads outside the model directory")
+    evil = _variant(base, tmp_path, "evil")
+    os.remove(evil / "model.safetensors")
+    torch.save({"transformer.wte.weight": torch.zeros(VOCAB, 64), "x": _Evil()}, str(evil / "pytorch_model.bin"))
+    case(evil, "refused: Hugging Face weights file holds pickled objects .*posix.system|refused: .*system")
+    trunc = _variant(base, tmp_path, "trunc")
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    case(trunc, "not a readable safetensors file")
+    for path, pattern, exc in cases:
+        with pytest.raises(exc, match=pattern):
+            import_from_hf(path)
+    # through the tool: one line, exit status 2
+    r = run_main_in_process(convert_from_hf.main, ["--input", cases[0][0], "--output", str(tmp_path / "o.mext"),
+                                                   "--tokenizer-library", "byte"], capsys)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "convert_from_hf: error: " in r.stderr, r.stderr
+    big = _variant(base, tmp_path, "vocab", {"vocab_size": 300},
+                   tensors={**sd, "transformer.wte.weight": torch.zeros(300, 64)})
+    r = run_main_in_process(convert_from_hf.main, ["--input", str(big), "--output", str(tmp_path / "o.mext"),
+                                                   "--tokenizer-library", "byte"], capsys)
+    assert r.returncode == 2 and "the tokenizer has 259 ids but the model's config.json has vocab_size=300" \
+        in r.stderr, r.stderr
+    (tmp_path / "exists.mext").write_text("mine")
+    r = run_main_in_process(convert_from_hf.main, ["--input", str(base), "--output", str(tmp_path / "exists.mext"),
+                                                   "--tokenizer-library", "byte"], capsys)
+    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
+    assert (tmp_path / "exists.mext").read_text() == "mine"
+    r = run_main_in_process(convert_from_hf.main, ["--input", str(base), "--output", str(tmp_path / "o.mext"),
+                                                   "--target-tp", "2"], capsys)
+    assert r.returncode == 2 and "--target-tp=2: a .mext / .pt output has no layout" in r.stderr
