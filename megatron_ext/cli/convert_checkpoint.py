@@ -86,8 +86,10 @@ def _worker(rank: int, world: int, port: int, consolidated_path: str, out_dir: s
             warnings.simplefilter("ignore")
             for _ in range(step):  # continue the LR schedule where the source run stopped
                 trainer.scheduler.step()
-    Checkpointer(trainer.exp.ckpt_dir).save(trainer.engine, step, int(obj.get("consumed_samples", 0)),
-                                            trainer._rng_states(), trainer._meta())
+    consumed = int(obj.get("consumed_samples", 0))
+    keep = cfg.exp_manager.checkpoint_callback_params.save_layout_free  # then any other layout loads it too
+    Checkpointer(trainer.exp.ckpt_dir).save(trainer.engine, step, consumed, trainer._rng_states(), trainer._meta(),
+                                            layout_free=trainer._save_layout_free(step, consumed) if keep else None)
     import torch.distributed as dist
 
     dist.barrier()

@@ -103,7 +103,9 @@ def run_config(model_config: Dict[str, Any], tokenizer: Dict[str, Optional[str]]
 
 
 def override_line(model_config: Dict[str, Any], tokenizer: Dict[str, Optional[str]], ckpt: str) -> str:
-    items = [f"model.{k}={_fmt(model_config[k])}" for k in OVERRIDE_KEYS if k in model_config]
+    rope = str(model_config.get("position_embedding_type")).lower() == "rope"
+    items = [f"model.{k}={_fmt(model_config[k])}" for k in OVERRIDE_KEYS
+             if model_config.get(k) is not None and (rope or k != "rotary_base")]
     items.append(f"model.tokenizer.library={tokenizer['library']}")
     if tokenizer.get("model"):
         items.append(f"model.tokenizer.model={shlex.quote(str(tokenizer['model']))}")

@@ -136,7 +136,7 @@ def test_gqa_refused_without_num_query_groups(tmp_path):
         import_from_hf(str(tmp_path))
 
 
-def test_continue_pretraining_from_imported_archive(tmp_path, capsys, cache_home, monkeypatch):
+def test_continue_pretraining_from_imported_archive(tmp_path, capsys, in_process, monkeypatch):
     """pretrain_gpt.py model.ckpt_path=imported.mext (weights only) trains, starting from the imported weights;
     a run whose architecture keys differ from the archive's is refused naming the key."""
     monkeypatch.chdir(tmp_path)
