@@ -134,7 +134,7 @@ def resolve_arch(model_config: Any, arch: str = "auto", family: str = "gpt") -> 
             have = _norm(_get(mc, key, defaults[key]))
             wants = want if isinstance(want, tuple) else (want,)
             if have not in wants:
-                out.append(f"model.{key}={'|'.join(wants)} (this model has {have})")
+                out.append(f"model.{key}={' or '.join(wants)} (this model has {have})")
         return out
 
     candidates = list(TARGETS) if a == "auto" else [a]
