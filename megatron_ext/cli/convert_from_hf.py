@@ -87,13 +87,16 @@ def check_tokenizer(spec: Dict[str, Optional[str]], vocab: int):
     return tok
 
 
-def run_config(model_config: Dict[str, Any], tokenizer: Dict[str, Optional[str]]) -> Dict[str, Any]:
-    """The resolved default run config with the imported ``model.*`` keys and tokenizer (an archive's config.yaml)."""
+def run_config(model_config: Dict[str, Any], tokenizer: Dict[str, Optional[str]],
+               family: str = "gpt") -> Dict[str, Any]:
+    """The resolved default run config (of the family's entry point) with the imported ``model.*`` keys and
+    tokenizer (an archive's config.yaml)."""
     from omegaconf import OmegaConf
 
     from megatron_ext.config.loader import load_config  # start-up cost: config stack
+    from megatron_ext.models.families import get_family  # start-up cost: model stack
 
-    cfg = load_config()
+    cfg = load_config(get_family(family).schema)
     mc = dict(model_config)
     mc["seq_length"] = min(int(cfg.model.seq_length), int(mc.get("max_position_embeddings") or cfg.model.seq_length))
     cfg.model = OmegaConf.merge(cfg.model, mc)
@@ -138,14 +141,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from megatron_ext.inference.hf_import import import_from_hf  # start-up cost: model stack
 
     obj = import_from_hf(args.input)
-    if obj["family"] != "gpt":
-        raise ConfigError(f"--input {args.input}: a {obj['family']} model; this tool writes GPT models "
-                          f"(pretrain_gpt.py)")
+    gpt = obj["family"] == "gpt" and str(obj["model_config"].get("arch", "transformer")) == "transformer"
+    if not gpt and not out.endswith(".mext"):
+        raise ConfigError(f"--output {out}: --input {args.input} is a {obj['family']} model "
+                          f"(model.arch={obj['model_config'].get('arch', 'transformer')}); it is written as a .mext "
+                          f"archive only (the .pt and checkpoint forms hold GPT transformer weights)")
     spec = resolve_tokenizer_spec(args, args.input)
     check_tokenizer(spec, obj["vocab_size"])
     mc = obj["model_config"]
     mc["tokenizer"] = dict(spec)
-    config = run_config(mc, spec)
+    config = run_config(mc, spec, obj["family"])
     obj["model_config"] = config["model"]
     n = sum(t.numel() for t in obj["state_dict"].values())
     if out.endswith(".mext"):
@@ -171,7 +176,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         ckpt = out
     return {"model_type": obj["source"]["hf_model_type"], "params": n, "vocab_size": obj["vocab_size"],
             "output": out, "layout": (tp, pp) if layout_out else None,
-            "overrides": override_line(obj["model_config"], spec, ckpt)}
+            "overrides": override_line(obj["model_config"], spec, ckpt) if gpt else None}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -183,7 +188,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else info["output"]
     print(f"{PROG}: {info['model_type']}, {info['params'] / 1e6:.2f}M parameters, vocab {info['vocab_size']} -> "
           f"{where}", flush=True)
-    print(f"{PROG}: continue pretraining with: python pretrain_gpt.py {info['overrides']}", flush=True)
+    if info["overrides"]:
+        print(f"{PROG}: continue pretraining with: python pretrain_gpt.py {info['overrides']}", flush=True)
+    else:
+        print(f"{PROG}: its config.yaml holds the model.* keys; LM.restore_from({info['output']!r}) loads it",
+              flush=True)
     return 0
 
 

@@ -68,8 +68,10 @@ IMPORTERS: Dict[str, Tuple[Tuple[str, ...], Optional[Callable], Callable]] = {}
 
 
 def register_importer(model_type: str, architectures, convert: Callable, expected: Optional[Callable] = None) -> None:
-    """Add a ``model_type``: ``convert(hf_state_dict, hf_config) -> (our_state_dict, our_model_config)``;
-    ``expected(hf_config) -> {hf name: shape}`` (optional) lets the reader check names and shapes before loading."""
+    """Add a ``model_type``: ``convert(hf_state_dict, hf_config) -> (our_state_dict, our_model_config)`` (the
+    family follows from the model config: ``models.families``); ``expected(hf_config, where) -> {hf name: shape}``
+    (optional) lets the reader check names and shapes before any tensor is loaded -- with it, ``convert`` is called
+    as ``convert(hf_state_dict, hf_config, where)`` (``where``: the config.json path, for messages)."""
     IMPORTERS[str(model_type)] = (tuple(architectures), expected, convert)
 
 
