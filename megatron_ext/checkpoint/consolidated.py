@@ -225,28 +225,6 @@ def read_consolidated(path: str) -> Dict[str, Any]:
     return obj
 
 
-def read_weights_file(path: str, model_cfg=None) -> Dict[str, Any]:
-    """A consolidated ``.pt`` or a GPT ``.mext`` archive (``model.ckpt_path``) -> the consolidated dict."""
-    import tarfile
-
-    if not (str(path).endswith(".mext") or (not str(path).endswith(".pt") and tarfile.is_tarfile(path))):
-        return read_consolidated(path)
-    from megatron_ext.checkpoint.archive import read_archive  # start-up cost: archive module (imports this one)
-
-    with tempfile.TemporaryDirectory(prefix="mext-") as tmp:
-        obj = read_archive(path, tmp)
-    if obj.get("family") != "gpt":
-        raise CheckpointError(f"{path} holds a {obj.get('family')} model (its manifest's family); "
-                              f"model.ckpt_path of a GPT run needs a GPT archive")
-    lib = (obj.get("tokenizer") or {}).get("library")
-    mine = getattr(getattr(model_cfg, "tokenizer", None), "library", None) if model_cfg is not None else None
-    if lib and mine and str(lib).lower() != str(mine).lower():
-        raise CheckpointError(f"{path} was trained with model.tokenizer.library={lib} but this run has "
-                              f"model.tokenizer.library={mine}; use the tokenizer the archive was trained with")
-    obj.setdefault("step", 0)
-    return obj
-
-
 def _arch_value(cfg, key):
     v = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
     return v
@@ -286,11 +264,12 @@ def check_architecture(saved: Dict[str, Any], model_cfg, vocab_size: int, where:
             raise CheckpointError(f"{where} was trained with model.{k}={a} but this model has model.{k}={b}")
 
 
-def load_consolidated(model: torch.nn.Module, path: str, model_cfg) -> Dict[str, Any]:
+def load_consolidated(model: torch.nn.Module, path: str, model_cfg, obj: Optional[Dict[str, Any]] = None
+                      ) -> Dict[str, Any]:
     """Copy this rank's shards of a consolidated file into ``model`` (a ``GPTModel`` or a pipeline stage) in
-    place. Returns the file's header (step, source, ...). ``path`` may also be a ``.mext`` archive of a GPT (e.g.
-    from ``tools/convert_from_hf.py``): its weights load the same way (its tokenizer library must be the run's)."""
-    obj = read_weights_file(path, model_cfg)
+    place. Returns the file's header (step, source, ...). ``obj``: the file's contents when the caller has read
+    them (a ``.mext`` archive read by ``megatron_ext.checkpoint.loader.load_weights_file``)."""
+    obj = read_consolidated(path) if obj is None else obj
     sd = obj["state_dict"]
     vocab = int(getattr(model, "vocab_size", obj["vocab_size"]))
     if vocab != int(obj["vocab_size"]):
@@ -347,5 +326,5 @@ def save_consolidated(obj: Dict[str, Any], out_path: str) -> None:
 
 __all__: Iterable[str] = [
     "FORMAT", "partition_rule", "shard_of", "merge_shards", "checkpoint_meta", "consolidate_checkpoint", "read_consolidated",
-    "load_consolidated", "save_consolidated", "check_architecture", "read_weights_file",
+    "load_consolidated", "save_consolidated", "check_architecture",
 ]

@@ -29,7 +29,8 @@ from megatron.core import parallel_state as ps
 from omegaconf import OmegaConf
 
 from megatron_ext.checkpoint.archive import load_full_state_dict, read_archive, write_archive
-from megatron_ext.checkpoint.consolidated import checkpoint_meta, consolidate_checkpoint, read_consolidated
+from megatron_ext.checkpoint.consolidated import (checkpoint_meta, consolidate_checkpoint, load_consolidated,
+                                                  read_consolidated)
 from megatron_ext.checkpoint.files import read_meta, resolve_ckpt_path
 from megatron_ext.config.loader import check_schema
 from megatron_ext.errors import CheckpointError
@@ -150,6 +151,27 @@ def family_of_checkpoint(path: str, key: str = "--input") -> Family:
     return family_of_config(read_meta(os.path.join(ckpt_dir, tag), keys=()).get("model_config") or {})
 
 
+def load_weights_file(model: torch.nn.Module, path: str, model_cfg) -> Dict[str, Any]:
+    """``model.ckpt_path`` naming a file: a consolidated ``.pt`` or a GPT ``.mext`` archive (e.g. from
+    ``tools/convert_from_hf.py``) -> this rank's shards copied into ``model`` (``load_consolidated``: the
+    architecture keys are checked against ``model_cfg``; an archive's tokenizer library must be the run's). Returns
+    the file's header (step, source, ...)."""
+    if not (str(path).endswith(".mext") or (not str(path).endswith(".pt") and tarfile.is_tarfile(path))):
+        return load_consolidated(model, path, model_cfg)
+    with tempfile.TemporaryDirectory(prefix="mext-") as tmp:
+        obj = read_archive(path, tmp)
+    if obj.get("family") != "gpt":
+        raise CheckpointError(f"{path} holds a {obj.get('family')} model (its manifest's family); "
+                              f"model.ckpt_path of a GPT run needs a GPT archive")
+    lib = (obj.get("tokenizer") or {}).get("library")
+    mine = getattr(getattr(model_cfg, "tokenizer", None), "library", None) if model_cfg is not None else None
+    if lib and mine and str(lib).lower() != str(mine).lower():
+        raise CheckpointError(f"{path} was trained with model.tokenizer.library={lib} but this run has "
+                              f"model.tokenizer.library={mine}; use the tokenizer the archive was trained with")
+    obj.setdefault("step", 0)
+    return load_consolidated(model, path, model_cfg, obj=obj)
+
+
 # ----------------------------------------------------------------------------------------------- models
 def load_model(path: str, *, map_location="cpu") -> Loaded:
     """A ``.mext`` archive or a run / checkpoint directory (its newest complete checkpoint, any layout) -> the model
@@ -204,5 +226,6 @@ def archive_from_checkpoint(path: str, out_path: str) -> str:
                                  "consumed_samples": obj["consumed_samples"], "layout": obj["source"]})
 
 
-__all__ = ["Loaded", "build_model", "run_config_for", "consolidate_any", "read_weights", "family_of_checkpoint",
+__all__ = ["Loaded", "build_model", "run_config_for", "consolidate_any", "read_weights", "load_weights_file",
+           "family_of_checkpoint",
            "load_model", "restore_model", "archive_from_checkpoint"]

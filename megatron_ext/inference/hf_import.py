@@ -155,7 +155,7 @@ def _check_arch(cfg: Dict[str, Any], classes: Tuple[str, ...], where: str) -> No
 
 
 def _has_gqa_key() -> bool:
-    from megatron_ext.config.schema import ModelConfig
+    from megatron_ext.config.schema import ModelConfig  # start-up cost: config stack (only for Llama configs)
 
     return "num_query_groups" in getattr(ModelConfig, "__dataclass_fields__", {})
 
@@ -565,7 +565,7 @@ def import_from_hf(hf_dir: str, key: str = "--input") -> Dict[str, Any]:
 
 
 def _family(mc: Dict[str, Any]) -> str:
-    from megatron_ext.models.families import family_of_config
+    from megatron_ext.models.families import family_of_config  # start-up cost: model stack
 
     return family_of_config(mc).name
 

@@ -212,14 +212,14 @@ def main(out_path, hf_dir=None):
     # Hugging Face imports (tests/integration/test_model_tp.py wrote them with tools/convert_from_hf.py, and the
     # transformers logits of the same tokens): each .mext loaded at TP2 as model.ckpt_path loads it gives HF's logits
     if hf_dir is not None:
-        from megatron_ext.checkpoint.consolidated import load_consolidated
+        from megatron_ext.checkpoint.loader import load_weights_file
 
         spec = json.load(open(os.path.join(hf_dir, "cases.json")))
         hf_res = {}
         for name, case in spec.items():
             m = GPTModel(ModelConfig(**{**case["model"], "tensor_model_parallel_size": 2}),
                          case["vocab_size"]).eval()
-            load_consolidated(m, os.path.join(hf_dir, f"{name}.mext"), m.config)
+            load_weights_file(m, os.path.join(hf_dir, f"{name}.mext"), m.config)
             ref = torch.load(os.path.join(hf_dir, f"{name}_logits.pt"))
             with torch.no_grad():
                 got = m.gather_logits(m(ref["tokens"]))
