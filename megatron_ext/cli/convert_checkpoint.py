@@ -87,6 +87,7 @@ def _worker(rank: int, world: int, port: int, consolidated_path: str, out_dir: s
             for _ in range(step):  # continue the LR schedule where the source run stopped
                 trainer.scheduler.step()
     consumed = int(obj.get("consumed_samples", 0))
+    trainer.cfg.model.ckpt_path = None  # the temporary source file is no part of the written checkpoint's config
     keep = cfg.exp_manager.checkpoint_callback_params.save_layout_free  # then any other layout loads it too
     Checkpointer(trainer.exp.ckpt_dir).save(trainer.engine, step, consumed, trainer._rng_states(), trainer._meta(),
                                             layout_free=trainer._save_layout_free(step, consumed) if keep else None)
