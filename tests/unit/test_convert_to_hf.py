@@ -198,12 +198,15 @@ def test_unsupported_combinations_are_refused(tmp_path, kw, arch, expect):
     assert not os.path.exists(tmp_path / "config.json")
 
 
-def test_mega_and_encoder_decoder_are_refused():
-    mega = dataclasses.asdict(ModelConfig(arch="mega"))
-    with pytest.raises(ConfigError, match=r"model.arch=mega: .*only model.arch=transformer GPT models"):
-        resolve_arch(mega)
-    with pytest.raises(ConfigError, match=r"model.arch=mega"):
-        export_to_hf({"state_dict": {}, "vocab_size": 10, "model_config": mega}, "unused")
+def test_mega_targets_and_encoder_decoder_are_refused():
+    mega = dataclasses.asdict(ModelConfig(arch="mega"))  # Mega exports to MegaForCausalLM (tests/unit/test_hf_mega.py)
+    assert resolve_arch(mega) == "mega"
+    with pytest.raises(ConfigError, match=r"arch='gpt2': a Mega language model .*MegaForCausalLM only"):
+        resolve_arch(mega, "gpt2")
+    with pytest.raises(ConfigError, match=r"arch=mega: model.arch='transformer' is not a Mega language model"):
+        resolve_arch(dataclasses.asdict(ModelConfig()), "mega")
+    with pytest.raises(ConfigError, match=r"model.mega.final_norm=true: transformers' MegaModel has no norm"):
+        export_to_hf({"state_dict": {}, "vocab_size": 10, "model_config": mega}, "unused", tokenizer=False)
     from megatron_ext.config.schema import EncoderDecoderModelConfig
 
     encdec = dataclasses.asdict(EncoderDecoderModelConfig())

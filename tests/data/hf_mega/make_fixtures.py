@@ -24,10 +24,13 @@ from safetensors.torch import save_file
 from transformers import MegaConfig, MegaForCausalLM, MegaForMaskedLM
 import transformers
 
-SMALL = dict(vocab_size=48, hidden_size=16, num_hidden_layers=2, intermediate_size=32, ema_projection_size=4,
+# vocab_size 259 and the special ids are those of megatron_ext's byte tokenizer (256 eod, 257 pad, 258 bos), so an
+# imported model is usable with model.tokenizer.library=byte
+SMALL = dict(vocab_size=259, hidden_size=16, num_hidden_layers=2, intermediate_size=32, ema_projection_size=4,
              shared_representation_size=8, nffn_hidden_size=32, max_positions=32, dropout_prob=0.0,
              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, nffn_activation_dropout_prob=0.0,
-             pad_token_id=1, bos_token_id=0, eos_token_id=2)
+             pad_token_id=257, bos_token_id=258, eos_token_id=256,
+             initializer_range=0.3)  # large enough weights that the logits depend on the input
 
 VARIANTS = {
     # HF defaults for the rest: scalenorm, pre-norm, rotary bias, softmax, NFFN, tied LM head + hidden dense layer
@@ -57,15 +60,16 @@ def make(name: str, spec: dict, out_dir: str) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     path = os.path.join(out_dir, name)
     model.save_pretrained(path, safe_serialization=True)
-    ids = torch.randint(3, cfg.vocab_size, (2, spec["length"]), generator=g)
+    ids = torch.randint(0, 256, (2, spec["length"]), generator=g)
     ref = {"input_ids": ids}
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True)
         ref["logits"] = out.logits.contiguous()
         if spec["kind"] == "causal" and spec["prompt"]:
             prompt = ids[:1, : spec["prompt"]].clone()
+            model.generation_config.eos_token_id = None  # 8 tokens whatever they are (256 = eod is a token too)
             gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
-                                 pad_token_id=cfg.pad_token_id, eos_token_id=None)
+                                 pad_token_id=cfg.pad_token_id)
             ref["prompt"], ref["generated"] = prompt, gen.contiguous()
         ref["last_hidden_state"] = out.hidden_states[-1].contiguous()
     save_file(ref, os.path.join(path, "reference.safetensors"),
