@@ -283,11 +283,11 @@ def test_cli_errors(tmp_path, capsys):
     torch.save({"something": 1}, tmp_path / "x.pt")
     rc, _, err = _cli(capsys, "--input", str(tmp_path / "x.pt"), "--output", str(tmp_path / "hf"))
     assert rc == 2 and "is not a consolidated megatron_ext checkpoint" in err and err.count("\n") == 1
-    mega = {"format": "megatron_ext.consolidated.v1", "state_dict": {}, "vocab_size": 10,
+    mega = {"format": "megatron_ext.consolidated.v1", "state_dict": {}, "vocab_size": 259,
             "model_config": dataclasses.asdict(ModelConfig(arch="mega")), "source": {}}
     torch.save(mega, tmp_path / "mega.pt")
     rc, _, err = _cli(capsys, "--input", str(tmp_path / "mega.pt"), "--output", str(tmp_path / "hf"))
-    assert rc == 2 and "convert_to_hf: error: model.arch=mega" in err
+    assert rc == 2 and "convert_to_hf: error: model.mega.final_norm=true: transformers' MegaModel" in err
     bart = tmp_path / "bart_run" / "checkpoints" / "step_0000005"
     bart.mkdir(parents=True)
     from megatron_ext.config.schema import EncoderDecoderModelConfig

@@ -195,3 +195,21 @@ def test_export_refuses_what_transformers_lacks(imported):
     mcfg["mega"].update(final_norm=False, normalization_type="rmsnorm")
     with pytest.raises(ConfigError, match=r"normalization_type=rmsnorm: transformers' Mega RMS norm does not"):
         mega_to_hf(r["ours"], mcfg, 259)
+
+
+def test_mega_head_keys_and_tensor_parallel_config():
+    """The LM-head keys exist for model.arch=mega only; TP > 1 is accepted there (vocabulary-parallel), refused for the
+    Mega stacks of pretrain_bart.py; a non-boolean is named."""
+    from megatron_ext.config.model_validation import check_mega_arch
+    from megatron_ext.config.schema import MegaArchConfig, ModelConfig
+
+    ModelConfig(arch="mega", tensor_model_parallel_size=2, mega=MegaArchConfig(lm_head_bias=True))
+    with pytest.raises(ConfigError, match=r"model.encoder.mega.lm_head_bias=True: only the Mega language model"):
+        check_mega_arch(MegaArchConfig(lm_head_bias=True), "encoder.mega", 64, tp=1, pp=1)
+    with pytest.raises(ConfigError, match=r"model.tensor_model_parallel_size=2: the Mega architecture "
+                                          r"\(model.decoder.mega\) does not support tensor parallelism"):
+        check_mega_arch(MegaArchConfig(), "decoder.mega", 64, tp=2, pp=1)
+    with pytest.raises(ConfigError, match=r"model.mega.final_norm='no': expected true or false"):
+        check_mega_arch(MegaArchConfig(final_norm="no"), "mega", 64, tp=1, pp=1, lm=True)
+    with pytest.raises(ConfigError, match=r"model.pipeline_model_parallel_size=2"):
+        check_mega_arch(MegaArchConfig(), "mega", 64, tp=2, pp=2, lm=True)
