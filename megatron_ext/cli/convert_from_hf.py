@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--output {args.output}: an archive name must end in .mext")
     check_outputs([("--output", args.output)], [args.input, args.tokenizer_model], overwrite=args.overwrite)
     from megatron_ext.checkpoint.archive import write_archive  # start-up cost: model stack
-    from megatron_ext.inference.hf_import_mega import mega_from_hf, read_hf_dir
-    from megatron_ext.tokenizers import build_tokenizer
+    from megatron_ext.inference.hf_import_mega import mega_from_hf, read_hf_dir  # start-up cost: torch
+    from megatron_ext.tokenizers import build_tokenizer  # start-up cost: sentencepiece
 
     sd, hf_config = read_hf_dir(args.input)
     if hf_config.get("model_type") != "mega":

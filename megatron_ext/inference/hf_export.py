@@ -59,6 +59,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_ext.checkpoint.loader import family_of_checkpoint, read_weights
 from megatron_ext.config.model_validation import model_arch
 from megatron_ext.errors import CheckpointError, ConfigError
+from megatron_ext.inference.hf_import_mega import HF_ARCH, mega_to_hf, write_hf_mega_dir
 from megatron_ext.inference.hf_tokenizer import (PROBE_TEXTS, TOKENIZER_FILES, VERIFY_LINES, TokenizerMismatchError,
                                                  compare_tokenizers, import_transformers, sample_lines,
                                                  symbol_probes, training_text_files, write_hf_tokenizer)
@@ -419,8 +420,6 @@ def export_to_hf(consolidated: Dict[str, Any], out_dir: str, *, arch: str = "aut
         raise ConfigError(f"{out_dir}: exists and is not a directory (expected an output directory)")
     mc = _mcfg(consolidated["model_config"])
     if target == "mega":  # transformers 5 has no Mega: the files are written directly (they load in 4.x)
-        from megatron_ext.inference.hf_import_mega import HF_ARCH, mega_to_hf, write_hf_mega_dir
-
         ids = {k: v for k, v in _special_ids(ours, vocab).items() if k.endswith("_token_id")}
         hf_sd, config = mega_to_hf(consolidated["state_dict"], mc, vocab, **ids)
         with tempfile.TemporaryDirectory(prefix="hf_tokenizer-") as tok_dir:

@@ -39,6 +39,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from megatron_ext.checkpoint.safe_load import load_untrusted
 from megatron_ext.config.model_validation import MEGA_ACTIVATIONS, MEGA_ATTENTION_ACTIVATIONS
 from megatron_ext.errors import CheckpointError, ConfigError
 
@@ -94,7 +95,6 @@ def _load_file(path: str) -> Dict[str, torch.Tensor]:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    from megatron_ext.checkpoint.safe_load import load_untrusted
     sd = load_untrusted(path, "Hugging Face weights file")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
