@@ -312,6 +312,30 @@ def test_grouped_query_attention_equals_multi_head_with_shared_kv(s, impl, monke
     assert split_kv_heads == ([2, 2, 8, 8] if s == 300 else [])  # 2 layers each: the CPU split kernel took 2 kv heads
 
 
+def test_files_saved_before_num_query_groups_load_unchanged(tmp_path):
+    """A consolidated file whose model config has no num_query_groups (written before the key existed) loads into
+    a multi-head model configured either way (null or = heads), giving the same logits; a grouped model is refused
+    naming the key."""
+    from megatron_ext.checkpoint.consolidated import FORMAT, load_consolidated, save_consolidated
+    from megatron_ext.errors import CheckpointError
+    from megatron_ext.inference.hf_export import consolidated_from_model
+
+    old = build(seed=4).eval()
+    obj = consolidated_from_model(old)
+    del obj["model_config"]["num_query_groups"]
+    obj["format"] = FORMAT
+    save_consolidated(obj, str(tmp_path / "old.pt"))
+    x, _ = batch()
+    for groups in (None, 4):
+        m = GPTModel(small_cfg(num_query_groups=groups), VOCAB, init_seed=9).eval()
+        load_consolidated(m, str(tmp_path / "old.pt"), m.config)
+        with torch.no_grad():
+            assert torch.equal(m(x), old(x))
+    gqa = GPTModel(small_cfg(num_query_groups=2), VOCAB, init_seed=9)
+    with pytest.raises(CheckpointError, match=r"model\.num_query_groups=4 but this model has model\.num_query_groups=2"):
+        load_consolidated(gqa, str(tmp_path / "old.pt"), gqa.config)
+
+
 def test_bad_vocab_size():
     with pytest.raises(ConfigError, match="vocab_size"):
         GPTModel(small_cfg(), 0)
