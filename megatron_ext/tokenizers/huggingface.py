@@ -15,16 +15,18 @@ through ``tokenizer.json``'s pipeline, and the settings ``AutoTokenizer`` takes 
 applied the way transformers applies them:
 
 * special tokens: ``bos_token`` / ``eos_token`` / ``unk_token`` / ``pad_token`` (a string or an ``AddedToken``
-  dict) from ``tokenizer_config.json``, overridden by ``special_tokens_map.json``; ``additional_special_tokens``
+  dict) from ``tokenizer_config.json``, overridden by ``special_tokens_map.json`` when the config has no
+  ``added_tokens_decoder`` (an older config; transformers 5 reads that file only then); ``additional_special_tokens``
   / ``extra_special_tokens`` and ``added_tokens_decoder``. Each must be in ``tokenizer.json``'s vocabulary (a
   ConfigError names the key and the file otherwise; transformers would append it with a new id the model has
   never seen); one that is not yet an added token becomes one, as in transformers, so it is matched in text;
 * special tokens spelled in the text are matched, as ``AutoTokenizer`` does (``"a</s>b"`` holds the eos id),
   unless ``split_special_tokens: true``;
-* the tokens put around every text: ``tokenizer.json``'s post-processor (Llama-3: ``<|begin_of_text|>`` first;
-  GPT-2: nothing), replaced -- as transformers 5 does -- by ``[bos] text [eos]`` following ``add_bos_token`` /
-  ``add_eos_token`` when ``tokenizer_config.json`` sets either of them (Llama-2: ``add_bos_token: true``) or the
-  file has no post-processor;
+* the tokens put around every text: ``tokenizer.json``'s post-processor (Llama-2: ``<s>`` first; Llama-3:
+  ``<|begin_of_text|>`` first; GPT-2: nothing). ``add_bos_token`` / ``add_eos_token`` in ``tokenizer_config.json``
+  are not applied: transformers 5 drops them whenever there is a ``tokenizer.json`` (transformers 4's Llama-style
+  classes rebuilt the post-processor from them); when they disagree with the post-processor a warning names the
+  key, since the two transformers versions then give other ids;
 * truncation and padding saved in ``tokenizer.json`` are switched off (``AutoTokenizer`` does neither by default).
 
 transformers classes that rebuild the pipeline in code instead of reading ``tokenizer.json`` (transformers 5's
@@ -56,6 +58,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -163,7 +166,7 @@ class HuggingFaceTokenizer(Tokenizer):
         self.num_threads = num_threads
 
     # ------------------------------------------------------------------ loading
-    def _load(self, blobs: Dict[str, bytes], model_key: str) -> None:
+    def _load(self, blobs: Dict[str, bytes], model_key: str, warn: bool = True) -> None:
         tokenizers = _import_tokenizers()
         main_name = os.path.basename(self._path)
         raw = blobs[main_name]
@@ -232,6 +235,8 @@ class HuggingFaceTokenizer(Tokenizer):
                                   f"{want}")
             mark_special(content, props)
 
+        if "added_tokens_decoder" in cfg:  # transformers reads special_tokens_map.json only for older configs
+            smap = {}
         specials: Dict[str, Optional[str]] = {}
         for key in SPECIAL_KEYS:
             value, where = cfg.get(key), f"{cfg_path} {key}"
@@ -272,25 +277,13 @@ class HuggingFaceTokenizer(Tokenizer):
         if not isinstance(split, bool):
             raise ConfigError(f"{model_key}: {cfg_path} split_special_tokens: expected true or false, got {split!r}")
         tok.encode_special_tokens = split
-        flags = {}
         for key in ("add_bos_token", "add_eos_token"):
             v = cfg.get(key)
             if v is not None and not isinstance(v, bool):
                 raise ConfigError(f"{model_key}: {cfg_path} {key}: expected true or false, got {v!r}")
-            flags[key] = v
-        self._template = None
-        if flags["add_bos_token"] is not None or flags["add_eos_token"] is not None or tok.post_processor is None:
-            add_bos = bool(flags["add_bos_token"]) and specials["bos_token"] is not None
-            add_eos = bool(flags["add_eos_token"]) and specials["eos_token"] is not None
-            bos, eos = specials["bos_token"], specials["eos_token"]
-            single = " ".join(([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else []))
-            pair = single + " " + " ".join(([f"{bos}:1"] if add_bos else []) + ["$B:1"]
-                                            + ([f"{eos}:1"] if add_eos else []))
-            toks = ([(bos, ids["bos_token"])] if add_bos else []) + ([(eos, ids["eos_token"])] if add_eos else [])
-            tok.post_processor = tokenizers.processors.TemplateProcessing(single=single, pair=pair,
-                                                                          special_tokens=toks)
-            self._template = single
         self._tok = tok
+        if warn:
+            self._check_flags(cfg, cfg_path, specials, vocab)
         self._blobs = blobs
         full_vocab = tok.get_vocab(with_added_tokens=True)
         self._vocab_size = max(full_vocab.values()) + 1 if full_vocab else 0
@@ -299,12 +292,29 @@ class HuggingFaceTokenizer(Tokenizer):
         self._ends_with_eod = bool(empty) and int(empty[-1]) == self._eod
         h = hashlib.sha256()
         h.update(raw)
-        settings = {"specials": specials, "template": self._template, "split_special_tokens": split,
+        settings = {"specials": specials, "split_special_tokens": split,
                     "added": sorted((int(i), t.content) for i, t in tok.get_added_tokens_decoder().items()
                                     if t.special)}
         h.update(json.dumps(settings, sort_keys=True).encode())
         self._digest = h.hexdigest()
         self._specials = specials
+
+    def _check_flags(self, cfg: Dict[str, Any], cfg_path: str, specials: Dict[str, Optional[str]],
+                     vocab: Dict[str, int]) -> None:
+        """``add_bos_token`` / ``add_eos_token`` that disagree with what ``tokenizer.json``'s post-processor adds: a
+        warning naming the key (transformers 5 drops them when there is a ``tokenizer.json``, as we do; transformers
+        4's Llama-style classes rebuilt the post-processor from them, so the two versions give other ids)."""
+        around = self._tok.encode("", add_special_tokens=True).ids
+        for key, token, pos in (("add_bos_token", specials["bos_token"], 0), ("add_eos_token", specials["eos_token"], -1)):
+            flag = cfg.get(key)
+            if flag is None or token is None:
+                continue
+            adds = bool(around) and int(around[pos]) == int(vocab[token])
+            if bool(flag) != adds:
+                warnings.warn(f"{cfg_path}: {key}={str(flag).lower()} but the post-processor of {self._path} "
+                              f"{'does not add' if flag else 'adds'} {token!r}: the post-processor is followed "
+                              f"(as transformers 5 does; transformers 4 followed {key}, giving other ids)",
+                              UserWarning, stacklevel=4)
 
     def _json_blob(self, blobs: Dict[str, bytes], name: str, path: str, model_key: str) -> Dict[str, Any]:
         if name not in blobs:
@@ -324,7 +334,7 @@ class HuggingFaceTokenizer(Tokenizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self._path, self._files = state["path"], state["files"]
         self._num_threads = state["num_threads"]
-        self._load(state["blobs"], "model.tokenizer.model")
+        self._load(state["blobs"], "model.tokenizer.model", warn=False)
 
     # ------------------------------------------------------------------ ids
     @property
