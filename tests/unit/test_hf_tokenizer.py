@@ -59,12 +59,14 @@ def test_ids_equal_autotokenizer(hf_tokenizer_dirs, kind):
     d = hf_tokenizer_dirs[kind]
     ours, auto = build_tokenizer("huggingface", d), _auto(d)
     texts = shakespeare_lines(4000) + ODD
-    assert [ours.tokenize(t) for t in texts] == [auto(t)["input_ids"] for t in texts]
-    assert [ours.tokenize_plain(t) for t in texts] == [auto(t, add_special_tokens=False)["input_ids"] for t in texts]
-    assert ours.tokenize_batch(texts) == [ours.tokenize(t) for t in texts]
+    want = auto(texts)["input_ids"]
+    assert want[-len(ODD):] == [auto(t)["input_ids"] for t in ODD]  # the batch call is the per-text call
+    assert [ours.tokenize(t) for t in texts] == want
+    assert [ours.tokenize_plain(t) for t in texts] == auto(texts, add_special_tokens=False)["input_ids"]
+    assert ours.tokenize_batch(texts) == want
     # the preprocessing path: AutoTokenizer's ids, then eod
     flat, lens = ours.tokenize_batch_flat(texts, append_eod=True)
-    expected = [auto(t)["input_ids"] + [auto.eos_token_id] for t in texts]
+    expected = [ids + [auto.eos_token_id] for ids in want]
     assert lens.tolist() == [len(e) for e in expected] and flat.tolist() == sum(expected, [])
     # decoding drops special tokens, as AutoTokenizer.decode(skip_special_tokens=True)
     for t in texts[:300] + ODD:
@@ -102,10 +104,11 @@ def test_tokenizer_config_settings_follow_autotokenizer(hf_tokenizer_dirs, tmp_p
     assert bool(flagged) == warns and all(next(iter(changes)) in m for m in flagged)
     auto = _auto(d)
     texts = shakespeare_lines(200) + ODD
-    assert [ours.tokenize(t) for t in texts] == [auto(t)["input_ids"] for t in texts]
+    want = [auto(t)["input_ids"] for t in texts]
+    assert [ours.tokenize(t) for t in texts] == want
     flat, lens = ours.tokenize_batch_flat(texts, append_eod=True)
     ends = auto("")["input_ids"][-1:] == [auto.eos_token_id]
-    expected = [auto(t)["input_ids"] + ([] if ends else [auto.eos_token_id]) for t in texts]
+    expected = [ids + ([] if ends else [auto.eos_token_id]) for ids in want]
     assert flat.tolist() == sum(expected, []) and lens.tolist() == [len(e) for e in expected]
     assert ours.pad == (auto.pad_token_id if auto.pad_token_id is not None else ours.eod)
     assert ends == (post is not None and "</s>" in post[0])
@@ -202,7 +205,7 @@ def test_preprocess_ids_equal_autotokenizer(hf_tokenizer_dirs, tmp_path, capsys)
                       "--no-progress"])
         assert rc == 0, capsys.readouterr().err
     auto = _auto(d)
-    expected = [auto(t)["input_ids"] + [auto.eos_token_id] for t in lines]
+    expected = [ids + [auto.eos_token_id] for ids in auto(lines)["input_ids"]]
     for workers in (2,):
         ds = IndexedDataset(str(tmp_path / f"w{workers}_text_document"))
         assert [ds[i].tolist() for i in range(len(ds))] == expected
