@@ -307,8 +307,9 @@ def make_hf_tokenizer(out_dir, kind="gpt2", lines=None, vocab_size=None):
     * ``gpt2``: byte-level BPE like GPT-2's, ``<|endoftext|>`` (id 0) as bos / eos / unk, nothing added by
       ``AutoTokenizer`` (``tokenizer_class`` GPT2Tokenizer);
     * ``llama``: Llama-2 style BPE with byte fallback (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, the 256 ``<0xNN>`` byte
-      pieces 3..258), a ``Metaspace`` pre-tokenizer (what transformers 5 builds for ``LlamaTokenizer``) and
-      ``add_bos_token: true`` (``AutoTokenizer`` puts ``<s>`` first).
+      pieces 3..258), a ``Metaspace`` pre-tokenizer (what transformers 5 builds for ``LlamaTokenizer``), a
+      ``"<s> $A"`` post-processor (``AutoTokenizer`` puts ``<s>`` first) and ``add_bos_token: true`` as Llama-2's
+      ``tokenizer_config.json`` says it.
     """
     import json
 

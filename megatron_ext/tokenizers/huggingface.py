@@ -383,6 +383,11 @@ class HuggingFaceTokenizer(Tokenizer):
         return list(self._around)
 
     @property
+    def ends_with_eod(self) -> bool:
+        """The post-processor ends every text with ``eod`` (documents then get no second one)."""
+        return self._ends_with_eod
+
+    @property
     def num_threads(self) -> int:
         return self._num_threads
 

@@ -190,25 +190,33 @@ def test_identity_pickle_and_a_tokenizer_json_path(hf_tokenizer_dirs, tmp_path):
 
 
 def test_preprocess_ids_equal_autotokenizer(hf_tokenizer_dirs, tmp_path, capsys):
+    """tools/preprocess_data.py --tokenizer-library huggingface: AutoTokenizer's ids then eos per document (none added
+    when the post-processor ends texts with it); the raw-text dataset (data_impl=jsonl) reads the same documents."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_ext.cli import preprocess_data as pp
+    from megatron_ext.data.gpt_text import TextDocumentTokens
 
-    d = hf_tokenizer_dirs["llama"]
+    eos_post = _variant(hf_tokenizer_dirs["llama"], tmp_path / "eos", ("<s> $A </s>", [("<s>", 1), ("</s>", 2)]))
     lines = shakespeare_lines(800)[500:] + ODD
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines), encoding="utf-8")
-    for workers in (2,):  # the pool: every worker builds the tokenizer from the directory
-        prefix = tmp_path / f"w{workers}"
+    for name, d, workers in (("llama", hf_tokenizer_dirs["llama"], 2), ("eos", eos_post, 1)):
+        prefix = tmp_path / name  # workers 2: every worker of the pool builds the tokenizer from the directory
         rc = pp.main(["--input", str(src), "--output-prefix", str(prefix), "--tokenizer-library", "huggingface",
                       "--tokenizer-model", d, "--append-eod", "--workers", str(workers), "--chunk-bytes", "2048",
                       "--no-progress"])
         assert rc == 0, capsys.readouterr().err
-    auto = _auto(d)
-    expected = [ids + [auto.eos_token_id] for ids in auto(lines)["input_ids"]]
-    for workers in (2,):
-        ds = IndexedDataset(str(tmp_path / f"w{workers}_text_document"))
+        auto = _auto(d)
+        want = auto(lines)["input_ids"]
+        expected = want if name == "eos" else [ids + [auto.eos_token_id] for ids in want]
+        assert all(ids[-1] == auto.eos_token_id and ids[-2] != auto.eos_token_id for ids in expected)
+        ds = IndexedDataset(f"{prefix}_text_document")
         assert [ds[i].tolist() for i in range(len(ds))] == expected
+        docs = TextDocumentTokens(str(src), "jsonl", build_tokenizer("huggingface", d),
+                                  index_mapping_dir=str(tmp_path / f"idx_{name}"))
+        assert np.array_equal(docs.sequence_lengths, ds.sequence_lengths)
+        assert all(np.array_equal(docs.get(i), ds.get(i)) for i in range(len(ds)))
 
 
 def test_stop_strings_have_no_bos(hf_tokenizer_dirs):
