@@ -305,7 +305,8 @@ class HuggingFaceTokenizer(Tokenizer):
         warning naming the key (transformers 5 drops them when there is a ``tokenizer.json``, as we do; transformers
         4's Llama-style classes rebuilt the post-processor from them, so the two versions give other ids)."""
         around = self._tok.encode("", add_special_tokens=True).ids
-        for key, token, pos in (("add_bos_token", specials["bos_token"], 0), ("add_eos_token", specials["eos_token"], -1)):
+        checks = (("add_bos_token", specials["bos_token"], 0), ("add_eos_token", specials["eos_token"], -1))
+        for key, token, pos in checks:
             flag = cfg.get(key)
             if flag is None or token is None:
                 continue
