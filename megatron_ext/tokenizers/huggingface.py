@@ -225,7 +225,7 @@ class HuggingFaceTokenizer(Tokenizer):
             raise ConfigError(f"{model_key}: {cfg_path} added_tokens_decoder: expected an object id -> token")
         for sid, props in sorted(decoder.items(), key=lambda kv: str(kv[0])):
             where = f"{cfg_path} added_tokens_decoder[{sid}]"
-            content = _token_content(props, where)
+            content = _token_content(props, f"{model_key}: {where}")
             try:
                 want = int(sid)
             except (TypeError, ValueError):

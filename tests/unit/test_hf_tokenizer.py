@@ -273,6 +273,11 @@ def test_archive_carries_it_and_export_writes_it_back(hf_tokenizer_dirs, tmp_pat
     prompt = back.tokenizer.tokenize(text)
     assert prompt + list(out["tokens"]) == greedy_ids(lm, prompt, 6)
     assert out["text"] == back.tokenizer.detokenize(out["tokens"])
+    # scoring from the archive: the text encoded as in training, the same perplexity as the original model
+    scored = [text, "To be, or not"]
+    a, b = lm.perplexities(scored), back.perplexities(scored)
+    assert a[0] == b[0] and np.isfinite(a[0])
+    assert b[3] == sum(len(back.tokenizer.tokenize(t)) - 1 for t in scored)  # bos first: every text token predicted
     again = LM.restore_from(back.save_to(str(tmp_path / "again.mext")))  # from the extracted copy
     assert again.tokenizer.unique_identifiers == lm.tokenizer.unique_identifiers
 
