@@ -40,8 +40,8 @@ every id, added tokens included (the largest id + 1).
 
 Documents: ``tokenize`` and the preprocessing path (``tokenize_batch_flat(texts, append_eod=True)``) give
 ``AutoTokenizer``'s ids -- with the tokens the post-processor adds (a Llama-2 document starts with ``<s>``) --
-followed by ``eod``, unless the post-processor already ends every text with ``eod`` (``add_eos_token: true``):
-then nothing more is appended. ``tokenize_plain`` leaves out the added tokens (``add_special_tokens=False``): it
+followed by ``eod``, unless the post-processor already ends every text with ``eod`` (``"<s> $A </s>"``):
+then nothing more is appended (``ends_with_eod``; the raw-text GPT datasets follow the same rule). ``tokenize_plain`` leaves out the added tokens (``add_special_tokens=False``): it
 is what a stop string in generation is encoded with. ``detokenize`` drops special tokens
 (``skip_special_tokens=True``).
 
