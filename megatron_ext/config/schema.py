@@ -131,8 +131,10 @@ class ExpManagerConfig:
 
 @dataclass
 class TokenizerConfig:
-    library: str = "byte"  # byte | char | sentencepiece (or a registered library)
-    model: Optional[str] = None  # sentencepiece .model path; char: optional file listing the characters
+    library: str = "byte"  # byte | char | sentencepiece | huggingface (or a registered library)
+    # sentencepiece .model path; char: optional file listing the characters; huggingface: a Hugging Face model
+    # directory with tokenizer.json (+ tokenizer_config.json), or a tokenizer.json path
+    model: Optional[str] = None
 
 
 @dataclass

@@ -310,7 +310,10 @@ def _special_ids(tokenizer, vocab_size: int) -> Dict[str, Optional[int]]:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     eod = int(tokenizer.eod)
     pad = getattr(tokenizer, "pad", None)
-    return {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": int(pad) if pad is not None else None}
+    bos = eod
+    if getattr(tokenizer, "name", None) == "huggingface" and tokenizer.bos is not None:
+        bos = int(tokenizer.bos)  # a Hugging Face tokenizer's own bos (Llama's <s>), as its config names it
+    return {"bos_token_id": bos, "eos_token_id": eod, "pad_token_id": int(pad) if pad is not None else None}
 
 
 def hf_config(arch: str, model_config: Any, state_dict: Dict[str, torch.Tensor], vocab_size: int, tokenizer=None):
