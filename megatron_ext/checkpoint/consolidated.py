@@ -31,7 +31,7 @@ import torch
 from megatron_ext.checkpoint.files import check_files, resolve_ckpt_path
 from megatron_ext.checkpoint.safe_load import check_untrusted, load_untrusted
 from megatron_ext.errors import CheckpointError
-from megatron_ext.models.gpt import resolve_ffn_hidden_size, resolve_max_position_embeddings
+from megatron_ext.models.gpt import resolve_ffn_hidden_size, resolve_max_position_embeddings, resolve_num_query_groups
 from megatron_ext.models.gpt_pipe import canonical_name
 from megatron_ext.modules import common as tp_state
 
@@ -40,8 +40,9 @@ log = logging.getLogger("megatron_ext")
 FORMAT = "megatron_ext.consolidated.v1"
 
 # architecture keys that must agree between a consolidated file and the model loading it
-ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "normalization", "activation",
-             "position_embedding_type", "share_embeddings_and_output_weights", "bias", "max_position_embeddings")
+ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+             "normalization", "activation", "position_embedding_type", "share_embeddings_and_output_weights", "bias",
+             "max_position_embeddings")
 
 VOCAB_PARTITIONED = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
@@ -232,10 +233,13 @@ def check_architecture(saved: Dict[str, Any], model_cfg, vocab_size: int, where:
             self.__dict__.update(d)
 
     s = _C(saved)
+    # resolved values: a file saved before model.num_query_groups existed (multi-head) matches num_query_groups=null
+    # and num_query_groups=num_attention_heads alike
     mine_res = {"ffn_hidden_size": resolve_ffn_hidden_size(model_cfg),
-                "max_position_embeddings": resolve_max_position_embeddings(model_cfg)}
+                "max_position_embeddings": resolve_max_position_embeddings(model_cfg),
+                "num_query_groups": resolve_num_query_groups(model_cfg)}
     saved_res = {"ffn_hidden_size": resolve_ffn_hidden_size(s), "max_position_embeddings":
-                 resolve_max_position_embeddings(s)}
+                 resolve_max_position_embeddings(s), "num_query_groups": resolve_num_query_groups(saved)}
     for k in ARCH_KEYS:
         a = saved_res.get(k, _arch_value(saved, k))
         b = mine_res.get(k, _arch_value(model_cfg, k))

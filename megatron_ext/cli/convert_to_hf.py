@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target architecture (default: auto, from the model config)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the saved weights (default float32)")
-    p.add_argument("--tokenizer-library", default=None, help="override the tokenizer library (byte | sentencepiece)")
-    p.add_argument("--tokenizer-model", default=None, help="override the tokenizer model file (sentencepiece .model)")
+    p.add_argument("--tokenizer-library", default=None, help="override the tokenizer library (byte | char | sentencepiece | huggingface)")
+    p.add_argument("--tokenizer-model", default=None, help="override the tokenizer model file (sentencepiece .model; huggingface: the "
+                   "directory with tokenizer.json)")
     p.add_argument("--verify-text", action="append", default=None, metavar="FILE",
                    help="a text file (e.g. the training text) whose lines (a sample) the exported tokenizer must "
                         "encode to our ids; repeatable (default: the tokenizer's recorded training input, if found)")

@@ -16,13 +16,17 @@ Targets (``arch``; ``"auto"`` picks the one whose requirements the ``model.*`` k
   ``n_positions=max_position_embeddings``. GPT-2's ``Conv1D`` stores weights ``[in, out]`` (transposed against
   ``nn.Linear``) and its ``c_attn`` columns are ``[q (all heads) | k | v]`` while our fused QKV rows are
   ``[heads, (q, k, v), head_dim]``: the rows are regrouped, then transposed. GPT-2 always has biases and
-  LayerNorm shifts; with ``model.bias=false`` they are written as zeros (the same function).
+  LayerNorm shifts; with ``model.bias=false`` they are written as zeros (the same function). GPT-2 has no
+  grouped-query attention: a model with ``model.num_query_groups`` below its heads is refused.
 * ``llama`` -> ``LlamaForCausalLM``: ``model.position_embedding_type=rope``, ``model.activation=swiglu``,
   ``model.normalization=rmsnorm``. Our rotary embedding (``modules/rotary.py``) is the rotate-half convention on
   the full head dimension with ``inv_freq = base^(-2i/head_dim)`` -- exactly HF Llama's default rope -- so q/k rows
   need no permutation (an interleaved-pairs rope would need the per-head even/odd -> half/half permutation);
-  ``rope_theta=model.rotary_base``, ``rms_norm_eps=model.layernorm_epsilon``, ``num_key_value_heads`` = heads
-  (plain multi-head attention), ``head_dim = hidden / heads``, ``intermediate_size=ffn_hidden_size``; our SwiGLU
+  ``rope_theta=model.rotary_base``, ``rms_norm_eps=model.layernorm_epsilon``, ``num_key_value_heads`` =
+  ``model.num_query_groups`` (default: the heads, multi-head attention); our fused QKV rows, ordered by query group
+  (each group's query heads, its key head, its value head), become ``q_proj`` (query head ``i`` = group ``i //
+  (heads / groups)``'s ``i % (heads / groups)``-th, HF's grouping), ``k_proj`` and ``v_proj``;
+  ``head_dim = hidden / heads``, ``intermediate_size=ffn_hidden_size``; our SwiGLU
   fc1 rows ``[gate; up]`` become ``gate_proj`` / ``up_proj``. ``model.bias=true`` maps to
   ``attention_bias=mlp_bias=true``.
 
@@ -135,6 +139,10 @@ def resolve_arch(model_config: Any, arch: str = "auto", family: str = "gpt") -> 
             have = _norm(_get(mc, key, defaults[key]))
             if have != want:
                 out.append(f"model.{key}={want} (this model has {have})")
+        groups, heads = mc.get("num_query_groups"), mc.get("num_attention_heads")
+        if target == "gpt2" and groups is not None and groups != heads:
+            out.append(f"model.num_query_groups=null, multi-head attention (GPT-2 has no grouped-query attention; "
+                       f"this model has {groups} query groups for {heads} heads)")
         return out
 
     candidates = list(TARGETS) if a == "auto" else [a]
@@ -193,6 +201,11 @@ def _dims(mc: Dict[str, Any], sd: Dict[str, torch.Tensor]) -> Dict[str, int]:
     h, nh = int(mc["hidden_size"]), int(mc["num_attention_heads"])
     if h % nh:
         raise ConfigError(f"model.hidden_size={h}: must be divisible by model.num_attention_heads={nh}")
+    ng = mc.get("num_query_groups")
+    ng = nh if ng is None else ng
+    if not isinstance(ng, int) or isinstance(ng, bool) or ng < 1 or nh % ng:
+        raise ConfigError(f"model.num_query_groups={mc.get('num_query_groups')!r} in the checkpoint's model config: "
+                          f"expected null or a positive integer dividing model.num_attention_heads={nh}")
     fc2 = sd.get("decoder.layers.0.mlp.linear_fc2.weight")
     if not isinstance(fc2, torch.Tensor) or fc2.dim() != 2:
         raise CheckpointError("no weights for decoder.layers.0.mlp.linear_fc2.weight (is this a GPTModel state dict?)")
@@ -206,15 +219,22 @@ def _dims(mc: Dict[str, Any], sd: Dict[str, torch.Tensor]) -> Dict[str, int]:
     if not isinstance(max_pos, int) or max_pos < 1:
         raise ConfigError(f"model.max_position_embeddings={mc.get('max_position_embeddings')!r} / model.seq_length="
                           f"{mc.get('seq_length')!r}: expected a positive integer")
-    return {"layers": int(mc["num_layers"]), "hidden": h, "heads": nh, "head_dim": h // nh, "ffn": ffn,
-            "max_pos": int(max_pos)}
+    return {"layers": int(mc["num_layers"]), "hidden": h, "heads": nh, "groups": int(ng), "head_dim": h // nh,
+            "ffn": ffn, "max_pos": int(max_pos)}
 
 
-def _split_qkv(w: torch.Tensor, heads: int, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Our fused QKV rows ``[heads, (q, k, v), head_dim]`` -> q, k, v each ``[heads * head_dim, ...]``."""
+def _split_qkv(w: torch.Tensor, heads: int, head_dim: int,
+               groups: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our fused QKV rows (per query group: its ``heads / groups`` query heads, its key head, its value head; each
+    ``head_dim`` rows; ``groups`` None = ``heads``, i.e. ``[heads, (q, k, v), head_dim]``) -> q ``[heads *
+    head_dim, ...]`` (query heads in order: group by group), k and v ``[groups * head_dim, ...]``."""
+    groups = heads if groups is None else int(groups)
+    per = heads // groups
     rest = w.shape[1:]
-    g = w.reshape(heads, 3, head_dim, *rest)
-    return tuple(g[:, i].reshape(heads * head_dim, *rest).contiguous() for i in range(3))
+    g = w.reshape(groups, per + 2, head_dim, *rest)
+    q = g[:, :per].reshape(heads * head_dim, *rest).contiguous()
+    return q, g[:, per].reshape(groups * head_dim, *rest).contiguous(), \
+        g[:, per + 1].reshape(groups * head_dim, *rest).contiguous()
 
 
 def gpt2_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size: int,
@@ -223,6 +243,10 @@ def gpt2_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size: 
     mc = _mcfg(model_config)
     d = _dims(mc, sd)
     h, nh, hd, ffn, V = d["hidden"], d["heads"], d["head_dim"], d["ffn"], int(vocab_size)
+    if d["groups"] != nh:
+        raise ConfigError(f"model.num_query_groups={d['groups']}: GPT-2 (GPT2LMHeadModel) has no grouped-query "
+                          f"attention; only models with model.num_query_groups=null (= model.num_attention_heads="
+                          f"{nh}) export to it (grouped-query models export to Llama)")
     bias = bool(_get(mc, "bias", True))
     tied = bool(_get(mc, "share_embeddings_and_output_weights", True))
     W = _Weights(sd, where)
@@ -256,7 +280,8 @@ def llama_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size:
     """Our ``GPTModel`` names -> ``LlamaForCausalLM`` names (q/k rows unpermuted: both use rotate-half rope)."""
     mc = _mcfg(model_config)
     d = _dims(mc, sd)
-    h, nh, hd, ffn, V = d["hidden"], d["heads"], d["head_dim"], d["ffn"], int(vocab_size)
+    h, nh, ng, hd, ffn, V = d["hidden"], d["heads"], d["groups"], d["head_dim"], d["ffn"], int(vocab_size)
+    qkv_rows = (nh + 2 * ng) * hd
     bias = bool(_get(mc, "bias", True))
     tied = bool(_get(mc, "share_embeddings_and_output_weights", True))
     W = _Weights(sd, where)
@@ -264,7 +289,7 @@ def llama_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size:
     for i in range(d["layers"]):
         p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[q + "input_layernorm.weight"] = W.take(p + "input_layernorm.weight", (h,))
-        wq, wk, wv = _split_qkv(W.take(p + "self_attention.linear_qkv.weight", (3 * h, h)), nh, hd)
+        wq, wk, wv = _split_qkv(W.take(p + "self_attention.linear_qkv.weight", (qkv_rows, h)), nh, hd, ng)
         out[q + "self_attn.q_proj.weight"], out[q + "self_attn.k_proj.weight"] = wq, wk
         out[q + "self_attn.v_proj.weight"] = wv
         out[q + "self_attn.o_proj.weight"] = W.take(p + "self_attention.linear_proj.weight", (h, h))
@@ -273,7 +298,7 @@ def llama_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size:
         out[q + "mlp.gate_proj.weight"], out[q + "mlp.up_proj.weight"] = fc1[:ffn].contiguous(), fc1[ffn:].contiguous()
         out[q + "mlp.down_proj.weight"] = W.take(p + "mlp.linear_fc2.weight", (h, ffn))
         if bias:
-            bq, bk, bv = _split_qkv(W.take(p + "self_attention.linear_qkv.bias", (3 * h,)), nh, hd)
+            bq, bk, bv = _split_qkv(W.take(p + "self_attention.linear_qkv.bias", (qkv_rows,)), nh, hd, ng)
             out[q + "self_attn.q_proj.bias"], out[q + "self_attn.k_proj.bias"] = bq, bk
             out[q + "self_attn.v_proj.bias"] = bv
             out[q + "self_attn.o_proj.bias"] = W.take(p + "self_attention.linear_proj.bias", (h,))
@@ -291,7 +316,10 @@ def _special_ids(tokenizer, vocab_size: int) -> Dict[str, Optional[int]]:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     eod = int(tokenizer.eod)
     pad = getattr(tokenizer, "pad", None)
-    return {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": int(pad) if pad is not None else None}
+    bos = eod
+    if getattr(tokenizer, "name", None) == "huggingface" and tokenizer.bos is not None:
+        bos = int(tokenizer.bos)  # a Hugging Face tokenizer's own bos (Llama's <s>), as its config names it
+    return {"bos_token_id": bos, "eos_token_id": eod, "pad_token_id": int(pad) if pad is not None else None}
 
 
 def hf_config(arch: str, model_config: Any, state_dict: Dict[str, torch.Tensor], vocab_size: int, tokenizer=None):
@@ -315,7 +343,7 @@ def hf_config(arch: str, model_config: Any, state_dict: Dict[str, torch.Tensor],
         theta = float(_get(mc, "rotary_base", 10000.0))
         bias = bool(_get(mc, "bias", True))
         kwargs = dict(hidden_size=d["hidden"], intermediate_size=d["ffn"], num_hidden_layers=d["layers"],
-                      num_attention_heads=d["heads"], num_key_value_heads=d["heads"], head_dim=d["head_dim"],
+                      num_attention_heads=d["heads"], num_key_value_heads=d["groups"], head_dim=d["head_dim"],
                       hidden_act="silu", max_position_embeddings=d["max_pos"], rms_norm_eps=eps,
                       attention_bias=bias, mlp_bias=bias, attention_dropout=attention_dropout, **common)
         fields = getattr(transformers.LlamaConfig, "__dataclass_fields__", None) or {}

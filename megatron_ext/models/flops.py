@@ -2,12 +2,13 @@
 
 Matmul FLOPs only (2 per multiply-add); embeddings lookups, norms, softmax, activations and
 the optimizer are ignored. With ``h`` = hidden size, ``f`` = ffn hidden size, ``L`` = layers,
-``s`` = sequence length, ``V`` = vocabulary size, forward FLOPs **per token** are::
+``s`` = sequence length, ``V`` = vocabulary size, ``n_h`` heads of ``d = h / n_h`` and ``n_g`` query groups
+(``model.num_query_groups``, default ``n_h``), forward FLOPs **per token** are::
 
-    per layer:  2 * (3*h*h          QKV projection
-                     + h*h          attention output projection
-                     + m*h*f)       MLP, m = 2 (GELU: fc1 + fc2) or 3 (SwiGLU: gate, up, down)
-              + 2 * 2 * s * h       attention scores Q.K^T and probabilities x V
+    per layer:  2 * (h*(n_h + 2*n_g)*d     QKV projection (3*h*h for multi-head attention, n_g = n_h)
+                     + h*h                 attention output projection
+                     + m*h*f)              MLP, m = 2 (GELU: fc1 + fc2) or 3 (SwiGLU: gate, up, down)
+              + 2 * 2 * s * h              attention scores Q.K^T and probabilities x V (every query head)
     logits:     2 * h * V
 
     flops_per_token = 3 * (L * per_layer + logits)          # fwd + bwd (bwd = 2 x fwd)
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_ext.models.gpt import resolve_ffn_hidden_size
+from megatron_ext.models.gpt import resolve_ffn_hidden_size, resolve_num_query_groups
 
 
 def mega_dims(mega, hidden_size: int):
@@ -73,7 +74,9 @@ def gpt_forward_flops_per_token(cfg, vocab_size: int, seq_length: Optional[int] 
     L = int(cfg.num_layers)
     f = resolve_ffn_hidden_size(cfg)
     m = 3 if str(cfg.activation).lower() == "swiglu" else 2
-    per_layer = 2 * (3 * h * h + h * h + m * h * f) + 2 * 2 * s * h
+    nh = int(cfg.num_attention_heads)
+    qkv = h * (nh + 2 * resolve_num_query_groups(cfg)) * (h // nh)  # 3*h*h for multi-head attention
+    per_layer = 2 * (qkv + h * h + m * h * f) + 2 * 2 * s * h
     logits = 2 * h * int(vocab_size)
     return L * per_layer + logits
 

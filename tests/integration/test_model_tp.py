@@ -1,6 +1,6 @@
-"""GPTModel at TP=2 (2 gloo processes on CPU) equals TP=1: loss, gathered logits, gradients (also the Mega LM
-imported from Hugging Face's MegaForCausalLM: logits vs transformers', greedy tokens); packed documents
-(segment ids) at TP=2 give each document's loss as if it ran alone (fp64)."""
+"""GPTModel at TP=2 (2 gloo processes on CPU) equals TP=1: loss, gathered logits, gradients (multi-head and
+grouped-query attention; also the Mega LM imported from Hugging Face's MegaForCausalLM: logits vs transformers',
+greedy tokens); packed documents (segment ids) at TP=2 give each document's loss as if it ran alone (fp64)."""
 import importlib.util
 import json
 import os
@@ -21,7 +21,7 @@ def test_tp2_matches_tp1(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    for name in ("gpt2_like", "llama_like", "gpt2_like_recompute"):
+    for name in ("gpt2_like", "llama_like", "gpt2_like_recompute", "llama_gqa"):
         r = res[name]
         assert r["init_diff"] == 0.0, (name, r)  # same seed -> same full weights at TP1 and TP2
         assert r["loss_diff"] < 1e-5, (name, r)
@@ -37,6 +37,6 @@ def test_tp2_matches_tp1(tmp_path):
         assert r["logits_diff"] < 1e-4 and r["loss_diff"] < 1e-5 and r["max_grad_diff"] < 1e-5, (name, r)
         assert r["greedy"] == r["hf_greedy"], (name, r)
     assert len(res["mega_hf"]["causal_rotary"]["greedy"]) == 8
-    for name in ("learned", "rope"):  # packed documents at TP2: each document's loss as if run alone (fp64)
+    for name in ("learned", "rope", "rope_gqa"):  # packed documents at TP2: each document's loss as if alone (fp64)
         dm = res["docmask"][name]
         assert dm["max_diff"] < 1e-6 and dm["unmasked_diff"] > 1e-3, (name, dm)

@@ -31,6 +31,9 @@ VARIANTS = {
     "llama_like": dict(position_embedding_type="rope", normalization="rmsnorm", activation="swiglu",
                        share_embeddings_and_output_weights=False, bias=False),
     "gpt2_like_recompute": dict(activations_checkpoint_granularity="full"),
+    # grouped-query attention: 8 heads in 2 groups, one group (4 query heads + 1 kv head) per TP rank
+    "llama_gqa": dict(position_embedding_type="rope", normalization="rmsnorm", activation="swiglu",
+                      share_embeddings_and_output_weights=False, num_attention_heads=8, num_query_groups=2),
 }
 
 
@@ -231,7 +234,8 @@ def main(out_path):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), lab.reshape(-1), reduction="none")
 
     docmask = {}
-    for name, kw in (("learned", {}), ("rope", dict(position_embedding_type="rope"))):
+    for name, kw in (("learned", {}), ("rope", dict(position_embedding_type="rope")),
+                     ("rope_gqa", dict(position_embedding_type="rope", num_attention_heads=8, num_query_groups=2))):
         m = GPTModel(make_cfg(2, **kw), VOCAB, init_seed=5).double().eval()
         with torch.no_grad():
             pg = torch.Generator().manual_seed(21)  # replicated weights stay equal on both ranks
