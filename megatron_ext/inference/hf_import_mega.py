@@ -14,14 +14,15 @@ renaming plus three LM-head keys of ours that say what HF's causal LM has around
 * ``model.mega.lm_hidden_dense_layer`` = HF ``add_lm_hidden_dense_layer`` (``dense`` -> ``lm_dense``, then tanh);
 * ``model.mega.lm_head_bias=true``: HF's ``lm_head`` always has a bias (``lm_head.bias`` -> ``output_layer.bias``).
 
-Names (HF ``mega.layers.{i}.`` = ours ``decoder.mega.layers.{i}.``): the EMA's ``damping_factor``, ``decay_factor``,
-``ema_expansion_matrix``, ``kernel_projection_matrix``, ``residual_weight`` are our ``ema.delta``, ``alpha``, ``beta``,
-``gamma``, ``omega``; transformers' simple relative bias with ``chunk_size >= 0`` reads its vector around
-``chunk_size - 1`` (not ``max_positions - 1``), so ours gets ``max_positions = chunk_size`` and the ``2 * chunk_size - 1``
-entries HF reads (the others are never used; such a model therefore exports back with ``max_positions =
-chunk_size`` and the shorter vector -- the same function, not the same tensor); HF's norm wrapper ``norm.norm.X`` is our ``norm.X`` (``scalar`` of the scale norm is our
-``weight``; batch norms keep ``norm.norm.X``); the rotary bias's ``alpha`` / ``b_param`` ``[1, Z]`` are our
-``alpha`` / ``beta`` ``[Z]``; HF's ``_float_tensor`` buffer (a constant) is dropped and written back as ``[0.0]``.
+Names (HF ``mega.layers.{i}.`` = ours ``decoder.mega.layers.{i}.``): the EMA's ``damping_factor``,
+``decay_factor``, ``ema_expansion_matrix``, ``kernel_projection_matrix``, ``residual_weight`` are our ``ema.delta``,
+``alpha``, ``beta``, ``gamma``, ``omega``; HF's norm wrapper ``norm.norm.X`` is our ``norm.X`` (``scalar`` of the
+scale norm is our ``weight``; batch norms keep ``norm.norm.X``); the rotary bias's ``alpha`` / ``b_param`` ``[1, Z]``
+are our ``alpha`` / ``beta`` ``[Z]``; HF's ``_float_tensor`` buffer (a constant) is dropped and written back as
+``[0.0]``. transformers' simple relative bias with ``chunk_size >= 0`` reads its vector around ``chunk_size - 1``
+(not ``max_positions - 1``), so ours gets ``max_positions = chunk_size`` and the ``2 * chunk_size - 1`` entries HF
+reads (the others are never used; such a model therefore exports back with ``max_positions = chunk_size`` and the
+shorter vector -- the same function, not the same tensor).
 
 Refused, naming the HF key (our Mega LM has no equivalent): ``add_token_type_embeddings``, ``add_cross_attention``
 (a decoder of an encoder-decoder), ``is_decoder=false`` / ``bidirectional=true`` (not causal: HF would run a

@@ -10,7 +10,8 @@ the LM-head bias are not at their init values of 0 / 1 and a wrong mapping shows
 ``save_pretrained(safe_serialization=True)`` into ``<variant>/`` and writes ``<variant>/reference.safetensors``:
 
 * ``input_ids`` [2, L] and ``logits`` [2, L, vocab] of the full forward (eval mode, fp32);
-* causal variants without chunking: ``prompt`` [1, P], ``generated`` [1, P + 8] from ``generate(do_sample=False, max_new_tokens=8)``;
+* causal variants without chunking: ``prompt`` [1, P], ``generated`` [1, P + 8] from
+  ``generate(do_sample=False, max_new_tokens=8)``;
 * ``last_hidden_state`` [2, L, hidden]: the Mega stack's output (before the LM head's dense layer).
 """
 from __future__ import annotations
