@@ -64,7 +64,7 @@ from megatron_ext.tokenizers.huggingface import hf_tokenizer_files
 
 FORMAT = "megatron_ext.archive.v1"
 MANIFEST, CONFIG, WEIGHTS, TOKENIZER_DIR = "manifest.json", "config.yaml", "model_weights.pt", "tokenizer"
-VOCAB_SUFFIXES = ("word_embeddings.weight", "output_layer.weight")
+VOCAB_SUFFIXES = ("word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -44,7 +44,7 @@ ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_grou
              "normalization", "activation", "position_embedding_type", "share_embeddings_and_output_weights", "bias",
              "max_position_embeddings")
 
-VOCAB_PARTITIONED = ("embedding.word_embeddings.weight", "output_layer.weight")
+VOCAB_PARTITIONED = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
 
 def partition_rule(name: str, activation: str = "gelu") -> Optional[Tuple[int, int]]:

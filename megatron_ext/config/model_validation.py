@@ -230,15 +230,22 @@ def check_vocab_size(vocab_size) -> None:
 
 
 def check_mega_arch(mega, prefix: str, seq_length: int, *, tp: int, pp: int, sequence_parallel: bool = False,
-                    use_cuda: Optional[bool] = None) -> None:
+                    use_cuda: Optional[bool] = None, lm: bool = False) -> None:
     """``model.<prefix>`` (a ``MegaArchConfig``: ``mega``, ``encoder.mega``, ``decoder.mega``) for a sequence of
-    ``seq_length`` tokens under the given parallel layout."""
+    ``seq_length`` tokens under the given parallel layout. ``lm``: the stack of ``model.arch=mega``
+    (``MegaGPTModel``), whose vocabulary-parallel embedding and LM head take tensor parallelism (the Mega layers are
+    then replicated on every tensor-parallel rank) and whose LM-head keys apply."""
     def fail(key, value, expected):
         raise ConfigError(f"model.{prefix}.{key}={value!r}: {expected}")
 
     if mega is None:
         raise ConfigError(f"model.{prefix} is missing: expected the Mega settings (model.{prefix}.chunk_size, ...)")
-    if tp != 1:
+    if not lm:
+        for key in ("lm_hidden_dense_layer", "lm_head_bias"):
+            if _get(mega, key, False):
+                fail(key, _get(mega, key), "only the Mega language model of pretrain_gpt.py (model.arch=mega) has "
+                                           "this LM-head option; set it to false")
+    if tp != 1 and not lm:
         raise ConfigError(f"model.tensor_model_parallel_size={tp}: the Mega architecture (model.{prefix}) does not "
                           f"support tensor parallelism (its layers are not split over ranks); use 1 and scale with "
                           f"data parallelism / ZeRO (trainer.devices, model.zero_stage)")
@@ -278,8 +285,8 @@ def check_mega_arch(mega, prefix: str, seq_length: int, *, tp: int, pp: int, seq
                                            f"attention window is {window} (seq_length / chunk_size); raise it, "
                                            f"chunk, or use relative_positional_bias=rotary")
     for key in ("bidirectional", "normalize_before_mega", "norm_affine", "use_normalized_ffn",
-                "normalize_before_ffn", "use_feature_dropout"):
-        if not isinstance(_get(mega, key), bool):
+                "normalize_before_ffn", "use_feature_dropout", "final_norm", "lm_hidden_dense_layer", "lm_head_bias"):
+        if not isinstance(_get(mega, key, False), bool):
             fail(key, _get(mega, key), "expected true or false")
 
 
@@ -299,7 +306,7 @@ def check_gpt_model_config(cfg, *, use_cuda: Optional[bool] = None) -> None:
                   "grouped-query attention is an option of the transformer GPT (model.arch=transformer); Mega's "
                   "gated attention has no heads to group: set it to null")
         check_mega_arch(cfg.mega, "mega", int(cfg.seq_length), tp=tp, pp=pp,
-                        sequence_parallel=bool(_get(cfg, "sequence_parallel")), use_cuda=use_cuda)
+                        sequence_parallel=bool(_get(cfg, "sequence_parallel")), use_cuda=use_cuda, lm=True)
         return
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by"):
         if not _is_pos_int(_get(cfg, key)):

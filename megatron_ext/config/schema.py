@@ -199,6 +199,10 @@ class MegaArchConfig:
     normalize_before_ffn: bool = True
     use_feature_dropout: bool = False
     ema_impl: str = "auto"  # auto (fused C++/CUDA kernel when it builds, else fft with a warning) | fused | fft | scan
+    final_norm: bool = True  # a pre-norm stack ends with a norm of normalization_type (Hugging Face's MegaModel: none)
+    # the LM head of model.arch=mega (pretrain_gpt.py only; Hugging Face MegaForCausalLM's head, for imported models)
+    lm_hidden_dense_layer: bool = False  # tanh(Linear(hidden, hidden)) before the output layer (add_lm_hidden_dense_layer)
+    lm_head_bias: bool = False  # a learned bias per vocabulary entry on the logits (lm_head.bias)
 
 
 @dataclass

@@ -34,8 +34,10 @@ In both, ``share_embeddings_and_output_weights`` becomes ``tie_word_embeddings``
 becomes ``lm_head``), and the embedding / LM head get exactly ``vocab_size`` rows: the padded rows never carry
 probability in our model (their logits are -inf), so dropping them gives the same softmax.
 
-Anything else (rope + gelu, learned positions + rmsnorm, Mega ``model.arch=mega``, encoder-decoders) raises a
-``ConfigError`` naming the keys that prevent the export and what each target needs.
+A Mega language model (``model.arch=mega``) becomes transformers 4.x's ``MegaForCausalLM`` (``arch="mega"``; the
+mapping and what it refuses: :mod:`megatron_ext.inference.hf_import_mega`; the files are written without
+transformers, whose version 5 has no Mega). Anything else (rope + gelu, learned positions + rmsnorm,
+encoder-decoders) raises a ``ConfigError`` naming the keys that prevent the export and what each target needs.
 
 Tokenizer: written by :mod:`megatron_ext.inference.hf_tokenizer` (``tokenizer.json`` + ``tokenizer_config.json``,
 ids equal to ours) and checked against ours before anything is written; see that module for the representation of
@@ -61,6 +63,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_ext.checkpoint.loader import family_of_checkpoint, read_weights
 from megatron_ext.config.model_validation import model_arch
 from megatron_ext.errors import CheckpointError, ConfigError
+from megatron_ext.inference.hf_import_mega import HF_ARCH, mega_to_hf, write_hf_mega_dir
 from megatron_ext.inference.hf_tokenizer import (PROBE_TEXTS, TOKENIZER_FILES, VERIFY_LINES, TokenizerMismatchError,
                                                  compare_tokenizers, import_transformers, sample_lines,
                                                  symbol_probes, training_text_files, write_hf_tokenizer)
@@ -69,7 +72,7 @@ from megatron_ext.modules.common import tp_world_size
 from megatron_ext.tokenizers import build_tokenizer
 from megatron_ext.tokenizers.base import Tokenizer
 
-ARCHS = ("auto", "gpt2", "llama")
+ARCHS = ("auto", "gpt2", "llama", "mega")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: target -> (HF class, {model.* key: required value})
@@ -117,9 +120,12 @@ def resolve_arch(model_config: Any, arch: str = "auto", family: str = "gpt") -> 
                           "Hugging Face GPT2LMHeadModel / LlamaForCausalLM")
     mc = _mcfg(model_config)
     if family == "mega" or model_arch(mc) == "mega":  # the family table's rule (config.model_validation)
-        raise ConfigError("model.arch=mega: a Mega language model has no Hugging Face causal-LM class that loads our "
-                          "weights (transformers' MegaForCausalLM is a different, deprecated model); only "
-                          "model.arch=transformer GPT models can be exported (to GPT2LMHeadModel or LlamaForCausalLM)")
+        if a not in ("auto", "mega"):
+            raise ConfigError(f"arch={arch!r}: a Mega language model (model.arch=mega) exports to Hugging Face "
+                              f"MegaForCausalLM only (arch=auto or mega)")
+        return "mega"  # megatron_ext.inference.hf_import_mega (transformers 4.x's MegaForCausalLM)
+    if a == "mega":
+        raise ConfigError(f"arch=mega: model.arch={mc.get('arch', 'transformer')!r} is not a Mega language model")
     if family not in ("gpt", None):
         raise ConfigError(f"family={family!r}: only 'gpt' models can be exported to Hugging Face")
     if model_arch(mc) != "transformer":
@@ -438,8 +444,22 @@ def export_to_hf(consolidated: Dict[str, Any], out_dir: str, *, arch: str = "aut
     if ours is not None and int(ours.vocab_size) != vocab:
         raise ConfigError(f"the tokenizer ({ours.name}) has {ours.vocab_size} ids but the model was trained with "
                           f"vocab_size={vocab}: give the tokenizer the model was trained with")
-    transformers = import_transformers()
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"{out_dir}: exists and is not a directory (expected an output directory)")
     mc = _mcfg(consolidated["model_config"])
+    if target == "mega":  # transformers 5 has no Mega: the files are written directly (they load in 4.x)
+        ids = {k: v for k, v in _special_ids(ours, vocab).items() if k.endswith("_token_id")}
+        hf_sd, config = mega_to_hf(consolidated["state_dict"], mc, vocab, **ids)
+        with tempfile.TemporaryDirectory(prefix="hf_tokenizer-") as tok_dir:
+            tok = _checked_tokenizer(ours, tok_dir, int(config["max_positions"]), out_dir, probe_texts, verify_text,
+                                     allow_tokenizer_mismatch)
+            write_hf_mega_dir(out_dir, hf_sd, config, torch_dtype)
+            _copy_tokenizer(tok_dir, tok["written"], out_dir)
+        return {"arch": target, "model_class": HF_ARCH, "out_dir": out_dir,
+                "dtype": str(torch_dtype).replace("torch.", ""), "vocab_size": vocab,
+                "tokenizer": ours.name if ours is not None else None, "tokenizer_mismatches": tok["mismatches"],
+                "tokenizer_checked": tok["checked"], "tokenizer_sources": tok["sources"]}
+    transformers = import_transformers()
     convert = gpt2_state_dict if target == "gpt2" else llama_state_dict
     hf_sd = convert(consolidated["state_dict"], mc, vocab, where)
     config = hf_config(target, mc, consolidated["state_dict"], vocab, ours)
@@ -462,43 +482,54 @@ def export_to_hf(consolidated: Dict[str, Any], out_dir: str, *, arch: str = "aut
     for k, v in ids.items():
         setattr(gen, k, v)
 
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"{out_dir}: exists and is not a directory (expected an output directory)")
+    with tempfile.TemporaryDirectory(prefix="hf_tokenizer-") as tok_dir:
+        max_len = config.max_position_embeddings if target == "llama" else config.n_positions
+        tok = _checked_tokenizer(ours, tok_dir, max_len, out_dir, probe_texts, verify_text, allow_tokenizer_mismatch)
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir)
+        _copy_tokenizer(tok_dir, tok["written"], out_dir)
+    return {"arch": target, "model_class": TARGETS[target][0], "out_dir": out_dir,
+            "dtype": str(torch_dtype).replace("torch.", ""), "vocab_size": vocab,
+            "tokenizer": ours.name if ours is not None else None, "tokenizer_mismatches": tok["mismatches"],
+            "tokenizer_checked": tok["checked"], "tokenizer_sources": tok["sources"]}
+
+
+def _checked_tokenizer(ours, tok_dir: str, max_len: int, out_dir: str, probe_texts, verify_text,
+                       allow_tokenizer_mismatch: bool) -> Dict[str, Any]:
+    """Write the tokenizer files of ``ours`` (None: none) into ``tok_dir`` and compare them with ours on the probe
+    texts and the ``verify_text`` lines (see :func:`export_to_hf`) -> ``written``, ``checked``, ``sources``,
+    ``mismatches``."""
     mismatches: List[Tuple[str, str, List[int], List[int]]] = []
     written: List[str] = []
     checked, sources = 0, []
-    with tempfile.TemporaryDirectory(prefix="hf_tokenizer-") as tok_dir:
-        if ours is not None:
-            max_len = config.max_position_embeddings if target == "llama" else config.n_positions
-            written = write_hf_tokenizer(ours, tok_dir, max_len)
-            files = list(verify_text) if verify_text is not None else training_text_files(ours)
-            texts = [(f"probe text {i + 1}", t) for i, t in
-                     enumerate(list(PROBE_TEXTS) + symbol_probes(ours) + list(probe_texts or []))]
-            for path in files:
-                texts += sample_lines(path, VERIFY_LINES)
-            checked, sources = len(texts), ["probe texts", *files]
-            mismatches = compare_tokenizers(ours, tok_dir, texts)
-            if mismatches:
-                where, t, a, b = mismatches[0]
-                msg = (f"the exported Hugging Face tokenizer encodes {len(mismatches)} of {len(texts)} lines "
-                       f"differently from {ours.name} (first: {where} {_abbrev(t)}: ours {_abbrev(a)} vs Hugging "
-                       f"Face {_abbrev(b)}{' (same ids, other decoded text)' if a == b else ''})")
-                if not allow_tokenizer_mismatch:
-                    raise TokenizerMismatchError(f"{msg}; nothing was written to {out_dir} (export anyway with "
-                                                 f"--allow-tokenizer-mismatch / allow_tokenizer_mismatch=True)")
-                warnings.warn(f"{msg}; exported anyway: AutoTokenizer ids differ from training ids for such "
-                              f"text", HFExportWarning, stacklevel=2)
-        os.makedirs(out_dir, exist_ok=True)
-        model.save_pretrained(out_dir)
-        for name in written:
-            shutil.copyfile(os.path.join(tok_dir, name), os.path.join(out_dir, name))
+    if ours is not None:
+        written = write_hf_tokenizer(ours, tok_dir, max_len)
+        files = list(verify_text) if verify_text is not None else training_text_files(ours)
+        texts = [(f"probe text {i + 1}", t) for i, t in
+                 enumerate(list(PROBE_TEXTS) + symbol_probes(ours) + list(probe_texts or []))]
+        for path in files:
+            texts += sample_lines(path, VERIFY_LINES)
+        checked, sources = len(texts), ["probe texts", *files]
+        mismatches = compare_tokenizers(ours, tok_dir, texts)
+        if mismatches:
+            where, t, a, b = mismatches[0]
+            msg = (f"the exported Hugging Face tokenizer encodes {len(mismatches)} of {len(texts)} lines "
+                   f"differently from {ours.name} (first: {where} {_abbrev(t)}: ours {_abbrev(a)} vs Hugging "
+                   f"Face {_abbrev(b)}{' (same ids, other decoded text)' if a == b else ''})")
+            if not allow_tokenizer_mismatch:
+                raise TokenizerMismatchError(f"{msg}; nothing was written to {out_dir} (export anyway with "
+                                             f"--allow-tokenizer-mismatch / allow_tokenizer_mismatch=True)")
+            warnings.warn(f"{msg}; exported anyway: AutoTokenizer ids differ from training ids for such "
+                          f"text", HFExportWarning, stacklevel=3)
+    return {"written": written, "checked": checked, "sources": sources, "mismatches": mismatches}
+
+
+def _copy_tokenizer(tok_dir: str, written: List[str], out_dir: str) -> None:
+    for name in written:
+        shutil.copyfile(os.path.join(tok_dir, name), os.path.join(out_dir, name))
     for name in TOKENIZER_FILES - set(written):  # a tokenizer left by an earlier export would not match this model
         if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    return {"arch": target, "model_class": TARGETS[target][0], "out_dir": out_dir,
-            "dtype": str(torch_dtype).replace("torch.", ""), "vocab_size": vocab,
-            "tokenizer": ours.name if ours is not None else None, "tokenizer_mismatches": mismatches,
-            "tokenizer_checked": checked, "tokenizer_sources": sources}
 
 
 def _abbrev(x: Any, n: int = 12) -> str:

@@ -64,11 +64,12 @@ def mega_layer_forward_flops(mega, hidden_size: int, s: int, causal: bool = True
 
 def gpt_forward_flops_per_token(cfg, vocab_size: int, seq_length: Optional[int] = None) -> int:
     """Forward-pass model FLOPs per token (see the module docstring; ``model.arch=mega``: ``L`` x
-    ``mega_layer_forward_flops / s`` + logits)."""
+    ``mega_layer_forward_flops / s`` + logits, + ``2 h^2`` with ``model.mega.lm_hidden_dense_layer``)."""
     s = int(cfg.seq_length if seq_length is None else seq_length)
     if str(getattr(cfg, "arch", "transformer")).lower() == "mega":
         layers = int(cfg.num_layers) * mega_layer_forward_flops(cfg.mega, cfg.hidden_size, s, causal=True)
-        return layers // s + 2 * int(cfg.hidden_size) * int(vocab_size)
+        dense = 2 * int(cfg.hidden_size) ** 2 if getattr(cfg.mega, "lm_hidden_dense_layer", False) else 0
+        return layers // s + dense + 2 * int(cfg.hidden_size) * int(vocab_size)
     h = int(cfg.hidden_size)
     L = int(cfg.num_layers)
     f = resolve_ffn_hidden_size(cfg)

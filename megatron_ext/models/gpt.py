@@ -157,14 +157,16 @@ def transformer_layer_kwargs(cfg: ModelConfig, ffn_hidden_size: int, parallel_co
     )
 
 
-def build_output_layer(cfg: ModelConfig, padded_vocab: int, parallel_config, init_method, tied: bool):
-    """The LM head: a column-parallel ``hidden -> padded_vocab/tp`` projection (no weight of its own when tied)."""
+def build_output_layer(cfg: ModelConfig, padded_vocab: int, parallel_config, init_method, tied: bool,
+                       bias: bool = False):
+    """The LM head: a column-parallel ``hidden -> padded_vocab/tp`` projection (no weight of its own when tied;
+    ``bias``: a vocabulary-parallel bias, zero-initialised -- Mega's ``model.mega.lm_head_bias``)."""
     return ColumnParallelLinear(
         cfg.hidden_size,
         padded_vocab,
         config=parallel_config,
         init_method=init_method,
-        bias=False,
+        bias=bool(bias),
         gather_output=False,
         skip_weight_param_allocation=tied,
         tp_group=tp_group(),

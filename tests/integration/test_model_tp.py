@@ -1,6 +1,6 @@
 """GPTModel at TP=2 (2 gloo processes on CPU) equals TP=1: loss, gathered logits, gradients (multi-head and
-grouped-query attention); packed documents (segment ids) at TP=2 give each document's loss as if it ran alone
-(fp64)."""
+grouped-query attention; also the Mega LM imported from Hugging Face's MegaForCausalLM: logits vs transformers',
+greedy tokens); packed documents (segment ids) at TP=2 give each document's loss as if it ran alone (fp64)."""
 import importlib.util
 import json
 import os
@@ -32,6 +32,11 @@ def test_tp2_matches_tp1(tmp_path):
     ce = res["cross_entropy"]  # ours vs megatron-core's vocab_parallel_cross_entropy across 2 vocab shards
     assert ce["loss_diff"] < 1e-5 and ce["grad_diff"] < 1e-6 and ce["loss_mean"] > 1.0, ce
     assert res["rng"]["default_same"] and res["rng"]["tp_differs"], res["rng"]
+    for name, r in res["mega_hf"].items():  # HF Mega imported at TP2: vocabulary-parallel head, replicated layers
+        assert r["padded_vocab"] == 512 and r["same_params"], (name, r)
+        assert r["logits_diff"] < 1e-4 and r["loss_diff"] < 1e-5 and r["max_grad_diff"] < 1e-5, (name, r)
+        assert r["greedy"] == r["hf_greedy"], (name, r)
+    assert len(res["mega_hf"]["causal_rotary"]["greedy"]) == 8
     for name in ("learned", "rope", "rope_gqa"):  # packed documents at TP2: each document's loss as if alone (fp64)
         dm = res["docmask"][name]
         assert dm["max_diff"] < 1e-6 and dm["unmasked_diff"] > 1e-3, (name, dm)

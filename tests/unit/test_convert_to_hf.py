@@ -205,12 +205,15 @@ def test_unsupported_combinations_are_refused(tmp_path, kw, arch, expect):
     assert not os.path.exists(tmp_path / "config.json")
 
 
-def test_mega_and_encoder_decoder_are_refused():
-    mega = dataclasses.asdict(ModelConfig(arch="mega"))
-    with pytest.raises(ConfigError, match=r"model.arch=mega: .*only model.arch=transformer GPT models"):
-        resolve_arch(mega)
-    with pytest.raises(ConfigError, match=r"model.arch=mega"):
-        export_to_hf({"state_dict": {}, "vocab_size": 10, "model_config": mega}, "unused")
+def test_mega_targets_and_encoder_decoder_are_refused():
+    mega = dataclasses.asdict(ModelConfig(arch="mega"))  # Mega exports to MegaForCausalLM (tests/unit/test_hf_mega.py)
+    assert resolve_arch(mega) == "mega"
+    with pytest.raises(ConfigError, match=r"arch='gpt2': a Mega language model .*MegaForCausalLM only"):
+        resolve_arch(mega, "gpt2")
+    with pytest.raises(ConfigError, match=r"arch=mega: model.arch='transformer' is not a Mega language model"):
+        resolve_arch(dataclasses.asdict(ModelConfig()), "mega")
+    with pytest.raises(ConfigError, match=r"model.mega.final_norm=true: transformers' MegaModel has no norm"):
+        export_to_hf({"state_dict": {}, "vocab_size": 10, "model_config": mega}, "unused", tokenizer=False)
     from megatron_ext.config.schema import EncoderDecoderModelConfig
 
     encdec = dataclasses.asdict(EncoderDecoderModelConfig())
@@ -287,11 +290,11 @@ def test_cli_errors(tmp_path, capsys):
     torch.save({"something": 1}, tmp_path / "x.pt")
     rc, _, err = _cli(capsys, "--input", str(tmp_path / "x.pt"), "--output", str(tmp_path / "hf"))
     assert rc == 2 and "is not a consolidated megatron_ext checkpoint" in err and err.count("\n") == 1
-    mega = {"format": "megatron_ext.consolidated.v1", "state_dict": {}, "vocab_size": 10,
+    mega = {"format": "megatron_ext.consolidated.v1", "state_dict": {}, "vocab_size": 259,
             "model_config": dataclasses.asdict(ModelConfig(arch="mega")), "source": {}}
     torch.save(mega, tmp_path / "mega.pt")
     rc, _, err = _cli(capsys, "--input", str(tmp_path / "mega.pt"), "--output", str(tmp_path / "hf"))
-    assert rc == 2 and "convert_to_hf: error: model.arch=mega" in err
+    assert rc == 2 and "convert_to_hf: error: model.mega.final_norm=true: transformers' MegaModel" in err
     bart = tmp_path / "bart_run" / "checkpoints" / "step_0000005"
     bart.mkdir(parents=True)
     from megatron_ext.config.schema import EncoderDecoderModelConfig
