@@ -25,8 +25,14 @@ and keeps the best of ``--reps`` runs of each (the machine may be shared). Then 
   tokens_per_sec_gz_4shards_merged  a directory of 4 .jsonl.gz shards -> one merged .bin/.idx (parts, manifest,
                                   fsync, merge included)
 
+``--tokenizer huggingface``: the same with a Hugging Face byte-level BPE (GPT-2 style, ``--vocab`` ids, trained
+with the ``tokenizers`` library on the same text and cached the same way; ``tools/preprocess_data.py
+--tokenizer-library huggingface``); the baseline is then ``tokenizers``' ``encode_batch_fast(all_texts)`` (its
+thread pool: all cores), reported as ``hf_encode_only_tokens_per_sec`` / ``speedup_vs_hf_encode_only``.
+
     python bench/bench_preprocess.py            # 40 MB
     python bench/bench_preprocess.py --quick    # 8 MB, under a minute
+    python bench/bench_preprocess.py --quick --tokenizer huggingface --no-gz
 """
 from __future__ import annotations
 
@@ -89,13 +95,49 @@ def get_model(corpus_path: str, corpus_hash: str, vocab: int, model_type: str) -
     return prefix + ".model"
 
 
+def get_hf_model(corpus_path: str, corpus_hash: str, vocab: int) -> str:
+    """A GPT-2 style byte-level BPE directory (tokenizer.json + tokenizer_config.json), trained once and cached."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d = os.path.join(cache_dir(), f"hf_bpe_{vocab}_{corpus_hash[:12]}")
+    if not os.path.isfile(os.path.join(d, "tokenizer_config.json")):
+        tmp = f"{d}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train([corpus_path], trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                     show_progress=False))
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>",
+                       "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+    return d
+
+
+def run_hf_baseline(texts, model: str):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
+    t0 = time.perf_counter()
+    enc = tok.encode_batch_fast(texts)  # batch call, the library's thread pool (all cores)
+    dt = time.perf_counter() - t0
+    return sum(len(e.ids) for e in enc), dt
+
+
+LIBRARY = "sentencepiece"
+
+
 def run_ours(jsonl: str, model: str, workers: int, work: str, env):
     out = os.path.join(work, "out", "bench")
     stats_path = os.path.join(work, "stats.json")
     if os.path.exists(stats_path):
         os.remove(stats_path)
     cmd = [sys.executable, SCRIPT, "--input", jsonl, "--output-prefix", out,
-           "--tokenizer-library", "sentencepiece", "--tokenizer-model", model,
+           "--tokenizer-library", LIBRARY, "--tokenizer-model", model,
            "--workers", str(workers), "--no-progress", "--stats-json", stats_path]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -127,7 +169,12 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
     ap.add_argument("--no-gz", action="store_true", help="skip the .gz figures")
+    ap.add_argument("--tokenizer", default="sentencepiece", choices=("sentencepiece", "huggingface"),
+                    help="huggingface: a byte-level BPE tokenizer.json read with the tokenizers library")
     args = ap.parse_args()
+    global LIBRARY
+    LIBRARY = args.tokenizer
+    hf = args.tokenizer == "huggingface"
     env = dict(os.environ)  # the user's environment, before importing megatron_ext changes it
     if not os.path.isfile(SHAKESPEARE):
         print(f"bench_preprocess: {SHAKESPEARE} not found (../shared is missing); nothing to "
@@ -140,7 +187,8 @@ def main() -> int:
         raw = f.read()
     corpus_hash = hashlib.sha256(raw).hexdigest()
     paras = paragraphs(raw.decode("utf-8"))
-    model = get_model(SHAKESPEARE, corpus_hash, args.vocab, args.model_type)
+    model = (get_hf_model(SHAKESPEARE, corpus_hash, args.vocab) if hf
+             else get_model(SHAKESPEARE, corpus_hash, args.vocab, args.model_type))
 
     work = tempfile.mkdtemp(prefix="bench_preprocess_")
     try:
@@ -156,7 +204,7 @@ def main() -> int:
             if best_ours is None or stats["seconds"] < best_ours["seconds"]:
                 best_ours = stats
             best_wall = wall if best_wall is None else min(best_wall, wall)
-            base_tokens, base_dt = run_baseline(texts, model)
+            base_tokens, base_dt = (run_hf_baseline if hf else run_baseline)(texts, model)
             best_base = base_dt if best_base is None else min(best_base, base_dt)
             runs.append([round(stats["seconds"], 3), round(wall, 3), round(base_dt, 3)])
         gz_runs = {}
@@ -198,7 +246,8 @@ def main() -> int:
         "baseline_tokens": base_tokens,
         "workers": args.workers,
         "cpu_count": os.cpu_count(),
-        "tokenizer": f"sentencepiece {args.model_type} vocab {args.vocab}",
+        "tokenizer": (f"huggingface byte-level BPE vocab {args.vocab}" if hf
+                      else f"sentencepiece {args.model_type} vocab {args.vocab}"),
         "reps": reps,
         "best_seconds": round(best_ours["seconds"], 3),
         "best_wall_seconds": round(best_wall, 3),
@@ -211,8 +260,9 @@ def main() -> int:
     emit("tokens_per_sec_wall", tokens / best_wall, "tokens/s", config)
     emit("docs_per_sec", n_docs / best_ours["seconds"], "docs/s", config)
     emit("mb_per_sec", n_bytes / 1e6 / best_ours["seconds"], "MB/s", config)
-    emit("spm_encode_only_tokens_per_sec", base, "tokens/s", config)
-    emit("speedup_vs_spm_encode_only", ours / base, "x", config)
+    base_name = "hf" if hf else "spm"
+    emit(f"{base_name}_encode_only_tokens_per_sec", base, "tokens/s", config)
+    emit(f"speedup_vs_{base_name}_encode_only", ours / base, "x", config)
     for label, (stats, gz_bytes) in gz_runs.items():
         emit(f"tokens_per_sec_{label}", stats["tokens"] / stats["seconds"], "tokens/s",
              dict(config, best_seconds=round(stats["seconds"], 3), gz_mb=round(gz_bytes / 1e6, 2),

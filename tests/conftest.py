@@ -188,3 +188,14 @@ def spm_models(tmp_path_factory):
     bpe = train_sentencepiece(str(d / "bpe"), 600, sentences=sentences, model_type="bpe", byte_fallback=True,
                               character_coverage=0.98, extra_options=mask)
     return {"unigram": uni, "bpe-bytefallback": bpe}
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dirs(tmp_path_factory):
+    """Two tiny Hugging Face tokenizer directories trained once per session with the ``tokenizers`` library
+    (helpers.make_hf_tokenizer): ``gpt2`` (byte-level BPE, nothing added around a text) and ``llama`` (BPE with byte
+    fallback, ``add_bos_token: true``)."""
+    from helpers import make_hf_tokenizer
+
+    d = tmp_path_factory.mktemp("hf_tok")
+    return {kind: make_hf_tokenizer(str(d / kind), kind) for kind in ("gpt2", "llama")}

@@ -300,6 +300,74 @@ def random_tokens(vocab=VOCAB, b=2, s=16, seed=3):
     return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
+def make_hf_tokenizer(out_dir, kind="gpt2", lines=None, vocab_size=None):
+    """A tiny Hugging Face tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json``) trained offline with
+    the ``tokenizers`` library on ``lines`` (default: 3000 lines of :func:`shakespeare_lines`); returns ``out_dir``.
+
+    * ``gpt2``: byte-level BPE like GPT-2's, ``<|endoftext|>`` (id 0) as bos / eos / unk, nothing added by
+      ``AutoTokenizer`` (``tokenizer_class`` GPT2Tokenizer);
+    * ``llama``: Llama-2 style BPE with byte fallback (``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, the 256 ``<0xNN>`` byte
+      pieces 3..258), a ``Metaspace`` pre-tokenizer (what transformers 5 builds for ``LlamaTokenizer``), a
+      ``"<s> $A"`` post-processor (``AutoTokenizer`` puts ``<s>`` first) and ``add_bos_token: true`` as Llama-2's
+      ``tokenizer_config.json`` says it.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    lines = list(lines) if lines is not None else shakespeare_lines(3000)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "tokenizer.json")
+
+    def special(i, s):
+        return {"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+
+    if kind == "gpt2":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        tok.train_from_iterator(lines, trainers.BpeTrainer(
+            vocab_size=vocab_size or 400, special_tokens=["<|endoftext|>"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.save(path)
+        eot = "<|endoftext|>"
+        cfg = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
+               "add_prefix_space": False, "model_max_length": 1024,
+               "added_tokens_decoder": {"0": {k: v for k, v in special(0, eot).items() if k != "id"}}}
+    elif kind == "llama":
+        specials = ["<unk>", "<s>", "</s>"]
+        tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size or 600, special_tokens=specials,
+                                                           show_progress=False, limit_alphabet=120))
+        spec = json.loads(tok.to_str())
+        # the byte pieces are ordinary vocabulary entries (ids 3..258), as in Llama's tokenizer.json
+        trained = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+        vocab = {s: i for i, s in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+        for piece, _ in trained:
+            vocab.setdefault(piece, len(vocab))
+        spec["model"]["vocab"] = vocab
+        spec["added_tokens"] = [special(i, s) for i, s in enumerate(specials)]
+        tok = Tokenizer.from_str(json.dumps(spec))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+        tok.save(path)
+        cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+               "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "legacy": False,
+               "model_max_length": 2048,
+               "added_tokens_decoder": {str(i): {k: v for k, v in special(i, s).items() if k != "id"}
+                                        for i, s in enumerate(specials)}}
+    else:
+        raise ValueError(f"kind={kind!r}: expected gpt2 or llama")
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return out_dir
+
+
 def check_hf_tokenizer(out_dir, ours, texts):
     """The exported tokenizer (``AutoTokenizer`` from ``out_dir``) gives our ids on every text; returns it."""
     import transformers

@@ -19,7 +19,9 @@ Format: an uncompressed tar with exactly these members::
                         gathered (megatron-core's partition_dim / partition_stride), ZeRO-3 partitions gathered,
                         pipeline stages merged under the plain model's names, vocabulary rows trimmed to
                         vocab_size (padding rows are never used: the logits mask them)
-    tokenizer/<file>    the tokenizer model file (sentencepiece), when the tokenizer has one
+    tokenizer/<file>    the tokenizer model file (sentencepiece), when the tokenizer has one; a Hugging Face
+                        tokenizer (library huggingface) travels as tokenizer/tokenizer.json (the manifest's
+                        tokenizer.file) with the tokenizer_config.json / special_tokens_map.json it was read with
 
 Reading is defensive: the manifest is read first (size-capped) and every member header is checked against it
 before anything is written (no absolute paths, no ``..``, regular files only -- no sparse files, links or devices --,
@@ -53,15 +55,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_ext.checkpoint.consolidated import merge_shards, shard_of
 from megatron_ext.checkpoint.safe_load import load_untrusted
-from megatron_ext.errors import CheckpointError
+from megatron_ext.errors import CheckpointError, ConfigError
 from megatron_ext.models.families import FAMILIES, family_of_model
 from megatron_ext.models.gpt_pipe import canonical_name
 from megatron_ext.modules.common import tp_group, tp_rank, tp_world_size
 from megatron_ext.output_files import write_error
+from megatron_ext.tokenizers.huggingface import hf_tokenizer_files
 
 FORMAT = "megatron_ext.archive.v1"
 MANIFEST, CONFIG, WEIGHTS, TOKENIZER_DIR = "manifest.json", "config.yaml", "model_weights.pt", "tokenizer"
-VOCAB_SUFFIXES = ("word_embeddings.weight", "output_layer.weight")
+VOCAB_SUFFIXES = ("word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -185,7 +188,19 @@ def write_archive(path: str, *, state_dict: Dict[str, torch.Tensor], config: Dic
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".mext-") as tmp:
         members = {}
         tok_member = None
-        if tokenizer_file:
+        if tokenizer_file and str(tokenizer_library).strip().lower() == "huggingface":
+            # a Hugging Face tokenizer: tokenizer.json (the manifest's tokenizer.file) and the config files beside it
+            try:
+                main, extra = hf_tokenizer_files(tokenizer_file)
+            except ConfigError as e:
+                raise CheckpointError(f"{e} (the archive must carry the tokenizer the model was trained with)") \
+                    from None
+            for k, src in enumerate([main] + extra):
+                member = posixpath.join(TOKENIZER_DIR, os.path.basename(src))
+                shutil.copyfile(src, os.path.join(tmp, f"tok{k}"))
+                members[member] = os.path.join(tmp, f"tok{k}")
+                tok_member = tok_member or member
+        elif tokenizer_file:
             if not os.path.isfile(tokenizer_file):
                 raise CheckpointError(f"model.tokenizer.model={tokenizer_file}: file not found (the archive must "
                                       f"carry the tokenizer the model was trained with)")

@@ -31,7 +31,7 @@ import torch
 from megatron_ext.checkpoint.files import check_files, resolve_ckpt_path
 from megatron_ext.checkpoint.safe_load import check_untrusted, load_untrusted
 from megatron_ext.errors import CheckpointError
-from megatron_ext.models.gpt import resolve_ffn_hidden_size, resolve_max_position_embeddings
+from megatron_ext.models.gpt import resolve_ffn_hidden_size, resolve_max_position_embeddings, resolve_num_query_groups
 from megatron_ext.models.gpt_pipe import canonical_name
 from megatron_ext.modules import common as tp_state
 
@@ -40,14 +40,13 @@ log = logging.getLogger("megatron_ext")
 FORMAT = "megatron_ext.consolidated.v1"
 
 # architecture keys that must agree between a consolidated file and the model loading it
-ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "normalization", "activation",
-             "position_embedding_type", "share_embeddings_and_output_weights", "bias", "max_position_embeddings")
+ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+             "normalization", "activation", "position_embedding_type", "share_embeddings_and_output_weights", "bias",
+             "max_position_embeddings")
 # numeric architecture keys compared as numbers, and only when the saved config has them (older files may not)
 ARCH_NUMBERS = ("layernorm_epsilon", "rotary_base")
-# keys whose null means "the default of another key" (compared when the saved config has them)
-ARCH_OPTIONAL = ("num_query_groups",)
 
-VOCAB_PARTITIONED = ("embedding.word_embeddings.weight", "output_layer.weight")
+VOCAB_PARTITIONED = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
 
 def partition_rule(name: str, activation: str = "gelu") -> Optional[Tuple[int, int]]:
@@ -236,30 +235,28 @@ def check_architecture(saved: Dict[str, Any], model_cfg, vocab_size: int, where:
             self.__dict__.update(d)
 
     s = _C(saved)
+    # resolved values: a file saved before model.num_query_groups existed (multi-head) matches num_query_groups=null
+    # and num_query_groups=num_attention_heads alike
     mine_res = {"ffn_hidden_size": resolve_ffn_hidden_size(model_cfg),
-                "max_position_embeddings": resolve_max_position_embeddings(model_cfg)}
+                "max_position_embeddings": resolve_max_position_embeddings(model_cfg),
+                "num_query_groups": resolve_num_query_groups(model_cfg)}
     saved_res = {"ffn_hidden_size": resolve_ffn_hidden_size(s), "max_position_embeddings":
-                 resolve_max_position_embeddings(s)}
+                 resolve_max_position_embeddings(s), "num_query_groups": resolve_num_query_groups(saved)}
     for k in ARCH_KEYS:
         a = saved_res.get(k, _arch_value(saved, k))
         b = mine_res.get(k, _arch_value(model_cfg, k))
         if str(a).lower() != str(b).lower():
             raise CheckpointError(f"{where} was trained with model.{k}={a} but this model has model.{k}={b}")
-    for k in ARCH_NUMBERS + ARCH_OPTIONAL:
+    for k in ARCH_NUMBERS:
         if not (isinstance(saved, dict) and k in saved):
             continue
         a, b = saved.get(k), _arch_value(model_cfg, k)
         if k == "rotary_base" and str(_arch_value(model_cfg, "position_embedding_type")).lower() != "rope":
             continue  # unused without rotary positions
-        if k in ARCH_OPTIONAL:
-            heads_a, heads_b = saved.get("num_attention_heads"), _arch_value(model_cfg, "num_attention_heads")
-            a, b = (heads_a if a is None else a), (heads_b if b is None else b)
-            same = str(a) == str(b)
-        else:
-            try:
-                same = a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), 1.0)
-            except (TypeError, ValueError):
-                same = False
+        try:
+            same = a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), 1.0)
+        except (TypeError, ValueError):
+            same = False
         if not same:
             raise CheckpointError(f"{where} was trained with model.{k}={a} but this model has model.{k}={b}")
 

@@ -160,9 +160,12 @@ def load_weights_file(model: torch.nn.Module, path: str, model_cfg) -> Dict[str,
         return load_consolidated(model, path, model_cfg)
     with tempfile.TemporaryDirectory(prefix="mext-") as tmp:
         obj = read_archive(path, tmp)
-    if obj.get("family") != "gpt":
-        raise CheckpointError(f"{path} holds a {obj.get('family')} model (its manifest's family); "
-                              f"model.ckpt_path of a GPT run needs a GPT archive")
+    mine_family = family_of_config(model_cfg).name if model_cfg is not None else "gpt"
+    if obj.get("family") != mine_family:
+        raise CheckpointError(f"{path} holds a {obj.get('family')} model (its manifest's family) but this run "
+                              f"trains a {mine_family} model (model.arch={_attr(model_cfg, 'arch')})")
+    if mine_family == "mega":
+        check_mega_architecture(obj["model_config"], model_cfg, path)
     lib = (obj.get("tokenizer") or {}).get("library")
     mine = getattr(getattr(model_cfg, "tokenizer", None), "library", None) if model_cfg is not None else None
     if lib and mine and str(lib).lower() != str(mine).lower():
@@ -170,6 +173,41 @@ def load_weights_file(model: torch.nn.Module, path: str, model_cfg) -> Dict[str,
                               f"model.tokenizer.library={mine}; use the tokenizer the archive was trained with")
     obj.setdefault("step", 0)
     return load_consolidated(model, path, model_cfg, obj=obj)
+
+
+#: model.mega keys that do not change the function (an implementation choice; ignored by a causal decoder)
+MEGA_NON_ARCH = ("ema_impl", "bidirectional")
+
+
+def _attr(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def check_mega_architecture(saved: Dict[str, Any], model_cfg: Any, where: str) -> None:
+    """A Mega LM archive's ``model.mega.*`` keys against the run's (``load_consolidated`` checks the transformer
+    keys and every tensor's shape; these decide the function without changing shapes). Null sizes resolve to their
+    defaults (``2 * hidden_size``; ``max_positions``: ``seq_length``)."""
+    a_m, b_m = saved.get("mega") or {}, _attr(model_cfg, "mega")
+    if b_m is None:
+        return
+
+    def resolved(cfg: Any, mega: Any, key: str) -> Any:
+        v = _attr(mega, key)
+        if v is None and key in ("intermediate_size", "nffn_hidden_size"):
+            return 2 * int(_attr(cfg, "hidden_size"))
+        if v is None and key == "max_positions":
+            return int(_attr(cfg, "seq_length"))
+        return v
+
+    for key in a_m:
+        if key in MEGA_NON_ARCH:
+            continue
+        a, b = resolved(saved, a_m, key), resolved(model_cfg, b_m, key)
+        if str(a).lower() != str(b).lower():
+            raise CheckpointError(f"{where} was trained with model.mega.{key}={a} but this model has "
+                                  f"model.mega.{key}={b}")
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -227,5 +265,5 @@ def archive_from_checkpoint(path: str, out_path: str) -> str:
 
 
 __all__ = ["Loaded", "build_model", "run_config_for", "consolidate_any", "read_weights", "load_weights_file",
-           "family_of_checkpoint",
+           "check_mega_architecture", "family_of_checkpoint",
            "load_model", "restore_model", "archive_from_checkpoint"]

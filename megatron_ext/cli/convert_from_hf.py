@@ -1,5 +1,5 @@
-"""Import a local Hugging Face model directory (GPT-2, Llama) as our GPT: a ``.mext`` archive, a consolidated
-``.pt`` or a training checkpoint in a chosen TP x PP layout.
+"""Import a local Hugging Face model directory (GPT-2, Llama incl. grouped-query attention, Mega) as our model: a
+``.mext`` archive, a consolidated ``.pt`` or a training checkpoint in a chosen TP x PP layout.
 
     python tools/convert_from_hf.py --input hf/llama --output llama.mext
     python tools/convert_from_hf.py --input hf/gpt2 --output gpt2.pt --tokenizer-library byte
@@ -13,6 +13,11 @@ it, as ``tools/convert_checkpoint.py --output-dir`` does) and its ``config.yaml`
 Continue pretraining (weights only, a fresh optimizer) from any of them, at any layout::
 
     python pretrain_gpt.py model.ckpt_path=llama.mext <the model.* line this tool prints> ...
+
+A Mega model (transformers 4.x's ``MegaForCausalLM``; mapping and refusals in
+``megatron_ext/inference/hf_import_mega.py``) is written as a ``.mext`` archive only; the tool prints its model
+config (``model.arch=mega`` and the ``model.mega.*`` keys), e.g. for ``pretrain_gpt.py
+--config-path=configs/mega --config-name=gpt_mega model.ckpt_path=mega.mext ...``.
 
 The run's ``model.*`` architecture keys must describe the imported model: the tool prints them as one line of
 overrides (the archive also holds them in its ``config.yaml``), and a run whose keys differ is refused naming the
@@ -29,6 +34,7 @@ Errors print one line ``convert_from_hf: error: ...`` and exit with status 2. Ex
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -98,7 +104,9 @@ def run_config(model_config: Dict[str, Any], tokenizer: Dict[str, Optional[str]]
 
     cfg = load_config(get_family(family).schema)
     mc = dict(model_config)
-    mc["seq_length"] = min(int(cfg.model.seq_length), int(mc.get("max_position_embeddings") or cfg.model.seq_length))
+    if mc.get("seq_length") is None:  # a training length the model's positions allow
+        mc["seq_length"] = min(int(cfg.model.seq_length),
+                               int(mc.get("max_position_embeddings") or cfg.model.seq_length))
     cfg.model = OmegaConf.merge(cfg.model, mc)
     cfg.model.tokenizer.library = tokenizer["library"]
     cfg.model.tokenizer.model = tokenizer["model"]
@@ -176,7 +184,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         ckpt = out
     return {"model_type": obj["source"]["hf_model_type"], "params": n, "vocab_size": obj["vocab_size"],
             "output": out, "layout": (tp, pp) if layout_out else None,
-            "overrides": override_line(obj["model_config"], spec, ckpt) if gpt else None}
+            "overrides": override_line(obj["model_config"], spec, ckpt) if gpt else None, "model": mc}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -191,8 +199,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if info["overrides"]:
         print(f"{PROG}: continue pretraining with: python pretrain_gpt.py {info['overrides']}", flush=True)
     else:
-        print(f"{PROG}: its config.yaml holds the model.* keys; LM.restore_from({info['output']!r}) loads it",
-              flush=True)
+        mc = {k: v for k, v in info["model"].items() if k != "tokenizer"}
+        print(f"{PROG}: model config (its config.yaml; LM.restore_from({info['output']!r}) loads it): "
+              f"{json.dumps(mc, sort_keys=True)}", flush=True)
     return 0
 
 

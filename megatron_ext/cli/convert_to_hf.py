@@ -13,8 +13,10 @@ Then ``AutoModelForCausalLM.from_pretrained("hf/gpt")`` gives the same logits as
 (``tools/convert_checkpoint.py --output``).
 
 ``--arch auto`` (default) exports learned positions + GELU + LayerNorm models as ``GPT2LMHeadModel`` and rope +
-SwiGLU + RMSNorm models as ``LlamaForCausalLM``; any other combination, Mega and encoder-decoder models are
-refused with a message naming the ``model.*`` keys in the way. The tokenizer is the one the checkpoint was
+SwiGLU + RMSNorm models as ``LlamaForCausalLM``, and Mega language models (``model.arch=mega``) as transformers
+4.x's ``MegaForCausalLM`` (``model_type: mega``; transformers 5 has no Mega, see
+``megatron_ext/inference/hf_import_mega.py``); any other combination and encoder-decoder models are refused with
+a message naming the ``model.*`` keys in the way. The tokenizer is the one the checkpoint was
 trained with (``model.tokenizer``; the archive's own copy for ``.mext``); ``--tokenizer-library`` /
 ``--tokenizer-model`` replace it, e.g. when the sentencepiece file has moved.
 
@@ -49,12 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help=".mext archive, run/checkpoint directory or consolidated .pt")
     p.add_argument("--output", required=True, help="the Hugging Face model directory to write")
-    p.add_argument("--arch", choices=("auto", "gpt2", "llama"), default="auto",
+    p.add_argument("--arch", choices=("auto", "gpt2", "llama", "mega"), default="auto",
                    help="target architecture (default: auto, from the model config)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the saved weights (default float32)")
-    p.add_argument("--tokenizer-library", default=None, help="override the tokenizer library (byte | sentencepiece)")
-    p.add_argument("--tokenizer-model", default=None, help="override the tokenizer model file (sentencepiece .model)")
+    p.add_argument("--tokenizer-library", default=None, help="override the tokenizer library (byte | char | sentencepiece | huggingface)")
+    p.add_argument("--tokenizer-model", default=None, help="override the tokenizer model file (sentencepiece .model; huggingface: the "
+                   "directory with tokenizer.json)")
     p.add_argument("--verify-text", action="append", default=None, metavar="FILE",
                    help="a text file (e.g. the training text) whose lines (a sample) the exported tokenizer must "
                         "encode to our ids; repeatable (default: the tokenizer's recorded training input, if found)")

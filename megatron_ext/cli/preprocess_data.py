@@ -143,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         "merged dataset",
     )
     p.add_argument(
-        "--tokenizer-library", default="byte", help="tokenizer library: byte | sentencepiece"
+        "--tokenizer-library", default="byte", help="tokenizer library: byte | char | sentencepiece | huggingface"
     )
-    p.add_argument("--tokenizer-model", default=None, help="sentencepiece .model file")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="sentencepiece .model file; huggingface: a Hugging Face model directory with tokenizer.json "
+                   "(ids as AutoTokenizer gives them, e.g. Llama's bos first, then eod with --append-eod)")
     p.add_argument(
         "--json-keys",
         nargs="+",

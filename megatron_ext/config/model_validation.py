@@ -80,6 +80,13 @@ def resolve_ffn_hidden_size(cfg) -> int:
     return 4 * h
 
 
+def resolve_num_query_groups(cfg) -> int:
+    """GPT: ``model.num_query_groups`` (key/value heads of grouped-query attention), default
+    ``model.num_attention_heads`` (multi-head attention). Works on configs saved before the key existed."""
+    groups = _get(cfg, "num_query_groups")
+    return int(_get(cfg, "num_attention_heads") if groups is None else groups)
+
+
 def resolve_max_position_embeddings(cfg) -> int:
     """GPT: ``model.max_position_embeddings``, default ``model.seq_length``."""
     return int(cfg.max_position_embeddings if cfg.max_position_embeddings is not None else cfg.seq_length)
@@ -157,6 +164,25 @@ def _check_heads(cfg, prefix: str, tp: int, pos_type: str) -> None:
         _fail(prefix + "hidden_size", hidden, f"rope needs an even head dimension ({dim})")
 
 
+def _check_query_groups(cfg, tp: int) -> None:
+    """GPT's ``model.num_query_groups``: null or a positive integer that divides the heads (each key/value head
+    serves the same number of query heads) and is divisible by the tensor-parallel size (every rank holds whole
+    groups)."""
+    groups = _get(cfg, "num_query_groups")
+    if groups is None:
+        return
+    if not _is_pos_int(groups):
+        _fail("num_query_groups", groups, "expected a positive integer or null (null = model.num_attention_heads)")
+    heads = cfg.num_attention_heads
+    if heads % groups != 0:
+        _fail("num_query_groups", groups, f"must divide model.num_attention_heads={heads} (every key/value head "
+                                          f"serves the same number of query heads)")
+    if groups % tp != 0:
+        _fail("num_query_groups", groups, f"must be divisible by model.tensor_model_parallel_size={tp} (every "
+                                          f"tensor-parallel rank holds whole query groups: their query heads, key "
+                                          f"and value)")
+
+
 def _check_transformer_body(cfg, prefix: str, tp: int, pos_type: str) -> None:
     """The keys a transformer stack (GPT's ``model.*`` or ``model.<side>.*``) shares; ``prefix`` is ``""`` or
     ``"encoder."`` / ``"decoder."``."""
@@ -204,15 +230,22 @@ def check_vocab_size(vocab_size) -> None:
 
 
 def check_mega_arch(mega, prefix: str, seq_length: int, *, tp: int, pp: int, sequence_parallel: bool = False,
-                    use_cuda: Optional[bool] = None) -> None:
+                    use_cuda: Optional[bool] = None, lm: bool = False) -> None:
     """``model.<prefix>`` (a ``MegaArchConfig``: ``mega``, ``encoder.mega``, ``decoder.mega``) for a sequence of
-    ``seq_length`` tokens under the given parallel layout."""
+    ``seq_length`` tokens under the given parallel layout. ``lm``: the stack of ``model.arch=mega``
+    (``MegaGPTModel``), whose vocabulary-parallel embedding and LM head take tensor parallelism (the Mega layers are
+    then replicated on every tensor-parallel rank) and whose LM-head keys apply."""
     def fail(key, value, expected):
         raise ConfigError(f"model.{prefix}.{key}={value!r}: {expected}")
 
     if mega is None:
         raise ConfigError(f"model.{prefix} is missing: expected the Mega settings (model.{prefix}.chunk_size, ...)")
-    if tp != 1:
+    if not lm:
+        for key in ("lm_hidden_dense_layer", "lm_head_bias"):
+            if _get(mega, key, False):
+                fail(key, _get(mega, key), "only the Mega language model of pretrain_gpt.py (model.arch=mega) has "
+                                           "this LM-head option; set it to false")
+    if tp != 1 and not lm:
         raise ConfigError(f"model.tensor_model_parallel_size={tp}: the Mega architecture (model.{prefix}) does not "
                           f"support tensor parallelism (its layers are not split over ranks); use 1 and scale with "
                           f"data parallelism / ZeRO (trainer.devices, model.zero_stage)")
@@ -252,8 +285,8 @@ def check_mega_arch(mega, prefix: str, seq_length: int, *, tp: int, pp: int, seq
                                            f"attention window is {window} (seq_length / chunk_size); raise it, "
                                            f"chunk, or use relative_positional_bias=rotary")
     for key in ("bidirectional", "normalize_before_mega", "norm_affine", "use_normalized_ffn",
-                "normalize_before_ffn", "use_feature_dropout"):
-        if not isinstance(_get(mega, key), bool):
+                "normalize_before_ffn", "use_feature_dropout", "final_norm", "lm_hidden_dense_layer", "lm_head_bias"):
+        if not isinstance(_get(mega, key, False), bool):
             fail(key, _get(mega, key), "expected true or false")
 
 
@@ -268,13 +301,18 @@ def check_gpt_model_config(cfg, *, use_cuda: Optional[bool] = None) -> None:
         for key in ("num_layers", "hidden_size", "seq_length", "make_vocab_size_divisible_by"):
             if not _is_pos_int(_get(cfg, key)):
                 _fail(key, _get(cfg, key), "expected a positive integer")
+        if _get(cfg, "num_query_groups") is not None:
+            _fail("num_query_groups", _get(cfg, "num_query_groups"),
+                  "grouped-query attention is an option of the transformer GPT (model.arch=transformer); Mega's "
+                  "gated attention has no heads to group: set it to null")
         check_mega_arch(cfg.mega, "mega", int(cfg.seq_length), tp=tp, pp=pp,
-                        sequence_parallel=bool(_get(cfg, "sequence_parallel")), use_cuda=use_cuda)
+                        sequence_parallel=bool(_get(cfg, "sequence_parallel")), use_cuda=use_cuda, lm=True)
         return
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "make_vocab_size_divisible_by"):
         if not _is_pos_int(_get(cfg, key)):
             _fail(key, _get(cfg, key), "expected a positive integer")
     pos_type = str(cfg.position_embedding_type).lower()
+    _check_query_groups(cfg, tp)
     _check_transformer_body(cfg, "", tp, pos_type)
     if pos_type not in POSITION_EMBEDDING_TYPES:
         _fail("position_embedding_type", cfg.position_embedding_type,
@@ -387,7 +425,8 @@ __all__ = [
     "CHECKPOINT_GRANULARITIES", "MEGA_NORMALIZATIONS", "MEGA_ATTENTION_ACTIVATIONS",
     "MEGA_RELATIVE_POSITIONAL_BIASES", "MEGA_ACTIVATIONS", "EMA_IMPLS", "EMA_IMPL_CHOICES", "TRANSFORMER_ONLY_KEYS",
     "DOCUMENT_ATTENTION_IMPLS",
-    "normalize_checkpoint_granularity", "is_encoder_decoder", "model_arch", "resolve_ffn_hidden_size", "resolve_max_position_embeddings", "resolve_seq_length_dec",
+    "normalize_checkpoint_granularity", "is_encoder_decoder", "model_arch", "resolve_ffn_hidden_size", "resolve_max_position_embeddings", "resolve_num_query_groups",
+    "resolve_seq_length_dec",
     "resolve_encdec_max_position_embeddings", "check_vocab_size", "check_mega_arch", "check_gpt_model_config",
     "check_encoder_decoder_config", "check_model_config",
 ]

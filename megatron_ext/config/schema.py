@@ -131,8 +131,10 @@ class ExpManagerConfig:
 
 @dataclass
 class TokenizerConfig:
-    library: str = "byte"  # byte | char | sentencepiece (or a registered library)
-    model: Optional[str] = None  # sentencepiece .model path; char: optional file listing the characters
+    library: str = "byte"  # byte | char | sentencepiece | huggingface (or a registered library)
+    # sentencepiece .model path; char: optional file listing the characters; huggingface: a Hugging Face model
+    # directory with tokenizer.json (+ tokenizer_config.json), or a tokenizer.json path
+    model: Optional[str] = None
 
 
 @dataclass
@@ -197,6 +199,10 @@ class MegaArchConfig:
     normalize_before_ffn: bool = True
     use_feature_dropout: bool = False
     ema_impl: str = "auto"  # auto (fused C++/CUDA kernel when it builds, else fft with a warning) | fused | fft | scan
+    final_norm: bool = True  # a pre-norm stack ends with a norm of normalization_type (Hugging Face's MegaModel: none)
+    # the LM head of model.arch=mega (pretrain_gpt.py only; Hugging Face MegaForCausalLM's head, for imported models)
+    lm_hidden_dense_layer: bool = False  # tanh(Linear(hidden, hidden)) before the output layer (add_lm_hidden_dense_layer)
+    lm_head_bias: bool = False  # a learned bias per vocabulary entry on the logits (lm_head.bias)
 
 
 @dataclass
@@ -211,6 +217,9 @@ class ModelConfig:
     hidden_size: int = 128
     ffn_hidden_size: Optional[int] = None  # default 4*hidden (SwiGLU: 8/3*hidden rounded to 64)
     num_attention_heads: int = 4
+    # key/value heads (grouped-query attention; megatron-core's name): null = num_attention_heads; must divide the
+    # heads and be divisible by tensor_model_parallel_size. Exported to Llama's num_key_value_heads.
+    num_query_groups: Optional[int] = None
     max_position_embeddings: Optional[int] = None  # default seq_length
     normalization: str = "layernorm"  # layernorm | rmsnorm
     layernorm_epsilon: float = 1e-5

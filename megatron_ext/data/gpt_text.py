@@ -12,7 +12,8 @@ A document is what ``tools/preprocess_data.py --append-eod`` makes of the file, 
   ends are accepted; a UTF-8 byte-order mark at the start of the file is dropped;
 * ``jsonl``: one JSON object per line, the document is the string under ``model.data.text_key`` (``--json-keys``
   with that one key); blank lines are skipped, an empty string is an (eod-only) document;
-* the tokens of the text, then the tokenizer's ``eod``.
+* the tokens of the text, then the tokenizer's ``eod`` (not a second one when a Hugging Face tokenizer's
+  post-processor already ends every text with it).
 
 On top of these documents sits megatron-core's own ``GPTDataset`` (:class:`TextGPTDataset` only changes where the
 documents come from), so the train/valid/test split by ``splits_string``, the blend, the shuffled
@@ -136,6 +137,8 @@ class TextDocumentTokens:
         self.tokenizer = tokenizer
         self.eod = int(tokenizer.eod)
         self._byte_tok = _is_byte_tokenizer(tokenizer)
+        # a Hugging Face post-processor that ends every text with eod already (preprocess_data appends none then)
+        self._eod_added = 0 if getattr(tokenizer, "ends_with_eod", False) else 1
         self._lines = TextMemMapDataset(self.path, index_mapping_dir=index_mapping_dir)  # the newline index
         self.fingerprint = file_fingerprint(self.path)
         if self.fingerprint["size"] != int(self._lines._sizes[0]):
@@ -232,7 +235,7 @@ class TextDocumentTokens:
             if texts:
                 _, lens = self.tokenizer.tokenize_batch_flat(texts)
                 doc_lines.append(np.asarray(which, dtype=np.int64))
-                lengths.append(np.asarray(lens, dtype=np.int64) + 1)  # + eod
+                lengths.append(np.asarray(lens, dtype=np.int64) + self._eod_added)  # + eod
         if not doc_lines:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32)
         out = np.concatenate(lengths)
@@ -321,9 +324,12 @@ class TextDocumentTokens:
             ids = np.frombuffer(self._raw(idx), dtype=np.uint8).astype(np.int64)
         else:
             ids = np.asarray(self.tokenizer.tokenize(self.text(idx)), dtype=np.int64)  # one text: no thread pool
-        out = np.empty(ids.shape[0] + 1, dtype=np.int64)
-        out[:-1] = ids
-        out[-1] = self.eod
+        if not self._eod_added:  # the tokenizer ended the text with eod itself
+            out = ids
+        else:
+            out = np.empty(ids.shape[0] + 1, dtype=np.int64)
+            out[:-1] = ids
+            out[-1] = self.eod
         if out.shape[0] != int(self.sequence_lengths[idx]):
             raise self._changed(idx, int(out.shape[0]))
         return out

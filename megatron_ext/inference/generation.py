@@ -436,7 +436,7 @@ def _stop_sequences(lm, stop_tokens, vocab: int) -> List[Tuple[int, ...]]:
         if _is_int(item):
             seq = (int(item),)
         elif isinstance(item, str):
-            seq = tuple(int(t) for t in lm.tokenizer.tokenize(item))
+            seq = tuple(int(t) for t in lm.tokenizer.tokenize_plain(item))  # no bos around it
             if not seq:
                 raise GenerationError(f"stop_tokens: {item!r} tokenizes to nothing; expected a non-empty string")
         elif isinstance(item, (list, tuple)) and item and all(_is_int(t) for t in item):

@@ -17,13 +17,17 @@ Targets (``arch``; ``"auto"`` picks the one whose requirements the ``model.*`` k
   ``n_positions=max_position_embeddings``. GPT-2's ``Conv1D`` stores weights ``[in, out]`` (transposed against
   ``nn.Linear``) and its ``c_attn`` columns are ``[q (all heads) | k | v]`` while our fused QKV rows are
   ``[heads, (q, k, v), head_dim]``: the rows are regrouped, then transposed. GPT-2 always has biases and
-  LayerNorm shifts; with ``model.bias=false`` they are written as zeros (the same function).
+  LayerNorm shifts; with ``model.bias=false`` they are written as zeros (the same function). GPT-2 has no
+  grouped-query attention: a model with ``model.num_query_groups`` below its heads is refused.
 * ``llama`` -> ``LlamaForCausalLM``: ``model.position_embedding_type=rope``, ``model.activation=swiglu``,
   ``model.normalization=rmsnorm``. Our rotary embedding (``modules/rotary.py``) is the rotate-half convention on
   the full head dimension with ``inv_freq = base^(-2i/head_dim)`` -- exactly HF Llama's default rope -- so q/k rows
   need no permutation (an interleaved-pairs rope would need the per-head even/odd -> half/half permutation);
-  ``rope_theta=model.rotary_base``, ``rms_norm_eps=model.layernorm_epsilon``, ``num_key_value_heads`` = heads
-  (plain multi-head attention), ``head_dim = hidden / heads``, ``intermediate_size=ffn_hidden_size``; our SwiGLU
+  ``rope_theta=model.rotary_base``, ``rms_norm_eps=model.layernorm_epsilon``, ``num_key_value_heads`` =
+  ``model.num_query_groups`` (default: the heads, multi-head attention); our fused QKV rows, ordered by query group
+  (each group's query heads, its key head, its value head), become ``q_proj`` (query head ``i`` = group ``i //
+  (heads / groups)``'s ``i % (heads / groups)``-th, HF's grouping), ``k_proj`` and ``v_proj``;
+  ``head_dim = hidden / heads``, ``intermediate_size=ffn_hidden_size``; our SwiGLU
   fc1 rows ``[gate; up]`` become ``gate_proj`` / ``up_proj``. ``model.bias=true`` maps to
   ``attention_bias=mlp_bias=true``.
 
@@ -31,8 +35,10 @@ In both, ``share_embeddings_and_output_weights`` becomes ``tie_word_embeddings``
 becomes ``lm_head``), and the embedding / LM head get exactly ``vocab_size`` rows: the padded rows never carry
 probability in our model (their logits are -inf), so dropping them gives the same softmax.
 
-Anything else (rope + gelu, learned positions + rmsnorm, Mega ``model.arch=mega``, encoder-decoders) raises a
-``ConfigError`` naming the keys that prevent the export and what each target needs.
+A Mega language model (``model.arch=mega``) becomes transformers 4.x's ``MegaForCausalLM`` (``arch="mega"``; the
+mapping and what it refuses: :mod:`megatron_ext.inference.hf_import_mega`; the files are written without
+transformers, whose version 5 has no Mega). Anything else (rope + gelu, learned positions + rmsnorm,
+encoder-decoders) raises a ``ConfigError`` naming the keys that prevent the export and what each target needs.
 
 Tokenizer: written by :mod:`megatron_ext.inference.hf_tokenizer` (``tokenizer.json`` + ``tokenizer_config.json``,
 ids equal to ours) and checked against ours before anything is written; see that module for the representation of
@@ -58,6 +64,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_ext.checkpoint.loader import family_of_checkpoint, read_weights
 from megatron_ext.config.model_validation import model_arch
 from megatron_ext.errors import CheckpointError, ConfigError
+from megatron_ext.inference.hf_import_mega import HF_ARCH, mega_to_hf, write_hf_mega_dir
 from megatron_ext.inference.hf_tokenizer import (PROBE_TEXTS, TOKENIZER_FILES, VERIFY_LINES, TokenizerMismatchError,
                                                  compare_tokenizers, import_transformers, sample_lines,
                                                  symbol_probes, training_text_files, write_hf_tokenizer)
@@ -66,7 +73,7 @@ from megatron_ext.modules.common import tp_world_size
 from megatron_ext.tokenizers import build_tokenizer
 from megatron_ext.tokenizers.base import Tokenizer
 
-ARCHS = ("auto", "gpt2", "llama")
+ARCHS = ("auto", "gpt2", "llama", "mega")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 #: target -> (HF class, {model.* key: required value})
@@ -118,9 +125,12 @@ def resolve_arch(model_config: Any, arch: str = "auto", family: str = "gpt") -> 
                           "Hugging Face GPT2LMHeadModel / LlamaForCausalLM")
     mc = _mcfg(model_config)
     if family == "mega" or model_arch(mc) == "mega":  # the family table's rule (config.model_validation)
-        raise ConfigError("model.arch=mega: a Mega language model has no Hugging Face causal-LM class that loads our "
-                          "weights (transformers' MegaForCausalLM is a different, deprecated model); only "
-                          "model.arch=transformer GPT models can be exported (to GPT2LMHeadModel or LlamaForCausalLM)")
+        if a not in ("auto", "mega"):
+            raise ConfigError(f"arch={arch!r}: a Mega language model (model.arch=mega) exports to Hugging Face "
+                              f"MegaForCausalLM only (arch=auto or mega)")
+        return "mega"  # megatron_ext.inference.hf_import_mega (transformers 4.x's MegaForCausalLM)
+    if a == "mega":
+        raise ConfigError(f"arch=mega: model.arch={mc.get('arch', 'transformer')!r} is not a Mega language model")
     if family not in ("gpt", None):
         raise ConfigError(f"family={family!r}: only 'gpt' models can be exported to Hugging Face")
     if model_arch(mc) != "transformer":
@@ -135,6 +145,10 @@ def resolve_arch(model_config: Any, arch: str = "auto", family: str = "gpt") -> 
             wants = want if isinstance(want, tuple) else (want,)
             if have not in wants:
                 out.append(f"model.{key}={' or '.join(wants)} (this model has {have})")
+        groups, heads = mc.get("num_query_groups"), mc.get("num_attention_heads")
+        if target == "gpt2" and groups is not None and groups != heads:
+            out.append(f"model.num_query_groups=null, multi-head attention (GPT-2 has no grouped-query attention; "
+                       f"this model has {groups} query groups for {heads} heads)")
         return out
 
     candidates = list(TARGETS) if a == "auto" else [a]
@@ -193,6 +207,11 @@ def _dims(mc: Dict[str, Any], sd: Dict[str, torch.Tensor]) -> Dict[str, int]:
     h, nh = int(mc["hidden_size"]), int(mc["num_attention_heads"])
     if h % nh:
         raise ConfigError(f"model.hidden_size={h}: must be divisible by model.num_attention_heads={nh}")
+    ng = mc.get("num_query_groups")
+    ng = nh if ng is None else ng
+    if not isinstance(ng, int) or isinstance(ng, bool) or ng < 1 or nh % ng:
+        raise ConfigError(f"model.num_query_groups={mc.get('num_query_groups')!r} in the checkpoint's model config: "
+                          f"expected null or a positive integer dividing model.num_attention_heads={nh}")
     fc2 = sd.get("decoder.layers.0.mlp.linear_fc2.weight")
     if not isinstance(fc2, torch.Tensor) or fc2.dim() != 2:
         raise CheckpointError("no weights for decoder.layers.0.mlp.linear_fc2.weight (is this a GPTModel state dict?)")
@@ -206,15 +225,22 @@ def _dims(mc: Dict[str, Any], sd: Dict[str, torch.Tensor]) -> Dict[str, int]:
     if not isinstance(max_pos, int) or max_pos < 1:
         raise ConfigError(f"model.max_position_embeddings={mc.get('max_position_embeddings')!r} / model.seq_length="
                           f"{mc.get('seq_length')!r}: expected a positive integer")
-    return {"layers": int(mc["num_layers"]), "hidden": h, "heads": nh, "head_dim": h // nh, "ffn": ffn,
-            "max_pos": int(max_pos)}
+    return {"layers": int(mc["num_layers"]), "hidden": h, "heads": nh, "groups": int(ng), "head_dim": h // nh,
+            "ffn": ffn, "max_pos": int(max_pos)}
 
 
-def _split_qkv(w: torch.Tensor, heads: int, head_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Our fused QKV rows ``[heads, (q, k, v), head_dim]`` -> q, k, v each ``[heads * head_dim, ...]``."""
+def _split_qkv(w: torch.Tensor, heads: int, head_dim: int,
+               groups: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Our fused QKV rows (per query group: its ``heads / groups`` query heads, its key head, its value head; each
+    ``head_dim`` rows; ``groups`` None = ``heads``, i.e. ``[heads, (q, k, v), head_dim]``) -> q ``[heads *
+    head_dim, ...]`` (query heads in order: group by group), k and v ``[groups * head_dim, ...]``."""
+    groups = heads if groups is None else int(groups)
+    per = heads // groups
     rest = w.shape[1:]
-    g = w.reshape(heads, 3, head_dim, *rest)
-    return tuple(g[:, i].reshape(heads * head_dim, *rest).contiguous() for i in range(3))
+    g = w.reshape(groups, per + 2, head_dim, *rest)
+    q = g[:, :per].reshape(heads * head_dim, *rest).contiguous()
+    return q, g[:, per].reshape(groups * head_dim, *rest).contiguous(), \
+        g[:, per + 1].reshape(groups * head_dim, *rest).contiguous()
 
 
 def gpt2_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size: int,
@@ -223,6 +249,10 @@ def gpt2_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size: 
     mc = _mcfg(model_config)
     d = _dims(mc, sd)
     h, nh, hd, ffn, V = d["hidden"], d["heads"], d["head_dim"], d["ffn"], int(vocab_size)
+    if d["groups"] != nh:
+        raise ConfigError(f"model.num_query_groups={d['groups']}: GPT-2 (GPT2LMHeadModel) has no grouped-query "
+                          f"attention; only models with model.num_query_groups=null (= model.num_attention_heads="
+                          f"{nh}) export to it (grouped-query models export to Llama)")
     bias = bool(_get(mc, "bias", True))
     tied = bool(_get(mc, "share_embeddings_and_output_weights", True))
     W = _Weights(sd, where)
@@ -256,7 +286,8 @@ def llama_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size:
     """Our ``GPTModel`` names -> ``LlamaForCausalLM`` names (q/k rows unpermuted: both use rotate-half rope)."""
     mc = _mcfg(model_config)
     d = _dims(mc, sd)
-    h, nh, hd, ffn, V = d["hidden"], d["heads"], d["head_dim"], d["ffn"], int(vocab_size)
+    h, nh, ng, hd, ffn, V = d["hidden"], d["heads"], d["groups"], d["head_dim"], d["ffn"], int(vocab_size)
+    qkv_rows = (nh + 2 * ng) * hd
     bias = bool(_get(mc, "bias", True))
     tied = bool(_get(mc, "share_embeddings_and_output_weights", True))
     W = _Weights(sd, where)
@@ -264,7 +295,7 @@ def llama_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size:
     for i in range(d["layers"]):
         p, q = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[q + "input_layernorm.weight"] = W.take(p + "input_layernorm.weight", (h,))
-        wq, wk, wv = _split_qkv(W.take(p + "self_attention.linear_qkv.weight", (3 * h, h)), nh, hd)
+        wq, wk, wv = _split_qkv(W.take(p + "self_attention.linear_qkv.weight", (qkv_rows, h)), nh, hd, ng)
         out[q + "self_attn.q_proj.weight"], out[q + "self_attn.k_proj.weight"] = wq, wk
         out[q + "self_attn.v_proj.weight"] = wv
         out[q + "self_attn.o_proj.weight"] = W.take(p + "self_attention.linear_proj.weight", (h, h))
@@ -273,7 +304,7 @@ def llama_state_dict(sd: Dict[str, torch.Tensor], model_config: Any, vocab_size:
         out[q + "mlp.gate_proj.weight"], out[q + "mlp.up_proj.weight"] = fc1[:ffn].contiguous(), fc1[ffn:].contiguous()
         out[q + "mlp.down_proj.weight"] = W.take(p + "mlp.linear_fc2.weight", (h, ffn))
         if bias:
-            bq, bk, bv = _split_qkv(W.take(p + "self_attention.linear_qkv.bias", (3 * h,)), nh, hd)
+            bq, bk, bv = _split_qkv(W.take(p + "self_attention.linear_qkv.bias", (qkv_rows,)), nh, hd, ng)
             out[q + "self_attn.q_proj.bias"], out[q + "self_attn.k_proj.bias"] = bq, bk
             out[q + "self_attn.v_proj.bias"] = bv
             out[q + "self_attn.o_proj.bias"] = W.take(p + "self_attention.linear_proj.bias", (h,))
@@ -291,7 +322,10 @@ def _special_ids(tokenizer, vocab_size: int) -> Dict[str, Optional[int]]:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     eod = int(tokenizer.eod)
     pad = getattr(tokenizer, "pad", None)
-    return {"bos_token_id": eod, "eos_token_id": eod, "pad_token_id": int(pad) if pad is not None else None}
+    bos = eod
+    if getattr(tokenizer, "name", None) == "huggingface" and tokenizer.bos is not None:
+        bos = int(tokenizer.bos)  # a Hugging Face tokenizer's own bos (Llama's <s>), as its config names it
+    return {"bos_token_id": bos, "eos_token_id": eod, "pad_token_id": int(pad) if pad is not None else None}
 
 
 def hf_config(arch: str, model_config: Any, state_dict: Dict[str, torch.Tensor], vocab_size: int, tokenizer=None):
@@ -308,14 +342,15 @@ def hf_config(arch: str, model_config: Any, state_dict: Dict[str, torch.Tensor],
     if arch == "gpt2":
         return transformers.GPT2Config(
             n_positions=d["max_pos"], n_embd=d["hidden"], n_layer=d["layers"], n_head=d["heads"], n_inner=d["ffn"],
-            activation_function=GPT2_ACTIVATIONS[_norm(_get(mc, "activation", "gelu"))], layer_norm_epsilon=eps, resid_pdrop=hidden_dropout,
+            activation_function=GPT2_ACTIVATIONS[_norm(_get(mc, "activation", "gelu"))], layer_norm_epsilon=eps,
+            resid_pdrop=hidden_dropout,
             embd_pdrop=hidden_dropout, attn_pdrop=attention_dropout, scale_attn_weights=True,
             scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, **common)
     if arch == "llama":
         theta = float(_get(mc, "rotary_base", 10000.0))
         bias = bool(_get(mc, "bias", True))
         kwargs = dict(hidden_size=d["hidden"], intermediate_size=d["ffn"], num_hidden_layers=d["layers"],
-                      num_attention_heads=d["heads"], num_key_value_heads=d["heads"], head_dim=d["head_dim"],
+                      num_attention_heads=d["heads"], num_key_value_heads=d["groups"], head_dim=d["head_dim"],
                       hidden_act="silu", max_position_embeddings=d["max_pos"], rms_norm_eps=eps,
                       attention_bias=bias, mlp_bias=bias, attention_dropout=attention_dropout, **common)
         fields = getattr(transformers.LlamaConfig, "__dataclass_fields__", None) or {}
@@ -416,8 +451,22 @@ def export_to_hf(consolidated: Dict[str, Any], out_dir: str, *, arch: str = "aut
     if ours is not None and int(ours.vocab_size) != vocab:
         raise ConfigError(f"the tokenizer ({ours.name}) has {ours.vocab_size} ids but the model was trained with "
                           f"vocab_size={vocab}: give the tokenizer the model was trained with")
-    transformers = import_transformers()
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"{out_dir}: exists and is not a directory (expected an output directory)")
     mc = _mcfg(consolidated["model_config"])
+    if target == "mega":  # transformers 5 has no Mega: the files are written directly (they load in 4.x)
+        ids = {k: v for k, v in _special_ids(ours, vocab).items() if k.endswith("_token_id")}
+        hf_sd, config = mega_to_hf(consolidated["state_dict"], mc, vocab, **ids)
+        with tempfile.TemporaryDirectory(prefix="hf_tokenizer-") as tok_dir:
+            tok = _checked_tokenizer(ours, tok_dir, int(config["max_positions"]), out_dir, probe_texts, verify_text,
+                                     allow_tokenizer_mismatch)
+            write_hf_mega_dir(out_dir, hf_sd, config, torch_dtype)
+            _copy_tokenizer(tok_dir, tok["written"], out_dir)
+        return {"arch": target, "model_class": HF_ARCH, "out_dir": out_dir,
+                "dtype": str(torch_dtype).replace("torch.", ""), "vocab_size": vocab,
+                "tokenizer": ours.name if ours is not None else None, "tokenizer_mismatches": tok["mismatches"],
+                "tokenizer_checked": tok["checked"], "tokenizer_sources": tok["sources"]}
+    transformers = import_transformers()
     convert = gpt2_state_dict if target == "gpt2" else llama_state_dict
     hf_sd = convert(consolidated["state_dict"], mc, vocab, where)
     config = hf_config(target, mc, consolidated["state_dict"], vocab, ours)
@@ -440,43 +489,54 @@ def export_to_hf(consolidated: Dict[str, Any], out_dir: str, *, arch: str = "aut
     for k, v in ids.items():
         setattr(gen, k, v)
 
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"{out_dir}: exists and is not a directory (expected an output directory)")
+    with tempfile.TemporaryDirectory(prefix="hf_tokenizer-") as tok_dir:
+        max_len = config.max_position_embeddings if target == "llama" else config.n_positions
+        tok = _checked_tokenizer(ours, tok_dir, max_len, out_dir, probe_texts, verify_text, allow_tokenizer_mismatch)
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir)
+        _copy_tokenizer(tok_dir, tok["written"], out_dir)
+    return {"arch": target, "model_class": TARGETS[target][0], "out_dir": out_dir,
+            "dtype": str(torch_dtype).replace("torch.", ""), "vocab_size": vocab,
+            "tokenizer": ours.name if ours is not None else None, "tokenizer_mismatches": tok["mismatches"],
+            "tokenizer_checked": tok["checked"], "tokenizer_sources": tok["sources"]}
+
+
+def _checked_tokenizer(ours, tok_dir: str, max_len: int, out_dir: str, probe_texts, verify_text,
+                       allow_tokenizer_mismatch: bool) -> Dict[str, Any]:
+    """Write the tokenizer files of ``ours`` (None: none) into ``tok_dir`` and compare them with ours on the probe
+    texts and the ``verify_text`` lines (see :func:`export_to_hf`) -> ``written``, ``checked``, ``sources``,
+    ``mismatches``."""
     mismatches: List[Tuple[str, str, List[int], List[int]]] = []
     written: List[str] = []
     checked, sources = 0, []
-    with tempfile.TemporaryDirectory(prefix="hf_tokenizer-") as tok_dir:
-        if ours is not None:
-            max_len = config.max_position_embeddings if target == "llama" else config.n_positions
-            written = write_hf_tokenizer(ours, tok_dir, max_len)
-            files = list(verify_text) if verify_text is not None else training_text_files(ours)
-            texts = [(f"probe text {i + 1}", t) for i, t in
-                     enumerate(list(PROBE_TEXTS) + symbol_probes(ours) + list(probe_texts or []))]
-            for path in files:
-                texts += sample_lines(path, VERIFY_LINES)
-            checked, sources = len(texts), ["probe texts", *files]
-            mismatches = compare_tokenizers(ours, tok_dir, texts)
-            if mismatches:
-                where, t, a, b = mismatches[0]
-                msg = (f"the exported Hugging Face tokenizer encodes {len(mismatches)} of {len(texts)} lines "
-                       f"differently from {ours.name} (first: {where} {_abbrev(t)}: ours {_abbrev(a)} vs Hugging "
-                       f"Face {_abbrev(b)}{' (same ids, other decoded text)' if a == b else ''})")
-                if not allow_tokenizer_mismatch:
-                    raise TokenizerMismatchError(f"{msg}; nothing was written to {out_dir} (export anyway with "
-                                                 f"--allow-tokenizer-mismatch / allow_tokenizer_mismatch=True)")
-                warnings.warn(f"{msg}; exported anyway: AutoTokenizer ids differ from training ids for such "
-                              f"text", HFExportWarning, stacklevel=2)
-        os.makedirs(out_dir, exist_ok=True)
-        model.save_pretrained(out_dir)
-        for name in written:
-            shutil.copyfile(os.path.join(tok_dir, name), os.path.join(out_dir, name))
+    if ours is not None:
+        written = write_hf_tokenizer(ours, tok_dir, max_len)
+        files = list(verify_text) if verify_text is not None else training_text_files(ours)
+        texts = [(f"probe text {i + 1}", t) for i, t in
+                 enumerate(list(PROBE_TEXTS) + symbol_probes(ours) + list(probe_texts or []))]
+        for path in files:
+            texts += sample_lines(path, VERIFY_LINES)
+        checked, sources = len(texts), ["probe texts", *files]
+        mismatches = compare_tokenizers(ours, tok_dir, texts)
+        if mismatches:
+            where, t, a, b = mismatches[0]
+            msg = (f"the exported Hugging Face tokenizer encodes {len(mismatches)} of {len(texts)} lines "
+                   f"differently from {ours.name} (first: {where} {_abbrev(t)}: ours {_abbrev(a)} vs Hugging "
+                   f"Face {_abbrev(b)}{' (same ids, other decoded text)' if a == b else ''})")
+            if not allow_tokenizer_mismatch:
+                raise TokenizerMismatchError(f"{msg}; nothing was written to {out_dir} (export anyway with "
+                                             f"--allow-tokenizer-mismatch / allow_tokenizer_mismatch=True)")
+            warnings.warn(f"{msg}; exported anyway: AutoTokenizer ids differ from training ids for such "
+                          f"text", HFExportWarning, stacklevel=3)
+    return {"written": written, "checked": checked, "sources": sources, "mismatches": mismatches}
+
+
+def _copy_tokenizer(tok_dir: str, written: List[str], out_dir: str) -> None:
+    for name in written:
+        shutil.copyfile(os.path.join(tok_dir, name), os.path.join(out_dir, name))
     for name in TOKENIZER_FILES - set(written):  # a tokenizer left by an earlier export would not match this model
         if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    return {"arch": target, "model_class": TARGETS[target][0], "out_dir": out_dir,
-            "dtype": str(torch_dtype).replace("torch.", ""), "vocab_size": vocab,
-            "tokenizer": ours.name if ours is not None else None, "tokenizer_mismatches": mismatches,
-            "tokenizer_checked": checked, "tokenizer_sources": sources}
 
 
 def _abbrev(x: Any, n: int = 12) -> str:

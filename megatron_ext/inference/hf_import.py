@@ -44,7 +44,8 @@ the weights carry exactly ``vocab_size`` rows (the rest of our code pads them wi
 padded vocabulary, whose logits are masked), so the tokenizer the run uses must have exactly that many ids.
 
 Other model types are looked up in :data:`IMPORTERS` (``model_type`` -> function ``(hf_state_dict, hf_config) ->
-(our_state_dict, our_model_config)``), where other families register theirs.
+(our_state_dict, our_model_config)``), where other families register theirs: ``mega`` (transformers 4.x's
+``MegaForCausalLM`` -> ``model.arch=mega``) is :func:`megatron_ext.inference.hf_import_mega.mega_from_hf`.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ import torch
 
 from megatron_ext.checkpoint.safe_load import load_untrusted
 from megatron_ext.errors import CheckpointError, ConfigError
+from megatron_ext.inference.hf_import_mega import mega_from_hf
 
 CONFIG_MAX_BYTES = 1 << 20
 INDEX_MAX_BYTES = 64 << 20
@@ -380,6 +382,9 @@ class _Take:
 
 register_importer("gpt2", ("GPT2LMHeadModel", "GPT2Model"), gpt2_from_hf, gpt2_expected)
 register_importer("llama", ("LlamaForCausalLM", "LlamaModel"), llama_from_hf, llama_expected)
+# transformers 4.x's Mega (megatron_ext/inference/hf_import_mega.py: the mapping, and its own refusal of
+# MegaForMaskedLM naming why)
+register_importer("mega", ("MegaForCausalLM", "MegaForMaskedLM"), mega_from_hf)
 
 
 # ---------------------------------------------------------------------------------------------------- weights

@@ -14,6 +14,9 @@ Tokenizer: written as a ``tokenizers`` ``tokenizer.json`` (loaded by ``AutoToken
   tokenizer at all). ``<eod>`` spelled in text is five bytes, as in ours.
 * char tokenizer: one id per character of its list, its special ids as special tokens. Exact for every text ours
   accepts; a character outside the list (ours raises ``DataError``) is silently dropped by the HF tokenizer.
+* huggingface (``model.tokenizer.library=huggingface``): the files it was read from (``tokenizer.json``,
+  ``tokenizer_config.json``, ``special_tokens_map.json``) are copied as they are; the check below compares ours with
+  ``AutoTokenizer``'s defaults (the tokens its post-processor adds included) and with ``add_special_tokens=False``.
 * sentencepiece (unigram, bpe, char): the model's pieces and scores, its normalization rules (the precompiled
   charsmap), dummy prefix, whitespace collapsing and byte fallback rebuilt from the ``.model`` proto; the
   ``.model`` file is copied along as ``tokenizer.model``. Text that spells a control, unknown or byte piece
@@ -50,6 +53,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.tokenizers import ByteTokenizer, SentencePieceTokenizer
 from megatron_ext.tokenizers.byte import _SPECIALS
+from megatron_ext.tokenizers.huggingface import HuggingFaceTokenizer
 from megatron_ext.tokenizers.special_tokens import AddedSpecialTokens
 
 
@@ -288,6 +292,16 @@ def write_hf_tokenizer(tokenizer, out_dir: str, model_max_length: Optional[int] 
     cuts a special piece out of text. The special pieces stay in the model's vocabulary (so ``token_to_id`` and
     decoding know them) and ``tokenizer_config.json`` names them with ``split_special_tokens: true``, so
     ``AutoTokenizer`` knows them as special tokens without matching them in text either."""
+    base = tokenizer.base if isinstance(tokenizer, AddedSpecialTokens) else tokenizer
+    if isinstance(base, HuggingFaceTokenizer):
+        if isinstance(tokenizer, AddedSpecialTokens) and tokenizer.appended_tokens:
+            raise ConfigError(f"the tokenizer has added special tokens {tokenizer.appended_tokens} (BART's mask): "
+                              f"only plain GPT tokenizers are exported")
+        # the files it was read from, as they are: AutoTokenizer reads them as training did
+        os.makedirs(out_dir, exist_ok=True)
+        for src in base.files:
+            shutil.copyfile(src, os.path.join(out_dir, os.path.basename(src)))
+        return [n for n in sorted(TOKENIZER_FILES) if os.path.isfile(os.path.join(out_dir, n))]
     hf_tok, extra_files = build_hf_tokenizer(tokenizer)
     if model_max_length is not None:
         hf_tok.model_max_length = int(model_max_length)
@@ -318,6 +332,9 @@ def compare_tokenizers(ours, hf_dir: str, texts: Sequence[Any]) -> List[Tuple[st
     raw = RawTokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
     auto = transformers.AutoTokenizer.from_pretrained(hf_dir)
     auto.model_max_length = 1 << 40  # no warning about lines longer than the model's context
+    base = ours.base if isinstance(ours, AddedSpecialTokens) else ours
+    if isinstance(base, HuggingFaceTokenizer):
+        return _compare_hf(ours, auto, texts)
     bad = []
     for i, item in enumerate(texts):
         where, t = item if isinstance(item, tuple) else (f"text {i + 1}", item)
@@ -332,6 +349,22 @@ def compare_tokenizers(ours, hf_dir: str, texts: Sequence[Any]) -> List[Tuple[st
             bad.append((where, t, a, b if b != a else c))
         elif raw.decode(a) != text_back or auto.decode(a) != text_back:
             bad.append((where, t, a, a))  # the same ids, another decoded text
+    return bad
+
+
+def _compare_hf(ours, auto, texts) -> List[Tuple[str, str, List[int], List[int]]]:
+    """A Hugging Face tokenizer against ``AutoTokenizer`` on its own files: ``auto(text)["input_ids"]`` (with the
+    tokens its post-processor adds) and with ``add_special_tokens=False``, and the decoded text (special tokens
+    skipped)."""
+    bad = []
+    for i, item in enumerate(texts):
+        where, t = item if isinstance(item, tuple) else (f"text {i + 1}", item)
+        a, a_plain = list(ours.tokenize(t)), list(ours.tokenize_plain(t))
+        b, b_plain = list(auto(t)["input_ids"]), list(auto(t, add_special_tokens=False)["input_ids"])
+        if a != b or a_plain != b_plain:
+            bad.append((where, t, a, b) if a != b else (where, t, a_plain, b_plain))
+        elif auto.decode(a, skip_special_tokens=True) != ours.detokenize(a):
+            bad.append((where, t, a, a))
     return bad
 
 

@@ -129,12 +129,13 @@ def _recompute_probs(attn, captured: Dict[str, object]) -> torch.Tensor:
     rotary = captured.get("rotary_cos_sin")
     b, s, _ = h.shape
     nh, hd = attn.num_heads_per_partition, attn.head_dim
-    qkv, _ = attn.linear_qkv(h)
-    q, k, _v = qkv.view(b, s, nh, 3, hd).unbind(3)
+    q, k, _v = attn.split_qkv(h)
     if rotary is not None:
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     q, k = q.transpose(1, 2).float(), k.transpose(1, 2).float()
+    if k.shape[1] != nh:  # grouped-query attention: each key head serves nh / ng query heads
+        k = k.repeat_interleave(nh // k.shape[1], dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
     if mask is not None:
         blocked = mask if mask.dtype == torch.bool else mask > 0.5

@@ -2,12 +2,13 @@
 
 Matmul FLOPs only (2 per multiply-add); embeddings lookups, norms, softmax, activations and
 the optimizer are ignored. With ``h`` = hidden size, ``f`` = ffn hidden size, ``L`` = layers,
-``s`` = sequence length, ``V`` = vocabulary size, forward FLOPs **per token** are::
+``s`` = sequence length, ``V`` = vocabulary size, ``n_h`` heads of ``d = h / n_h`` and ``n_g`` query groups
+(``model.num_query_groups``, default ``n_h``), forward FLOPs **per token** are::
 
-    per layer:  2 * (3*h*h          QKV projection
-                     + h*h          attention output projection
-                     + m*h*f)       MLP, m = 2 (GELU: fc1 + fc2) or 3 (SwiGLU: gate, up, down)
-              + 2 * 2 * s * h       attention scores Q.K^T and probabilities x V
+    per layer:  2 * (h*(n_h + 2*n_g)*d     QKV projection (3*h*h for multi-head attention, n_g = n_h)
+                     + h*h                 attention output projection
+                     + m*h*f)              MLP, m = 2 (GELU: fc1 + fc2) or 3 (SwiGLU: gate, up, down)
+              + 2 * 2 * s * h              attention scores Q.K^T and probabilities x V (every query head)
     logits:     2 * h * V
 
     flops_per_token = 3 * (L * per_layer + logits)          # fwd + bwd (bwd = 2 x fwd)
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron_ext.models.gpt import resolve_ffn_hidden_size
+from megatron_ext.models.gpt import resolve_ffn_hidden_size, resolve_num_query_groups
 
 
 def mega_dims(mega, hidden_size: int):
@@ -63,16 +64,19 @@ def mega_layer_forward_flops(mega, hidden_size: int, s: int, causal: bool = True
 
 def gpt_forward_flops_per_token(cfg, vocab_size: int, seq_length: Optional[int] = None) -> int:
     """Forward-pass model FLOPs per token (see the module docstring; ``model.arch=mega``: ``L`` x
-    ``mega_layer_forward_flops / s`` + logits)."""
+    ``mega_layer_forward_flops / s`` + logits, + ``2 h^2`` with ``model.mega.lm_hidden_dense_layer``)."""
     s = int(cfg.seq_length if seq_length is None else seq_length)
     if str(getattr(cfg, "arch", "transformer")).lower() == "mega":
         layers = int(cfg.num_layers) * mega_layer_forward_flops(cfg.mega, cfg.hidden_size, s, causal=True)
-        return layers // s + 2 * int(cfg.hidden_size) * int(vocab_size)
+        dense = 2 * int(cfg.hidden_size) ** 2 if getattr(cfg.mega, "lm_hidden_dense_layer", False) else 0
+        return layers // s + dense + 2 * int(cfg.hidden_size) * int(vocab_size)
     h = int(cfg.hidden_size)
     L = int(cfg.num_layers)
     f = resolve_ffn_hidden_size(cfg)
     m = 3 if str(cfg.activation).lower() == "swiglu" else 2
-    per_layer = 2 * (3 * h * h + h * h + m * h * f) + 2 * 2 * s * h
+    nh = int(cfg.num_attention_heads)
+    qkv = h * (nh + 2 * resolve_num_query_groups(cfg)) * (h // nh)  # 3*h*h for multi-head attention
+    per_layer = 2 * (qkv + h * h + m * h * f) + 2 * 2 * s * h
     logits = 2 * h * int(vocab_size)
     return L * per_layer + logits
 

@@ -15,8 +15,10 @@ self_attention.linear_proj, pre_mlp_layernorm, mlp.linear_fc1, mlp.linear_fc2}``
 
 TP shard layouts (for checkpoint conversion): word embeddings / output layer / QKV / fc1 are
 split on dim 0, ``linear_proj`` / ``linear_fc2`` on dim 1, everything else is replicated. The
-fused QKV rows are ordered ``[heads, (q, k, v), head_dim]``; SwiGLU fc1 rows are
-``[gate; up]`` and rank r holds ``[gate_r; up_r]``.
+fused QKV rows are ordered by query group (megatron-core's layout): for each of the ``ng =
+model.num_query_groups`` groups (default: one per head), its ``nh / ng`` query heads, its key head and its value
+head, ``head_dim`` rows each -- ``[heads, (q, k, v), head_dim]`` for multi-head attention -- so a TP shard is a
+contiguous block of whole groups; SwiGLU fc1 rows are ``[gate; up]`` and rank r holds ``[gate_r; up_r]``.
 
 Initialisation: every weight matrix and embedding ~ normal(0, init_method_std); the projections
 that write into the residual stream (``linear_proj``, ``linear_fc2``) ~ normal(0, init_method_std /
@@ -52,6 +54,7 @@ from megatron_ext.config.model_validation import (
     check_vocab_size,
     resolve_ffn_hidden_size,
     resolve_max_position_embeddings,
+    resolve_num_query_groups,
 )
 from megatron_ext.config.schema import ModelConfig
 from megatron_ext.errors import DataError
@@ -139,6 +142,7 @@ def transformer_layer_kwargs(cfg: ModelConfig, ffn_hidden_size: int, parallel_co
     return dict(
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=resolve_num_query_groups(cfg),
         ffn_hidden_size=ffn_hidden_size,
         parallel_config=parallel_config,
         init_method=init_method,
@@ -153,14 +157,16 @@ def transformer_layer_kwargs(cfg: ModelConfig, ffn_hidden_size: int, parallel_co
     )
 
 
-def build_output_layer(cfg: ModelConfig, padded_vocab: int, parallel_config, init_method, tied: bool):
-    """The LM head: a column-parallel ``hidden -> padded_vocab/tp`` projection (no weight of its own when tied)."""
+def build_output_layer(cfg: ModelConfig, padded_vocab: int, parallel_config, init_method, tied: bool,
+                       bias: bool = False):
+    """The LM head: a column-parallel ``hidden -> padded_vocab/tp`` projection (no weight of its own when tied;
+    ``bias``: a vocabulary-parallel bias, zero-initialised -- Mega's ``model.mega.lm_head_bias``)."""
     return ColumnParallelLinear(
         cfg.hidden_size,
         padded_vocab,
         config=parallel_config,
         init_method=init_method,
-        bias=False,
+        bias=bool(bias),
         gather_output=False,
         skip_weight_param_allocation=tied,
         tp_group=tp_group(),
@@ -412,6 +418,7 @@ __all__ = [
     "padded_causal_mask",
     "resolve_ffn_hidden_size",
     "resolve_max_position_embeddings",
+    "resolve_num_query_groups",
     "padded_vocab_size",
     "POSITION_EMBEDDING_TYPES",
 ]

@@ -12,10 +12,21 @@ The config comes from ``model.mega`` (``MegaArchConfig``: Hugging Face ``MegaCon
 ``nffn_activation_dropout_prob``), ``attention_dropout`` (``attention_probs_dropout_prob``), ``init_method_std``
 (``initializer_range``). The transformer-only keys (``num_attention_heads``, ``ffn_hidden_size``,
 ``normalization``, ``activation``, ``position_embedding_type``, ``bias``, ...) do not apply: the run logs which of
-them are set to something other than their default. Mega's layers are plain ``nn.Linear``: tensor and pipeline
-parallelism are refused by the config check (``config.model_validation``); data parallelism and ZeRO 0-3 work.
+them are set to something other than their default. Mega's layers are plain ``nn.Linear`` (replicated under tensor
+parallelism, see below); pipeline parallelism is refused by the config check (``config.model_validation``); data
+parallelism and ZeRO 0-3 work.
 
-A pre-norm Mega stack (``normalize_before_mega``) ends with a final norm of ``normalization_type``.
+A pre-norm Mega stack (``normalize_before_mega``) ends with a final norm of ``normalization_type`` unless
+``model.mega.final_norm=false`` (Hugging Face's ``MegaModel`` has none; imported models set it false). The LM head of
+``MegaGPTModel`` may carry Hugging Face ``MegaForCausalLM``'s extras: ``model.mega.lm_hidden_dense_layer``
+(``tanh(Linear(D, D))`` before the output layer, parameters ``lm_dense.*``) and ``model.mega.lm_head_bias`` (a
+vocabulary-parallel ``output_layer.bias``).
+
+Tensor parallelism (``model.tensor_model_parallel_size > 1``) splits the vocabulary: the word embedding, the output
+layer (and its bias) and the cross-entropy are megatron-core's vocabulary-parallel ones, while the Mega layers and
+``lm_dense`` are replicated on every tensor-parallel rank (same init, same inputs, same dropout masks -- the default
+RNG is the same on the ranks of a tensor-parallel group -- hence the same gradients). It saves the vocabulary's
+memory, not the layers'.
 
 Incremental decoding reuses Mega's own per-layer state (``megatron_ext.modules.mega.MegaCache``: the current
 chunk's keys/values, the EMA state, the cross-attention keys/values) wrapped in :class:`MegaInferenceCache`, which
@@ -105,14 +116,14 @@ class MegaStack(nn.Module):
     pre-norm stack. Encoder (bidirectional EMA unless ``bidirectional: false``) or causal decoder, optionally with
     gated cross-attention to a memory."""
 
-    def __init__(self, mega_config):
+    def __init__(self, mega_config, final_norm: bool = True):
         super().__init__()
 
         self.config = mega_config
         self.mega = MegaModel(mega_config, add_embeddings=False)
         self.final_norm = (build_mega_norm(mega_config.normalization_type, mega_config.hidden_size,
                                            affine=mega_config.norm_affine)
-                           if mega_config.normalize_before_mega else None)
+                           if mega_config.normalize_before_mega and final_norm else None)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -169,7 +180,7 @@ def build_mega_stack(stack_cfg, *, seq_length: int, is_decoder: bool, add_cross_
                            hidden_dropout=stack_cfg.hidden_dropout, attention_dropout=stack_cfg.attention_dropout,
                            init_method_std=stack_cfg.init_method_std, seq_length=seq_length, is_decoder=is_decoder,
                            add_cross_attention=add_cross_attention)
-    return MegaStack(cfg)
+    return MegaStack(cfg, final_norm=bool(_get(stack_cfg.mega, "final_norm", True)))
 
 
 class MegaGPTModel(LMHeadMixin, nn.Module):
@@ -193,13 +204,14 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
             init_seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         self.init_seed = int(init_seed)
         comp = component_ids(int(cfg.num_layers))
-        ensure_model_parallel(1)
+        tp = int(cfg.tensor_model_parallel_size)
+        ensure_model_parallel(tp)
         self.config = cfg
         self.vocab_size = int(vocab_size)
-        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, 1)
+        self.padded_vocab_size = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tp)
         self.hidden_size = int(cfg.hidden_size)
         self.share_embeddings_and_output_weights = bool(cfg.share_embeddings_and_output_weights)
-        parallel_config = make_parallel_config(1, params_dtype=params_dtype, sequence_parallel=False)
+        parallel_config = make_parallel_config(tp, params_dtype=params_dtype, sequence_parallel=False)
         init_method = init_method_normal(cfg.init_method_std)
         with init_seed_scope(self.init_seed, comp["embedding"]):
             self.embedding = _MegaEmbedding(self.padded_vocab_size, self.hidden_size, parallel_config, init_method,
@@ -207,8 +219,14 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
         with init_seed_scope(self.init_seed, 1):
             self.decoder = build_mega_stack(cfg, seq_length=int(cfg.seq_length), is_decoder=True)
         with init_seed_scope(self.init_seed, comp["output_layer"]):
+            self.lm_dense = None
+            if bool(getattr(cfg.mega, "lm_hidden_dense_layer", False)):
+                self.lm_dense = nn.Linear(self.hidden_size, self.hidden_size, dtype=params_dtype)
+                init_method(self.lm_dense.weight)
+                nn.init.zeros_(self.lm_dense.bias)
             self.output_layer = build_output_layer(cfg, self.padded_vocab_size, parallel_config, init_method,
-                                                   tied=self.share_embeddings_and_output_weights)
+                                                   tied=self.share_embeddings_and_output_weights,
+                                                   bias=bool(getattr(cfg.mega, "lm_head_bias", False)))
         self._pad_masks: dict = {}
 
     @property
@@ -247,12 +265,16 @@ class MegaGPTModel(LMHeadMixin, nn.Module):
                 inference_cache.abort_step()
                 raise
             inference_cache.end_step()
-            return self.compute_logits(hidden)
+            return self.compute_logits(self._head_hidden(hidden))
         hidden = self.decoder(self.embedding(tokens), padding_mask)
-        logits = self.compute_logits(hidden)
+        logits = self.compute_logits(self._head_hidden(hidden))
         if labels is None:
             return logits
         return self.loss_from_logits(logits, labels)
+
+    def _head_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's ``tanh(dense(.))`` before the output layer (``model.mega.lm_hidden_dense_layer``)."""
+        return hidden if self.lm_dense is None else torch.tanh(self.lm_dense(hidden))
 
 
 class _MegaEmbedding(nn.Module):

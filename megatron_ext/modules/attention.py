@@ -1,10 +1,14 @@
 """Tensor-parallel attention over ``torch.nn.functional.scaled_dot_product_attention``.
 
 Heads are split over the tensor-parallel ranks. The fused QKV projection is a megatron-core
-``ColumnParallelLinear(gather_output=False)`` whose output features are laid out
-``[heads, 3 (q/k/v), head_dim]`` (megatron's layout), so each TP shard is a contiguous block of
-whole heads with their q, k and v; the output projection is a ``RowParallelLinear
-(input_is_parallel=True)`` that all-reduces the partial sums. Cross-attention uses a query
+``ColumnParallelLinear(gather_output=False)`` whose output features are laid out by query group (megatron-core's
+layout): for each of the ``ng = num_query_groups`` groups, its ``nh / ng`` query heads, then its key head, then its
+value head, each ``head_dim`` features -- ``[(nh + 2 * ng) * head_dim]`` in all. With ``ng == nh`` (plain multi-head
+attention, the default) this is ``[heads, 3 (q/k/v), head_dim]``. Each TP shard is a contiguous block of whole
+groups (``ng % tp == 0``) with their queries, key and value; the output projection is a ``RowParallelLinear
+(input_is_parallel=True)`` that all-reduces the partial sums. Grouped-query attention (``ng < nh``) runs SDPA with
+``enable_gqa=True`` (the CPU flash kernel takes fewer key/value heads natively, backward included), so the keys and
+values are never repeated per query head. Cross-attention uses a query
 projection plus a fused KV projection laid out ``[heads, 2 (k/v), head_dim]``.
 
 Masks follow megatron-core's convention: ``attention_mask`` is boolean and ``True`` marks a
@@ -22,8 +26,10 @@ passed down the stack (``GPTModel.forward(..., inference_cache=cache)`` -> ``Tra
 gets ``cache.layer(i)``, a :class:`LayerKVCache`). It is off unless asked: without ``inference_cache`` /
 ``kv_cache`` the training forward runs exactly as before (no buffer, no extra mask).
 
-* Buffers: per layer ``k``/``v`` ``[b, heads_on_this_rank, max_length, head_dim]``, allocated on the first write
-  (dtype/device of the keys). With TP > 1 each rank caches only its own heads -- the cache is per rank, and the
+* Buffers: per layer ``k``/``v`` ``[b, kv_heads_on_this_rank, max_length, head_dim]``, allocated on the first write
+  (dtype/device of the keys); ``kv_heads`` is ``num_query_groups`` (grouped-query attention caches one key/value
+  head per group: ``nh / ng`` times less memory than multi-head attention). With TP > 1 each rank caches only its
+  own groups -- the cache is per rank, and the
   QKV/output projections' collectives are the same as in the uncached forward. Cross-attention (the
   encoder-decoder's decoder) caches its projected ``cross_k``/``cross_v`` ``[b, heads, S_enc, head_dim]`` on the
   first call, so the encoder memory is projected once per generation.
@@ -71,6 +77,8 @@ def ensure_rng_tracker_seeded() -> None:
 
 
 def _sdpa(q, k, v, attn_mask, is_causal, dropout_p):
+    """SDPA over ``q`` ``[b, nh, s, d]`` and ``k``/``v`` ``[b, ng, s_kv, d]`` (``ng`` divides ``nh``: grouped-query
+    attention when ``ng < nh``, query head ``i`` attending key/value head ``i // (nh / ng)``)."""
     if dropout_p > 0.0:
         ctx = get_rng_tracker().fork(MODEL_PARALLEL_RNG_TRACKER_NAME)
     else:
@@ -78,7 +86,9 @@ def _sdpa(q, k, v, attn_mask, is_causal, dropout_p):
     with ctx:
         if is_causal and attn_mask is None and _split_causal_on_cpu(q, k, dropout_p):
             return _SplitCausalAttention.apply(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+        gqa = {"enable_gqa": True} if k.shape[-3] != q.shape[-3] else {}
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                              **gqa)
 
 
 # PyTorch's CPU flash-attention kernel walks the keys in blocks of up to 512 and skips only whole blocks above the
@@ -119,7 +129,8 @@ def _split_mask(s: int, h: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _SplitCausalAttention(torch.autograd.Function):
-    """Causal attention over ``[b, heads, s, d]`` as two query halves; same result as ``is_causal=True``."""
+    """Causal attention over ``[b, heads, s, d]`` as two query halves; same result as ``is_causal=True``. The CPU
+    kernel (forward and backward) takes keys/values with fewer heads than the queries (grouped-query attention)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -158,7 +169,9 @@ def _sdpa_mask(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]
 
 
 class ParallelSelfAttention(nn.Module):
-    """Self-attention with heads split over TP. Input/output ``[b, s, hidden]`` (replicated)."""
+    """Self-attention with heads split over TP. Input/output ``[b, s, hidden]`` (replicated).
+    ``num_query_groups`` (None = ``num_attention_heads``): key/value heads, each shared by ``nh / ng`` query heads
+    (grouped-query attention; 1 = multi-query attention)."""
 
     def __init__(
         self,
@@ -171,16 +184,21 @@ class ParallelSelfAttention(nn.Module):
         bias: bool = True,
         attention_dropout: float = 0.0,
         causal: bool = True,
+        num_query_groups: Optional[int] = None,
     ):
         super().__init__()
 
         tp = tp_world_size()
+        groups = num_attention_heads if num_query_groups is None else int(num_query_groups)
         check_divisible(hidden_size, num_attention_heads, "hidden_size / num_attention_heads")
-        check_divisible(num_attention_heads, tp, "num_attention_heads / tensor_model_parallel_size")
+        check_divisible(num_attention_heads, groups, "num_attention_heads / num_query_groups")
+        check_divisible(groups, tp, "num_query_groups / tensor_model_parallel_size")
         self.hidden_size = hidden_size
         self.num_attention_heads = num_attention_heads
+        self.num_query_groups = groups
         self.head_dim = hidden_size // num_attention_heads
         self.num_heads_per_partition = num_attention_heads // tp
+        self.num_query_groups_per_partition = groups // tp
         self.attention_dropout = float(attention_dropout)
         self.causal = bool(causal)
         if self.attention_dropout > 0.0:
@@ -188,7 +206,7 @@ class ParallelSelfAttention(nn.Module):
         group = tp_group()
         self.linear_qkv = ColumnParallelLinear(
             hidden_size,
-            3 * hidden_size,
+            (num_attention_heads + 2 * groups) * self.head_dim,
             config=parallel_config,
             init_method=init_method,
             bias=bias,
@@ -217,9 +235,8 @@ class ParallelSelfAttention(nn.Module):
         their keys/values are appended to the cache and the queries attend to every cached position under the
         cache's step mask (``attention_mask`` must then be None)."""
         b, s, _ = hidden_states.shape
+        q, k, v = self.split_qkv(hidden_states)
         nh, hd = self.num_heads_per_partition, self.head_dim
-        qkv, _ = self.linear_qkv(hidden_states)  # [b, s, nh * 3 * hd]
-        q, k, v = qkv.view(b, s, nh, 3, hd).unbind(3)  # each [b, s, nh, hd] (strided views)
         if rotary_cos_sin is not None:
             cos, sin = rotary_cos_sin
             q = apply_rotary(q, cos, sin)
@@ -232,7 +249,7 @@ class ParallelSelfAttention(nn.Module):
                                  "from its key padding mask")
             if not self.causal:
                 raise ValueError("a KV cache needs causal self-attention (a decoder)")
-            k, v = kv_cache.append(k, v)  # [b, nh, length + s, hd]
+            k, v = kv_cache.append(k, v)  # [b, ng, length + s, hd]
             mask, causal = kv_cache.owner.step_mask()
             ctx = _sdpa(q, k, v, mask, causal, dropout_p)
         elif isinstance(attention_mask, DocumentMask):  # packed documents (modules/doc_attention.py)
@@ -245,6 +262,19 @@ class ParallelSelfAttention(nn.Module):
         ctx = ctx.transpose(1, 2).reshape(b, s, nh * hd)
         out, _ = self.linear_proj(ctx)
         return out
+
+    def split_qkv(self, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection of ``hidden_states`` ``[b, s, h]`` -> q ``[b, s, nh, hd]``, k and v
+        ``[b, s, ng, hd]`` (this rank's heads and groups; see the module docstring for the row layout)."""
+        b, s, _ = hidden_states.shape
+        nh, ng, hd = self.num_heads_per_partition, self.num_query_groups_per_partition, self.head_dim
+        qkv, _ = self.linear_qkv(hidden_states)  # [b, s, ng * (nh/ng + 2) * hd]
+        if ng == nh:  # multi-head attention: each [b, s, nh, hd] (strided views)
+            return qkv.view(b, s, nh, 3, hd).unbind(3)
+        per = nh // ng
+        grouped = qkv.view(b, s, ng, per + 2, hd)
+        q = grouped[:, :, :, :per].reshape(b, s, nh, hd)  # query head g * per + j of group g
+        return q, grouped[:, :, :, per], grouped[:, :, :, per + 1]
 
 
 class ParallelCrossAttention(nn.Module):
@@ -428,7 +458,8 @@ class InferenceCache:
 
 class LayerKVCache:
     """One attention layer's buffers in a :class:`KVCache`: self-attention ``k``/``v``
-    ``[b, heads_on_this_rank, max_length, head_dim]`` and the cross-attention ``cross_k``/``cross_v``."""
+    ``[b, kv_heads_on_this_rank, max_length, head_dim]`` (one per query group) and the cross-attention
+    ``cross_k``/``cross_v``."""
 
     __slots__ = ("owner", "k", "v", "cross_k", "cross_v")
 
@@ -440,7 +471,7 @@ class LayerKVCache:
         self.cross_v: Optional[torch.Tensor] = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's keys/values ``[b, nh, s, hd]`` at ``owner.length``; -> all keys/values so far."""
+        """Write the step's keys/values ``[b, ng, s, hd]`` at ``owner.length``; -> all keys/values so far."""
         owner = self.owner
         b, nh, s, hd = k.shape
         if b != owner.batch_size:

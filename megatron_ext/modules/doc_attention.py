@@ -177,9 +177,11 @@ class DocumentMask:
         return "packed"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, sdpa) -> torch.Tensor:
-        """Causal attention within documents. ``q``/``k``/``v`` ``[b, heads, s, d]`` -> ``[b, heads, s, d]``.
+        """Causal attention within documents. ``q`` ``[b, heads, s, d]``, ``k``/``v`` ``[b, kv_heads, s, d]``
+        (``kv_heads`` divides ``heads``: grouped-query attention) -> ``[b, heads, s, d]``.
         ``sdpa(q, k, v, mask, is_causal, dropout_p)`` is the layer's SDPA (RNG tracker fork, CPU kernels)."""
         b, nh, s, hd = q.shape
+        ng = k.shape[1]
         if tuple(self.segment_ids.shape) != (b, s):
             raise ValueError(f"segment_ids {tuple(self.segment_ids.shape)} do not match the attention input "
                              f"[batch={b}, seq={s}]")
@@ -187,7 +189,7 @@ class DocumentMask:
         if impl == "mask":
             return sdpa(q, k, v, self.dense(), False, dropout_p)
         # token-major [b*s, heads, d] views (the QKV projection's layout)
-        qt, kt, vt = (x.transpose(1, 2).reshape(b * s, nh, hd) for x in (q, k, v))
+        qt, kt, vt = (x.transpose(1, 2).reshape(b * s, x.shape[1], hd) for x in (q, k, v))
         if impl == "varlen":
             if _varlen_attn is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
                 raise ValueError("model.document_attention=varlen needs CUDA and fp16/bf16 activations "
@@ -196,8 +198,9 @@ class DocumentMask:
                 raise ValueError("model.document_attention=varlen has no attention dropout; set "
                                  "model.attention_dropout=0 or use packed / auto")
             cu, max_len = self.cu_seqlens()
+            gqa = {"enable_gqa": True} if ng != nh else {}
             out = _varlen_attn(qt.contiguous(), kt.contiguous(), vt.contiguous(), cu, cu, max_len, max_len,
-                               window_size=(-1, 0))
+                               window_size=(-1, 0), **gqa)
             return out.view(b, s, nh, hd).transpose(1, 2)
         groups, scatter, gather_all, valid = self.packing()
         # one gather of all slots per tensor (backward: a gather by the inverse map), then per length class a view
@@ -206,7 +209,7 @@ class DocumentMask:
         qs, ks, vs = (_Permute.apply(x, gather_all, scatter, None).split(sizes) for x in (qt, kt, vt))
         outs = []
         for (_, n, L), qd, kd, vd in zip(groups, qs, ks, vs):
-            qd, kd, vd = (x.view(n, L, nh, hd).transpose(1, 2) for x in (qd, kd, vd))
+            qd, kd, vd = (x.view(n, L, x.shape[1], hd).transpose(1, 2) for x in (qd, kd, vd))
             o = sdpa(qd, kd, vd, None, True, dropout_p)  # [n, heads, L, d]
             outs.append(o.transpose(1, 2).reshape(n * L, nh, hd))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

@@ -62,6 +62,7 @@ class TransformerLayer(nn.Module):
         causal: bool = True,
         cross_attention: bool = False,
         kv_hidden_size: Optional[int] = None,
+        num_query_groups: Optional[int] = None,
     ):
         super().__init__()
         self.hidden_dropout = float(hidden_dropout)
@@ -75,6 +76,7 @@ class TransformerLayer(nn.Module):
             bias=bias,
             attention_dropout=attention_dropout,
             causal=causal,
+            num_query_groups=num_query_groups,
         )
         if cross_attention:  # used by CrossAttentionTransformerLayer (its forward runs it)
             self.pre_cross_attn_layernorm = build_norm(normalization, hidden_size, layernorm_epsilon, bias)

@@ -10,7 +10,8 @@ Every tokenizer is usable as megatron-core's ``GPTDatasetConfig(tokenizer=...)``
 ``describe()``; see :class:`megatron_ext.tokenizers.base.Tokenizer`.
 
 Built in: ``byte`` (UTF-8 bytes), ``char`` (one id per character of a fixed set; see
-:mod:`megatron_ext.tokenizers.char`), ``sentencepiece``.
+:mod:`megatron_ext.tokenizers.char`), ``sentencepiece``, ``huggingface`` (a Hugging Face ``tokenizer.json`` with
+its ``tokenizer_config.json``, ids as ``AutoTokenizer`` gives them; see :mod:`megatron_ext.tokenizers.huggingface`).
 
 New libraries are added with :func:`register_tokenizer`; the class is called as
 ``cls(model=<model path or None>)``.
@@ -28,6 +29,7 @@ from megatron_ext.errors import ConfigError
 from megatron_ext.tokenizers.base import Tokenizer
 from megatron_ext.tokenizers.byte import ByteTokenizer
 from megatron_ext.tokenizers.char import CharTokenizer
+from megatron_ext.tokenizers.huggingface import HuggingFaceTokenizer
 from megatron_ext.tokenizers.sentencepiece_tokenizer import (
     SentencePieceTokenizer,
     train_sentencepiece,
@@ -46,6 +48,7 @@ __all__ = [
     "MASK_TOKEN",
     "ByteTokenizer",
     "CharTokenizer",
+    "HuggingFaceTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
     "build_tokenizer",
@@ -77,6 +80,7 @@ def register_tokenizer(name: str, cls: Callable[..., Tokenizer], *, overwrite: b
 register_tokenizer("byte", ByteTokenizer)
 register_tokenizer("char", CharTokenizer)
 register_tokenizer("sentencepiece", SentencePieceTokenizer)
+register_tokenizer("huggingface", HuggingFaceTokenizer)
 
 
 def build_tokenizer(

@@ -78,6 +78,12 @@ class Tokenizer:
     def tokenize(self, text: str) -> List[int]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def tokenize_plain(self, text: str) -> List[int]:
+        """The ids of ``text`` alone, without tokens a tokenizer puts around every text (a Hugging Face
+        post-processor's bos); the same as :meth:`tokenize` for the tokenizers that add none. Used for fragments
+        such as generation stop strings."""
+        return self.tokenize(text)
+
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         """Tokenize many texts; subclasses override this with a batched fast path."""
         return [self.tokenize(t) for t in texts]

@@ -158,6 +158,9 @@ class AddedSpecialTokens(Tokenizer):
     def tokenize(self, text: str) -> List[int]:
         return self.base.tokenize(text)
 
+    def tokenize_plain(self, text: str) -> List[int]:
+        return self.base.tokenize_plain(text)
+
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return self.base.tokenize_batch(texts)
 

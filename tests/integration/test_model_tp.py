@@ -1,5 +1,6 @@
-"""GPTModel at TP=2 (2 gloo processes on CPU) equals TP=1: loss, gathered logits, gradients; packed documents
-(segment ids) at TP=2 give each document's loss as if it ran alone (fp64)."""
+"""GPTModel at TP=2 (2 gloo processes on CPU) equals TP=1: loss, gathered logits, gradients (multi-head and
+grouped-query attention; also the Mega LM imported from Hugging Face's MegaForCausalLM: logits vs transformers',
+greedy tokens; GPT-2 and a grouped-query Llama imported with tools/convert_from_hf.py: logits vs transformers'); packed documents (segment ids) at TP=2 give each document's loss as if it ran alone (fp64)."""
 import importlib.util
 import json
 import os
@@ -12,7 +13,6 @@ from helpers import REPO, launch_cmd, multiprocess_env
 WORKER = os.path.join(REPO, "tests", "workers", "model_tp_worker.py")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch.distributed.run") is None, reason="torchrun not available")
 def _hf_imports(tmp_path):
     """Tiny random HF GPT-2 and Llama (GQA 8 heads / 2 KV heads when model.num_query_groups exists), imported
     with tools/convert_from_hf.py, and transformers' logits of some tokens; None without transformers."""
@@ -55,6 +55,7 @@ def _hf_imports(tmp_path):
     return d
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch.distributed.run") is None, reason="torchrun not available")
 def test_tp2_matches_tp1(tmp_path):
     out = tmp_path / "tp_results.json"
     env = multiprocess_env()
@@ -63,7 +64,7 @@ def test_tp2_matches_tp1(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    for name in ("gpt2_like", "llama_like", "gpt2_like_recompute"):
+    for name in ("gpt2_like", "llama_like", "gpt2_like_recompute", "llama_gqa"):
         r = res[name]
         assert r["init_diff"] == 0.0, (name, r)  # same seed -> same full weights at TP1 and TP2
         assert r["loss_diff"] < 1e-5, (name, r)
@@ -78,6 +79,11 @@ def test_tp2_matches_tp1(tmp_path):
         for name in ("gpt2", "llama"):
             r = res["hf_import"][name]
             assert r["logits_diff"] < 1e-4 and r["shape"] == [2, 20, 259] and r["padded"] == 512, (name, r)
-    for name in ("learned", "rope"):  # packed documents at TP2: each document's loss as if run alone (fp64)
+    for name, r in res["mega_hf"].items():  # HF Mega imported at TP2: vocabulary-parallel head, replicated layers
+        assert r["padded_vocab"] == 512 and r["same_params"], (name, r)
+        assert r["logits_diff"] < 1e-4 and r["loss_diff"] < 1e-5 and r["max_grad_diff"] < 1e-5, (name, r)
+        assert r["greedy"] == r["hf_greedy"], (name, r)
+    assert len(res["mega_hf"]["causal_rotary"]["greedy"]) == 8
+    for name in ("learned", "rope", "rope_gqa"):  # packed documents at TP2: each document's loss as if alone (fp64)
         dm = res["docmask"][name]
         assert dm["max_diff"] < 1e-6 and dm["unmasked_diff"] > 1e-3, (name, dm)

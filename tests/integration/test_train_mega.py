@@ -63,7 +63,7 @@ def test_gpt_mega_variants_run(tmp_path, in_process):
 
 
 @pytest.mark.parametrize("over, key", [
-    (["model.tensor_model_parallel_size=2", "trainer.devices=2"], "model.tensor_model_parallel_size=2"),
+    (["model.pipeline_model_parallel_size=2", "trainer.devices=2"], "model.pipeline_model_parallel_size=2"),
     (["model.mega.attention_activation=gelu"], "model.mega.attention_activation"),
     (["model.mega.chunk_size=0"], "model.mega.chunk_size"),
     (["model.mega.relative_positional_bias=simple", "model.mega.max_positions=16"], "model.mega.max_positions"),
@@ -72,7 +72,7 @@ def test_gpt_mega_variants_run(tmp_path, in_process):
     (["model.arch=rnn"], "model.arch"),
 ])
 def test_gpt_mega_bad_config_one_clear_error(run_env, tmp_path, over, key, in_process):
-    """The TP case through the CLI (exit status 2, one line, before any worker starts); the model.* cases through
+    """The PP case through the CLI (exit status 2, one line, before any worker starts); the model.* cases through
     the same config composition and Trainer in-process."""
     args = [*GPT_MEGA, "model.global_batch_size=4", "trainer.max_steps=1", f"exp_manager.exp_dir={tmp_path}", *over]
     if "trainer.devices=2" not in over:

@@ -57,7 +57,8 @@ MEGA = ["model.arch=mega", "model.mega.shared_representation_size=16", "model.me
 @pytest.mark.parametrize("family,over", [
     ("gpt", []),
     ("gpt", ["model.position_embedding_type=rope", "model.normalization=rmsnorm", "model.activation=swiglu",
-             "model.share_embeddings_and_output_weights=false", "model.bias=false"]),
+             "model.share_embeddings_and_output_weights=false", "model.bias=false",
+             "model.num_attention_heads=8", "model.num_query_groups=2"]),  # Llama-like, grouped-query attention
     ("mega", MEGA),
     ("encdec", []),
 ])

@@ -282,3 +282,58 @@ def test_bad_inputs_one_clear_error_each(tmp_path, capsys):
     r = run_main_in_process(convert_from_hf.main, ["--input", str(base), "--output", str(tmp_path / "o.mext"),
                                                    "--target-tp", "2"], capsys)
     assert r.returncode == 2 and "--target-tp=2: a .mext / .pt output has no layout" in r.stderr
+
+
+def test_tokenizer_json_in_the_directory_is_the_default_tokenizer(tmp_path, capsys):
+    """Without --tokenizer-library, the directory's tokenizer.json (model.tokenizer.library=huggingface) goes into the
+    archive and is the restored model's tokenizer; the printed line names it."""
+    from megatron_ext.inference.lm import LM
+    from megatron_ext.tokenizers import AVAILABLE_TOKENIZERS
+
+    if "huggingface" not in AVAILABLE_TOKENIZERS:
+        pytest.skip("this version has no huggingface tokenizer library")
+    from helpers import make_hf_tokenizer, shakespeare_lines
+
+    hf_dir = tmp_path / "hf"
+    make_hf_tokenizer(str(hf_dir), "llama", lines=shakespeare_lines(300), vocab_size=320)
+    vocab = len(json.loads((hf_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    make_llama(hf_dir, vocab_size=vocab, num_hidden_layers=1)
+    out = str(tmp_path / "tok.mext")
+    r = run_main_in_process(convert_from_hf.main, ["--input", str(hf_dir), "--output", out], capsys)
+    assert r.returncode == 0, r.stderr
+    assert f"model.tokenizer.library=huggingface model.tokenizer.model={hf_dir}" in r.stdout
+    lm = LM.restore_from(out)
+    auto = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    text = "To be, or not to be: that is the question."
+    assert lm.tokenizer.vocab_size == vocab and lm.tokenizer.tokenize(text) == auto(text)["input_ids"]
+
+
+def test_continue_pretraining_a_mega_archive(tmp_path, capsys, in_process, monkeypatch):
+    """An imported HF Mega (.mext, tests/data/hf_mega) starts a model.arch=mega run through model.ckpt_path with its
+    printed model config; another model.mega key is refused naming it."""
+    monkeypatch.chdir(tmp_path)
+    fix = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "hf_mega", "causal_rotary")
+    out = str(tmp_path / "mega.mext")
+    r = run_main_in_process(convert_from_hf.main, ["--input", fix, "--output", out, "--tokenizer-library", "byte"],
+                            capsys)
+    assert r.returncode == 0, r.stderr
+    mc = json.loads(r.stdout.strip().splitlines()[-1].split(": ", 2)[2])
+    skip = ("tokenizer", "data", "optim", "micro_batch_size", "global_batch_size", "ckpt_path")
+
+    def flat(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            elif prefix != "model." or k not in skip:
+                yield f"{prefix}{k}={'null' if v is None else json.dumps(v) if isinstance(v, str) else v}"
+    overrides = list(flat(mc, "model.")) + [
+        f"model.ckpt_path={out}", "model.micro_batch_size=2", "model.global_batch_size=2", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "trainer.limit_val_batches=1", f"exp_manager.exp_dir={tmp_path / 'exp'}"]
+    res = fit_in_process(overrides, config_dir="configs/mega", config_name="gpt_mega")
+    metrics = [json.loads(x) for x in open(os.path.join(res["run_dir"], "metrics.jsonl"))]
+    assert len([m for m in metrics if "train/loss" in m]) == 2
+    bad = [o for o in overrides if not o.startswith("model.mega.shared_representation_size")]
+    with pytest.raises(CheckpointError, match="model.mega.shared_representation_size=8 but this model has "
+                                              "model.mega.shared_representation_size=64"):
+        fit_in_process(bad + [f"exp_manager.exp_dir={tmp_path / 'exp2'}"], config_dir="configs/mega",
+                       config_name="gpt_mega")

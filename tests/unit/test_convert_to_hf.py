@@ -62,7 +62,8 @@ def test_gpt2_export_gives_our_logits(tmp_path, tied, bias):
 @pytest.mark.parametrize("tied,bias,extra", [
     (True, False, {}),
     (False, True, dict(rotary_base=500.0, layernorm_epsilon=1e-3, ffn_hidden_size=48, num_attention_heads=2)),
-], ids=["tied-nobias", "untied-bias-theta500"])
+    (False, True, dict(num_attention_heads=8, num_query_groups=2)),  # grouped-query attention: 8 heads, 2 kv heads
+], ids=["tied-nobias", "untied-bias-theta500", "untied-bias-gqa-8h-2kv"])
 def test_llama_export_gives_our_logits(tmp_path, tied, bias, extra):
     cfg = tiny_cfg(share_embeddings_and_output_weights=tied, bias=bias, **{**LLAMA, **extra})
     model = perturbed_model(cfg)
@@ -73,7 +74,10 @@ def test_llama_export_gives_our_logits(tmp_path, tied, bias, extra):
     assert type(hf).__name__ == "LlamaForCausalLM"
     c = hf.config
     heads = extra.get("num_attention_heads", 4)
-    assert (c.vocab_size, c.num_key_value_heads, c.head_dim) == (VOCAB, heads, 32 // heads)
+    kv_heads = extra.get("num_query_groups", heads)
+    assert (c.vocab_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (VOCAB, heads, kv_heads,
+                                                                                       32 // heads)
+    assert hf.model.layers[0].self_attn.k_proj.weight.shape == (kv_heads * 32 // heads, 32)
     assert c.intermediate_size == model.ffn_hidden_size and c.tie_word_embeddings == tied
     assert c.attention_bias == bias and c.mlp_bias == bias
     assert c.rms_norm_eps == extra.get("layernorm_epsilon", 1e-5)
@@ -190,6 +194,9 @@ def test_tokenizer_vocab_mismatch_and_missing_model_file(tmp_path, spm_models):
     (dict(), "llama", r"cannot export as arch=llama: .*model.position_embedding_type=rope \(this model has "
                       r"learned_absolute\)"),
     (dict(), "opt", r"arch='opt': expected one of auto, gpt2, llama"),
+    (dict(num_query_groups=2), "auto", r"gpt2 \(GPT2LMHeadModel\) needs model.num_query_groups=null, multi-head "
+                                       r"attention \(GPT-2 has no grouped-query attention; this model has 2 query "
+                                       r"groups for 4 heads\); llama"),
 ])
 def test_unsupported_combinations_are_refused(tmp_path, kw, arch, expect):
     model = GPTModel(tiny_cfg(**kw), VOCAB, init_seed=0)
@@ -198,12 +205,15 @@ def test_unsupported_combinations_are_refused(tmp_path, kw, arch, expect):
     assert not os.path.exists(tmp_path / "config.json")
 
 
-def test_mega_and_encoder_decoder_are_refused():
-    mega = dataclasses.asdict(ModelConfig(arch="mega"))
-    with pytest.raises(ConfigError, match=r"model.arch=mega: .*only model.arch=transformer GPT models"):
-        resolve_arch(mega)
-    with pytest.raises(ConfigError, match=r"model.arch=mega"):
-        export_to_hf({"state_dict": {}, "vocab_size": 10, "model_config": mega}, "unused")
+def test_mega_targets_and_encoder_decoder_are_refused():
+    mega = dataclasses.asdict(ModelConfig(arch="mega"))  # Mega exports to MegaForCausalLM (tests/unit/test_hf_mega.py)
+    assert resolve_arch(mega) == "mega"
+    with pytest.raises(ConfigError, match=r"arch='gpt2': a Mega language model .*MegaForCausalLM only"):
+        resolve_arch(mega, "gpt2")
+    with pytest.raises(ConfigError, match=r"arch=mega: model.arch='transformer' is not a Mega language model"):
+        resolve_arch(dataclasses.asdict(ModelConfig()), "mega")
+    with pytest.raises(ConfigError, match=r"model.mega.final_norm=true: transformers' MegaModel has no norm"):
+        export_to_hf({"state_dict": {}, "vocab_size": 10, "model_config": mega}, "unused", tokenizer=False)
     from megatron_ext.config.schema import EncoderDecoderModelConfig
 
     encdec = dataclasses.asdict(EncoderDecoderModelConfig())
@@ -280,11 +290,11 @@ def test_cli_errors(tmp_path, capsys):
     torch.save({"something": 1}, tmp_path / "x.pt")
     rc, _, err = _cli(capsys, "--input", str(tmp_path / "x.pt"), "--output", str(tmp_path / "hf"))
     assert rc == 2 and "is not a consolidated megatron_ext checkpoint" in err and err.count("\n") == 1
-    mega = {"format": "megatron_ext.consolidated.v1", "state_dict": {}, "vocab_size": 10,
+    mega = {"format": "megatron_ext.consolidated.v1", "state_dict": {}, "vocab_size": 259,
             "model_config": dataclasses.asdict(ModelConfig(arch="mega")), "source": {}}
     torch.save(mega, tmp_path / "mega.pt")
     rc, _, err = _cli(capsys, "--input", str(tmp_path / "mega.pt"), "--output", str(tmp_path / "hf"))
-    assert rc == 2 and "convert_to_hf: error: model.arch=mega" in err
+    assert rc == 2 and "convert_to_hf: error: model.mega.final_norm=true: transformers' MegaModel" in err
     bart = tmp_path / "bart_run" / "checkpoints" / "step_0000005"
     bart.mkdir(parents=True)
     from megatron_ext.config.schema import EncoderDecoderModelConfig

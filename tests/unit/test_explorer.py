@@ -21,8 +21,8 @@ def _tp1():
     yield
 
 
-def gpt_lm(pos="learned_absolute"):
-    return tiny_lm("gpt", position_embedding_type=pos)
+def gpt_lm(pos="learned_absolute", **kw):
+    return tiny_lm("gpt", position_embedding_type=pos, **kw)
 
 
 def mega_lm(chunk_size=-1):
@@ -135,7 +135,10 @@ def _reference_attention(layers, run, rope):
         s = h.shape[0]
         nh, hd = attn.num_attention_heads, attn.hidden_size // attn.num_attention_heads
         qkv = h @ attn.linear_qkv.weight.T + attn.linear_qkv.bias
-        q, k, v = qkv.view(s, nh, 3, hd).unbind(2)
+        ng = getattr(attn, "num_query_groups", nh)  # rows per group: its nh/ng query heads, its key, its value
+        g = qkv.view(s, ng, nh // ng + 2, hd)
+        q = g[:, :, :nh // ng].reshape(s, nh, hd)
+        k, v = (g[:, :, nh // ng + i].repeat_interleave(nh // ng, dim=1) for i in (0, 1))
         if rope:
             q, k = _rope(q), _rope(k)
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
@@ -146,9 +149,9 @@ def _reference_attention(layers, run, rope):
     return torch.stack(probs)[None], mixed
 
 
-@pytest.mark.parametrize("pos", ["learned_absolute", "rope"])
+@pytest.mark.parametrize("pos", ["learned_absolute", "rope", "rope_gqa"])
 def test_gpt_attention_maps_are_the_real_probabilities(pos):
-    lm = gpt_lm(pos)
+    lm = gpt_lm("rope", num_query_groups=2) if pos == "rope_gqa" else gpt_lm(pos)
     m = lm.model
     text = "as business managers know"
     ids = torch.tensor([lm.encode(text)])
@@ -156,7 +159,7 @@ def test_gpt_attention_maps_are_the_real_probabilities(pos):
     s = ids.shape[1]
     assert maps.shape == (1, 2, 4, s, s)
     m.eval()
-    ref, mixed = _reference_attention(list(m.decoder.layers), lambda: m(ids), rope=pos == "rope")
+    ref, mixed = _reference_attention(list(m.decoder.layers), lambda: m(ids), rope=pos != "learned_absolute")
     _close(maps, ref)
     _close(maps.sum(-1), torch.ones(1, 2, 4, s))
     assert (maps.triu(1) == 0).all()  # causal

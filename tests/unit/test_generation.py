@@ -81,6 +81,9 @@ FAMILIES = {
     "mega_gpt": lambda: mega_lm(),
     "mega_gpt_chunked": lambda: mega_lm(chunk_size=4),
 }
+# grouped-query attention (8 heads, 2 key/value heads): only in the cache-vs-recompute tests
+GQA = {"gpt_gqa": lambda: gpt_lm("rope", num_attention_heads=8, num_query_groups=2, normalization="rmsnorm",
+                                 activation="swiglu", bias=False, share_embeddings_and_output_weights=False)}
 
 
 def _default_banned(lm):
@@ -93,9 +96,9 @@ def _varied(outputs):
     assert len(flat) >= NEW and len(set(flat)) > 3, f"degenerate greedy output: {outputs}"
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(FAMILIES) + list(GQA))
 def test_greedy_cached_equals_uncached_and_batch_equals_alone(name):
-    lm = FAMILIES[name]()
+    lm = {**FAMILIES, **GQA}[name]()
     kw = dict(max_new_tokens=NEW, greedy=True, stop_tokens=[], output="tokens")
     cached = generate(lm, PROMPTS, **kw)
     uncached = generate(lm, PROMPTS, use_cache=False, **kw)
@@ -108,13 +111,15 @@ def test_greedy_cached_equals_uncached_and_batch_equals_alone(name):
 
 
 @pytest.mark.parametrize("name", ["gpt_learned", "gpt_rope", "encdec_transformer", "encdec_mega_decoder",
-                                  "mega_gpt"])
+                                  "mega_gpt", "gpt_gqa"])
 def test_cached_logits_match_uncached_at_every_step(name):
-    lm = FAMILIES[name]()
+    lm = {**FAMILIES, **GQA}[name]()
     prompts = [lm.encode(p) if lm.family == "encdec" else (lm.encode(p) or [lm.tokenizer.eod]) for p in PROMPTS]
     a = open_session(lm, prompts, max_new_tokens=NEW, use_cache=True)
     b = open_session(lm, prompts, max_new_tokens=NEW, use_cache=False)
     assert a.cache is not None and b.cache is None
+    if name == "gpt_gqa":  # the cache holds one key/value head per query group, not one per query head
+        assert a.cache.layer(0).k.shape[1] == a.cache.layer(0).v.shape[1] == 2
     worst = scale = 0.0
     for step in range(NEW - 1):
         assert a.logits.shape == b.logits.shape == (a.logits.shape[0], lm.model.vocab_size)

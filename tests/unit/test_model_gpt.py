@@ -239,11 +239,101 @@ def test_sequence_too_long_for_learned_positions():
         (dict(num_layers=0), "model.num_layers"),
         (dict(position_embedding_type="rope", hidden_size=36, num_attention_heads=4), "model.hidden_size"),
         (dict(tensor_model_parallel_size=2), "model.tensor_model_parallel_size"),  # groups are TP=1
+        (dict(num_query_groups=3), "model.num_query_groups"),  # must divide the 4 heads
+        (dict(num_query_groups=0), "model.num_query_groups"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         GPTModel(small_cfg(**overrides), VOCAB)
+
+
+def test_query_group_errors_name_both_keys_and_mega_refuses_them():
+    with pytest.raises(ConfigError, match=r"model\.num_query_groups=1: .*model\.tensor_model_parallel_size=2"):
+        small_cfg(num_query_groups=1, tensor_model_parallel_size=2)
+    with pytest.raises(ConfigError, match=r"model\.num_query_groups=2: .*model\.arch=transformer"):
+        ModelConfig(arch="mega", num_query_groups=2)
+    assert small_cfg(num_query_groups=4).num_query_groups == 4  # = heads: plain multi-head attention
+
+
+def _mha_twin(gqa: GPTModel, **kw) -> GPTModel:
+    """The multi-head model computing what ``gqa`` does: every query head gets its own copy of its group's key and
+    value head (fused rows regrouped from [group, (q_0..q_per-1, k, v), hd] to [head, (q, k, v), hd])."""
+    cfg = dataclasses.replace(gqa.config, num_query_groups=None, **kw)
+    mha = GPTModel(cfg, gqa.vocab_size, init_seed=0)
+    nh, ng = cfg.num_attention_heads, gqa.config.num_query_groups
+    per, hd = nh // ng, cfg.hidden_size // nh
+    sd = {}
+    for k, v in gqa.state_dict().items():
+        if "linear_qkv" in k and isinstance(v, torch.Tensor):
+            rest = v.shape[1:]
+            g = v.view(ng, per + 2, hd, *rest)
+            kv = [g[:, i:i + 1].expand(ng, per, hd, *rest) for i in (per, per + 1)]
+            v = torch.stack([g[:, :per], *kv], dim=2).reshape(nh * 3 * hd, *rest)
+        sd[k] = v
+    mha.load_state_dict(sd)
+    return mha.eval()
+
+
+@pytest.mark.parametrize("s,impl", [(12, None), (300, None), (40, "packed"), (40, "mask")],
+                         ids=["causal", "split-causal-cpu", "docs-packed", "docs-mask"])
+def test_grouped_query_attention_equals_multi_head_with_shared_kv(s, impl, monkeypatch):
+    """8 heads in 2 groups == the multi-head model whose 4 query heads of a group share one key/value head: logits
+    and gradients (a group's key/value gradient is the sum over its heads' copies), on every attention path."""
+    from megatron_ext.modules import attention
+    from megatron_ext.modules.doc_attention import segment_ids_from_tokens
+
+    split_kv_heads = []
+    split = attention._SplitCausalAttention.apply
+    monkeypatch.setattr(attention._SplitCausalAttention, "apply",
+                        lambda q, k, v: (split_kv_heads.append(k.shape[1]), split(q, k, v))[1])
+
+    kw = dict(num_attention_heads=8, seq_length=s, position_embedding_type="rope", bias=True)
+    gqa = GPTModel(small_cfg(num_query_groups=2, **kw), VOCAB, init_seed=3).eval()
+    assert gqa.decoder.layers[0].self_attention.linear_qkv.weight.shape == ((8 + 2 * 2) * 4, 32)
+    mha = _mha_twin(gqa)
+    x, y = batch(s=s, seed=2)
+    extra = {}
+    if impl is not None:
+        gqa.document_attention = mha.document_attention = impl
+        extra["segment_ids"] = segment_ids_from_tokens(x, int(x[0, 9]))  # documents end at that token
+        assert extra["segment_ids"].max() > 0
+    a, b = gqa(x, labels=y, **extra), mha(x, labels=y, **extra)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.mean().backward()
+    b.mean().backward()
+    name = "decoder.layers.0.self_attention.linear_qkv.weight"
+    ga = dict(gqa.named_parameters())[name].grad.view(2, 6, 4, 32)
+    gb = dict(mha.named_parameters())[name].grad.view(2, 4, 3, 4, 32)  # [group, head in group, (q,k,v), hd, h]
+    torch.testing.assert_close(ga[:, :4], gb[:, :, 0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ga[:, 4], gb[:, :, 1].sum(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ga[:, 5], gb[:, :, 2].sum(1), rtol=1e-4, atol=1e-6)
+    assert ga.abs().max() > 1e-4
+    assert split_kv_heads == ([2, 2, 8, 8] if s == 300 else [])  # 2 layers each: the CPU split kernel took 2 kv heads
+
+
+def test_files_saved_before_num_query_groups_load_unchanged(tmp_path):
+    """A consolidated file whose model config has no num_query_groups (written before the key existed) loads into
+    a multi-head model configured either way (null or = heads), giving the same logits; a grouped model is refused
+    naming the key."""
+    from megatron_ext.checkpoint.consolidated import FORMAT, load_consolidated, save_consolidated
+    from megatron_ext.errors import CheckpointError
+    from megatron_ext.inference.hf_export import consolidated_from_model
+
+    old = build(seed=4).eval()
+    obj = consolidated_from_model(old)
+    del obj["model_config"]["num_query_groups"]
+    obj["format"] = FORMAT
+    save_consolidated(obj, str(tmp_path / "old.pt"))
+    x, _ = batch()
+    for groups in (None, 4):
+        m = GPTModel(small_cfg(num_query_groups=groups), VOCAB, init_seed=9).eval()
+        load_consolidated(m, str(tmp_path / "old.pt"), m.config)
+        with torch.no_grad():
+            assert torch.equal(m(x), old(x))
+    gqa = GPTModel(small_cfg(num_query_groups=2), VOCAB, init_seed=9)
+    with pytest.raises(CheckpointError, match=r"model\.num_query_groups=4 but this model has model\.num_query_groups=2"):
+        load_consolidated(gqa, str(tmp_path / "old.pt"), gqa.config)
 
 
 def test_bad_vocab_size():
@@ -290,6 +380,11 @@ def test_flops_formula():
     sw = dataclasses.replace(cfg, activation="swiglu")  # ffn = 8/3*32 -> 128
     fwd_sw = L * (2 * (3 * h * h + h * h + 3 * h * 128) + 4 * s * h) + 2 * h * V
     assert gpt_flops_per_token(sw, V) == 3 * fwd_sw
+    # grouped-query attention: the QKV projection is h * (nh + 2 * ng) * hd (8 heads of 4 in 2 groups: 32 * 48)
+    gqa = dataclasses.replace(cfg, num_attention_heads=8, num_query_groups=2)
+    fwd_gqa = L * (2 * (32 * 48 + h * h + 2 * h * 4 * h) + 4 * s * h) + 2 * h * V
+    assert gpt_flops_per_token(gqa, V) == 3 * fwd_gqa
+    assert gpt_flops_per_token(dataclasses.replace(gqa, num_query_groups=8), V) == 3 * fwd
     # ~6N per token (+ attention) for a real-sized model
     big = ModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12, seq_length=1024)
     n_matmul = 12 * 12 * 768 * 768 + 768 * 50304

@@ -33,6 +33,9 @@ VARIANTS = {
     "learned": dict(),
     "rope_untied": dict(position_embedding_type="rope", normalization="rmsnorm", activation="swiglu", bias=False,
                         share_embeddings_and_output_weights=False),
+    # grouped-query attention: 8 heads in 2 groups, each rank caches its one key/value head
+    "rope_gqa": dict(position_embedding_type="rope", normalization="rmsnorm", activation="swiglu", bias=False,
+                     share_embeddings_and_output_weights=False, num_attention_heads=8, num_query_groups=2),
 }
 
 

@@ -1,4 +1,5 @@
-"""TP=2 vs TP=1 equivalence for GPTModel (run with torchrun --nproc_per_node 2, gloo, CPU).
+"""TP=2 vs TP=1 equivalence for GPTModel and the Mega LM imported from Hugging Face (run with torchrun
+--nproc_per_node 2, gloo, CPU).
 
 Each rank builds the TP=1 reference (same seed on both ranks), perturbs every parameter so no
 bias/norm is trivially zero/one, records loss, logits and gradients; then re-initialises the
@@ -31,6 +32,9 @@ VARIANTS = {
     "llama_like": dict(position_embedding_type="rope", normalization="rmsnorm", activation="swiglu",
                        share_embeddings_and_output_weights=False, bias=False),
     "gpt2_like_recompute": dict(activations_checkpoint_granularity="full"),
+    # grouped-query attention: 8 heads in 2 groups, one group (4 query heads + 1 kv head) per TP rank
+    "llama_gqa": dict(position_embedding_type="rope", normalization="rmsnorm", activation="swiglu",
+                      share_embeddings_and_output_weights=False, num_attention_heads=8, num_query_groups=2),
 }
 
 
@@ -48,6 +52,86 @@ def shard(full: torch.Tensor, param: torch.Tensor, rank: int, world: int) -> tor
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
     chunks = torch.split(full, full.shape[dim] // (stride * world), dim=dim)
     return torch.cat(chunks[rank::world], dim=dim)
+
+
+MEGA_FIX = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "hf_mega")
+
+
+def mega_imported(name):
+    """A Hugging Face Mega fixture (tests/data/hf_mega) imported into our Mega LM at the current TP size."""
+    from safetensors.torch import load_file
+
+    from megatron_ext.checkpoint.archive import load_full_state_dict
+    from megatron_ext.checkpoint.loader import build_model
+    from megatron_ext.inference.hf_import_mega import mega_from_hf, read_hf_dir
+    from megatron_ext.models.families import get_family
+
+    d = os.path.join(MEGA_FIX, name)
+    sd, cfg = read_hf_dir(d)
+    ours, mcfg = mega_from_hf(sd, cfg)
+    model, _, _ = build_model({"model": mcfg}, get_family("mega"), vocab_size=cfg["vocab_size"],
+                              device=torch.device("cpu"))
+    load_full_state_dict(model, ours, d)
+    return model, load_file(os.path.join(d, "reference.safetensors"))
+
+
+def mega_loss_and_grads(model, ids):
+    """Per-token loss and the full gradient of every parameter (vocabulary shards gathered, padding rows dropped)."""
+    from megatron.core import parallel_state as ps
+
+    model.train()
+    loss = model(ids[:, :-1], labels=ids[:, 1:])
+    loss.sum().backward()
+    world = ps.get_tensor_model_parallel_world_size()
+    grads = {}
+    for n, p in model.named_parameters():
+        g = p.grad.detach()
+        if world > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(g) for _ in range(world)]
+            dist.all_gather(parts, g.contiguous(), group=ps.get_tensor_model_parallel_group())
+            g = torch.cat(parts, dim=int(p.partition_dim))
+        grads[n] = g[:259] if n in ("embedding.word_embeddings.weight", "output_layer.weight",
+                                    "output_layer.bias") else g
+    return loss.detach(), grads
+
+
+def mega_hf_tp1():
+    """TP=1: loss and gradients of the imported HF Mega models (reference for TP=2)."""
+    refs = {}
+    for name in ("causal_rotary", "causal_simple_chunked"):
+        model, ref = mega_imported(name)
+        refs[name] = mega_loss_and_grads(model, ref["input_ids"])
+    return refs
+
+
+def mega_hf_tp2(refs):
+    """TP=2 (vocabulary-parallel embedding / head, replicated Mega layers): logits vs transformers' (the fixture),
+    loss and gradients vs TP=1, greedy tokens (with the cache) vs transformers' generate."""
+    from megatron_ext.inference.generation import CausalLMSession
+
+    out = {}
+    for name in ("causal_rotary", "causal_simple_chunked"):
+        model, ref = mega_imported(name)
+        model.eval()
+        with torch.no_grad():
+            logits_diff = (model.gather_logits(model(ref["input_ids"])) - ref["logits"]).abs().max().item()
+        gen = []
+        if "prompt" in ref:
+            s = CausalLMSession(model, [ref["prompt"][0].tolist()], max_new_tokens=8, use_cache=True, pad_id=257)
+            for i in range(8):
+                t = s.logits.argmax(-1)
+                gen.append(int(t[0]))
+                if i < 7:
+                    s.step(t)
+        loss, grads = mega_loss_and_grads(model, ref["input_ids"])
+        rloss, rgrads = refs[name]
+        t = torch.tensor([logits_diff, (loss - rloss).abs().max().item(),
+                          max((grads[n] - rgrads[n]).abs().max().item() for n in rgrads)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out[name] = dict(padded_vocab=model.padded_vocab_size, logits_diff=t[0].item(), loss_diff=t[1].item(),
+                         max_grad_diff=t[2].item(), same_params=sorted(grads) == sorted(rgrads), greedy=gen,
+                         hf_greedy=ref["generated"][0, ref["prompt"].shape[1]:].tolist() if "prompt" in ref else [])
+    return out
 
 
 def main(out_path, hf_dir=None):
@@ -82,6 +166,8 @@ def main(out_path, hf_dir=None):
             logits=logits,
         )
         del ref
+
+    mega_refs = mega_hf_tp1()
 
     from megatron.core import parallel_state as ps
 
@@ -149,7 +235,8 @@ def main(out_path, hf_dir=None):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), lab.reshape(-1), reduction="none")
 
     docmask = {}
-    for name, kw in (("learned", {}), ("rope", dict(position_embedding_type="rope"))):
+    for name, kw in (("learned", {}), ("rope", dict(position_embedding_type="rope")),
+                     ("rope_gqa", dict(position_embedding_type="rope", num_attention_heads=8, num_query_groups=2))):
         m = GPTModel(make_cfg(2, **kw), VOCAB, init_seed=5).double().eval()
         with torch.no_grad():
             pg = torch.Generator().manual_seed(21)  # replicated weights stay equal on both ranks
@@ -208,6 +295,8 @@ def main(out_path, hf_dir=None):
         grad_diff=(out["ours"][1] - out["mcore"][1]).abs().max().item(),
         loss_mean=out["ours"][0].mean().item(),
     )
+
+    results["mega_hf"] = mega_hf_tp2(mega_refs)
 
     # Hugging Face imports (tests/integration/test_model_tp.py wrote them with tools/convert_from_hf.py, and the
     # transformers logits of the same tokens): each .mext loaded at TP2 as model.ckpt_path loads it gives HF's logits
