@@ -1,7 +1,6 @@
 """Hugging Face import into a training layout: tools/convert_from_hf.py (its main, here; it starts 2 processes) writes
-a TP2 checkpoint of a
-tiny random Llama; it holds exactly the imported weights, and a run at another layout (one process) continues
-pretraining from it with model.ckpt_path=<run dir>."""
+a TP2 checkpoint of a tiny random Llama; it holds exactly the imported weights, and a run at another layout (one
+process) continues pretraining from it with model.ckpt_path=<run dir>."""
 import json
 import os
 

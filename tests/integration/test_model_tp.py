@@ -1,6 +1,7 @@
 """GPTModel at TP=2 (2 gloo processes on CPU) equals TP=1: loss, gathered logits, gradients (multi-head and
 grouped-query attention; also the Mega LM imported from Hugging Face's MegaForCausalLM: logits vs transformers',
-greedy tokens; GPT-2 and a grouped-query Llama imported with tools/convert_from_hf.py: logits vs transformers'); packed documents (segment ids) at TP=2 give each document's loss as if it ran alone (fp64)."""
+greedy tokens; GPT-2 and a grouped-query Llama imported with tools/convert_from_hf.py: logits vs transformers');
+packed documents (segment ids) at TP=2 give each document's loss as if it ran alone (fp64)."""
 import importlib.util
 import json
 import os
