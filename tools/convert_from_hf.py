@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Import a Hugging Face model directory (Mega: MegaForCausalLM) into a .mext archive.
+"""Import a local Hugging Face model directory (GPT-2, Llama, Mega) as our model (.mext archive, .pt or a checkpoint).
 
 The command line of ``megatron_ext/cli/convert_from_hf.py`` (its docstring and ``python tools/convert_from_hf.py --help``
 describe it)."""

@@ -43,6 +43,8 @@ FORMAT = "megatron_ext.consolidated.v1"
 ARCH_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
              "normalization", "activation", "position_embedding_type", "share_embeddings_and_output_weights", "bias",
              "max_position_embeddings")
+# numeric architecture keys compared as numbers, and only when the saved config has them (older files may not)
+ARCH_NUMBERS = ("layernorm_epsilon", "rotary_base")
 
 VOCAB_PARTITIONED = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
@@ -245,12 +247,26 @@ def check_architecture(saved: Dict[str, Any], model_cfg, vocab_size: int, where:
         b = mine_res.get(k, _arch_value(model_cfg, k))
         if str(a).lower() != str(b).lower():
             raise CheckpointError(f"{where} was trained with model.{k}={a} but this model has model.{k}={b}")
+    for k in ARCH_NUMBERS:
+        if not (isinstance(saved, dict) and k in saved):
+            continue
+        a, b = saved.get(k), _arch_value(model_cfg, k)
+        if k == "rotary_base" and str(_arch_value(model_cfg, "position_embedding_type")).lower() != "rope":
+            continue  # unused without rotary positions
+        try:
+            same = a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(abs(float(a)), 1.0)
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise CheckpointError(f"{where} was trained with model.{k}={a} but this model has model.{k}={b}")
 
 
-def load_consolidated(model: torch.nn.Module, path: str, model_cfg) -> Dict[str, Any]:
+def load_consolidated(model: torch.nn.Module, path: str, model_cfg, obj: Optional[Dict[str, Any]] = None
+                      ) -> Dict[str, Any]:
     """Copy this rank's shards of a consolidated file into ``model`` (a ``GPTModel`` or a pipeline stage) in
-    place. Returns the file's header (step, source, ...)."""
-    obj = read_consolidated(path)
+    place. Returns the file's header (step, source, ...). ``obj``: the file's contents when the caller has read
+    them (a ``.mext`` archive read by ``megatron_ext.checkpoint.loader.load_weights_file``)."""
+    obj = read_consolidated(path) if obj is None else obj
     sd = obj["state_dict"]
     vocab = int(getattr(model, "vocab_size", obj["vocab_size"]))
     if vocab != int(obj["vocab_size"]):

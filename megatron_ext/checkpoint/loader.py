@@ -29,7 +29,8 @@ from megatron.core import parallel_state as ps
 from omegaconf import OmegaConf
 
 from megatron_ext.checkpoint.archive import load_full_state_dict, read_archive, write_archive
-from megatron_ext.checkpoint.consolidated import checkpoint_meta, consolidate_checkpoint, read_consolidated
+from megatron_ext.checkpoint.consolidated import (checkpoint_meta, consolidate_checkpoint, load_consolidated,
+                                                  read_consolidated)
 from megatron_ext.checkpoint.files import read_meta, resolve_ckpt_path
 from megatron_ext.config.loader import check_schema
 from megatron_ext.errors import CheckpointError
@@ -150,6 +151,65 @@ def family_of_checkpoint(path: str, key: str = "--input") -> Family:
     return family_of_config(read_meta(os.path.join(ckpt_dir, tag), keys=()).get("model_config") or {})
 
 
+def load_weights_file(model: torch.nn.Module, path: str, model_cfg) -> Dict[str, Any]:
+    """``model.ckpt_path`` naming a file: a consolidated ``.pt`` or a GPT ``.mext`` archive (e.g. from
+    ``tools/convert_from_hf.py``) -> this rank's shards copied into ``model`` (``load_consolidated``: the
+    architecture keys are checked against ``model_cfg``; an archive's tokenizer library must be the run's). Returns
+    the file's header (step, source, ...)."""
+    if not (str(path).endswith(".mext") or (not str(path).endswith(".pt") and tarfile.is_tarfile(path))):
+        return load_consolidated(model, path, model_cfg)
+    with tempfile.TemporaryDirectory(prefix="mext-") as tmp:
+        obj = read_archive(path, tmp)
+    mine_family = family_of_config(model_cfg).name if model_cfg is not None else "gpt"
+    if obj.get("family") != mine_family:
+        raise CheckpointError(f"{path} holds a {obj.get('family')} model (its manifest's family) but this run "
+                              f"trains a {mine_family} model (model.arch={_attr(model_cfg, 'arch')})")
+    if mine_family == "mega":
+        check_mega_architecture(obj["model_config"], model_cfg, path)
+    lib = (obj.get("tokenizer") or {}).get("library")
+    mine = getattr(getattr(model_cfg, "tokenizer", None), "library", None) if model_cfg is not None else None
+    if lib and mine and str(lib).lower() != str(mine).lower():
+        raise CheckpointError(f"{path} was trained with model.tokenizer.library={lib} but this run has "
+                              f"model.tokenizer.library={mine}; use the tokenizer the archive was trained with")
+    obj.setdefault("step", 0)
+    return load_consolidated(model, path, model_cfg, obj=obj)
+
+
+#: model.mega keys that do not change the function (an implementation choice; ignored by a causal decoder)
+MEGA_NON_ARCH = ("ema_impl", "bidirectional")
+
+
+def _attr(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def check_mega_architecture(saved: Dict[str, Any], model_cfg: Any, where: str) -> None:
+    """A Mega LM archive's ``model.mega.*`` keys against the run's (``load_consolidated`` checks the transformer
+    keys and every tensor's shape; these decide the function without changing shapes). Null sizes resolve to their
+    defaults (``2 * hidden_size``; ``max_positions``: ``seq_length``)."""
+    a_m, b_m = saved.get("mega") or {}, _attr(model_cfg, "mega")
+    if b_m is None:
+        return
+
+    def resolved(cfg: Any, mega: Any, key: str) -> Any:
+        v = _attr(mega, key)
+        if v is None and key in ("intermediate_size", "nffn_hidden_size"):
+            return 2 * int(_attr(cfg, "hidden_size"))
+        if v is None and key == "max_positions":
+            return int(_attr(cfg, "seq_length"))
+        return v
+
+    for key in a_m:
+        if key in MEGA_NON_ARCH:
+            continue
+        a, b = resolved(saved, a_m, key), resolved(model_cfg, b_m, key)
+        if str(a).lower() != str(b).lower():
+            raise CheckpointError(f"{where} was trained with model.mega.{key}={a} but this model has "
+                                  f"model.mega.{key}={b}")
+
+
 # ----------------------------------------------------------------------------------------------- models
 def load_model(path: str, *, map_location="cpu") -> Loaded:
     """A ``.mext`` archive or a run / checkpoint directory (its newest complete checkpoint, any layout) -> the model
@@ -204,5 +264,6 @@ def archive_from_checkpoint(path: str, out_path: str) -> str:
                                  "consumed_samples": obj["consumed_samples"], "layout": obj["source"]})
 
 
-__all__ = ["Loaded", "build_model", "run_config_for", "consolidate_any", "read_weights", "family_of_checkpoint",
+__all__ = ["Loaded", "build_model", "run_config_for", "consolidate_any", "read_weights", "load_weights_file",
+           "check_mega_architecture", "family_of_checkpoint",
            "load_model", "restore_model", "archive_from_checkpoint"]

@@ -86,12 +86,33 @@ def _worker(rank: int, world: int, port: int, consolidated_path: str, out_dir: s
             warnings.simplefilter("ignore")
             for _ in range(step):  # continue the LR schedule where the source run stopped
                 trainer.scheduler.step()
-    Checkpointer(trainer.exp.ckpt_dir).save(trainer.engine, step, int(obj.get("consumed_samples", 0)),
-                                            trainer._rng_states(), trainer._meta())
+    consumed = int(obj.get("consumed_samples", 0))
+    trainer.cfg.model.ckpt_path = None  # the temporary source file is no part of the written checkpoint's config
+    keep = cfg.exp_manager.checkpoint_callback_params.save_layout_free  # then any other layout loads it too
+    Checkpointer(trainer.exp.ckpt_dir).save(trainer.engine, step, consumed, trainer._rng_states(), trainer._meta(),
+                                            layout_free=trainer._save_layout_free(step, consumed) if keep else None)
     import torch.distributed as dist
 
     dist.barrier()
     dist.destroy_process_group()
+
+
+def write_layout_checkpoint(consolidated_path: str, out_dir: str, tp: int, pp: int, dp: int = 1,
+                            zero_stage: int = 0) -> None:
+    """Write a checkpoint of the consolidated file's weights for the ``tp x pp x dp`` layout into the run directory
+    ``out_dir`` (``out_dir/checkpoints/step_N``, ``out_dir/config.yaml``): ``tp * pp * dp`` CPU processes (gloo),
+    each building its part of the model as training does."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    world = tp * pp * dp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    mp.start_processes(_worker, args=(world, port, os.path.abspath(consolidated_path), out_dir, tp, pp, zero_stage,
+                                      env), nprocs=world, join=True, start_method="spawn")
 
 
 def main(argv=None) -> int:
@@ -130,22 +151,12 @@ def main(argv=None) -> int:
                   f"{src.get('zero_stage')}, step {obj['step']}): {len(obj['state_dict'])} tensors, {n / 1e6:.2f}M "
                   f"parameters -> {args.output}")
         if args.output_dir:
-            import socket
-
-            import torch.multiprocessing as mp
-
-            world = args.target_tp * args.target_pp * args.target_dp
             with tempfile.TemporaryDirectory() as tmp:
                 path = args.output if args.output else os.path.join(tmp, "consolidated.pt")
                 if not args.output:
                     save_consolidated(obj, path)
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
-                env = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-                mp.start_processes(_worker, args=(world, port, os.path.abspath(path), args.output_dir,
-                                                  args.target_tp, args.target_pp, args.target_zero_stage, env),
-                                   nprocs=world, join=True, start_method="spawn")
+                write_layout_checkpoint(path, args.output_dir, args.target_tp, args.target_pp, args.target_dp,
+                                        args.target_zero_stage)
             print(f"wrote a tp {args.target_tp} x pp {args.target_pp} x dp {args.target_dp} checkpoint (step "
                   f"{obj['step']}) to {os.path.join(args.output_dir, 'checkpoints')}")
     except MegatronExtError as e:

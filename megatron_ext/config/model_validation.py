@@ -30,7 +30,7 @@ from megatron_ext.errors import ConfigError
 GPT_ARCHS = ("transformer", "mega")  # model.arch of pretrain_gpt.py
 ENCODER_ARCHS = ("transformer", "perceiver", "mega")  # model.encoder.arch
 DECODER_ARCHS = ("transformer", "mega")  # model.decoder.arch
-ACTIVATIONS = ("gelu", "swiglu")  # transformer MLP (modules/mlp.py)
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")  # transformer MLP (modules/mlp.py)
 NORMALIZATIONS = ("layernorm", "rmsnorm")  # transformer norms (modules/norms.py)
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
 CHECKPOINT_GRANULARITIES = (None, "full")  # model.activations_checkpoint_granularity

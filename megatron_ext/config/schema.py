@@ -223,7 +223,7 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None  # default seq_length
     normalization: str = "layernorm"  # layernorm | rmsnorm
     layernorm_epsilon: float = 1e-5
-    activation: str = "gelu"  # gelu | swiglu
+    activation: str = "gelu"  # gelu (exact erf) | gelu_tanh (GPT-2's tanh approximation) | swiglu
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
     rotary_base: float = 10000.0
     share_embeddings_and_output_weights: bool = True
@@ -278,7 +278,7 @@ class TransformerStackConfig:
     num_attention_heads: int = 4
     normalization: str = "layernorm"  # layernorm | rmsnorm
     layernorm_epsilon: float = 1e-5
-    activation: str = "gelu"  # gelu | swiglu
+    activation: str = "gelu"  # gelu (exact erf) | gelu_tanh (GPT-2's tanh approximation) | swiglu
     bias: bool = True
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1

@@ -10,9 +10,10 @@ transformers``); it is imported only when an export runs.
 
 Targets (``arch``; ``"auto"`` picks the one whose requirements the ``model.*`` keys meet):
 
-* ``gpt2`` -> ``GPT2LMHeadModel``: ``model.position_embedding_type=learned_absolute``, ``model.activation=gelu``,
-  ``model.normalization=layernorm``. Our GELU is the exact erf form, so ``activation_function="gelu"`` (not GPT-2's
-  tanh ``gelu_new``); ``layer_norm_epsilon=model.layernorm_epsilon``; ``n_inner=ffn_hidden_size``;
+* ``gpt2`` -> ``GPT2LMHeadModel``: ``model.position_embedding_type=learned_absolute``, ``model.activation=gelu``
+  or ``gelu_tanh``, ``model.normalization=layernorm``. ``gelu`` is the exact erf form (``activation_function=
+  "gelu"``), ``gelu_tanh`` GPT-2's own tanh approximation (``activation_function="gelu_new"``);
+  ``layer_norm_epsilon=model.layernorm_epsilon``; ``n_inner=ffn_hidden_size``;
   ``n_positions=max_position_embeddings``. GPT-2's ``Conv1D`` stores weights ``[in, out]`` (transposed against
   ``nn.Linear``) and its ``c_attn`` columns are ``[q (all heads) | k | v]`` while our fused QKV rows are
   ``[heads, (q, k, v), head_dim]``: the rows are regrouped, then transposed. GPT-2 always has biases and
@@ -77,11 +78,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 #: target -> (HF class, {model.* key: required value})
 TARGETS = {
-    "gpt2": ("GPT2LMHeadModel", {"position_embedding_type": "learned_absolute", "activation": "gelu",
+    "gpt2": ("GPT2LMHeadModel", {"position_embedding_type": "learned_absolute", "activation": ("gelu", "gelu_tanh"),
                                  "normalization": "layernorm"}),
     "llama": ("LlamaForCausalLM", {"position_embedding_type": "rope", "activation": "swiglu",
                                    "normalization": "rmsnorm"}),
 }
+
+#: our model.activation -> GPT-2's activation_function (transformers' ACT2FN names)
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+
 
 class HFExportWarning(UserWarning):
     """An export that was asked to go on although its tokenizer encodes some checked text differently."""
@@ -137,8 +142,9 @@ def resolve_arch(model_config: Any, arch: str = "auto", family: str = "gpt") -> 
         out = []
         for key, want in req.items():
             have = _norm(_get(mc, key, defaults[key]))
-            if have != want:
-                out.append(f"model.{key}={want} (this model has {have})")
+            wants = want if isinstance(want, tuple) else (want,)
+            if have not in wants:
+                out.append(f"model.{key}={' or '.join(wants)} (this model has {have})")
         groups, heads = mc.get("num_query_groups"), mc.get("num_attention_heads")
         if target == "gpt2" and groups is not None and groups != heads:
             out.append(f"model.num_query_groups=null, multi-head attention (GPT-2 has no grouped-query attention; "
@@ -336,7 +342,8 @@ def hf_config(arch: str, model_config: Any, state_dict: Dict[str, torch.Tensor],
     if arch == "gpt2":
         return transformers.GPT2Config(
             n_positions=d["max_pos"], n_embd=d["hidden"], n_layer=d["layers"], n_head=d["heads"], n_inner=d["ffn"],
-            activation_function="gelu", layer_norm_epsilon=eps, resid_pdrop=hidden_dropout,
+            activation_function=GPT2_ACTIVATIONS[_norm(_get(mc, "activation", "gelu"))], layer_norm_epsilon=eps,
+            resid_pdrop=hidden_dropout,
             embd_pdrop=hidden_dropout, attn_pdrop=attention_dropout, scale_attn_weights=True,
             scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False, **common)
     if arch == "llama":

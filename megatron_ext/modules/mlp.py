@@ -1,6 +1,7 @@
 """Tensor-parallel MLP: ``ColumnParallelLinear -> activation -> RowParallelLinear``.
 
-GELU (exact erf form): ``fc2(gelu(fc1(x)))`` with ``fc1: h -> ffn``.
+GELU (exact erf form): ``fc2(gelu(fc1(x)))`` with ``fc1: h -> ffn``; ``gelu_tanh``: the same with GELU's tanh
+approximation (GPT-2's ``gelu_new``, ``F.gelu(approximate="tanh")``).
 SwiGLU: ``fc2(silu(gate) * up)`` with ``fc1: h -> 2*ffn``. The full fc1 weight is laid out
 ``[gate (ffn rows); up (ffn rows)]`` and built with megatron's ``stride=2`` so that TP shard r
 holds ``[gate_r; up_r]`` -- each rank splits its local output in two halves.
@@ -62,6 +63,8 @@ class ParallelMLP(nn.Module):
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.activation == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         else:
             h = F.gelu(h)
         out, _ = self.linear_fc2(h)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from megatron_ext.checkpoint import reshard
-from megatron_ext.checkpoint.consolidated import load_consolidated
+from megatron_ext.checkpoint.loader import load_weights_file
 from megatron_ext.checkpoint.files import check_files, find_latest, list_complete, read_meta, resolve_ckpt_path
 from megatron_ext.checkpoint.manifest import MANIFEST, config_hash
 from megatron_ext.config.loader import Derived, check_config, validate_config
@@ -224,7 +224,7 @@ class Trainer:
         cfg = self.cfg
         model = self.task.build_model().to(self.device)
         if cfg.model.ckpt_path and os.path.isfile(cfg.model.ckpt_path):
-            info = load_consolidated(model, cfg.model.ckpt_path, cfg.model)
+            info = load_weights_file(model, cfg.model.ckpt_path, cfg.model)
             self._loaded_step = int(info.get("step", 0))
             log.info("loaded consolidated weights from %s (step %d)", cfg.model.ckpt_path, self._loaded_step)
         optim_cfg = cfg.model.optim

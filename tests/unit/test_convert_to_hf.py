@@ -190,7 +190,7 @@ def test_tokenizer_vocab_mismatch_and_missing_model_file(tmp_path, spm_models):
                                             r"\(this model has rmsnorm\)"),
     (dict(LLAMA), "gpt2", r"cannot export as arch=gpt2: gpt2 \(GPT2LMHeadModel\) needs "
                           r"model.position_embedding_type=learned_absolute \(this model has rope\), "
-                          r"model.activation=gelu \(this model has swiglu\)"),
+                          r"model.activation=gelu or gelu_tanh \(this model has swiglu\)"),
     (dict(), "llama", r"cannot export as arch=llama: .*model.position_embedding_type=rope \(this model has "
                       r"learned_absolute\)"),
     (dict(), "opt", r"arch='opt': expected one of auto, gpt2, llama"),

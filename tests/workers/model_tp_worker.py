@@ -5,7 +5,8 @@ Each rank builds the TP=1 reference (same seed on both ranks), perturbs every pa
 bias/norm is trivially zero/one, records loss, logits and gradients; then re-initialises the
 groups with TP=2, builds the TP=2 model, checks that the same seed gave the same full weights,
 loads the shards of the reference weights and compares loss, gathered logits and gradients.
-Rank 0 writes the max differences as JSON to argv[1].
+Rank 0 writes the max differences as JSON to argv[1]. argv[2] (optional): a directory of imported Hugging Face
+models (``cases.json``, ``<name>.mext``, ``<name>_logits.pt``) whose logits are checked at TP2.
 """
 import json
 import os
@@ -133,7 +134,7 @@ def mega_hf_tp2(refs):
     return out
 
 
-def main(out_path):
+def main(out_path, hf_dir=None):
     initialize_parallel(1, 1, accelerator="cpu")
     g = torch.Generator().manual_seed(123)
     tokens = torch.randint(0, VOCAB, (2, 13), generator=g)
@@ -297,6 +298,25 @@ def main(out_path):
 
     results["mega_hf"] = mega_hf_tp2(mega_refs)
 
+    # Hugging Face imports (tests/integration/test_model_tp.py wrote them with tools/convert_from_hf.py, and the
+    # transformers logits of the same tokens): each .mext loaded at TP2 as model.ckpt_path loads it gives HF's logits
+    if hf_dir is not None:
+        from megatron_ext.checkpoint.loader import load_weights_file
+
+        spec = json.load(open(os.path.join(hf_dir, "cases.json")))
+        hf_res = {}
+        for name, case in spec.items():
+            m = GPTModel(ModelConfig(**{**case["model"], "tensor_model_parallel_size": 2}),
+                         case["vocab_size"]).eval()
+            load_weights_file(m, os.path.join(hf_dir, f"{name}.mext"), m.config)
+            ref = torch.load(os.path.join(hf_dir, f"{name}_logits.pt"))
+            with torch.no_grad():
+                got = m.gather_logits(m(ref["tokens"]))
+            t = torch.tensor([(got - ref["logits"]).abs().max().item()], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            hf_res[name] = dict(logits_diff=t.item(), shape=list(got.shape), padded=m.padded_vocab_size)
+        results["hf_import"] = hf_res
+
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
@@ -304,4 +324,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
