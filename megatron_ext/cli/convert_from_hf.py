@@ -39,7 +39,7 @@ import os
 import shlex
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from megatron_ext.errors import ConfigError, run_entry_point
 from megatron_ext.output_files import check_outputs

@@ -227,7 +227,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, grou
 def gpt2_from_hf(sd: Dict[str, torch.Tensor], cfg: Dict[str, Any], where: str = "config.json"):
     """GPT2LMHeadModel weights -> (our GPTModel state dict, our model config)."""
     mc = gpt2_model_config(cfg, where)
-    h, nh, ffn = mc["hidden_size"], mc["num_attention_heads"], mc["ffn_hidden_size"]
+    h, nh = mc["hidden_size"], mc["num_attention_heads"]
     hd = h // nh
     W = _Take(sd, gpt2_expected(cfg, where))
     out = {"embedding.word_embeddings.weight": W("transformer.wte.weight"),
