@@ -24,9 +24,8 @@ overrides (the archive also holds them in its ``config.yaml``), and a run whose 
 key. ``--input`` is read as untrusted (see ``megatron_ext/inference/hf_import.py``); nothing is downloaded.
 
 Tokenizer: the run trains with ``model.tokenizer``, which must have exactly the model's ``vocab_size`` ids. By
-default, when ``--input`` holds a ``tokenizer.json`` and this version has the ``huggingface`` tokenizer library,
-that is it (``model.tokenizer.library=huggingface model.tokenizer.model=<--input>``); otherwise give
-``--tokenizer-library`` / ``--tokenizer-model``.
+default, when ``--input`` holds a ``tokenizer.json``, that is it (``model.tokenizer.library=huggingface
+model.tokenizer.model=<--input>``); otherwise give ``--tokenizer-library`` / ``--tokenizer-model``.
 
 Errors print one line ``convert_from_hf: error: ...`` and exit with status 2. Existing outputs are refused unless
 ``--overwrite``.
@@ -60,25 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-tp", type=int, default=None, help="tensor-parallel size of a run-directory output")
     p.add_argument("--target-pp", type=int, default=None, help="pipeline-parallel size of a run-directory output")
     p.add_argument("--tokenizer-library", default=None,
-                   help="the tokenizer the model trains with (default: huggingface from --input when available)")
+                   help="the tokenizer the model trains with (default: huggingface from --input's tokenizer.json)")
     p.add_argument("--tokenizer-model", default=None, help="its model file / directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     return p
 
 
 def resolve_tokenizer_spec(args, hf_dir: str) -> Dict[str, Optional[str]]:
-    from megatron_ext.tokenizers import AVAILABLE_TOKENIZERS  # start-up cost: tokenizer stack
-
     if args.tokenizer_library or args.tokenizer_model:
         library = args.tokenizer_library or "sentencepiece"
         return {"library": library, "model": args.tokenizer_model}
-    if "huggingface" in AVAILABLE_TOKENIZERS and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         return {"library": "huggingface", "model": os.path.abspath(hf_dir)}
-    why = ("--input has no tokenizer.json" if "huggingface" in AVAILABLE_TOKENIZERS else
-           "this version has no huggingface tokenizer library")
-    raise ConfigError(f"--tokenizer-library: not given and {why}: name the tokenizer the model trains with "
-                      f"(--tokenizer-library byte|sentencepiece|... --tokenizer-model FILE); it must have exactly "
-                      f"the model's vocab_size ids")
+    raise ConfigError("--tokenizer-library: not given and --input has no tokenizer.json: name the tokenizer the model "
+                      "trains with (--tokenizer-library byte|sentencepiece|huggingface|... --tokenizer-model FILE); it "
+                      "must have exactly the model's vocab_size ids")
 
 
 def check_tokenizer(spec: Dict[str, Optional[str]], vocab: int):

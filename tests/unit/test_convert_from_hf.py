@@ -1,7 +1,6 @@
 """Hugging Face import (megatron_ext/inference/hf_import.py, tools/convert_from_hf.py): tiny random GPT-2 and Llama
 models made here give HF's logits and greedy tokens once imported, go back to HF as identical tensors, continue
 pretraining from the archive; bad directories give one clear error each."""
-import dataclasses
 import json
 import os
 import shutil
@@ -15,14 +14,12 @@ transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from megatron_ext.cli import convert_from_hf, convert_to_hf  # noqa: E402
-from megatron_ext.config.schema import ModelConfig  # noqa: E402
 from megatron_ext.errors import CheckpointError, ConfigError  # noqa: E402
 from megatron_ext.inference.hf_import import import_from_hf  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("tp1_one_thread")
 
 TOL = 1e-4
-HAS_GQA = "num_query_groups" in ModelConfig.__dataclass_fields__
 
 
 def _perturb(model, seed=0):
@@ -120,7 +117,6 @@ def test_llama_import(tmp_path, capsys):
         assert src[k] == dst[k], k
 
 
-@pytest.mark.skipif(not HAS_GQA, reason="model.num_query_groups is not in this version's schema")
 def test_llama_gqa_import(tmp_path, capsys):
     hf_dir = tmp_path / "hf_gqa"
     hf = make_llama(hf_dir, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
@@ -128,20 +124,12 @@ def test_llama_gqa_import(tmp_path, capsys):
     assert lm.model.config.num_query_groups == 2 and dst["num_key_value_heads"] == 2
 
 
-def test_gqa_refused_without_num_query_groups(tmp_path):
-    if HAS_GQA:
-        pytest.skip("this version has model.num_query_groups")
-    make_llama(tmp_path, num_attention_heads=8, num_key_value_heads=2)
-    with pytest.raises(ConfigError, match="num_key_value_heads=2: .*model.num_query_groups"):
-        import_from_hf(str(tmp_path))
-
-
 def test_continue_pretraining_from_imported_archive(tmp_path, capsys, in_process, monkeypatch):
     """pretrain_gpt.py model.ckpt_path=imported.mext (weights only) trains, starting from the imported weights;
     a run whose architecture keys differ from the archive's is refused naming the key."""
     monkeypatch.chdir(tmp_path)
     hf_dir = tmp_path / "hf"
-    hf = make_llama(hf_dir, tie_word_embeddings=True, num_hidden_layers=1, max_position_embeddings=32)
+    make_llama(hf_dir, tie_word_embeddings=True, num_hidden_layers=1, max_position_embeddings=32)
     out = str(tmp_path / "imp.mext")
     r = run_main_in_process(convert_from_hf.main, ["--input", str(hf_dir), "--output", out,
                                                    "--tokenizer-library", "byte"], capsys)
@@ -288,10 +276,7 @@ def test_tokenizer_json_in_the_directory_is_the_default_tokenizer(tmp_path, caps
     """Without --tokenizer-library, the directory's tokenizer.json (model.tokenizer.library=huggingface) goes into the
     archive and is the restored model's tokenizer; the printed line names it."""
     from megatron_ext.inference.lm import LM
-    from megatron_ext.tokenizers import AVAILABLE_TOKENIZERS
 
-    if "huggingface" not in AVAILABLE_TOKENIZERS:
-        pytest.skip("this version has no huggingface tokenizer library")
     from helpers import make_hf_tokenizer, shakespeare_lines
 
     hf_dir = tmp_path / "hf"
