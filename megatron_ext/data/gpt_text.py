@@ -94,6 +94,7 @@ from megatron_ext.data.text_mmap import (
     check_jsonl_keys,
     default_index_cache_dir,
     file_fingerprint,
+    parse_jsonl_line,
 )
 from megatron_ext.data.validation import split_document_ranges
 from megatron_ext.errors import ConfigError, DataError
@@ -105,21 +106,6 @@ DOCS_VERSION = 2
 _SCAN_LINES = 8192  # lines per block of the one-time scan
 _BOM = b"\xef\xbb\xbf"
 _SPLIT_NAMES = ("train", "validation", "test")
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if value is None:
-        return "null"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def _snippet(text: str, n: int = 60) -> str:
-    text = text.strip()
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # ============================================================================ the low-level dataset
@@ -177,25 +163,7 @@ class TextDocumentTokens:
             return None
         if self.data_impl == "text_mmap":
             return text
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            msg = getattr(exc, "msg", None) or str(exc)
-            col = getattr(exc, "colno", None)
-            at = f" at column {col}" if col else ""
-            raise DataError(f"{self._where(line)}: not valid JSON ({msg}{at}): {_snippet(text)!r}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{self._where(line)}: expected a JSON object with the key '{self.text_key}' "
-                            f"(model.data.text_key), got a JSON {_json_kind(obj)}: {_snippet(text)!r}")
-        if self.text_key not in obj:
-            have = ", ".join(list(obj)[:10]) or "(none)"
-            raise DataError(f"{self._where(line)}: missing key '{self.text_key}' (model.data.text_key); the object "
-                            f"has keys: {have}")
-        value = obj[self.text_key]
-        if not isinstance(value, str):
-            raise DataError(f"{self._where(line)}: key '{self.text_key}' (model.data.text_key) holds a JSON "
-                            f"{_json_kind(value)}, expected a string")
-        return value
+        return parse_jsonl_line(text, self.text_key, self._where(line))[self.text_key]
 
     def _decode(self, raw: bytes, first_line: int, offset: int) -> str:
         try:

@@ -469,6 +469,30 @@ def _snippet(value: Any, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def parse_jsonl_line(text: str, text_key: str, where: str) -> Dict[str, Any]:
+    """The JSON object of one JSONL line, checked: an object whose ``text_key`` (``model.data.text_key``) holds a
+    string; otherwise one ``DataError`` starting with ``where`` (file and line). Used by every JSONL reader (BART's
+    and GPT's raw-text datasets)."""
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        msg = getattr(exc, "msg", None) or str(exc)
+        col = getattr(exc, "colno", None)
+        at = f" at column {col}" if col else ""
+        raise DataError(f"{where}: not valid JSON ({msg}{at}): {_snippet(text)!r}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with the key '{text_key}' (model.data.text_key), got a JSON "
+                        f"{_json_type(obj)}: {_snippet(text)!r}")
+    if text_key not in obj:
+        have = ", ".join(list(obj)[:10]) or "(none)"
+        raise DataError(f"{where}: missing key '{text_key}' (model.data.text_key); the object has keys: {have}")
+    value = obj[text_key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: key '{text_key}' (model.data.text_key) holds a JSON {_json_type(value)} "
+                        f"({_snippet(value)}), expected a string")
+    return obj
+
+
 def check_jsonl_keys(text_key: Any, attribute_keys: Any) -> Tuple[str, Tuple[str, ...]]:
     """Validated ``(text_key, attribute_keys)`` of ``model.data`` for ``data_impl=jsonl``."""
     if not isinstance(text_key, str) or not text_key:
@@ -556,25 +580,7 @@ class JSONLMemMapDataset(TextMemMapDataset):
         text = raw.decode("utf-8", errors="replace")
         if not text or text.isspace():
             return None
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            msg = getattr(exc, "msg", None) or str(exc)
-            col = getattr(exc, "colno", None)
-            at = f" at column {col}" if col else ""
-            raise DataError(f"{self._where(f, line)}: not valid JSON ({msg}{at}): {_snippet(text)!r}") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{self._where(f, line)}: expected a JSON object with the key '{self.text_key}' "
-                            f"(model.data.text_key), got a JSON {_json_type(obj)}: {_snippet(text)!r}")
-        if self.text_key not in obj:
-            have = ", ".join(list(obj)[:10]) or "(none)"
-            raise DataError(f"{self._where(f, line)}: missing key '{self.text_key}' (model.data.text_key); "
-                            f"the object has keys: {have}")
-        value = obj[self.text_key]
-        if not isinstance(value, str):
-            raise DataError(f"{self._where(f, line)}: key '{self.text_key}' (model.data.text_key) holds a JSON "
-                            f"{_json_type(value)} ({_snippet(value)}), expected a string")
-        return obj
+        return parse_jsonl_line(text, self.text_key, self._where(f, line))
 
     def _attribute(self, obj: Dict[str, Any], key: str, f: int, line: int) -> np.float32:
         where = self._where(f, line)
