@@ -1,0 +1,516 @@
+"""The analytic plan of a run: parameters, memory per rank, FLOPs, step time and communication per rank.
+
+``plan(cfg, machine)`` takes a composed, checked ``pretrain_gpt.py`` / ``pretrain_bart.py`` config (the entry
+points' Hydra composition; ``megatron_ext.cli.plan`` builds it) and a :class:`Machine`, and returns a
+:class:`Plan`. Every figure follows how *this* code base allocates, not a textbook formula:
+
+Parameters (per rank after TP / PP): the layers of ``megatron_ext.modules`` -- fused QKV ``h*(n_h + 2 n_g)*d``
+(+ bias), output projection ``h*h`` (bias replicated), MLP ``h*f`` x 2 (GELU) or 3 (SwiGLU), norms (LayerNorm:
+weight + bias with ``model.bias``; RMSNorm: weight), vocabulary-parallel word embeddings over the *padded*
+vocabulary, learned position tables (GPT: one, BART: encoder + decoder), an own output layer unless tied. Under
+pipeline parallelism DeepSpeed's pipeline engine keeps a tied copy of the embedding on the last stage.
+
+Model states (bytes per parameter of the rank, ``P``; ``dp`` = data-parallel size), by the optimizer wrapper
+DeepSpeed 0.19 picks for our DeepSpeed JSON (``training/engine.py``: ``grad_accum_dtype`` unset, so gradients are
+accumulated in the model dtype):
+
+============================  =========  ==============  ==============  ====================  =================
+precision / ZeRO               weights    gradients       fp32 masters    optimizer state (k)   fp32 grads at step
+============================  =========  ==============  ==============  ====================  =================
+fp32, ZeRO 0                   4          4               --              k                     --
+fp32, ZeRO 1 / 2               4          4 / 4/dp (+b)   4/dp            k/dp                  4/dp
+fp32, ZeRO 3                   4/dp       4/dp            4/dp            k/dp                  4/dp
+bf16, ZeRO 0 (no PP)           2          2               4               k                     4  (FP16_Optimizer)
+bf16, ZeRO 0 + PP              2          2               4/dp            k/dp                  --  (BF16_Optimizer)
+bf16, ZeRO 1 / 2               2          2 / 2/dp (+b)   4/dp            k/dp                  4/dp
+bf16, ZeRO 3                   2/dp       2/dp            4/dp            k/dp                  4/dp
+============================  =========  ==============  ==============  ====================  =================
+
+``k`` = optimizer state bytes per parameter (Adam / AdamW: 8, SGD with momentum: 4, ...; :data:`OPTIMIZER_STATE`),
+``b`` = ZeRO-2's reduce bucket (``min(P, 5e8)`` elements). ``model.offload_optimizer=cpu`` moves masters,
+optimizer state and fp32 gradient partitions to host memory; ``model.offload_param=cpu`` (ZeRO 3) the weight
+partitions. On a CPU machine all of it is process memory.
+
+Activations per micro-batch (``T = b*s`` tokens, ``p`` = model-dtype bytes, ``t`` = TP) saved for backward by one
+pre-norm layer (attention is ``scaled_dot_product_attention``: flash / memory-efficient kernels keep no ``s x s``
+matrix, only a log-sum-exp; attention dropout takes SDPA's math path, which saves the probabilities)::
+
+    T*p*(4h + (h + 2*n_g*d)/t + h/t + m_a*f/t) + T*4*(n_h/t) + masks
+
+with ``m_a`` = 2 (GELU: fc1 output and activation output) or 4 (SwiGLU: gate and up, their product, activation).
+With ``activations_checkpoint_granularity=full`` a layer keeps only its input ``T*p*h`` and one layer's full set
+is live again during its recomputation. The LM head adds the logits ``T*V/t`` in ``p`` and fp32 for the loss.
+The pipeline engine (DeepSpeed ``TrainSchedule``, 1F1B) keeps ``max(2, min(pp - stage, m))`` micro-batches in
+flight on a stage; the bubble fraction is ``(pp - 1) / (m + pp - 1)``.
+
+Communication bytes per rank per step (bytes passed to collectives by this rank): TP all-reduces of ``T*h*p``,
+2 per layer forward (attention and MLP outputs) + 2 backward (the inputs of the column-parallel layers) + 2 more
+forward per layer when recomputed, + 1 for the vocabulary-parallel embedding, + 3 fp32 ``T`` for the
+vocabulary-parallel cross entropy; DP by ZeRO stage (0: all-reduce of the gradients; 1 / 2: reduce-scatter of the
+gradients + all-gather of the updated weights; 3: + all-gather of the weights in forward and backward); PP: the
+``T*h*p`` activations sent forward and gradients sent backward per micro-batch at each stage boundary. The
+predicted time of each kind uses a ring's ``2 (n - 1) / n`` (all-reduce) or ``(n - 1) / n`` factor over the
+group's bandwidth (intra-node when the group fits in a node, else inter-node) and is not overlapped with compute.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from omegaconf import DictConfig
+
+from megatron_ext.config.model_validation import (
+    is_encoder_decoder,
+    normalize_checkpoint_granularity,
+    resolve_encdec_max_position_embeddings,
+    resolve_ffn_hidden_size,
+    resolve_max_position_embeddings,
+    resolve_num_query_groups,
+    resolve_seq_length_dec,
+)
+from megatron_ext.errors import ConfigError
+
+GIB = 1024 ** 3
+
+# optimizer state bytes per (fp32 master) parameter, by model.optim.name; a callable gets the optim section
+OPTIMIZER_STATE = {
+    "adam": 8, "adamw": 8, "fused_adam": 8, "cpu_adam": 8, "adamax": 8, "adadelta": 8, "rprop": 8,
+    "adagrad": 4,
+    "sgd": lambda o: 4 if float(o.get("momentum", 0.0) or 0.0) else 0,
+    "rmsprop": lambda o: 4 + (4 if float(o.get("momentum", 0.0) or 0.0) else 0) + (4 if o.get("centered") else 0),
+}
+ZERO2_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size
+
+
+@dataclass
+class Machine:
+    """The target machine. ``cpu``: a CPU run, every byte is host memory of the process (``host_memory_gb``)."""
+
+    devices_per_node: int = 8
+    nodes: int = 1
+    device_memory_gb: float = 80.0
+    peak_tflops: float = 989.0  # dense bf16 of an H100 SXM
+    intra_node_gbps: float = 300.0  # GB/s a device reaches to another in its node (NVLink, one direction)
+    inter_node_gbps: float = 25.0  # GB/s per device across nodes (200 Gbit/s InfiniBand)
+    compute_efficiency: float = 0.5  # fraction of peak_tflops that the matmuls reach
+    cpu: bool = False
+    host_memory_gb: float = 0.0
+
+    @property
+    def world_size(self) -> int:
+        return int(self.devices_per_node) * int(self.nodes)
+
+    def check(self) -> None:
+        for name in ("devices_per_node", "nodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"machine {name}={v!r}: expected a positive integer")
+        for name in ("device_memory_gb", "peak_tflops", "intra_node_gbps", "inter_node_gbps"):
+            if not float(getattr(self, name)) > 0:
+                raise ConfigError(f"machine {name}={getattr(self, name)!r}: expected a number > 0")
+        if not 0 < float(self.compute_efficiency) <= 1:
+            raise ConfigError(f"machine compute_efficiency={self.compute_efficiency!r}: expected a fraction in (0, 1]")
+
+
+@dataclass
+class Plan:
+    task: str
+    layout: Dict[str, object]
+    params: Dict[str, int]
+    bytes_per_rank: Dict[str, object]
+    peak_bytes_per_stage: List[int]
+    peak_bytes_per_rank: List[int]
+    host_bytes_per_rank: List[int]
+    memory_limit_bytes: int
+    headroom_bytes: int
+    fits: bool
+    flops_per_step: int
+    tokens_per_step: int
+    predicted_step_time_s: float
+    predicted_compute_time_s: float
+    predicted_mfu: float
+    comm_bytes_per_rank: Dict[str, int]
+    comm_time_s: Dict[str, float]
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def optimizer_state_bytes(optim) -> int:
+    name = str(optim.get("name", "")).lower()
+    k = OPTIMIZER_STATE.get(name)
+    if k is None:
+        raise ConfigError(f"model.optim.name={name!r}: the planner does not know its state size; known: "
+                          f"{', '.join(sorted(OPTIMIZER_STATE))}")
+    return k(optim) if callable(k) else k
+
+
+def _precision(cfg) -> str:
+    from megatron_ext.config.loader import PRECISIONS
+
+    prec = PRECISIONS.get(str(cfg.trainer.precision))
+    if prec is None:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: expected one of 32, bf16, 16")
+    return prec
+
+
+def _norm_params(normalization: str, h: int, bias: bool) -> int:
+    return h * (2 if str(normalization).lower() == "layernorm" and bias else 1)
+
+
+def _layer_params(stack, tp: int, *, cross: bool, groups: Optional[int] = None):
+    """(sharded over TP, replicated) parameters of one transformer layer of a stack (``model`` or ``model.<side>``)."""
+    h, nh = int(stack.hidden_size), int(stack.num_attention_heads)
+    d = h // nh
+    g = nh if groups is None else groups
+    f = resolve_ffn_hidden_size(stack)
+    bias = bool(stack.bias)
+    glu = str(stack.activation).lower() == "swiglu"
+    qkv = h * (nh + 2 * g) * d + ((nh + 2 * g) * d if bias else 0)
+    proj_w, proj_b = h * h, (h if bias else 0)
+    fc1 = h * f * (2 if glu else 1) + (f * (2 if glu else 1) if bias else 0)
+    fc2_w, fc2_b = f * h, (h if bias else 0)
+    sharded = qkv + proj_w + fc1 + fc2_w
+    replicated = proj_b + fc2_b + 2 * _norm_params(stack.normalization, h, bias)
+    if cross:  # linear_q, linear_kv (column-parallel), linear_proj (row-parallel), pre_cross_attn_layernorm
+        sharded += 3 * h * h + (3 * h if bias else 0) + h * h
+        replicated += (h if bias else 0) + _norm_params(stack.normalization, h, bias)
+    return sharded // tp, replicated, sharded + replicated
+
+
+def _act_layer_bytes(stack, tokens: int, s: int, p: int, tp: int, *, cross_tokens: int = 0,
+                     groups: Optional[int] = None) -> int:
+    """Bytes one layer saves for backward over ``tokens`` tokens (see the module docstring)."""
+    h, nh = int(stack.hidden_size), int(stack.num_attention_heads)
+    d = h // nh
+    g = nh if groups is None else groups
+    f = resolve_ffn_hidden_size(stack)
+    m_a = 4 if str(stack.activation).lower() == "swiglu" else 2
+    per_token = p * (4 * h + (h + 2 * g * d) // tp + h // tp + m_a * f // tp) + 4 * (nh // tp)
+    if cross_tokens:  # norm in/out, q, context, plus k/v of the memory
+        per_token += p * (2 * h + 2 * h // tp) + 4 * (nh // tp)
+    total = tokens * per_token
+    if cross_tokens:
+        total += cross_tokens * p * 2 * h // tp
+    if float(stack.hidden_dropout) > 0:
+        total += tokens * h * 2  # two bool masks
+    if float(stack.attention_dropout) > 0:  # SDPA's math path keeps the probabilities and their mask
+        b = tokens // s
+        total += b * (nh // tp) * s * max(s, cross_tokens // max(b, 1) if cross_tokens else s) * (p + 1)
+    return total
+
+
+def _zero_states(P: int, dp: int, prec: str, zero: int, pp: int, k: int, offload_opt: bool, offload_param: bool):
+    """(device bytes, host bytes, breakdown) of the model states of ``P`` parameters (module docstring table)."""
+    w = 4 if prec == "32" else 2
+    part = math.ceil(P / dp)
+    if zero == 0:
+        if prec == "32":
+            parts = dict(weights=w * P, grads=w * P, masters=0, optimizer=k * P, fp32_grads=0)
+        elif pp == 1:  # FP16_Optimizer (bf16 / fp16 with DDP): full fp32 masters, fp32 flat grads at step
+            parts = dict(weights=w * P, grads=w * P, masters=4 * P, optimizer=k * P, fp32_grads=4 * P)
+        else:  # BF16_Optimizer: masters and optimizer over the DP partition
+            parts = dict(weights=w * P, grads=w * P, masters=4 * part, optimizer=k * part, fp32_grads=0)
+    else:
+        masters = 0 if (prec == "32" and zero == 0) else 4 * part
+        if zero == 1:
+            grads = w * P
+        elif zero == 2:
+            grads = w * part + w * min(P, ZERO2_BUCKET_ELEMENTS)
+        else:
+            grads = w * part
+        weights = w * part if zero == 3 else w * P
+        parts = dict(weights=weights, grads=grads, masters=masters, optimizer=k * part, fp32_grads=4 * part)
+    host = 0
+    if offload_opt and zero >= 1:
+        host += parts["masters"] + parts["optimizer"] + parts["fp32_grads"]
+    if offload_param and zero == 3:
+        host += parts["weights"]
+    device = sum(parts.values()) - host
+    return device, host, parts
+
+
+def _ring(kind: str, n: int) -> float:
+    if n <= 1:
+        return 0.0
+    return 2.0 * (n - 1) / n if kind == "allreduce" else (n - 1) / n
+
+
+def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_size: Optional[int] = None) -> Plan:
+    """The plan of ``cfg`` on ``machine`` (module docstring). ``vocab_size``: the tokenizer's (default: built from
+    ``model.tokenizer``). ``rank``: keep the per-rank lists to that rank only."""
+    machine.check()
+    m = cfg.model
+    world = machine.world_size
+    tp, pp = int(m.tensor_model_parallel_size), int(m.pipeline_model_parallel_size)
+    if world % (tp * pp):
+        raise ConfigError(f"{world} devices are not divisible by model.tensor_model_parallel_size ({tp}) x "
+                          f"model.pipeline_model_parallel_size ({pp})")
+    dp = world // (tp * pp)
+    mb, gbs = int(m.micro_batch_size), int(m.global_batch_size)
+    if gbs % (mb * dp):
+        raise ConfigError(f"model.global_batch_size ({gbs}) is not divisible by model.micro_batch_size ({mb}) x "
+                          f"data_parallel_size ({dp})")
+    accum = gbs // (mb * dp)
+    prec = _precision(cfg)
+    p = 4 if prec == "32" else 2
+    zero = int(m.zero_stage)
+    offload_opt = str(m.get("offload_optimizer") or "none").lower() == "cpu"
+    offload_param = str(m.get("offload_param") or "none").lower() == "cpu"
+    k = optimizer_state_bytes(m.optim)
+    encdec = is_encoder_decoder(m)
+    if vocab_size is None:
+        from megatron_ext.models.families import family_of_config
+
+        vocab_size = int(family_of_config(m).build_tokenizer(m.tokenizer).vocab_size)
+    from megatron_ext.models.gpt import padded_vocab_size
+
+    V = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
+    notes: List[str] = []
+    s = int(m.seq_length)
+    tokens_mb = mb * s
+    if encdec:
+        enc, dec = m.encoder, m.decoder
+        for side, st in (("encoder", enc), ("decoder", dec)):
+            if str(st.arch).lower() != "transformer":
+                raise ConfigError(f"model.{side}.arch={st.arch}: the planner models transformer stacks only so far")
+        h = int(dec.hidden_size)
+        sd = resolve_seq_length_dec(m)
+        tied = bool(m.share_embeddings_and_output_weights)
+        pos = 2 * resolve_encdec_max_position_embeddings(m) * h if str(m.position_embedding_type).lower() == \
+            "learned_absolute" else 0
+        es, er, et = _layer_params(enc, tp, cross=False)
+        ds_, dr, dt = _layer_params(dec, tp, cross=True)
+        Le, Ld = int(enc.num_layers), int(dec.num_layers)
+        final_norms = _norm_params(enc.normalization, h, enc.bias) + _norm_params(dec.normalization, h, dec.bias)
+        emb_total = V * h + pos
+        head_total = 0 if tied else V * h
+        total = emb_total + head_total + Le * et + Ld * dt + final_norms
+        per_stage = [V * h // tp + pos + (0 if tied else V * h // tp) + Le * (es + er) + Ld * (ds_ + dr)
+                     + final_norms]
+        ckpt = [normalize_checkpoint_granularity(st.activations_checkpoint_granularity) for st in (enc, dec)]
+        full = [_act_layer_bytes(enc, tokens_mb, s, p, tp), _act_layer_bytes(dec, mb * sd, sd, p, tp,
+                                                                              cross_tokens=tokens_mb)]
+        kept = [Le * (tokens_mb * p * h if ckpt[0] else full[0]), Ld * (mb * sd * p * h if ckpt[1] else full[1])]
+        recompute = max(full[0] if ckpt[0] else 0, full[1] if ckpt[1] else 0)
+        head_tokens = mb * sd
+        act_nockpt = Le * full[0] + Ld * full[1] + 2 * tokens_mb * p * h
+        act_ckpt = Le * tokens_mb * p * h + Ld * mb * sd * p * h + max(full) + 2 * tokens_mb * p * h
+        act_stage = [sum(kept) + recompute + 2 * tokens_mb * p * h]
+        # encoder layer: 2 forward + 2 backward (+ 2 recomputed); decoder layer: 3 forward (self, cross, MLP) +
+        # 3 backward on its own tokens (+ 3 recomputed), + 1 backward on the memory (the kv input's gradient)
+        tp_bytes_mb = (tokens_mb * h * p * (2 * Le * 2 + 2 * Le * bool(ckpt[0]))
+                       + mb * sd * h * p * (2 * Ld + Ld + 2 * Ld + 3 * Ld * bool(ckpt[1]))
+                       + tokens_mb * h * p * Ld  # backward all-reduce of the memory's input grads (kv)
+                       + (tokens_mb + mb * sd) * h * p  # the embedding lookups (encoder, decoder)
+                       + 3 * 4 * mb * sd)
+        from megatron_ext.models.flops import encdec_flops_per_iteration
+
+        flops = encdec_flops_per_iteration(m, V, gbs)
+        tokens_step = gbs * (s + sd)
+        stage_layers = [Le + Ld]
+    else:
+        if str(m.get("arch", "transformer")).lower() != "transformer":
+            raise ConfigError(f"model.arch={m.arch}: the planner models the transformer GPT only so far")
+        h = int(m.hidden_size)
+        L = int(m.num_layers)
+        g = resolve_num_query_groups(m)
+        tied = bool(m.share_embeddings_and_output_weights)
+        pos = resolve_max_position_embeddings(m) * h if str(m.position_embedding_type).lower() == \
+            "learned_absolute" else 0
+        ls, lr, lt = _layer_params(m, tp, cross=False, groups=g)
+        final_norm = _norm_params(m.normalization, h, m.bias)
+        total = V * h + pos + (0 if tied else V * h) + L * lt + final_norm
+        # DeepSpeed's partition_method="type:TransformerLayerPipe": layers spread evenly, earlier stages the rest
+        stage_layers = [L // pp + (1 if i < L % pp else 0) for i in range(pp)]
+        per_stage = []
+        for i, n in enumerate(stage_layers):
+            params = n * (ls + lr)
+            if i == 0:
+                params += V * h // tp + pos
+            if i == pp - 1:
+                params += final_norm
+                if not tied or pp > 1:  # own output layer, or DeepSpeed's tied copy of the whole EmbeddingPipe
+                    params += V * h // tp + (pos if tied else 0)
+            per_stage.append(params)
+        ckpt = normalize_checkpoint_granularity(m.activations_checkpoint_granularity)
+        full = _act_layer_bytes(m, tokens_mb, s, p, tp, groups=g)
+        act_nockpt = L * full + tokens_mb * p * h
+        act_ckpt = L * tokens_mb * p * h + full + tokens_mb * p * h
+        act_stage = [n * (tokens_mb * p * h if ckpt else full) + (full if ckpt else 0) + tokens_mb * p * h
+                     for n in stage_layers]
+        head_tokens = tokens_mb
+        from megatron_ext.models.flops import gpt_flops_per_iteration
+
+        flops = gpt_flops_per_iteration(m, V, gbs)
+        tokens_step = gbs * s
+    head = head_tokens * (V // tp) * (p + 4) + head_tokens * (V // tp) * 4  # logits, fp32 loss, backward grad
+    emb_params = V * h + pos
+    stages = len(per_stage)
+    # pipeline micro-batches in flight per stage (DeepSpeed TrainSchedule.num_pipe_buffers)
+    in_flight = [max(2, min(pp - i, accum)) if pp > 1 else 1 for i in range(stages)]
+    bubble = (pp - 1) / (accum + pp - 1)
+    peaks, hosts, breakdowns = [], [], []
+    for i in range(stages):
+        dev, host, parts = _zero_states(per_stage[i], dp, prec, zero, pp, k, offload_opt, offload_param)
+        act = in_flight[i] * act_stage[i] + (head if i == stages - 1 else 0)
+        if pp > 1 and 0 < i:
+            act += in_flight[i] * tokens_mb * h * p  # received activations kept for backward
+        if machine.cpu:
+            dev, host = dev + host, 0
+        peaks.append(dev + act)
+        hosts.append(host)
+        breakdowns.append({**parts, "activations": act, "host_offloaded": host})
+    # ranks: megatron-core order, tp fastest, then dp, then pp
+    per_rank_stage = [r // (tp * dp) for r in range(world)]
+    peak_ranks = [peaks[st] for st in per_rank_stage]
+    host_ranks = [hosts[st] for st in per_rank_stage]
+    limit = int((machine.host_memory_gb if machine.cpu else machine.device_memory_gb) * GIB)
+    worst = max(peaks)
+    # communication per rank per step (stage 0's rank: the busiest in TP terms is the one with the most layers)
+    comm: Dict[str, int] = {k_: 0 for k_ in ("tp_allreduce", "tp_allgather", "dp_allreduce", "dp_reduce_scatter",
+                                           "dp_allgather", "pp_sendrecv")}
+    w = 4 if prec == "32" else 2
+    P0 = max(per_stage)
+    if tp > 1:
+        if encdec:
+            comm["tp_allreduce"] = accum * tp_bytes_mb
+        else:
+            n = max(stage_layers)
+            per_mb = tokens_mb * h * p * (4 * n + (2 * n if ckpt else 0) + 1) + 3 * 4 * tokens_mb
+            comm["tp_allreduce"] = accum * per_mb
+    if dp > 1:
+        if zero == 0:
+            comm["dp_allreduce"] = w * P0
+        else:
+            comm["dp_reduce_scatter"] = w * P0
+            # ZeRO 1 / 2: the updated weights once; ZeRO 3: the weights in forward, backward (and recompute)
+            comm["dp_allgather"] = w * P0 * ((3 if _any_ckpt(cfg) else 2) if zero == 3 else 1)
+    if pp > 1:
+        # first / last stage: activations or gradients one way, the other the other way; a middle stage both ways
+        # at both boundaries (sent + received bytes, the busiest stage)
+        comm["pp_sendrecv"] = accum * tokens_mb * h * p * (4 if pp > 2 else 2)
+    intra = machine.intra_node_gbps * 1e9
+    inter = machine.inter_node_gbps * 1e9
+    tp_bw = intra if tp <= machine.devices_per_node else inter
+    dp_bw = intra if tp * dp <= machine.devices_per_node else inter
+    pp_bw = intra if tp * dp * pp <= machine.devices_per_node else inter
+    comm_time = {
+        "tp_allreduce": comm["tp_allreduce"] * _ring("allreduce", tp) / tp_bw,
+        "tp_allgather": comm["tp_allgather"] * _ring("allgather", tp) / tp_bw,
+        "dp_allreduce": comm["dp_allreduce"] * _ring("allreduce", dp) / dp_bw,
+        "dp_reduce_scatter": comm["dp_reduce_scatter"] * _ring("allgather", dp) / dp_bw,
+        "dp_allgather": comm["dp_allgather"] * _ring("allgather", dp) / dp_bw,
+        "pp_sendrecv": comm["pp_sendrecv"] / 2 / pp_bw,
+    }
+    recompute_factor = 4 / 3 if _any_ckpt(cfg) else 1.0
+    compute = flops * recompute_factor / (world * machine.peak_tflops * 1e12 * machine.compute_efficiency)
+    compute /= (1 - bubble)
+    step = compute + sum(comm_time.values())
+    mfu = flops / (step * world * machine.peak_tflops * 1e12)
+    if machine.cpu:
+        notes.append("cpu: every byte (offloaded ones too) is process memory; peak is the VmHWM delta")
+    keep = range(world) if rank is None else [rank]
+    return Plan(
+        task="bart" if encdec else "gpt",
+        layout=dict(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch_size=mb, global_batch_size=gbs,
+                    micro_batches=accum, precision=prec, checkpointing=_any_ckpt(cfg), offload_optimizer=offload_opt,
+                    offload_param=offload_param, world_size=world),
+        params=dict(total=int(total), embedding=int(emb_params), per_rank_per_stage=[int(x) for x in per_stage],
+                    padded_vocab_size=int(V)),
+        bytes_per_rank=dict(per_stage=breakdowns, activations_per_microbatch_no_ckpt=int(act_nockpt),
+                            activations_per_microbatch_ckpt=int(act_ckpt), activations_per_microbatch_per_stage=[
+                                int(a) for a in act_stage], in_flight_microbatches=in_flight,
+                            bubble_fraction=bubble),
+        peak_bytes_per_stage=[int(x) for x in peaks],
+        peak_bytes_per_rank=[int(peak_ranks[r]) for r in keep],
+        host_bytes_per_rank=[int(host_ranks[r]) for r in keep],
+        memory_limit_bytes=limit,
+        headroom_bytes=int(limit - worst),
+        fits=worst <= limit,
+        flops_per_step=int(flops),
+        tokens_per_step=int(tokens_step),
+        predicted_step_time_s=step,
+        predicted_compute_time_s=compute,
+        predicted_mfu=mfu,
+        comm_bytes_per_rank={k_: int(v) for k_, v in comm.items()},
+        comm_time_s=comm_time,
+        notes=notes,
+    )
+
+
+def _any_ckpt(cfg) -> bool:
+    m = cfg.model
+    if is_encoder_decoder(m):
+        return any(normalize_checkpoint_granularity(st.activations_checkpoint_granularity) for st in
+                   (m.encoder, m.decoder))
+    return bool(normalize_checkpoint_granularity(m.activations_checkpoint_granularity))
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(cfg: DictConfig, machine: Machine, top: int = 10, vocab_size: Optional[int] = None) -> List[Plan]:
+    """Every layout of ``cfg`` on ``machine`` -- TP (dividing a node), PP, ZeRO stage, micro-batch, activation
+    checkpointing, optimizer / parameter offload; DP follows -- that the run's own checks accept
+    (``megatron_ext.config.loader.validate_config``, the same function every trainer process calls: head and
+    FFN divisibility by TP, layers per stage, global batch by micro-batch x DP, ZeRO >= 2 without PP, ...) and that
+    fits in memory, fastest predicted step first; the first ``top``."""
+    from megatron_ext.config.loader import validate_config
+    from megatron_ext.models.families import family_of_config
+
+    machine.check()
+    m = cfg.model
+    if vocab_size is None:
+        vocab_size = int(family_of_config(m).build_tokenizer(m.tokenizer).vocab_size)
+    world = machine.world_size
+    encdec = is_encoder_decoder(m)
+    gbs = int(m.global_batch_size)
+    layers = int(m.num_layers) if not encdec else 1
+    base = cfg.copy()
+    base.trainer.devices, base.trainer.num_nodes = machine.devices_per_node, machine.nodes
+    base.trainer.accumulate_grad_batches = None
+    ckpt_keys = ["model.encoder.activations_checkpoint_granularity",
+                 "model.decoder.activations_checkpoint_granularity"] if encdec else \
+        ["model.activations_checkpoint_granularity"]
+    plans: List[Plan] = []
+    for tp in _divisors(machine.devices_per_node):
+        for pp in _divisors(world // tp):
+            if pp > layers:
+                continue
+            dp = world // (tp * pp)
+            for zero in (0, 1, 2, 3):
+                offloads = [(None, None)] + ([("cpu", None)] if zero >= 1 else []) + \
+                    ([("cpu", "cpu")] if zero == 3 else [])
+                for mb in _divisors(gbs // dp) if gbs % dp == 0 else []:
+                    for ck in (None, "full"):
+                        for off_opt, off_par in offloads:
+                            c = base.copy()
+                            c.model.tensor_model_parallel_size, c.model.pipeline_model_parallel_size = tp, pp
+                            c.model.zero_stage, c.model.micro_batch_size = zero, mb
+                            c.model.offload_optimizer, c.model.offload_param = off_opt, off_par
+                            for key in ckpt_keys:
+                                _set(c, key, ck)
+                            try:
+                                validate_config(c, world, on_cuda=not machine.cpu)
+                            except ConfigError:
+                                continue
+                            pl = plan(c, machine, rank=0, vocab_size=vocab_size)
+                            if pl.fits:
+                                plans.append(pl)
+    plans.sort(key=lambda pl: (pl.predicted_step_time_s, max(pl.peak_bytes_per_stage)))
+    return plans[:top]
+
+
+def _set(cfg, key: str, value) -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.update(cfg, key, value, merge=False)

@@ -1,0 +1,69 @@
+"""The planner (megatron_ext/planning/planner.py): exact parameter counts against built models; the layout search
+lists only layouts the run's own checks accept."""
+import pytest
+
+from helpers import compose_entry_config
+from megatron_ext.config.loader import check_config, validate_config
+from megatron_ext.config.schema import BARTConfig, GPTConfig
+from megatron_ext.errors import ConfigError
+from megatron_ext.models.families import family_of_config
+from megatron_ext.parallel.state import initialize_parallel
+from megatron_ext.planning.planner import Machine, plan, search
+
+CPU = Machine(devices_per_node=1, cpu=True, host_memory_gb=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tp1():
+    initialize_parallel(1, 1, accelerator="cpu")
+    yield
+
+
+@pytest.mark.parametrize("overrides,bart", [
+    ([], False),
+    (["model.normalization=rmsnorm", "model.activation=swiglu", "model.position_embedding_type=rope",
+      "model.share_embeddings_and_output_weights=false", "model.bias=false", "model.num_query_groups=2"], False),
+    ([], True),
+])
+def test_parameter_count_matches_the_built_model(overrides, bart):
+    if bart:
+        cfg = check_config(compose_entry_config(overrides, "configs/bart", "megatron_bart_config"), BARTConfig)
+    else:
+        cfg = check_config(compose_entry_config(overrides), GPTConfig)
+    fam = family_of_config(cfg.model)
+    tok = fam.build_tokenizer(cfg.model.tokenizer)
+    model = fam.build(cfg.model, tok.vocab_size, init_seed=1)
+    pl = plan(cfg, CPU)
+    n = sum(p.numel() for p in model.parameters())
+    assert pl.params["total"] == n
+    assert pl.params["per_rank_per_stage"] == [n]  # TP 1, PP 1
+    assert len(pl.peak_bytes_per_rank) == 1 and pl.peak_bytes_per_rank[0] > 4 * n
+
+
+def test_search_lists_only_valid_layouts_fastest_first():
+    # 6 heads, 4 layers, global batch 16 on 2 x 4 devices: TP 4 (heads), PP 8 (layers), ZeRO >= 2 with PP,
+    # micro-batches not dividing 16 / DP are all refused by validate_config and must never be listed
+    cfg = check_config(compose_entry_config(["model.global_batch_size=24"]), GPTConfig)
+    machine = Machine(devices_per_node=4, nodes=2, device_memory_gb=80)
+    plans = search(cfg, machine, top=1000)
+    assert plans
+    times = [p.predicted_step_time_s for p in plans]
+    assert times == sorted(times)
+    seen = set()
+    for p in plans:
+        lay = p.layout
+        assert 6 % lay["tp"] == 0 and lay["pp"] <= 4 and not (lay["pp"] > 1 and lay["zero_stage"] >= 2)
+        assert 24 % (lay["micro_batch_size"] * lay["dp"]) == 0
+        seen.add((lay["tp"], lay["pp"], lay["zero_stage"]))
+        c = cfg.copy()
+        c.trainer.devices, c.trainer.num_nodes = 4, 2
+        c.model.tensor_model_parallel_size, c.model.pipeline_model_parallel_size = lay["tp"], lay["pp"]
+        c.model.zero_stage, c.model.micro_batch_size = lay["zero_stage"], lay["micro_batch_size"]
+        validate_config(c, 8, on_cuda=True)  # raises on a layout that violates a rule
+    assert (2, 1, 3) in seen and (1, 2, 1) in seen and not any(tp == 4 for tp, _, _ in seen)
+
+
+def test_refuses_a_layout_the_machine_cannot_hold():
+    cfg = check_config(compose_entry_config(["model.tensor_model_parallel_size=3"]), GPTConfig)
+    with pytest.raises(ConfigError, match="not divisible"):
+        plan(cfg, Machine(devices_per_node=4))
