@@ -222,6 +222,12 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def _build(self):
         cfg = self.cfg
+        self._plan_check = None
+        if cfg.trainer.get("plan_check"):  # the peak's baseline: before the model is built (planning/check.py)
+            from megatron_ext.planning.check import PlanCheck
+
+            self._plan_check = PlanCheck(self.device, cfg.trainer.plan_check_steps)
+            self._plan_check.before_build()
         model = self.task.build_model().to(self.device)
         if cfg.model.ckpt_path and os.path.isfile(cfg.model.ckpt_path):
             info = load_weights_file(model, cfg.model.ckpt_path, cfg.model)
@@ -857,6 +863,7 @@ class Trainer:
         t_start = time.perf_counter()
         self._stop_if_preempted(step, first_step, consumed, pending, 0.0, last_loss, ckpt)  # (a signal during start-up)
         wd, strag, strag_metrics = self._watchdog, self._stragglers, {}
+        pc = getattr(self, "_plan_check", None)
         while step < last_step:
             if wd is not None:
                 wd.begin(step + 1)
@@ -871,6 +878,9 @@ class Trainer:
             recorded = self.bad.recorded(consumed) if self.bad.pending else None
             if recorded is not None:  # a batch recorded as bad (a resume, trainer.skip_steps): not read
                 self._discard_global_batch(it)
+            elif pc is not None:
+                with pc.step_context(step - first_step + 1):  # trainer.plan_check: the window's collectives
+                    loss, extras = self._train_step(it, keep_extras=logs)
             else:
                 loss, extras = self._train_step(it, keep_extras=logs)
             step += 1
@@ -894,6 +904,8 @@ class Trainer:
                 self._log_train(step, last_step, consumed, last_loss, lr, {**extras, **strag_metrics},
                                 meter.interval())
                 strag_metrics = {}
+            if pc is not None and pc.due():
+                pc.report(step, self.rank, self.cfg, self.exp)
             stop_why = None
             if validates:
                 with self._untimed():
@@ -912,6 +924,8 @@ class Trainer:
                 self._stop_if_preempted(step, first_step, consumed, pending, lr, last_loss, ckpt)
         if wd is not None:
             wd.idle()  # training is over
+        if pc is not None and not pc.done:  # fewer steps than the window: what was measured
+            pc.report(step, self.rank, self.cfg, self.exp)
         if ckpt.due_at_end(step, first_step):
             ckpt.save(step, consumed, last_loss)
         ckpt.finish()  # a checkpoint still being written in the background
