@@ -15,10 +15,15 @@ each rank once the planner exists (``predict``), and warns where they differ by 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from typing import Any, Dict, List, Optional
+
+import torch.distributed as dist
+
+from megatron_ext.planning.measure import CollectiveCounter, PeakMemory
 
 log = logging.getLogger("megatron_ext")
 
@@ -55,18 +60,19 @@ def predict(cfg, rank: int) -> Optional[Dict[str, Any]]:
     """The planner's prediction for ``rank`` in compare()'s form, or None while there is no planner
     (``megatron_ext.planning.planner``)."""
     try:
-        from megatron_ext.planning import planner  # type: ignore[attr-defined]
+        # the planner (megatron_ext/planning/planner.py) comes from a separate branch
+        from megatron_ext.planning import planner  # optional: until the planner is merged
     except ImportError:
         return None
-    return planner.predicted_for_check(cfg, rank)  # wired by the lead when the planner is merged
+    # planner.predicted_for_check(cfg, rank) -> compare()'s form: to be written when the planner is merged
+    fn = getattr(planner, "predicted_for_check", None)
+    return fn(cfg, rank) if fn is not None else None
 
 
 class PlanCheck:
     """The trainer's side of ``trainer.plan_check`` (module docstring)."""
 
     def __init__(self, device, steps: int):
-        from megatron_ext.planning.measure import PeakMemory
-
         self.steps = int(steps)
         self.peak = PeakMemory(device)
         self.counter = None
@@ -80,10 +86,6 @@ class PlanCheck:
     def step_context(self, step_index: int):
         """Context manager around train step ``step_index`` (1-based within the invocation): counts its
         collectives when it is in the window (steps 2 .. steps + 1)."""
-        import contextlib
-
-        from megatron_ext.planning.measure import CollectiveCounter
-
         if self.done or step_index < 2:
             return contextlib.nullcontext()
         if self.counter is None:
@@ -106,8 +108,6 @@ class PlanCheck:
     def report(self, step: int, rank: int, cfg, exp) -> Dict[str, Any]:
         """Gather every rank's figures to rank 0, log them as metrics, write ``plan_check_step<step>.json``, and warn where the
         prediction (when there is one) differs by more than TOLERANCE. Every rank calls it (one collective)."""
-        import torch.distributed as dist
-
         self.done = True
         mine = self.measured()
         mine["rank"] = rank

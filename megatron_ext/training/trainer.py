@@ -46,6 +46,7 @@ from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointE
 from megatron_ext.modules.cross_entropy import loss_token_count, loss_token_denominator
 from megatron_ext.parallel import state as pstate
 from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
+from megatron_ext.planning.check import PlanCheck
 from megatron_ext.training import faults, run_length, stragglers, watchdog
 from megatron_ext.training.best import BestCheckpoints, EarlyStopping, check_logged, resolve_logged
 from megatron_ext.training.bad_steps import BadSteps, install_update_skip
@@ -224,8 +225,6 @@ class Trainer:
         cfg = self.cfg
         self._plan_check = None
         if cfg.trainer.get("plan_check"):  # the peak's baseline: before the model is built (planning/check.py)
-            from megatron_ext.planning.check import PlanCheck
-
             self._plan_check = PlanCheck(self.device, cfg.trainer.plan_check_steps)
             self._plan_check.before_build()
         model = self.task.build_model().to(self.device)
