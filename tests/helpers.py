@@ -22,13 +22,13 @@ TINY_GPT = [
     "trainer.limit_val_batches=1",
 ]
 
-# the run of the session fixture ``gpt_zero3_dp2_run`` (conftest.py): 2 self-launched processes, ZeRO-3
+# the run of the session fixture ``gpt_zero3_dp2_run`` (conftest.py): 2 self-launched processes, ZeRO-3, plan_check
 GPT_ZERO3_DP2_RUN = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=32",
     "model.micro_batch_size=2", "model.global_batch_size=4", "trainer.log_every_n_steps=1",
     "trainer.limit_val_batches=2", "trainer.max_steps=6", "trainer.val_check_interval=6",
     "exp_manager.checkpoint_callback_params.every_n_train_steps=6", "model.optim.lr=3e-3", "trainer.devices=2",
-    "model.zero_stage=3",
+    "model.zero_stage=3", "trainer.plan_check=true",
 ]
 
 

@@ -326,6 +326,10 @@ def validate_config(cfg: DictConfig, world_size: int, on_cuda: bool) -> Derived:
     thr = t.get("straggler_threshold")
     if thr is None or not thr > 0:
         raise ConfigError(f"trainer.straggler_threshold={thr}: expected a fraction > 0 (0.2 = 20% slower)")
+    pcs = t.get("plan_check_steps")
+    if pcs is None or int(pcs) < 1:
+        raise ConfigError(f"trainer.plan_check_steps={pcs}: expected an integer >= 1 (the steps trainer.plan_check "
+                          f"measures, from the second step on)")
     em = cfg.exp_manager
     if m.ckpt_path and em.resume_from_checkpoint:
         raise ConfigError(

@@ -65,6 +65,10 @@ class TrainerConfig:
     straggler_every_n_steps: Optional[int] = None
     # warn when a rank computes more than this fraction longer than the median of the others (median over a window)
     straggler_threshold: float = 0.2
+    # measure the peak memory and the bytes passed to collectives per step by kind on every rank over the first
+    # plan_check_steps steps (from the second on) and log them as plan/ metrics (megatron_ext/planning/check.py)
+    plan_check: bool = False
+    plan_check_steps: int = 3
 
 
 @dataclass

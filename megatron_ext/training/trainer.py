@@ -46,6 +46,7 @@ from megatron_ext.errors import CheckpointError, ConfigError, CorruptCheckpointE
 from megatron_ext.modules.cross_entropy import loss_token_count, loss_token_denominator
 from megatron_ext.parallel import state as pstate
 from megatron_ext.parallel.random import get_all_rng_states, model_parallel_manual_seed, set_all_rng_states
+from megatron_ext.planning.check import PlanCheck
 from megatron_ext.training import faults, run_length, stragglers, watchdog
 from megatron_ext.training.best import BestCheckpoints, EarlyStopping, check_logged, resolve_logged
 from megatron_ext.training.bad_steps import BadSteps, install_update_skip
@@ -222,6 +223,10 @@ class Trainer:
     # ------------------------------------------------------------------ build
     def _build(self):
         cfg = self.cfg
+        self._plan_check = None
+        if cfg.trainer.get("plan_check"):  # the peak's baseline: before the model is built (planning/check.py)
+            self._plan_check = PlanCheck(self.device, cfg.trainer.plan_check_steps)
+            self._plan_check.before_build()
         model = self.task.build_model().to(self.device)
         if cfg.model.ckpt_path and os.path.isfile(cfg.model.ckpt_path):
             info = load_weights_file(model, cfg.model.ckpt_path, cfg.model)
@@ -857,6 +862,7 @@ class Trainer:
         t_start = time.perf_counter()
         self._stop_if_preempted(step, first_step, consumed, pending, 0.0, last_loss, ckpt)  # (a signal during start-up)
         wd, strag, strag_metrics = self._watchdog, self._stragglers, {}
+        pc = getattr(self, "_plan_check", None)
         while step < last_step:
             if wd is not None:
                 wd.begin(step + 1)
@@ -871,6 +877,9 @@ class Trainer:
             recorded = self.bad.recorded(consumed) if self.bad.pending else None
             if recorded is not None:  # a batch recorded as bad (a resume, trainer.skip_steps): not read
                 self._discard_global_batch(it)
+            elif pc is not None:
+                with pc.step_context(step - first_step + 1):  # trainer.plan_check: the window's collectives
+                    loss, extras = self._train_step(it, keep_extras=logs)
             else:
                 loss, extras = self._train_step(it, keep_extras=logs)
             step += 1
@@ -894,6 +903,8 @@ class Trainer:
                 self._log_train(step, last_step, consumed, last_loss, lr, {**extras, **strag_metrics},
                                 meter.interval())
                 strag_metrics = {}
+            if pc is not None and pc.due():
+                pc.report(step, self.rank, self.cfg, self.exp)
             stop_why = None
             if validates:
                 with self._untimed():
@@ -912,6 +923,8 @@ class Trainer:
                 self._stop_if_preempted(step, first_step, consumed, pending, lr, last_loss, ckpt)
         if wd is not None:
             wd.idle()  # training is over
+        if pc is not None and not pc.done:  # fewer steps than the window: what was measured
+            pc.report(step, self.rank, self.cfg, self.exp)
         if ckpt.due_at_end(step, first_step):
             ckpt.save(step, consumed, last_loss)
         ckpt.finish()  # a checkpoint still being written in the background

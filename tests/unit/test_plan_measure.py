@@ -1,0 +1,36 @@
+"""megatron_ext/planning: the peak-memory reader (measure.PeakMemory) and check.compare; trainer.plan_check_steps
+validation."""
+import pytest
+import torch
+
+from megatron_ext.planning.check import compare
+from megatron_ext.planning.measure import PeakMemory
+
+
+def test_host_peak_sees_a_freed_allocation():
+    pm = PeakMemory().start()
+    assert pm.reset  # Linux: VmHWM resettable through /proc/self/clear_refs
+    x = torch.ones(64 << 18)  # 64 MiB of fp32, written
+    del x
+    peak = pm.peak_bytes()
+    assert peak >= 60 << 20  # freed, but the high-water mark keeps it
+    pm.start()  # a new baseline resets the mark
+    assert pm.peak_bytes() < peak - (32 << 20)
+
+
+def test_compare_rows_and_warnings():
+    out = compare({"peak_bytes": 110, "comm_bytes": {"dp_allreduce": 100, "tp_allreduce": 5}},
+                  {"peak_bytes": 100, "comm_bytes": {"dp_allreduce": 130}})
+    rows = {r["what"]: r for r in out["rows"]}
+    assert rows["peak_bytes"]["ok"] and rows["peak_bytes"]["ratio"] == pytest.approx(1.1)
+    assert not rows["comm_bytes_dp_allreduce"]["ok"]  # 100 / 130 is 23% off
+    assert rows["comm_bytes_tp_allreduce"]["ratio"] is None  # measured, not predicted
+    assert len(out["warnings"]) == 2 and "comm_bytes_dp_allreduce" in out["warnings"][0]
+
+
+def test_plan_check_steps_must_be_positive():
+    from megatron_ext.config.loader import load_config, validate_config
+    from megatron_ext.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer\.plan_check_steps=0: expected an integer >= 1"):
+        validate_config(load_config(overrides=["trainer.plan_check_steps=0"]), 1, False)
