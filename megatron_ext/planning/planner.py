@@ -387,16 +387,22 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
             per_mb = tokens_mb * h * p * (4 * n + (2 * n if ckpt else 0) + 1) + 3 * 4 * tokens_mb
             comm["tp_allreduce"] = accum * per_mb
     if dp > 1:
-        if zero == 0:
+        if zero in (0, 1, 2):
+            # ZeRO 0 all-reduces the gradients; so do ZeRO 1 and 2 in DeepSpeed 0.19: stage 1 through
+            # allreduce_bucket, stage 2's "reduce-scatter" (average_tensor) through all-reduces of the bucket's
+            # slices (use_multi_rank_bucket_allreduce, on by default) -- measured on CPU, read in the source
             comm["dp_allreduce"] = w * P0
-        else:
-            comm["dp_reduce_scatter"] = w * P0
+        if zero >= 1:
             # ZeRO 1 / 2: the updated weights once; ZeRO 3: the weights in forward, backward (and recompute)
             comm["dp_allgather"] = w * P0 * ((3 if _any_ckpt(cfg) else 2) if zero == 3 else 1)
+        if zero == 3:
+            comm["dp_reduce_scatter"] = w * P0
     if pp > 1:
         # first / last stage: activations or gradients one way, the other the other way; a middle stage both ways
         # at both boundaries (sent + received bytes, the busiest stage)
         comm["pp_sendrecv"] = accum * tokens_mb * h * p * (4 if pp > 2 else 2)
+        if tied and not encdec:  # DeepSpeed's tied EmbeddingPipe: the word embedding's gradient, first <-> last
+            comm["pp_allreduce"] = w * (V * h // tp)
     intra = machine.intra_node_gbps * 1e9
     inter = machine.inter_node_gbps * 1e9
     tp_bw = intra if tp <= machine.devices_per_node else inter
@@ -409,6 +415,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         "dp_reduce_scatter": comm["dp_reduce_scatter"] * _ring("allgather", dp) / dp_bw,
         "dp_allgather": comm["dp_allgather"] * _ring("allgather", dp) / dp_bw,
         "pp_sendrecv": comm["pp_sendrecv"] / 2 / pp_bw,
+        "pp_allreduce": comm.get("pp_allreduce", 0) * _ring("allreduce", 2) / pp_bw,
     }
     recompute_factor = 4 / 3 if _any_ckpt(cfg) else 1.0
     compute = flops * recompute_factor / (world * machine.peak_tflops * 1e12 * machine.compute_efficiency)
@@ -444,6 +451,68 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         comm_time_s=comm_time,
         notes=notes,
     )
+
+
+def _cfg_int(v, default: int) -> int:
+    try:
+        return int(v) if v is not None and int(v) > 0 else default
+    except (TypeError, ValueError):
+        return default
+
+
+def machine_of_run(cfg: DictConfig) -> Machine:
+    """The machine a run of ``cfg`` uses here: ``trainer.devices`` x ``trainer.num_nodes`` processes; on CPU
+    (``trainer.accelerator=cpu`` or no CUDA) a CPU :class:`Machine` whose limit is this host's memory (what
+    ``measure.PeakMemory`` measures is the process's resident set), else the first CUDA device's memory."""
+    import torch
+
+    world = None
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+    except Exception:  # noqa: BLE001 -- no process group: the config's devices
+        world = None
+    nodes = _cfg_int(cfg.trainer.get("num_nodes"), 1)
+    devices = _cfg_int(cfg.trainer.get("devices"), 1)
+    if world is not None and world % nodes == 0:
+        devices = world // nodes
+    on_cpu = str(cfg.trainer.get("accelerator", "")).lower() == "cpu" or not torch.cuda.is_available()
+    if on_cpu:
+        host_gb = 0.0
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemTotal:"):
+                        host_gb = int(line.split()[1]) * 1024 / GIB
+        except OSError:
+            host_gb = 0.0
+        return Machine(devices_per_node=devices, nodes=nodes, cpu=True, host_memory_gb=host_gb or 1.0)
+    mem = torch.cuda.get_device_properties(0).total_memory / GIB
+    return Machine(devices_per_node=devices, nodes=nodes, device_memory_gb=mem)
+
+
+def predicted_for_check(cfg: DictConfig, rank: int, machine: Optional[Machine] = None) -> Dict[str, object]:
+    """The plan's prediction for ``rank`` of a run of ``cfg``, in ``planning.check.compare``'s form:
+    ``{"peak_bytes": int, "comm_bytes": {kind: bytes per step}}`` with the kinds ``measure.CollectiveCounter``
+    names (``<group>_<op>``; ``pp_send`` / ``pp_recv`` and their sum ``pp_sendrecv``); kinds predicted 0 are
+    left out. ``machine``: default :func:`machine_of_run` (on CPU: a CPU machine, host memory of the process)."""
+    machine = machine or machine_of_run(cfg)
+    pl = plan(cfg, machine, rank=rank)
+    comm = {k: int(v) for k, v in pl.comm_bytes_per_rank.items() if v}
+    pp = int(pl.layout["pp"])
+    if "pp_sendrecv" in comm:
+        stage = rank // (int(pl.layout["tp"]) * int(pl.layout["dp"]))
+        # the plan's pp_sendrecv is the busiest stage's; an end stage sends one way and receives the other
+        both = comm["pp_sendrecv"] // (2 if pp > 2 and stage in (0, pp - 1) else 1)
+        comm["pp_sendrecv"] = both
+        comm["pp_send"] = comm["pp_recv"] = both // 2
+    if "pp_allreduce" in comm:
+        stage = rank // (int(pl.layout["tp"]) * int(pl.layout["dp"]))
+        if stage not in (0, pp - 1):
+            del comm["pp_allreduce"]
+    return {"peak_bytes": int(pl.peak_bytes_per_rank[0]), "comm_bytes": comm}
 
 
 def _any_ckpt(cfg) -> bool:
