@@ -10,8 +10,8 @@ and large enough that the training state, not the interpreter, dominates the pea
 
 One JSON line per run and rank: ``{"bench": "plan", "name", "task", "rank", "overrides", "measured_peak_bytes",
 "comm_bytes": {kind: bytes per step}, "comm_calls": {kind: calls per step}, "predicted": ...}`` where
-``predicted`` is the planner's prediction for that rank (``planning.check.predict``; null until the planner is
-merged).
+``predicted`` is the planner's prediction for that rank (``planning.check.predict``, i.e.
+``planner.predicted_for_check``: a CPU machine of ``trainer.devices`` processes).
 
     python bench/bench_plan.py                 # the whole grid (a few minutes on 2 cores)
     python bench/bench_plan.py --only gpt_dp2_zero1 --out -   # one point to stdout
@@ -94,14 +94,9 @@ def run_point(name: str, task: str, overrides, work: str, verbose: bool):
 
 
 def predicted_for(task: str, overrides, rank: int):
-    """The planner's prediction for ``rank`` (``planning.check.predict`` on the config the entry point composes);
-    None while there is no planner (megatron_ext/planning/planner.py)."""
+    """The planner's prediction for ``rank`` (``planning.check.predict`` on the config the entry point composes)."""
     from megatron_ext.planning import check
 
-    try:
-        from megatron_ext.planning import planner  # noqa: F401
-    except ImportError:
-        return None
     from hydra import compose, initialize_config_dir
 
     from megatron_ext.config.loader import register_schemas

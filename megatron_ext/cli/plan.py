@@ -18,6 +18,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from megatron_ext.config.loader import check_config, register_schemas
+from megatron_ext.config.model_validation import check_model_config
+from megatron_ext.config.schema import BARTConfig, GPTConfig
+from megatron_ext.planning.planner import Machine, plan, search
+
 from megatron_ext.errors import ConfigError, run_entry_point
 
 PROG = "plan"
@@ -32,8 +37,6 @@ def compose(task: str, overrides: Sequence[str], target_cuda: bool = True):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from megatron_ext.config.loader import check_config, register_schemas
-    from megatron_ext.config.schema import BARTConfig, GPTConfig
 
     register_schemas()
     path, name = TASKS[task]
@@ -44,8 +47,6 @@ def compose(task: str, overrides: Sequence[str], target_cuda: bool = True):
         raise ConfigError(f"overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
     import torch
     from omegaconf import open_dict
-
-    from megatron_ext.config.model_validation import check_model_config
 
     with open_dict(cfg):  # this machine checks the run as the target's: trainer.accelerator of the target
         cfg.trainer.accelerator = "gpu" if target_cuda and torch.cuda.is_available() else "cpu"
@@ -90,8 +91,6 @@ def table(pl) -> str:
 
 
 def run(args) -> None:
-    from megatron_ext.planning.planner import Machine, plan, search
-
     machine = Machine(devices_per_node=args.devices_per_node, nodes=args.nodes,
                       device_memory_gb=args.device_memory_gb, peak_tflops=args.peak_tflops,
                       intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps,

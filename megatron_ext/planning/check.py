@@ -11,7 +11,7 @@ figures to rank 0, which logs ``plan/measured_peak_bytes`` (the largest over the
 ``<run_dir>/plan_check_step<step>.json``.
 
 :func:`compare` sets measured figures beside predicted ones; the trainer calls it with the planner's prediction for
-each rank once the planner exists (``predict``), and warns where they differ by more than ``TOLERANCE``.
+each rank (``predict``: ``planner.predicted_for_check``), and warns where they differ by more than ``TOLERANCE``.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional
 
 import torch.distributed as dist
 
+from megatron_ext.errors import ConfigError
+from megatron_ext.planning import planner
 from megatron_ext.planning.measure import CollectiveCounter, PeakMemory
 
 log = logging.getLogger("megatron_ext")
@@ -57,16 +59,13 @@ def compare(measured: Dict[str, Any], predicted: Dict[str, Any], tolerance: floa
 
 
 def predict(cfg, rank: int) -> Optional[Dict[str, Any]]:
-    """The planner's prediction for ``rank`` in compare()'s form, or None while there is no planner
-    (``megatron_ext.planning.planner``)."""
+    """The planner's prediction for ``rank`` in compare()'s form (``planner.predicted_for_check``), or None (with
+    a warning) when the planner does not model this run (e.g. Mega / Perceiver stacks)."""
     try:
-        # the planner (megatron_ext/planning/planner.py) comes from a separate branch
-        from megatron_ext.planning import planner  # optional: until the planner is merged
-    except ImportError:
+        return planner.predicted_for_check(cfg, rank)
+    except ConfigError as e:
+        log.warning("plan_check rank %d: no prediction: %s", rank, e)
         return None
-    # planner.predicted_for_check(cfg, rank) -> compare()'s form: to be written when the planner is merged
-    fn = getattr(planner, "predicted_for_check", None)
-    return fn(cfg, rank) if fn is not None else None
 
 
 class PlanCheck:

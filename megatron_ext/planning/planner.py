@@ -60,7 +60,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from omegaconf import DictConfig
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_ext.config.loader import PRECISIONS, validate_config
 
 from megatron_ext.config.model_validation import (
     is_encoder_decoder,
@@ -72,6 +76,9 @@ from megatron_ext.config.model_validation import (
     resolve_seq_length_dec,
 )
 from megatron_ext.errors import ConfigError
+from megatron_ext.models.families import family_of_config
+from megatron_ext.models.flops import encdec_flops_per_iteration, gpt_flops_per_iteration
+from megatron_ext.models.gpt import padded_vocab_size
 
 GIB = 1024 ** 3
 
@@ -153,8 +160,6 @@ def optimizer_state_bytes(optim) -> int:
 
 
 def _precision(cfg) -> str:
-    from megatron_ext.config.loader import PRECISIONS
-
     prec = PRECISIONS.get(str(cfg.trainer.precision))
     if prec is None:
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r}: expected one of 32, bf16, 16")
@@ -267,11 +272,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
     k = optimizer_state_bytes(m.optim)
     encdec = is_encoder_decoder(m)
     if vocab_size is None:
-        from megatron_ext.models.families import family_of_config
-
         vocab_size = int(family_of_config(m).build_tokenizer(m.tokenizer).vocab_size)
-    from megatron_ext.models.gpt import padded_vocab_size
-
     V = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
     notes: List[str] = []
     s = int(m.seq_length)
@@ -311,8 +312,6 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
                        + tokens_mb * h * p * Ld  # backward all-reduce of the memory's input grads (kv)
                        + (tokens_mb + mb * sd) * h * p  # the embedding lookups (encoder, decoder)
                        + 3 * 4 * mb * sd)
-        from megatron_ext.models.flops import encdec_flops_per_iteration
-
         flops = encdec_flops_per_iteration(m, V, gbs)
         tokens_step = gbs * (s + sd)
         stage_layers = [Le + Ld]
@@ -347,8 +346,6 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         act_stage = [n * (tokens_mb * p * h if ckpt else full) + (full if ckpt else 0) + tokens_mb * p * h
                      for n in stage_layers]
         head_tokens = tokens_mb
-        from megatron_ext.models.flops import gpt_flops_per_iteration
-
         flops = gpt_flops_per_iteration(m, V, gbs)
         tokens_step = gbs * s
     head = head_tokens * (V // tp) * (p + 4) + head_tokens * (V // tp) * 4  # logits, fp32 loss, backward grad
@@ -464,20 +461,11 @@ def machine_of_run(cfg: DictConfig) -> Machine:
     """The machine a run of ``cfg`` uses here: ``trainer.devices`` x ``trainer.num_nodes`` processes; on CPU
     (``trainer.accelerator=cpu`` or no CUDA) a CPU :class:`Machine` whose limit is this host's memory (what
     ``measure.PeakMemory`` measures is the process's resident set), else the first CUDA device's memory."""
-    import torch
-
-    world = None
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
-    except Exception:  # noqa: BLE001 -- no process group: the config's devices
-        world = None
     nodes = _cfg_int(cfg.trainer.get("num_nodes"), 1)
-    devices = _cfg_int(cfg.trainer.get("devices"), 1)
-    if world is not None and world % nodes == 0:
-        devices = world // nodes
+    devices = _cfg_int(cfg.trainer.get("devices"), 0)
+    if not devices:  # "auto" / -1: the running process group's size, else one
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else nodes
+        devices = max(world // nodes, 1)
     on_cpu = str(cfg.trainer.get("accelerator", "")).lower() == "cpu" or not torch.cuda.is_available()
     if on_cpu:
         host_gb = 0.0
@@ -533,9 +521,6 @@ def search(cfg: DictConfig, machine: Machine, top: int = 10, vocab_size: Optiona
     (``megatron_ext.config.loader.validate_config``, the same function every trainer process calls: head and
     FFN divisibility by TP, layers per stage, global batch by micro-batch x DP, ZeRO >= 2 without PP, ...) and that
     fits in memory, fastest predicted step first; the first ``top``."""
-    from megatron_ext.config.loader import validate_config
-    from megatron_ext.models.families import family_of_config
-
     machine.check()
     m = cfg.model
     if vocab_size is None:
@@ -580,6 +565,4 @@ def search(cfg: DictConfig, machine: Machine, top: int = 10, vocab_size: Optiona
 
 
 def _set(cfg, key: str, value) -> None:
-    from omegaconf import OmegaConf
-
     OmegaConf.update(cfg, key, value, merge=False)

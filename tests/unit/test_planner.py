@@ -67,3 +67,29 @@ def test_refuses_a_layout_the_machine_cannot_hold():
     cfg = check_config(compose_entry_config(["model.tensor_model_parallel_size=3"]), GPTConfig)
     with pytest.raises(ConfigError, match="not divisible"):
         plan(cfg, Machine(devices_per_node=4))
+
+
+def test_predicted_for_check_names_the_measured_kinds():
+    # the figures measure.CollectiveCounter counted for this layout (bench/results/bench_plan_cpu.jsonl,
+    # gpt_pp2_s256): pp_send / pp_recv of the 2 x 2 x 256 x 256 fp32 activations, the tied embedding's gradient
+    from megatron_ext.planning.planner import predicted_for_check
+
+    cfg = check_config(compose_entry_config(
+        ["trainer.accelerator=cpu", "trainer.devices=2", "model.pipeline_model_parallel_size=2", "model.num_layers=4",
+         "model.hidden_size=256", "model.num_attention_heads=8", "model.micro_batch_size=2",
+         "model.global_batch_size=4", "model.seq_length=256"]), GPTConfig)
+    for rank in (0, 1):
+        pred = predicted_for_check(cfg, rank)
+        assert pred["comm_bytes"]["pp_send"] == pred["comm_bytes"]["pp_recv"] == 2 * 2 * 256 * 256 * 4
+        assert pred["comm_bytes"]["pp_sendrecv"] == 2 * pred["comm_bytes"]["pp_send"]
+        assert pred["comm_bytes"]["pp_allreduce"] == 4 * plan(cfg, Machine(devices_per_node=2, cpu=True,
+                                                                           host_memory_gb=8)).params[
+            "padded_vocab_size"] * 256
+        assert set(pred["comm_bytes"]) == {"pp_send", "pp_recv", "pp_sendrecv", "pp_allreduce"}
+        assert pred["peak_bytes"] > 0
+    # ZeRO 1 / 2 all-reduce the gradients (DeepSpeed 0.19), then all-gather the weights; ZeRO 3 reduce-scatters
+    z = check_config(compose_entry_config(["trainer.accelerator=cpu", "trainer.devices=2", "model.zero_stage=2",
+                                           "model.micro_batch_size=2", "model.global_batch_size=4"]), GPTConfig)
+    assert set(predicted_for_check(z, 0)["comm_bytes"]) == {"dp_allreduce", "dp_allgather"}
+    z.model.zero_stage = 3
+    assert set(predicted_for_check(z, 1)["comm_bytes"]) == {"dp_reduce_scatter", "dp_allgather"}
