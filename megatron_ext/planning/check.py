@@ -110,20 +110,22 @@ class PlanCheck:
         self.done = True
         mine = self.measured()
         mine["rank"] = rank
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            everyone: List[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
-        else:
-            everyone = [mine]
         predicted = predict(cfg, rank)
         if predicted is not None:
             verdict = compare(mine, predicted)
             for w in verdict["warnings"]:
                 log.warning("plan_check rank %d: %s", rank, w)
-            mine["compare"] = verdict
+            mine["predicted"], mine["compare"] = predicted, verdict
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        else:
+            everyone = [mine]
         if rank != 0:
             return mine
         metrics: Dict[str, float] = {"plan/measured_peak_bytes": max(r["peak_bytes"] for r in everyone)}
+        if all(r.get("predicted") for r in everyone):
+            metrics["plan/predicted_peak_bytes"] = max(r["predicted"]["peak_bytes"] for r in everyone)
         for k, v in everyone[0]["comm_bytes"].items():
             metrics[f"plan/comm_bytes_{k}"] = v
         for r in everyone:

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from helpers import REPO, launch_cmd, multiprocess_env
 
 WORKER = os.path.join(REPO, "tests", "workers", "collective_count_worker.py")
@@ -51,3 +53,8 @@ def test_plan_check_logs_measured_peak_and_comm_bytes(gpt_zero3_dp2_run):
         assert comm["dp_allreduce"] >= 8  # the trainer's loss-token count (int64), every step
     assert m["plan/measured_peak_bytes"] == max(r["peak_bytes"] for r in ranks)
     assert ranks[0]["comm_bytes"]["dp_reduce_scatter"] == ranks[1]["comm_bytes"]["dp_reduce_scatter"]
+    # the planner's prediction beside it (planner.predicted_for_check): ZeRO-3 reduce-scatters the fp32 gradient
+    assert m["plan/predicted_peak_bytes"] == max(r["predicted"]["peak_bytes"] for r in ranks) > 0
+    for r in ranks:
+        rows = {row["what"]: row for row in r["compare"]["rows"]}
+        assert rows["comm_bytes_dp_reduce_scatter"]["ratio"] == pytest.approx(1.0, abs=0.05)
