@@ -46,9 +46,13 @@ flight on a stage; the bubble fraction is ``(pp - 1) / (m + pp - 1)``.
 Communication bytes per rank per step (bytes passed to collectives by this rank): TP all-reduces of ``T*h*p``,
 2 per layer forward (attention and MLP outputs) + 2 backward (the inputs of the column-parallel layers) + 2 more
 forward per layer when recomputed, + 1 for the vocabulary-parallel embedding, + 3 fp32 ``T`` for the
-vocabulary-parallel cross entropy; DP by ZeRO stage (0: all-reduce of the gradients; 1 / 2: reduce-scatter of the
-gradients + all-gather of the updated weights; 3: + all-gather of the weights in forward and backward); PP: the
-``T*h*p`` activations sent forward and gradients sent backward per micro-batch at each stage boundary. The
+vocabulary-parallel cross entropy; DP by ZeRO stage (0, 1, 2: all-reduce of the gradients -- DeepSpeed 0.19's
+ZeRO-2 "reduce-scatter" all-reduces the bucket's slices; 1 / 2: + all-gather of the updated weights; 3:
+reduce-scatter of the gradients + all-gather of the weights in forward and backward); PP: the ``T*h*p``
+activations sent forward and gradients sent backward per micro-batch at each stage boundary, and (tied GPT
+embeddings) the all-reduce of the word embedding's gradient between the first and the last stage
+(``pp_allreduce``). ``predicted_for_check(cfg, rank)`` gives one rank's peak and bytes by the kinds
+``measure.CollectiveCounter`` counts (``pp_send`` / ``pp_recv`` too) for ``trainer.plan_check``. The
 predicted time of each kind uses a ring's ``2 (n - 1) / n`` (all-reduce) or ``(n - 1) / n`` factor over the
 group's bandwidth (intra-node when the group fits in a node, else inter-node) and is not overlapped with compute.
 """
