@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.errors import DataError
+from megatron_ext.output_files import fsync_path
 
 IDX_MAGIC = b"MMIDIDX\x00\x00"
 IDX_VERSION = 1
@@ -189,7 +190,7 @@ class DatasetWriter:
         self.idx_sha256 = write_index(self.idx_tmp, self.dtype, lengths,
                                       np.arange(lengths.shape[0] + 1, dtype=np.int64))
         if fsync:
-            _fsync_path(self.idx_tmp)
+            fsync_path(self.idx_tmp)
         self.idx_size = os.path.getsize(self.idx_tmp)
 
     def commit(self) -> None:
@@ -209,21 +210,6 @@ class DatasetWriter:
         """``{path: {"size", "sha256"}}`` of the final files (after :meth:`finalize`)."""
         return {self.prefix + ".bin": {"size": self.bin_size, "sha256": self.bin_sha256},
                 self.prefix + ".idx": {"size": self.idx_size, "sha256": self.idx_sha256}}
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str) -> None:
-    try:
-        _fsync_path(path or ".")
-    except OSError:  # pragma: no cover - some file systems cannot fsync a directory
-        pass
 
 
 def check_same_dtype(indexes: Sequence[Index], what: str = "--input") -> np.dtype:

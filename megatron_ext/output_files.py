@@ -110,4 +110,22 @@ def write_error(exc: OSError, path: str, key: Optional[str] = None,
     return DataError(f"{prefix}cannot write {path}: {cause}; {note}")
 
 
-__all__ = ["check_outputs", "same_file", "write_error"]
+def fsync_path(path: str) -> None:
+    """fsync a file or directory by path (a directory's entries: the names of the files just written or renamed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync directory ``path`` (``""``: the working directory) so a rename in it is durable; file systems that
+    cannot fsync a directory are skipped."""
+    try:
+        fsync_path(path or ".")
+    except OSError:  # pragma: no cover - some file systems cannot fsync a directory
+        pass
+
+
+__all__ = ["check_outputs", "fsync_dir", "fsync_path", "same_file", "write_error"]

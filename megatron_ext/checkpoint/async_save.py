@@ -129,14 +129,6 @@ def write_synced(path: str, obj: Any) -> Dict[str, Any]:
     return {"size": w.size, "sha256": w.h.hexdigest()}
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class BackgroundSaver:
     """One background save at a time; errors reach the training thread at the next :meth:`submit` or :meth:`finish`.
 

@@ -25,6 +25,7 @@ import os
 from typing import Any, Dict, Iterable, Optional
 
 from megatron_ext.errors import CorruptCheckpointError
+from megatron_ext.output_files import fsync_path
 
 MANIFEST = "manifest.json"
 FORMAT = "megatron_ext.manifest.v1"
@@ -78,11 +79,7 @@ def _walk(root: str) -> list:
 def fsync_dirs(root: str) -> None:
     """fsync ``root`` and every directory below it (their entries: the names of the files just written)."""
     for d, _, _ in os.walk(root):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(d)
 
 
 def build(root: str, reported: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> Dict[str, Any]:

@@ -96,8 +96,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.errors import ConfigError, DataError, run_entry_point
-from megatron_ext.indexed_files import DatasetWriter, fsync_dir, merge_into, optimal_dtype, sha256_file
-from megatron_ext.output_files import check_outputs, write_error
+from megatron_ext.indexed_files import DatasetWriter, merge_into, optimal_dtype, sha256_file
+from megatron_ext.output_files import check_outputs, fsync_dir, write_error
 from megatron_ext.text_files import (
     TEXT_SUFFIXES,
     compression_of,

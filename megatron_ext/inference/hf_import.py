@@ -156,12 +156,6 @@ def _check_arch(cfg: Dict[str, Any], classes: Tuple[str, ...], where: str) -> No
                           f"{cfg.get('model_type')!r} (supported: {', '.join(classes)})")
 
 
-def _has_gqa_key() -> bool:
-    from megatron_ext.config.schema import ModelConfig  # start-up cost: config stack (only for Llama configs)
-
-    return "num_query_groups" in getattr(ModelConfig, "__dataclass_fields__", {})
-
-
 # ---------------------------------------------------------------------------------------------------- GPT-2
 GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -303,10 +297,6 @@ def llama_model_config(cfg: Dict[str, Any], where: str = "config.json") -> Dict[
         "init_method_std": c.float("initializer_range", 0.02),
     }
     if ng != nh:
-        if not _has_gqa_key():
-            raise c.fail("num_key_value_heads", f"grouped-query attention ({ng} key/value heads for {nh} query "
-                                                f"heads) needs model.num_query_groups, which this version of "
-                                                f"megatron_ext does not have")
         mc["num_query_groups"] = ng
     return mc
 

@@ -37,11 +37,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext.checkpoint import manifest, reshard
-from megatron_ext.checkpoint.async_save import (BackgroundSaver, capture_saves, fsync_dir, host_snapshot,
+from megatron_ext.checkpoint.async_save import (BackgroundSaver, capture_saves, host_snapshot,
                                                 patched_saves, write_synced)
 from megatron_ext.checkpoint.files import META, find_latest, list_complete, read_meta, remove_incomplete, tag_for
 from megatron_ext.checkpoint.safe_load import load_untrusted
 from megatron_ext.errors import CheckpointError, CorruptCheckpointError
+from megatron_ext.output_files import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +225,9 @@ class Checkpointer:
                 if os.path.exists(final_path):
                     shutil.rmtree(final_path)
                 os.rename(tmp_path, final_path)
-                fsync_dir(self.ckpt_dir)  # the rename is durable before 'latest' names it
+                fsync_path(self.ckpt_dir)  # the rename is durable before 'latest' names it
                 manifest.atomic_write_text(os.path.join(self.ckpt_dir, "latest"), os.path.basename(final_path))
-                fsync_dir(self.ckpt_dir)
+                fsync_path(self.ckpt_dir)
             except OSError as e:  # 'latest' not updated: the new step goes too, so 'latest' stays the newest
                 failure = e
                 shutil.rmtree(final_path, ignore_errors=True)
