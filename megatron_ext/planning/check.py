@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_ext.errors import ConfigError
 from megatron_ext.planning import planner
 from megatron_ext.planning.measure import CollectiveCounter, PeakMemory
+from megatron_ext.training.host_memory import exact_host_memory, restore_host_memory
 
 log = logging.getLogger("megatron_ext")
 
@@ -79,7 +80,11 @@ class PlanCheck:
         self.done = False
 
     def before_build(self) -> None:
-        """The baseline: before the model is built."""
+        """The baseline: before the model is built. On CPU, glibc's malloc is set to hand freed blocks back for
+        the measurement (``host_memory.exact_host_memory``; the trainer's setting returns after the window), so
+        the resident set's peak is the bytes the run allocates, not what malloc keeps cached."""
+        if self.peak.device.type != "cuda":
+            self.exact_malloc = exact_host_memory()
         self.peak.start()
 
     def step_context(self, step_index: int):
@@ -109,6 +114,9 @@ class PlanCheck:
         prediction (when there is one) differs by more than TOLERANCE. Every rank calls it (one collective)."""
         self.done = True
         mine = self.measured()
+        if getattr(self, "exact_malloc", False):
+            restore_host_memory()
+        mine["exact_malloc"] = bool(getattr(self, "exact_malloc", False))
         mine["rank"] = rank
         predicted = predict(cfg, rank)
         if predicted is not None:

@@ -21,6 +21,13 @@ wrong one for GPU training, where large tensors live on the device and host peak
 staging); so the trainer applies it by default on CPU only (``trainer.reuse_host_memory``: null = on for CPU runs,
 true / false to force). Other C libraries (macOS, musl) have no ``mallopt``: nothing is changed there and
 :func:`reuse_host_memory` says so by returning False.
+
+The opposite setting, :func:`exact_host_memory` (``M_MMAP_THRESHOLD`` = 64 KiB fixed, ``M_TRIM_THRESHOLD`` =
+128 KiB), makes the resident set follow the bytes the process has allocated: every block above 64 KiB is its own
+mapping, unmapped when freed, and the heap is trimmed. ``trainer.plan_check`` measures under it (its peak is what
+the run needs, the CPU counterpart of ``torch.cuda.max_memory_allocated``, not what glibc keeps cached: under
+:func:`reuse_host_memory` the resident set of a CPU step settles 1.3-1.5x above its allocated peak) and puts the
+trainer's setting back after its window (:func:`restore_host_memory`).
 """
 from __future__ import annotations
 
@@ -37,7 +44,11 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes a C int
 
+EXACT_MMAP_THRESHOLD = 64 << 10
+EXACT_TRIM_THRESHOLD = 128 << 10
+
 _applied = False
+_mode = "default"  # "default" (glibc's own adaptive thresholds), "reuse", "exact"
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
@@ -54,22 +65,60 @@ def reuse_host_memory() -> bool:
     """Set glibc malloc's mmap and trim thresholds (module docstring) for this process. Returns True when
     applied (or already applied), False where the C library is not glibc. Process-wide and idempotent; memory
     allocated before the call is unaffected, so call it before building the model."""
-    global _applied
-    if _applied:
+    global _applied, _mode
+    if _applied and _mode == "reuse":
         return True
+    if not _mallopt(MMAP_THRESHOLD, TRIM_THRESHOLD):
+        return False
+    _applied, _mode = True, "reuse"
+    return True
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     libc = _glibc()
     if libc is None:
         log.info("host memory: the C library is not glibc; malloc left as it is")
         return False
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.mallopt.restype = ctypes.c_int
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
     if not ok:
         log.warning("host memory: glibc refused mallopt(M_MMAP_THRESHOLD=%d, M_TRIM_THRESHOLD=%d); malloc left as "
-                    "it is", MMAP_THRESHOLD, TRIM_THRESHOLD)
+                    "it is", mmap_threshold, trim_threshold)
+    return ok
+
+
+def exact_host_memory() -> bool:
+    """Make the resident set follow the allocated bytes (module docstring): blocks above 64 KiB mapped and
+    unmapped one by one, the heap trimmed now and whenever 128 KiB are free at its top. Returns False where the
+    C library is not glibc. :func:`restore_host_memory` undoes it."""
+    global _mode
+    prev = _mode
+    if not _mallopt(EXACT_MMAP_THRESHOLD, EXACT_TRIM_THRESHOLD):
         return False
-    _applied = True
+    _exact_restore[0] = prev
+    _mode = "exact"
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
     return True
+
+
+_exact_restore = ["default"]
+
+
+def restore_host_memory() -> None:
+    """After :func:`exact_host_memory`: the setting that was there before (the trainer's
+    ``trainer.reuse_host_memory``, else glibc's adaptive thresholds as far as mallopt can give them back: the
+    128 KiB start values, which stop adapting once set)."""
+    global _mode
+    if _mode != "exact":
+        return
+    if _exact_restore[0] == "reuse":
+        _mallopt(MMAP_THRESHOLD, TRIM_THRESHOLD)
+    else:
+        _mallopt(128 << 10, 128 << 10)
+    _mode = _exact_restore[0]
 
 
 def resolve_reuse_host_memory(setting: Optional[bool], on_cuda: bool) -> bool:
@@ -77,4 +126,5 @@ def resolve_reuse_host_memory(setting: Optional[bool], on_cuda: bool) -> bool:
     return (not on_cuda) if setting is None else bool(setting)
 
 
-__all__ = ["reuse_host_memory", "resolve_reuse_host_memory", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
+__all__ = ["reuse_host_memory", "exact_host_memory", "restore_host_memory", "resolve_reuse_host_memory",
+           "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
