@@ -70,7 +70,7 @@ def table(pl) -> str:
                        f"{', '.join(f'{x:,}' for x in pl.params['per_rank_per_stage'])})"),
     ]
     for i, parts in enumerate(pl.bytes_per_rank["per_stage"]):
-        rows.append((f"stage {i} bytes/rank", ", ".join(f"{k} {_gb(v)}" for k, v in parts.items())))
+        rows.append((f"stage {i} bytes/rank", ", ".join(f"{k} {_gb(v) if isinstance(v, (int, float)) else v}" for k, v in parts.items())))
     rows += [
         ("activations / micro-batch", f"no ckpt {_gb(pl.bytes_per_rank['activations_per_microbatch_no_ckpt'])}, "
                                       f"ckpt {_gb(pl.bytes_per_rank['activations_per_microbatch_ckpt'])}"),

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.planning import planner
-from megatron_ext.planning.measure import CollectiveCounter, PeakMemory
+from megatron_ext.planning.measure import CollectiveCounter, PeakMemory, live_tensor_bytes
 from megatron_ext.training.host_memory import exact_host_memory, restore_host_memory
 
 log = logging.getLogger("megatron_ext")
@@ -80,12 +80,22 @@ class PlanCheck:
         self.done = False
 
     def before_build(self) -> None:
-        """The baseline: before the model is built. On CPU, glibc's malloc is set to hand freed blocks back for
-        the measurement (``host_memory.exact_host_memory``; the trainer's setting returns after the window), so
-        the resident set's peak is the bytes the run allocates, not what malloc keeps cached."""
-        if self.peak.device.type != "cuda":
+        """Before the model is built. GPU: the baseline (allocated bytes). CPU: glibc's malloc is set to hand
+        freed blocks back for the measurement (``host_memory.exact_host_memory``; the trainer's setting returns
+        after the window), so the resident set's peak is the bytes the run allocates, not what malloc keeps
+        cached; the baseline comes after the build (:meth:`after_build`)."""
+        if self.peak.device.type == "cuda":
+            self.peak.start()
+        else:
             self.exact_malloc = exact_host_memory()
-        self.peak.start()
+
+    def after_build(self) -> None:
+        """CPU: the baseline, once the engine is built: the resident set now, plus the bytes of every tensor the
+        build left (weights, DeepSpeed's flat buffers and fp32 partitions; ``measure.live_tensor_bytes``) as held
+        memory. What the build itself allocated besides tensors -- the Python modules DeepSpeed imports while it
+        builds, gloo's buffers -- is not training state and is left out, like the CUDA context on GPU."""
+        if self.peak.device.type != "cuda":
+            self.peak.start(held_bytes=live_tensor_bytes())
 
     def step_context(self, step_index: int):
         """Context manager around train step ``step_index`` (1-based within the invocation): counts its
@@ -103,7 +113,8 @@ class PlanCheck:
     def measured(self) -> Dict[str, Any]:
         counts = self.counter.by_kind() if self.counter is not None else {}
         n = max(self.counted, 1)
-        return {"peak_bytes": self.peak.peak_bytes(), "peak_reset": self.peak.reset, "steps": self.counted,
+        return {"peak_bytes": self.peak.peak_bytes(), "rss_peak_bytes": self.peak.rss_peak_bytes(),
+                "file_growth_bytes": self.peak.file_growth_bytes(), "peak_reset": self.peak.reset, "steps": self.counted,
                 "comm_bytes": {k: v / n for k, v in sorted(counts.items())},
                 "comm_calls": {k: v / n for k, v in sorted(self.counter.calls.items())} if self.counter else {},
                 "comm_bytes_by_function": {k: v / n for k, v in sorted(self.counter.by_function.items())}

@@ -33,9 +33,16 @@ peer is in this rank's pipeline group. The counter's kinds are ``<group>_<op>`` 
 ``tp_allreduce``, ``dp_reduce_scatter``, ``pp_send``); :meth:`CollectiveCounter.by_kind` adds ``pp_sendrecv`` =
 ``pp_send`` + ``pp_recv``.
 
-Peak memory: :class:`PeakMemory` -- on CPU the process's ``VmHWM`` (peak resident set) minus its resident set at
-the baseline (the high-water mark is reset there through ``/proc/self/clear_refs``), on GPU
-``torch.cuda.max_memory_allocated`` minus the allocated bytes at the baseline (peak statistics reset there).
+Peak memory: :class:`PeakMemory` -- on CPU the peak of the process's *anonymous* resident memory over the
+baseline: ``VmHWM`` (peak resident set; reset at the baseline through ``/proc/self/clear_refs``) minus the resident
+set at the baseline, minus the growth of the file-backed resident pages (``RssFile``) since the baseline. Those are
+the shared libraries' code and data that the run's first use of a kernel pages in (~20 MiB for a GPT step on this
+CPU, whatever the model's size): clean, shared, dropped by the kernel under memory pressure, and not memory the run
+allocates -- the counterpart of the CUDA context, which ``max_memory_allocated`` leaves out too. The file-backed
+pages only grow and settle in the first step, so the subtraction at the end of the window is exact unless the peak
+came before they settled (then it reads up to their last growth low). The raw ``VmHWM`` delta is kept as
+``rss_peak_bytes``. On GPU: ``torch.cuda.max_memory_allocated`` minus the allocated bytes at the baseline (peak
+statistics reset there).
 """
 from __future__ import annotations
 
@@ -274,6 +281,76 @@ class CollectiveCounter:
 
 
 # -------------------------------------------------------------------- memory
+_PAGE = 4096
+_mincore = None
+
+
+def _resident_bytes(ptr: int, nbytes: int) -> int:
+    """Bytes of ``[ptr, ptr + nbytes)`` that are resident (Linux ``mincore``), or ``nbytes`` where that cannot be
+    asked. A tensor the process has allocated but never written (DeepSpeed's ZeRO-3 reduce bucket is
+    ``reduce_bucket_size`` elements, whatever the model's size) holds address space, not memory."""
+    global _mincore, _PAGE
+    if _mincore is None:
+        import ctypes
+        import mmap
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.mincore
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+            _mincore, _PAGE = fn, mmap.PAGESIZE
+        except (OSError, AttributeError):
+            _mincore = False
+    if not _mincore:
+        return nbytes
+    import ctypes
+
+    start = ptr - ptr % _PAGE
+    pages = (ptr + nbytes - start + _PAGE - 1) // _PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    if _mincore(start, pages * _PAGE, vec) != 0:
+        return nbytes
+    resident = sum(b & 1 for b in vec) * _PAGE
+    return min(resident, nbytes)
+
+
+def live_tensor_bytes() -> int:
+    """Resident bytes of every CPU tensor storage alive in this process that Python can reach (each storage once:
+    views and parameters sharing a flat buffer are counted once): the garbage collector's tensors and the
+    gradients of its parameters. A storage of 1 MiB or more counts its resident pages (``mincore``), a smaller
+    one its size."""
+    import gc
+
+    gc.collect()
+    seen: Dict[int, int] = {}
+
+    def add(t) -> None:
+        try:
+            if t.device.type != "cpu" or t.is_meta:
+                return
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse / nested / functional wrappers: no plain storage
+            return
+        ptr = st.data_ptr()
+        if ptr and ptr not in seen:
+            n = st.nbytes()
+            seen[ptr] = _resident_bytes(ptr, n) if n >= (1 << 20) else n
+
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated reduce_op object warns
+        warnings.simplefilter("ignore")
+        objs = [o for o in gc.get_objects() if torch.is_tensor(o)]
+    for o in objs:
+        if True:
+            add(o)
+            g = o.grad if isinstance(o, torch.nn.Parameter) else None
+            if g is not None:
+                add(g)
+    return sum(seen.values())
+
+
 def _proc_status_kib(field: str) -> Optional[int]:
     try:
         with open("/proc/self/status") as f:
@@ -297,18 +374,23 @@ def reset_host_peak() -> bool:
 
 
 class PeakMemory:
-    """Peak memory of this process since :meth:`start` (the baseline), in bytes.
+    """Peak memory of this process since :meth:`start` (the baseline), in bytes (module docstring).
 
-    CPU: ``VmHWM - VmRSS(at start)``, with the high-water mark reset at start (where the kernel refuses the reset,
-    the mark is the process's lifetime peak and ``reset`` is False); GPU: ``torch.cuda.max_memory_allocated -
-    memory_allocated(at start)``, with the peak statistics reset at start."""
+    CPU: ``VmHWM - VmRSS(at start) - (RssFile(now) - RssFile(at start))``, with the high-water mark reset at start
+    (where the kernel refuses the reset, the mark is the process's lifetime peak and ``reset`` is False); GPU:
+    ``torch.cuda.max_memory_allocated - memory_allocated(at start)``, with the peak statistics reset at start."""
 
     def __init__(self, device: Optional[torch.device] = None):
         self.device = device if device is not None else torch.device("cpu")
         self.baseline: Optional[int] = None
+        self.file_baseline = 0
+        self.held = 0
         self.reset = False
 
-    def start(self) -> "PeakMemory":
+    def start(self, held_bytes: int = 0) -> "PeakMemory":
+        """Take the baseline now. ``held_bytes``: memory already held at the baseline that the peak is to include
+        (the trainer's CPU plan check passes :func:`live_tensor_bytes` taken after the engine is built)."""
+        self.held = int(held_bytes)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -320,18 +402,32 @@ class PeakMemory:
             if rss is None:
                 raise RuntimeError("peak host memory needs /proc/self/status (Linux)")
             self.baseline = rss * 1024
+            self.file_baseline = (_proc_status_kib("RssFile") or 0) * 1024
         return self
+
+    def rss_peak_bytes(self) -> int:
+        """CPU: the raw ``VmHWM`` delta over the baseline (file-backed pages included); GPU: :meth:`peak_bytes`."""
+        if self.baseline is None:
+            raise RuntimeError("PeakMemory.rss_peak_bytes() before start()")
+        if self.device.type == "cuda":
+            return self.peak_bytes()
+        return (_proc_status_kib("VmHWM") or 0) * 1024 - self.baseline
+
+    def file_growth_bytes(self) -> int:
+        """CPU: the growth of the file-backed resident pages since the baseline (0 on GPU)."""
+        if self.device.type == "cuda" or self.baseline is None:
+            return 0
+        return max((_proc_status_kib("RssFile") or 0) * 1024 - self.file_baseline, 0)
 
     def peak_bytes(self) -> int:
         """The peak since :meth:`start`, over the baseline."""
         if self.baseline is None:
             raise RuntimeError("PeakMemory.peak_bytes() before start()")
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device)) - self.baseline
-        hwm = _proc_status_kib("VmHWM")
-        return (hwm or 0) * 1024 - self.baseline
+            return int(torch.cuda.max_memory_allocated(self.device)) - self.baseline + self.held
+        return self.rss_peak_bytes() - self.file_growth_bytes() + self.held
 
     def current_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device)) - (self.baseline or 0)
-        return (_proc_status_kib("VmRSS") or 0) * 1024 - (self.baseline or 0)
+        return (_proc_status_kib("VmRSS") or 0) * 1024 - (self.baseline or 0) - self.file_growth_bytes()

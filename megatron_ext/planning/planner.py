@@ -93,7 +93,14 @@ OPTIMIZER_STATE = {
     "sgd": lambda o: 4 if float(o.get("momentum", 0.0) or 0.0) else 0,
     "rmsprop": lambda o: 4 + (4 if float(o.get("momentum", 0.0) or 0.0) else 0) + (4 if o.get("centered") else 0),
 }
-ZERO2_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size
+ZERO_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
+ZERO3_PREFETCH_ELEMENTS = 50_000_000  # DeepSpeed's default stage3_prefetch_bucket_size
+# memory a CPU training process holds besides tensors once its first step has run, by model-dtype bytes: measured
+# on this machine as the resident heap minus every tensor storage before a forward (tensor inventory, README
+# "Planning a run"): 1.6-3.0 MiB in fp32, 11.4-14.1 MiB in bf16 (oneDNN's primitive cache and scratchpads of
+# the bf16 GEMMs; ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 removes ~6.6 MiB of it), whatever the model size
+CPU_RUNTIME_BYTES = {4: 2 << 20, 2: 12 << 20}
 
 
 @dataclass
@@ -194,25 +201,76 @@ def _layer_params(stack, tp: int, *, cross: bool, groups: Optional[int] = None):
     return sharded // tp, replicated, sharded + replicated
 
 
-def _act_layer_bytes(stack, tokens: int, s: int, p: int, tp: int, *, cross_tokens: int = 0,
-                     groups: Optional[int] = None) -> int:
-    """Bytes one layer saves for backward over ``tokens`` tokens (see the module docstring)."""
+def _attention_core_bytes(stack, q_tokens: int, kv_tokens: int, s_q: int, s_kv: int, p: int, tp: int, groups: int,
+                          cpu: bool) -> int:
+    """Bytes the attention core of one layer saves for backward, with the input of the output projection.
+
+    ``scaled_dot_product_attention`` without dropout (the flash / memory-efficient kernels) keeps q, k, v, its
+    output (which the output projection takes as its input: the same storage) and an fp32 log-sum-exp per query
+    and head. With attention dropout it takes the math path, which keeps q, k (transposed) and v, the softmax
+    probabilities, their dropout mask and the dropped probabilities (three ``b x n_h x s_q x s_kv`` tensors), and
+    the output projection keeps its own copy of the context; on CPU the math path computes in fp32 whatever the
+    model dtype (``c`` = 4 bytes), on GPU in the model dtype."""
     h, nh = int(stack.hidden_size), int(stack.num_attention_heads)
     d = h // nh
+    if float(stack.attention_dropout) > 0:
+        c = 4 if cpu else p
+        b = q_tokens // s_q
+        return (q_tokens * c * h // tp + kv_tokens * c * 2 * groups * d // tp + q_tokens * p * h // tp
+                + 3 * c * b * (nh // tp) * s_q * s_kv)
+    # grouped-query attention (fewer k/v heads than queries): SDPA's enable_gqa path keeps k and v three times
+    kv_copies = 3 if groups < nh else 1
+    return q_tokens * p * h // tp + kv_copies * kv_tokens * p * 2 * groups * d // tp + q_tokens * p * h // tp \
+        + q_tokens * 4 * (nh // tp)
+
+
+def _norm_saved_bytes(stack, tokens: int, p: int) -> int:
+    """What one norm saves for backward: LayerNorm its input and its mean and 1/std (model dtype); our RMSNorm
+    computes in fp32 and keeps the fp32 input and normalized tensors and the fp32 1/rms."""
+    h = int(stack.hidden_size)
+    if str(stack.normalization).lower() == "layernorm":
+        return tokens * p * (h + 2)
+    return tokens * 4 * (2 * h + 1)
+
+
+def _largest_layer_param(stack, tp: int, groups: Optional[int] = None) -> int:
+    """Elements of a layer's largest weight on one TP rank (fused QKV, or the MLP's first / second weight)."""
+    h, nh = int(stack.hidden_size), int(stack.num_attention_heads)
+    g = nh if groups is None else groups
+    f = resolve_ffn_hidden_size(stack)
+    glu = str(stack.activation).lower() == "swiglu"
+    return max(h * (nh + 2 * g) * (h // nh), h * f * (2 if glu else 1), f * h) // tp
+
+
+def _stack_global_bytes(stack, tokens: int, p: int) -> int:
+    """What a stack saves outside its layers: its final norm's input and statistics, and with hidden dropout the
+    embedding's dropout mask."""
+    h = int(stack.hidden_size)
+    return tokens * p * h * (float(stack.hidden_dropout) > 0) + _norm_saved_bytes(stack, tokens, p)
+
+
+def _act_layer_bytes(stack, tokens: int, s: int, p: int, tp: int, *, cross_tokens: int = 0, s_kv: int = 0,
+                     groups: Optional[int] = None, cpu: bool = False) -> int:
+    """Bytes one pre-norm layer saves for backward over ``tokens`` tokens of sequences of ``s`` (module
+    docstring; checked tensor by tensor against autograd's saved tensors in tests/unit/test_planner.py):
+    the inputs of its norms and of its column-parallel linears (full width under TP), the attention core
+    (:func:`_attention_core_bytes`), the MLP's ``m_a`` intermediate tensors (sharded), the norms' statistics and,
+    with hidden dropout, the dropout masks of its residual branches (in the model dtype). A decoder layer
+    (``cross_tokens`` = the memory's tokens, ``s_kv`` its sequence length) adds its cross-attention block; the
+    memory itself is saved once for all layers (:func:`plan`)."""
+    h, nh = int(stack.hidden_size), int(stack.num_attention_heads)
     g = nh if groups is None else groups
     f = resolve_ffn_hidden_size(stack)
     m_a = 4 if str(stack.activation).lower() == "swiglu" else 2
-    per_token = p * (4 * h + (h + 2 * g * d) // tp + h // tp + m_a * f // tp) + 4 * (nh // tp)
-    if cross_tokens:  # norm in/out, q, context, plus k/v of the memory
-        per_token += p * (2 * h + 2 * h // tp) + 4 * (nh // tp)
-    total = tokens * per_token
+    hd = float(stack.hidden_dropout) > 0
+    blocks = 3 if cross_tokens else 2
+    total = tokens * p * (blocks * h + m_a * f // tp)  # each block's column-parallel input; MLP intermediates
+    total += blocks * _norm_saved_bytes(stack, tokens, p)
+    total += _attention_core_bytes(stack, tokens, tokens, s, s, p, tp, g, cpu)
     if cross_tokens:
-        total += cross_tokens * p * 2 * h // tp
-    if float(stack.hidden_dropout) > 0:
-        total += tokens * h * 2  # two bool masks
-    if float(stack.attention_dropout) > 0:  # SDPA's math path keeps the probabilities and their mask
-        b = tokens // s
-        total += b * (nh // tp) * s * max(s, cross_tokens // max(b, 1) if cross_tokens else s) * (p + 1)
+        total += _attention_core_bytes(stack, tokens, cross_tokens, s, s_kv, p, tp, nh, cpu)
+    if hd:
+        total += blocks * tokens * p * h  # the residual branches' dropout masks
     return total
 
 
@@ -231,12 +289,13 @@ def _zero_states(P: int, dp: int, prec: str, zero: int, pp: int, k: int, offload
         masters = 0 if (prec == "32" and zero == 0) else 4 * part
         if zero == 1:
             grads = w * P
-        elif zero == 2:
-            grads = w * part + w * min(P, ZERO2_BUCKET_ELEMENTS)
+        elif zero == 2:  # a reduce bucket's worth, alive until the bucket is reduced into the fp32 partition
+            grads = w * min(P, ZERO_BUCKET_ELEMENTS)
         else:
             grads = w * part
         weights = w * part if zero == 3 else w * P
-        parts = dict(weights=weights, grads=grads, masters=masters, optimizer=k * part, fp32_grads=4 * part)
+        fp32_grads = 0 if (zero == 3 and prec == "32") else 4 * part  # fp32 ZeRO 3: the partition's own buffer
+        parts = dict(weights=weights, grads=grads, masters=masters, optimizer=k * part, fp32_grads=fp32_grads)
     host = 0
     if offload_opt and zero >= 1:
         host += parts["masters"] + parts["optimizer"] + parts["fp32_grads"]
@@ -301,14 +360,21 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         per_stage = [V * h // tp + pos + (0 if tied else V * h // tp) + Le * (es + er) + Ld * (ds_ + dr)
                      + final_norms]
         ckpt = [normalize_checkpoint_granularity(st.activations_checkpoint_granularity) for st in (enc, dec)]
-        full = [_act_layer_bytes(enc, tokens_mb, s, p, tp), _act_layer_bytes(dec, mb * sd, sd, p, tp,
-                                                                              cross_tokens=tokens_mb)]
+        full = [_act_layer_bytes(enc, tokens_mb, s, p, tp, cpu=machine.cpu),
+                _act_layer_bytes(dec, mb * sd, sd, p, tp, cross_tokens=tokens_mb, s_kv=s, cpu=machine.cpu)]
+        # outside the layers: per side the embedding's dropout mask, the final norm's input (+ statistics); the
+        # encoder's output (the memory every cross-attention's k/v projection takes), the LM head's input
+        glob = (_stack_global_bytes(enc, tokens_mb, p) + _stack_global_bytes(dec, mb * sd, p)
+                + tokens_mb * p * h + mb * sd * p * h)
         kept = [Le * (tokens_mb * p * h if ckpt[0] else full[0]), Ld * (mb * sd * p * h if ckpt[1] else full[1])]
         recompute = max(full[0] if ckpt[0] else 0, full[1] if ckpt[1] else 0)
         head_tokens = mb * sd
-        act_nockpt = Le * full[0] + Ld * full[1] + 2 * tokens_mb * p * h
-        act_ckpt = Le * tokens_mb * p * h + Ld * mb * sd * p * h + max(full) + 2 * tokens_mb * p * h
-        act_stage = [sum(kept) + recompute + 2 * tokens_mb * p * h]
+        act_nockpt = Le * full[0] + Ld * full[1] + glob
+        act_ckpt = Le * tokens_mb * p * h + Ld * mb * sd * p * h + glob
+        act_stage = [sum(kept) + glob]
+        recompute_stage = [recompute]
+        layer_grads_stage = [Le * (es + er) + Ld * (ds_ + dr)]
+        largest_param = max(V * h // tp, _largest_layer_param(enc, tp), _largest_layer_param(dec, tp))
         # encoder layer: 2 forward + 2 backward (+ 2 recomputed); decoder layer: 3 forward (self, cross, MLP) +
         # 3 backward on its own tokens (+ 3 recomputed), + 1 backward on the memory (the kv input's gradient)
         tp_bytes_mb = (tokens_mb * h * p * (2 * Le * 2 + 2 * Le * bool(ckpt[0]))
@@ -344,11 +410,17 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
                     params += V * h // tp + (pos if tied else 0)
             per_stage.append(params)
         ckpt = normalize_checkpoint_granularity(m.activations_checkpoint_granularity)
-        full = _act_layer_bytes(m, tokens_mb, s, p, tp, groups=g)
-        act_nockpt = L * full + tokens_mb * p * h
-        act_ckpt = L * tokens_mb * p * h + full + tokens_mb * p * h
-        act_stage = [n * (tokens_mb * p * h if ckpt else full) + (full if ckpt else 0) + tokens_mb * p * h
-                     for n in stage_layers]
+        full = _act_layer_bytes(m, tokens_mb, s, p, tp, groups=g, cpu=machine.cpu)
+        # outside the layers: the embedding's dropout mask, the final norm's input (+ statistics), the LM head's
+        # input (on the last stage); a later pipeline stage's received input is its first layer's norm input
+        glob = _stack_global_bytes(m, tokens_mb, p) + tokens_mb * p * h
+        act_nockpt = L * full + glob
+        act_ckpt = L * tokens_mb * p * h + glob
+        act_stage = [n * (tokens_mb * p * h if ckpt else full) + (glob if i == pp - 1 else 0)
+                     for i, n in enumerate(stage_layers)]
+        recompute_stage = [full if ckpt else 0 for _ in stage_layers]
+        layer_grads_stage = [n * (ls + lr) for n in stage_layers]
+        largest_param = max(V * h // tp, _largest_layer_param(m, tp, g))
         head_tokens = tokens_mb
         flops = gpt_flops_per_iteration(m, V, gbs)
         tokens_step = gbs * s
@@ -356,19 +428,55 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
     emb_params = V * h + pos
     stages = len(per_stage)
     # pipeline micro-batches in flight per stage (DeepSpeed TrainSchedule.num_pipe_buffers)
-    in_flight = [max(2, min(pp - i, accum)) if pp > 1 else 1 for i in range(stages)]
+    in_flight = [min(pp - i, accum) if pp > 1 else 1 for i in range(stages)]
     bubble = (pp - 1) / (accum + pp - 1)
     peaks, hosts, breakdowns = [], [], []
     for i in range(stages):
-        dev, host, parts = _zero_states(per_stage[i], dp, prec, zero, pp, k, offload_opt, offload_param)
-        act = in_flight[i] * act_stage[i] + (head if i == stages - 1 else 0)
-        if pp > 1 and 0 < i:
-            act += in_flight[i] * tokens_mb * h * p  # received activations kept for backward
+        P_i = per_stage[i]
+        dev, host, parts = _zero_states(P_i, dp, prec, zero, pp, k, offload_opt, offload_param)
+        parts = dict(parts)
+        # ZeRO 3: the reduce bucket DeepSpeed allocates at reduce_bucket_size elements (on a CPU machine only the
+        # part the gradients touch is resident), and the weights gathered for forward / backward (all of them while
+        # they fit stage3_max_live_parameters)
+        w = 4 if prec == "32" else 2
+        if zero == 3:
+            parts["buffers"] = w * (min(P_i, ZERO_BUCKET_ELEMENTS) if machine.cpu else ZERO_BUCKET_ELEMENTS)
+            # + the coalesced all-gather's flat output of the prefetch bucket, alive through the forward
+            parts["gathered_weights"] = w * (min(P_i, ZERO3_MAX_LIVE_PARAMETERS) + min(P_i, ZERO3_PREFETCH_ELEMENTS))
+        if offload_opt and zero in (1, 2):
+            # DeepSpeed's CPU-offload path: a model-dtype copy of the partition (the updated weights' staging),
+            # two gradient staging buffers of the largest parameter, and the fp32 gradient partition kept between
+            # steps (the offloaded master's .grad)
+            parts["buffers"] = parts.get("buffers", 0) + w * math.ceil(P_i / dp) + 2 * 4 * largest_param
+            parts["persistent_fp32_grads"] = parts["fp32_grads"]
+        if machine.cpu:  # the CPU kernels' own memory (module docstring): oneDNN's caches for bf16 GEMMs
+            parts["runtime"] = CPU_RUNTIME_BYTES[p]
+        last = i == stages - 1
+        head_i = head if last else 0
+        # the phases (module docstring): forward / backward, then the optimizer step
+        base = (parts["weights"] + parts["masters"] + parts["optimizer"] + parts.get("buffers", 0)
+                + parts.get("runtime", 0))
+        # what backward leaves (ZeRO 2: the fp32 partition it reduces into; with offload that partition is kept)
+        g_bwd = parts["grads"] + (parts["fp32_grads"] if zero == 2 or "persistent_fp32_grads" in parts else 0)
+        g_step = parts["fp32_grads"] + (parts["grads"] if zero != 2 else 0)
+        g_first = g_bwd * max(P_i - layer_grads_stage[i], 0) // max(P_i, 1)  # the head's / embedding's, first
+        n_live = in_flight[i]
+        later = n_live if accum > n_live else n_live - 1
+        a = act_stage[i]
+        fwd_bwd = base + parts.get("gathered_weights", 0) + head_i + recompute_stage[i] + max(
+            n_live * a + g_first, later * a + g_bwd)
+        step_phase = base + g_step
+        act = fwd_bwd - base - parts.get("gathered_weights", 0) - g_bwd
+        peak = max(fwd_bwd, step_phase)
+        host_i = host
         if machine.cpu:
-            dev, host = dev + host, 0
-        peaks.append(dev + act)
-        hosts.append(host)
-        breakdowns.append({**parts, "activations": act, "host_offloaded": host})
+            host_i = 0
+        else:
+            peak -= host  # offloaded states live in host memory
+        peaks.append(peak)
+        hosts.append(host_i)
+        breakdowns.append({**parts, "activations": max(act, 0), "host_offloaded": host,
+                           "peak_phase": "forward/backward" if fwd_bwd >= step_phase else "optimizer step"})
     # ranks: megatron-core order, tp fastest, then dp, then pp
     per_rank_stage = [r // (tp * dp) for r in range(world)]
     peak_ranks = [peaks[st] for st in per_rank_stage]

@@ -257,6 +257,8 @@ class Trainer:
                 f"use zero_stage 0 or 1, or pipeline_model_parallel_size=1"
             )
         self.engine, self.optimizer, self.scheduler = build_engine(model, optimizer, scheduler, ds_config)
+        if self._plan_check is not None:
+            self._plan_check.after_build()
         self.ds_config = ds_config
         t = cfg.trainer
         if t.nan_policy == "skip" or (self.pipeline and t.loss_spike_factor is not None):
