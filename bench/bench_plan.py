@@ -71,7 +71,9 @@ GRID = {
     "bart_dp2_zero1_s256": _bart(256, trainer__devices=2, model__zero_stage=1),
     "bart_tp2_bf16_s256": _bart(256, 2, trainer__devices=2, model__tensor_model_parallel_size=2,
                                 trainer__precision="bf16"),
-    # held out: not looked at while the planner's terms were worked out (a larger model, other shapes)
+    # the last five: a larger model and other shapes. The first three were run once the terms above were worked
+    # out and led to three more (RMSNorm's fp32 saves, GQA's k/v copies, ZeRO 2's bucket of gradients); the last
+    # two were added after that and run once (README "Planning a run" gives both rounds)
     "gpt_h512_l6_pp2_zero1_ckpt_s384": ["gpt", ["model.num_layers=6", "model.hidden_size=512",
                                                 "model.num_attention_heads=8", "model.micro_batch_size=1",
                                                 "model.seq_length=384", "model.global_batch_size=4",
@@ -88,6 +90,17 @@ GRID = {
                                                    model__encoder__hidden_size=384, model__decoder__hidden_size=384,
                                                    model__encoder__activations_checkpoint_granularity="full",
                                                    model__decoder__activations_checkpoint_granularity="full"),
+    "gpt_h384_tp2_accum4_rope_bf16_s256": ["gpt", ["model.num_layers=3", "model.hidden_size=384",
+                                                   "model.num_attention_heads=6", "model.position_embedding_type=rope",
+                                                   "model.micro_batch_size=1", "model.seq_length=256",
+                                                   "model.global_batch_size=4", "trainer.devices=2",
+                                                   "model.tensor_model_parallel_size=2", "trainer.precision=bf16"]],
+    "gpt_h320_dp2_zero2_dropout_ckpt_s640": ["gpt", ["model.num_layers=3", "model.hidden_size=320",
+                                                     "model.num_attention_heads=5", "model.hidden_dropout=0.1",
+                                                     "model.attention_dropout=0.1", "model.micro_batch_size=1",
+                                                     "model.seq_length=640", "model.global_batch_size=2",
+                                                     "trainer.devices=2", "model.zero_stage=2",
+                                                     "model.activations_checkpoint_granularity=full"]],
 }
 
 

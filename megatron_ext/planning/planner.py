@@ -375,13 +375,18 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         recompute_stage = [recompute]
         layer_grads_stage = [Le * (es + er) + Ld * (ds_ + dr)]
         largest_param = max(V * h // tp, _largest_layer_param(enc, tp), _largest_layer_param(dec, tp))
-        # encoder layer: 2 forward + 2 backward (+ 2 recomputed); decoder layer: 3 forward (self, cross, MLP) +
-        # 3 backward on its own tokens (+ 3 recomputed), + 1 backward on the memory (the kv input's gradient)
-        tp_bytes_mb = (tokens_mb * h * p * (2 * Le * 2 + 2 * Le * bool(ckpt[0]))
-                       + mb * sd * h * p * (2 * Ld + Ld + 2 * Ld + 3 * Ld * bool(ckpt[1]))
-                       + tokens_mb * h * p * Ld  # backward all-reduce of the memory's input grads (kv)
-                       + (tokens_mb + mb * sd) * h * p  # the embedding lookups (encoder, decoder)
+        # encoder layer: 2 forward (attention, MLP outputs) + 2 backward (the inputs of qkv and fc1) + 1 recomputed
+        # (non-reentrant checkpointing stops its recompute after the last tensor backward needs: the MLP's output
+        # all-reduce is never recomputed); decoder layer: 3 forward (self, cross, MLP) + 3 backward on its own
+        # tokens (qkv, q, fc1) + 1 on the memory (the kv projection's input) + 2 recomputed; plus the two embedding
+        # lookups, the LM head's input gradient and the vocabulary-parallel cross entropy's 3 fp32 per token
+        tp_bytes_mb = (tokens_mb * h * p * (4 * Le + Le * bool(ckpt[0]))
+                       + mb * sd * h * p * (6 * Ld + 2 * Ld * bool(ckpt[1]))
+                       + tokens_mb * h * p * Ld
+                       + (tokens_mb + mb * sd) * h * p
+                       + mb * sd * h * p
                        + 3 * 4 * mb * sd)
+        tp_stage = [tp_bytes_mb]
         flops = encdec_flops_per_iteration(m, V, gbs)
         tokens_step = gbs * (s + sd)
         stage_layers = [Le + Ld]
@@ -420,6 +425,12 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
                      for i, n in enumerate(stage_layers)]
         recompute_stage = [full if ckpt else 0 for _ in stage_layers]
         layer_grads_stage = [n * (ls + lr) for n in stage_layers]
+        # per layer 2 forward all-reduces (attention, MLP outputs) + 2 backward (inputs of qkv and fc1) + 1
+        # recomputed (non-reentrant checkpointing stops after the last saved tensor: the MLP's all-reduce is not
+        # redone); the first stage's embedding lookup; the last stage's LM head input gradient and the
+        # vocabulary-parallel cross entropy's 3 fp32 per token
+        tp_stage = [tokens_mb * h * p * (4 * n + (n if ckpt else 0) + (i == 0) + (i == pp - 1))
+                    + (3 * 4 * tokens_mb if i == pp - 1 else 0) for i, n in enumerate(stage_layers)]
         largest_param = max(V * h // tp, _largest_layer_param(m, tp, g))
         head_tokens = tokens_mb
         flops = gpt_flops_per_iteration(m, V, gbs)
@@ -488,13 +499,8 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
                                            "dp_allgather", "pp_sendrecv")}
     w = 4 if prec == "32" else 2
     P0 = max(per_stage)
-    if tp > 1:
-        if encdec:
-            comm["tp_allreduce"] = accum * tp_bytes_mb
-        else:
-            n = max(stage_layers)
-            per_mb = tokens_mb * h * p * (4 * n + (2 * n if ckpt else 0) + 1) + 3 * 4 * tokens_mb
-            comm["tp_allreduce"] = accum * per_mb
+    tp_allreduce_stage = [accum * x if tp > 1 else 0 for x in tp_stage]
+    comm["tp_allreduce"] = max(tp_allreduce_stage)
     if dp > 1:
         if zero in (0, 1, 2):
             # ZeRO 0 all-reduces the gradients; so do ZeRO 1 and 2 in DeepSpeed 0.19: stage 1 through
@@ -502,8 +508,11 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
             # slices (use_multi_rank_bucket_allreduce, on by default) -- measured on CPU, read in the source
             comm["dp_allreduce"] = w * P0
         if zero >= 1:
-            # ZeRO 1 / 2: the updated weights once; ZeRO 3: the weights in forward, backward (and recompute)
-            comm["dp_allgather"] = w * P0 * ((3 if _any_ckpt(cfg) else 2) if zero == 3 else 1)
+            # ZeRO 1 / 2: the updated weights once. ZeRO 3: the weights in forward; backward (and recompute) gathers
+            # them again only where they were released, which DeepSpeed does not do while the stage's parameters fit
+            # stage3_max_live_parameters (and are reused within stage3_max_reuse_distance, the same default)
+            again = (2 if _any_ckpt(cfg) else 1) if P0 > ZERO3_MAX_LIVE_PARAMETERS else 0
+            comm["dp_allgather"] = w * P0 * ((1 + again) if zero == 3 else 1)
         if zero == 3:
             comm["dp_reduce_scatter"] = w * P0
     if pp > 1:
@@ -541,7 +550,8 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
                     offload_param=offload_param, world_size=world),
         params=dict(total=int(total), embedding=int(emb_params), per_rank_per_stage=[int(x) for x in per_stage],
                     padded_vocab_size=int(V)),
-        bytes_per_rank=dict(per_stage=breakdowns, activations_per_microbatch_no_ckpt=int(act_nockpt),
+        bytes_per_rank=dict(per_stage=breakdowns, tp_allreduce_per_stage=[int(x) for x in tp_allreduce_stage],
+                            activations_per_microbatch_no_ckpt=int(act_nockpt),
                             activations_per_microbatch_ckpt=int(act_ckpt), activations_per_microbatch_per_stage=[
                                 int(a) for a in act_stage], in_flight_microbatches=in_flight,
                             bubble_fraction=bubble),
@@ -608,8 +618,11 @@ def predicted_for_check(cfg: DictConfig, rank: int, machine: Optional[Machine] =
         both = comm["pp_sendrecv"] // (2 if pp > 2 and stage in (0, pp - 1) else 1)
         comm["pp_sendrecv"] = both
         comm["pp_send"] = comm["pp_recv"] = both // 2
+    stage = rank // (int(pl.layout["tp"]) * int(pl.layout["dp"]))
+    tp_stage = pl.bytes_per_rank["tp_allreduce_per_stage"][stage]
+    if tp_stage:
+        comm["tp_allreduce"] = int(tp_stage)
     if "pp_allreduce" in comm:
-        stage = rank // (int(pl.layout["tp"]) * int(pl.layout["dp"]))
         if stage not in (0, pp - 1):
             del comm["pp_allreduce"]
     return {"peak_bytes": int(pl.peak_bytes_per_rank[0]), "comm_bytes": comm}

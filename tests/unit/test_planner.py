@@ -93,3 +93,68 @@ def test_predicted_for_check_names_the_measured_kinds():
     assert set(predicted_for_check(z, 0)["comm_bytes"]) == {"dp_allreduce", "dp_allgather"}
     z.model.zero_stage = 3
     assert set(predicted_for_check(z, 1)["comm_bytes"]) == {"dp_reduce_scatter", "dp_allgather"}
+
+
+def _saved_activation_bytes(model, forward) -> int:
+    """Bytes of every distinct storage autograd saves for backward in ``forward()`` that is not a parameter."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() and st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
+_GPT_SMALL = ["model.num_layers=2", "model.hidden_size=96", "model.num_attention_heads=4", "model.micro_batch_size=3",
+              "model.global_batch_size=3", "model.seq_length=80"]
+_BART_SMALL = ["model.encoder.num_layers=1", "model.encoder.hidden_size=96", "model.encoder.num_attention_heads=4",
+               "model.decoder.num_layers=1", "model.decoder.hidden_size=96", "model.decoder.num_attention_heads=4",
+               "model.micro_batch_size=3", "model.global_batch_size=3", "model.seq_length=80",
+               "model.seq_length_dec=64"]
+_NO_DROPOUT = [f"model.{side}.{k}=0" for side in ("encoder", "decoder") for k in ("hidden_dropout", "attention_dropout")]
+
+
+@pytest.mark.parametrize("overrides,bart,bf16", [
+    (_GPT_SMALL, False, False),
+    (_GPT_SMALL, False, True),
+    (_GPT_SMALL + ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"], False, False),
+    (_GPT_SMALL + ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"], False, True),
+    (_GPT_SMALL + ["model.activations_checkpoint_granularity=full"], False, False),
+    (_GPT_SMALL + ["model.num_attention_heads=8", "model.num_query_groups=2", "model.activation=swiglu",
+                   "model.normalization=rmsnorm", "model.position_embedding_type=rope"], False, True),
+    (_BART_SMALL, True, False),
+    (_BART_SMALL, True, True),
+    (_BART_SMALL + _NO_DROPOUT, True, False),
+])
+def test_activation_bytes_are_what_autograd_saves(overrides, bart, bf16):
+    # the planner's activations per micro-batch (module docstring of planner.py) against the bytes the built model's
+    # forward actually saves for backward on this CPU, storage by storage (parameters excluded)
+    import torch
+
+    if bart:
+        cfg = check_config(compose_entry_config(overrides, "configs/bart", "megatron_bart_config"), BARTConfig)
+    else:
+        cfg = check_config(compose_entry_config(overrides), GPTConfig)
+    if bf16:
+        cfg.trainer.precision = "bf16"
+    fam = family_of_config(cfg.model)
+    tok = fam.build_tokenizer(cfg.model.tokenizer)
+    model = fam.build(cfg.model, tok.vocab_size, init_seed=1).to(torch.bfloat16 if bf16 else torch.float32).train()
+    b, s = cfg.model.micro_batch_size, cfg.model.seq_length
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, tok.vocab_size, (b, s), generator=gen)
+    if bart:
+        y = torch.randint(0, tok.vocab_size, (b, cfg.model.seq_length_dec), generator=gen)
+        saved = _saved_activation_bytes(model, lambda: model(x, y, torch.ones(b, s, dtype=torch.bool)))
+    else:
+        saved = _saved_activation_bytes(model, lambda: model(x))
+    predicted = plan(cfg, CPU).bytes_per_rank["activations_per_microbatch_per_stage"][0]
+    assert predicted == pytest.approx(saved, rel=0.02), (predicted, saved)
