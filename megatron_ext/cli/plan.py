@@ -86,6 +86,11 @@ def table(pl) -> str:
     for kind, b in pl.comm_bytes_per_rank.items():
         if b:
             rows.append((f"comm {kind}", f"{_gb(b)} / step, {pl.comm_time_s[kind]:.3f} s"))
+    off = getattr(pl, "offload", None) or {}
+    if off.get("time_s"):
+        rows.append(("offload", f"{_gb(off['d2h_bytes'])} to host + {_gb(off['h2d_bytes'])} back / step, "
+                                f"{off['transfer_time_s']:.3f} s copies + {off['cpu_optimizer_time_s']:.3f} s CPU "
+                                f"optimizer"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
