@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 from typing import Dict, List, Optional
 
 from omegaconf import DictConfig
