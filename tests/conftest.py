@@ -170,6 +170,7 @@ def gpt_zero3_dp2_run(tmp_path_factory, cache_home):
     r = run_script(["pretrain_gpt.py", *GPT_ZERO3_DP2_RUN, f"exp_manager.exp_dir={exp}", "exp_manager.version=v"],
                    script_env(cache_home))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    (exp / "megatron_gpt" / "v" / "test_run_output.txt").write_text(r.stdout + r.stderr)  # the run's log lines
     return exp / "megatron_gpt" / "v"
 
 

@@ -70,7 +70,7 @@ def table(pl) -> str:
                        f"{', '.join(f'{x:,}' for x in pl.params['per_rank_per_stage'])})"),
     ]
     for i, parts in enumerate(pl.bytes_per_rank["per_stage"]):
-        rows.append((f"stage {i} bytes/rank", ", ".join(f"{k} {_gb(v) if isinstance(v, (int, float)) else v}" for k, v in parts.items())))
+        rows.append((f"stage {i} bytes/rank", ", ".join(f"{k} {_gb(v)}" for k, v in parts.items())))
     rows += [
         ("activations / micro-batch", f"no ckpt {_gb(pl.bytes_per_rank['activations_per_microbatch_no_ckpt'])}, "
                                       f"ckpt {_gb(pl.bytes_per_rank['activations_per_microbatch_ckpt'])}"),
@@ -86,24 +86,59 @@ def table(pl) -> str:
     for kind, b in pl.comm_bytes_per_rank.items():
         if b:
             rows.append((f"comm {kind}", f"{_gb(b)} / step, {pl.comm_time_s[kind]:.3f} s"))
+    off = getattr(pl, "offload", None) or {}
+    if off.get("time_s"):
+        rows.append(("offload", f"{_gb(off['d2h_bytes'])} to host + {_gb(off['h2d_bytes'])} back / step, "
+                                f"{off['transfer_time_s']:.3f} s copies + {off['cpu_optimizer_time_s']:.3f} s CPU "
+                                f"optimizer"))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
+
+
+def _check_peak_args(args) -> None:
+    if args.measure_peak and args.peak_tflops is not None:
+        raise ConfigError(f"--measure-peak and --peak-tflops {args.peak_tflops:g} are both given: --measure-peak "
+                          f"measures the peak on this machine, --peak-tflops sets it; give one of them")
+
+
+def peak_tflops(args) -> float:
+    """``--peak-tflops``, or what ``--measure-peak`` measured on this machine (printed; on stderr with --json)."""
+    _check_peak_args(args)
+    if not args.measure_peak:
+        return DEFAULT_PEAK_TFLOPS if args.peak_tflops is None else float(args.peak_tflops)
+    from megatron_ext.planning.peak import measure_peak_tflops
+
+    got = measure_peak_tflops()
+    print(f"--measure-peak: {got['tflops']:.3f} TFLOP/s ({got['dtype']} {got['n']}x{got['n']} matmul on "
+          f"{got['device']}, {got['iters']} in {got['seconds']:.2f} s) used as the peak",
+          file=sys.stderr if args.json else sys.stdout)
+    return float(got["tflops"])
+
+
 def run(args) -> None:
-    machine = Machine(devices_per_node=args.devices_per_node, nodes=args.nodes,
-                      device_memory_gb=args.device_memory_gb, peak_tflops=args.peak_tflops,
-                      intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps,
-                      compute_efficiency=args.compute_efficiency, cpu=args.cpu, host_memory_gb=args.host_memory_gb)
+    _check_peak_args(args)
     if args.cpu and not args.host_memory_gb > 0:
         raise ConfigError("--cpu needs --host-memory-gb > 0 (the memory the process may use)")
+    if args.compare and args.search:
+        raise ConfigError("--compare and --search are both given: --compare explains one layout, --search ranks "
+                          "layouts; give one of them")
     overrides = list(args.overrides) + [f"trainer.devices={args.devices_per_node}", f"trainer.num_nodes={args.nodes}"]
     cfg = compose(args.task, overrides, target_cuda=not args.cpu)
+    machine = Machine(devices_per_node=args.devices_per_node, nodes=args.nodes,
+                      device_memory_gb=args.device_memory_gb, peak_tflops=peak_tflops(args),
+                      intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps,
+                      compute_efficiency=args.compute_efficiency, cpu=args.cpu, host_memory_gb=args.host_memory_gb,
+                      host_gbps=args.host_gbps, cpu_adam_params_per_s=args.cpu_adam_params_per_s)
     if args.search:
-        plans = search(cfg, machine, top=args.top, vocab_size=args.vocab_size)
+        stats: dict = {}
+        plans = search(cfg, machine, top=args.top, vocab_size=args.vocab_size, stats=stats)
         if args.json:
             print(json.dumps([p.to_dict() for p in plans], sort_keys=True))
             return
+        print(f"{stats['evaluated']} layouts evaluated, {stats['fits']} fit; the fastest {len(plans)}:")
         if not plans:
             print("no layout fits")
         for i, pl in enumerate(plans, 1):
@@ -114,6 +149,12 @@ def run(args) -> None:
                   f"{'opt' if lay['offload_optimizer'] else '-'}/{'param' if lay['offload_param'] else '-'}")
         return
     pl = plan(cfg, machine, vocab_size=args.vocab_size)
+    if args.compare:
+        from megatron_ext.planning.compare import compare, compare_table
+
+        c = compare(pl, cfg, machine)
+        print(json.dumps(c, sort_keys=True) if args.json else compare_table(c))
+        return
     print(pl.to_json() if args.json else table(pl))
 
 
@@ -124,17 +165,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--devices-per-node", type=int, default=8)
     ap.add_argument("--nodes", type=int, default=1)
     ap.add_argument("--device-memory-gb", type=float, default=80.0, help="GiB of memory per device")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak TFLOP/s of one device (H100: 989)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help=f"dense peak TFLOP/s of one device (default {DEFAULT_PEAK_TFLOPS:g}: H100 bf16)")
+    ap.add_argument("--measure-peak", action="store_true",
+                    help="measure this machine's matmul rate (bf16 on CUDA, fp32 on CPU, ~2 s) and use it as the peak")
     ap.add_argument("--compute-efficiency", type=float, default=0.5, help="fraction of the peak the matmuls reach")
     ap.add_argument("--intra-node-gbps", type=float, default=300.0, help="GB/s between devices of a node")
     ap.add_argument("--inter-node-gbps", type=float, default=25.0, help="GB/s per device across nodes")
+    ap.add_argument("--host-gbps", type=float, default=25.0,
+                    help="GB/s between a device and host memory, for offload (PCIe gen4 x16: 25)")
+    ap.add_argument("--cpu-adam-params-per-s", type=float, default=5e8,
+                    help="parameters / s one rank's CPU optimizer step updates under offload_optimizer (5e8)")
+    ap.add_argument("--compare", action="store_true",
+                    help="per-rank bytes beside DeepSpeed's estimator and Megatron-LM's formulas (GPT)")
     ap.add_argument("--cpu", action="store_true", help="a CPU run: every byte is process memory")
     ap.add_argument("--host-memory-gb", type=float, default=0.0, help="--cpu: GiB the process may use")
     ap.add_argument("--vocab-size", type=int, default=None, help="default: the tokenizer's (model.tokenizer)")
     ap.add_argument("--search", action="store_true", help="rank every valid layout that fits")
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--json", action="store_true", help="print only the JSON object")
-    return run_entry_point(PROG, run, ap.parse_args(argv))[0]
+    return run_entry_point(PROG, run, ap.parse_intermixed_args(argv))[0]  # overrides may follow options
 
 
 if __name__ == "__main__":

@@ -167,3 +167,33 @@ class PlanCheck:
             with open(os.path.join(run_dir, f"plan_check_step{step}.json"), "w") as f:
                 json.dump({"step": step, "ranks": everyone}, f, indent=1)
         return mine
+
+    def announce(self, cfg, rank: int) -> List[str]:
+        """At start-up (the trainer calls it right after the engine is built): rank 0 logs the plan's prediction for
+        every rank, one line per pipeline stage (the ranks of a stage share it) -- peak bytes with the plan's
+        breakdown (weights, gradients, masters, optimizer state, activations, ...) and the bytes per step passed to
+        collectives by kind; or one line saying the planner does not model this run. Other ranks log nothing.
+        Returns the lines logged."""
+        if rank != 0:
+            return []
+        try:
+            machine = planner.machine_of_run(cfg)
+            pl = planner.plan(cfg, machine)
+            tp, dp = int(pl.layout["tp"]), int(pl.layout["dp"])
+            preds = [planner.predicted_for_check(cfg, st * tp * dp, machine)
+                     for st in range(len(pl.bytes_per_rank["per_stage"]))]
+        except ConfigError as e:
+            lines = [f"plan_check: no prediction at start-up: the planner does not model this run ({e})"]
+        else:
+            lines = []
+            where = "host memory of the process" if machine.cpu else "device memory"
+            for st, (parts, pred) in enumerate(zip(pl.bytes_per_rank["per_stage"], preds)):
+                first, last = st * tp * dp, (st + 1) * tp * dp - 1
+                ranks = f"rank {first}" if first == last else f"ranks {first}-{last}"
+                breakdown = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in parts.items() if v)
+                comm = ", ".join(f"{k} {v}" for k, v in sorted(pred["comm_bytes"].items())) or "none"
+                lines.append(f"plan_check prediction, {ranks} (stage {st}): peak {pred['peak_bytes'] / 2**20:.1f} MiB "
+                             f"of {where} ({breakdown} MiB) | comm bytes per step: {comm}")
+        for line in lines:
+            log.info("%s", line)
+        return lines

@@ -116,6 +116,9 @@ class Machine:
     compute_efficiency: float = 0.5  # fraction of peak_tflops that the matmuls reach
     cpu: bool = False
     host_memory_gb: float = 0.0
+    # offload (model.offload_optimizer / offload_param): host <-> device copies and the optimizer step on the CPU
+    host_gbps: float = 25.0  # GB/s one device reaches to host memory (PCIe gen4 x16: ~25 of its 32 GB/s)
+    cpu_adam_params_per_s: float = 5e8  # parameters / s one rank's share of the host updates (DeepSpeed CPU Adam)
 
     @property
     def world_size(self) -> int:
@@ -126,7 +129,8 @@ class Machine:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"machine {name}={v!r}: expected a positive integer")
-        for name in ("device_memory_gb", "peak_tflops", "intra_node_gbps", "inter_node_gbps"):
+        for name in ("device_memory_gb", "peak_tflops", "intra_node_gbps", "inter_node_gbps", "host_gbps",
+                     "cpu_adam_params_per_s"):
             if not float(getattr(self, name)) > 0:
                 raise ConfigError(f"machine {name}={getattr(self, name)!r}: expected a number > 0")
         if not 0 < float(self.compute_efficiency) <= 1:
@@ -153,6 +157,7 @@ class Plan:
     comm_bytes_per_rank: Dict[str, int]
     comm_time_s: Dict[str, float]
     notes: List[str] = field(default_factory=list)
+    offload: Dict[str, float] = field(default_factory=dict)  # offload_cost(): host <-> device bytes, seconds
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -441,7 +446,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
     # pipeline micro-batches in flight per stage (DeepSpeed TrainSchedule.num_pipe_buffers)
     in_flight = [min(pp - i, accum) if pp > 1 else 1 for i in range(stages)]
     bubble = (pp - 1) / (accum + pp - 1)
-    peaks, hosts, breakdowns = [], [], []
+    peaks, hosts, breakdowns, phases = [], [], [], []
     for i in range(stages):
         P_i = per_stage[i]
         dev, host, parts = _zero_states(P_i, dp, prec, zero, pp, k, offload_opt, offload_param)
@@ -486,8 +491,8 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
             peak -= host  # offloaded states live in host memory
         peaks.append(peak)
         hosts.append(host_i)
-        breakdowns.append({**parts, "activations": max(act, 0), "host_offloaded": host,
-                           "peak_phase": "forward/backward" if fwd_bwd >= step_phase else "optimizer step"})
+        breakdowns.append({**parts, "activations": max(act, 0), "host_offloaded": host})
+        phases.append("forward/backward" if fwd_bwd >= step_phase else "optimizer step")
     # ranks: megatron-core order, tp fastest, then dp, then pp
     per_rank_stage = [r // (tp * dp) for r in range(world)]
     peak_ranks = [peaks[st] for st in per_rank_stage]
@@ -535,6 +540,9 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         "pp_sendrecv": comm["pp_sendrecv"] / 2 / pp_bw,
         "pp_allreduce": comm.get("pp_allreduce", 0) * _ring("allreduce", 2) / pp_bw,
     }
+    offload = offload_cost(max(per_stage), dp, w, accum, zero, offload_opt, offload_param,
+                           3 if _any_ckpt(cfg) else 2, machine)
+    comm_time["offload"] = offload["time_s"]
     recompute_factor = 4 / 3 if _any_ckpt(cfg) else 1.0
     compute = flops * recompute_factor / (world * machine.peak_tflops * 1e12 * machine.compute_efficiency)
     compute /= (1 - bubble)
@@ -550,7 +558,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
                     offload_param=offload_param, world_size=world),
         params=dict(total=int(total), embedding=int(emb_params), per_rank_per_stage=[int(x) for x in per_stage],
                     padded_vocab_size=int(V)),
-        bytes_per_rank=dict(per_stage=breakdowns, tp_allreduce_per_stage=[int(x) for x in tp_allreduce_stage],
+        bytes_per_rank=dict(per_stage=breakdowns, peak_phase_per_stage=phases, tp_allreduce_per_stage=[int(x) for x in tp_allreduce_stage],
                             activations_per_microbatch_no_ckpt=int(act_nockpt),
                             activations_per_microbatch_ckpt=int(act_ckpt), activations_per_microbatch_per_stage=[
                                 int(a) for a in act_stage], in_flight_microbatches=in_flight,
@@ -569,7 +577,40 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         comm_bytes_per_rank={k_: int(v) for k_, v in comm.items()},
         comm_time_s=comm_time,
         notes=notes,
+        offload=offload,
     )
+
+
+def offload_cost(P: int, dp: int, w: int, accum: int, zero: int, offload_opt: bool, offload_param: bool,
+                 passes: int, machine: Machine) -> Dict[str, float]:
+    """What offloading adds to a step of the rank holding ``P`` parameters (``w`` bytes each in the model dtype):
+
+    - ``model.offload_optimizer=cpu`` (ZeRO >= 1): the rank's fp32 gradient partition goes to the host
+      (``4 * P/dp`` bytes device -> host), the CPU optimizer updates its ``P/dp`` parameters
+      (``machine.cpu_adam_params_per_s``), and the updated partition comes back in the model dtype
+      (``w * P/dp`` host -> device);
+    - ``model.offload_param=cpu`` (ZeRO 3): the weight partition is fetched from the host before every use:
+      ``passes`` (forward, backward, + the recomputation's forward with checkpointing) per micro-batch,
+      ``w * P/dp * passes * accum`` host -> device.
+
+    Copies run at ``machine.host_gbps``, not overlapped with compute or with each other (an upper bound: DeepSpeed
+    overlaps part of them). On a CPU machine nothing crosses a bus, and the optimizer runs on the host either way:
+    no cost. Returns ``{"d2h_bytes", "h2d_bytes", "transfer_time_s", "cpu_optimizer_time_s", "time_s"}``."""
+    part = math.ceil(P / dp)
+    d2h = h2d = 0
+    cpu_params = 0
+    if offload_opt and zero >= 1:
+        d2h += 4 * part
+        h2d += w * part
+        cpu_params = part
+    if offload_param and zero == 3:
+        h2d += w * part * passes * accum
+    if machine.cpu:
+        return dict(d2h_bytes=0, h2d_bytes=0, transfer_time_s=0.0, cpu_optimizer_time_s=0.0, time_s=0.0)
+    transfer = (d2h + h2d) / (machine.host_gbps * 1e9)
+    cpu_step = cpu_params / machine.cpu_adam_params_per_s
+    return dict(d2h_bytes=int(d2h), h2d_bytes=int(h2d), transfer_time_s=transfer, cpu_optimizer_time_s=cpu_step,
+                time_s=transfer + cpu_step)
 
 
 def _cfg_int(v, default: int) -> int:
@@ -640,12 +681,20 @@ def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def search(cfg: DictConfig, machine: Machine, top: int = 10, vocab_size: Optional[int] = None) -> List[Plan]:
-    """Every layout of ``cfg`` on ``machine`` -- TP (dividing a node), PP, ZeRO stage, micro-batch, activation
-    checkpointing, optimizer / parameter offload; DP follows -- that the run's own checks accept
-    (``megatron_ext.config.loader.validate_config``, the same function every trainer process calls: head and
-    FFN divisibility by TP, layers per stage, global batch by micro-batch x DP, ZeRO >= 2 without PP, ...) and that
-    fits in memory, fastest predicted step first; the first ``top``."""
+def search(cfg: DictConfig, machine: Machine, top: int = 10, vocab_size: Optional[int] = None,
+           stats: Optional[Dict[str, int]] = None) -> List[Plan]:
+    """Every layout of ``cfg`` on ``machine`` -- TP (dividing a node: tensor parallelism stays inside a node, as
+    Megatron users lay it out), PP, ZeRO stage, micro-batch, activation checkpointing, optimizer / parameter offload;
+    DP follows -- that the run's own checks accept (``megatron_ext.config.loader.validate_config``, the same function
+    every trainer process calls: head and FFN divisibility by TP, layers per stage, global batch by micro-batch x
+    DP, ZeRO >= 2 without PP, ...) and that fits in memory, fastest predicted step first; the first ``top``.
+    Sequence parallelism is not implemented in this code base, so it is not searched.
+
+    ``stats`` (a dict, optional) receives ``evaluated`` (layouts planned: accepted by the checks) and ``fits``.
+    Speed: one working copy of the config is changed in place per candidate (a fresh deep copy of the composed
+    config per candidate was most of the time), and the checks run once per (TP, PP, ZeRO, micro-batch,
+    checkpointing): the offload keys do not enter ``validate_config`` (the engine's ``_zero_section`` refuses
+    offload below ZeRO 1 / parameter offload below ZeRO 3, which the loop never generates)."""
     machine.check()
     m = cfg.model
     if vocab_size is None:
@@ -654,13 +703,14 @@ def search(cfg: DictConfig, machine: Machine, top: int = 10, vocab_size: Optiona
     encdec = is_encoder_decoder(m)
     gbs = int(m.global_batch_size)
     layers = int(m.num_layers) if not encdec else 1
-    base = cfg.copy()
-    base.trainer.devices, base.trainer.num_nodes = machine.devices_per_node, machine.nodes
-    base.trainer.accumulate_grad_batches = None
+    c = cfg.copy()  # the one working copy; every candidate sets its layout keys on it
+    c.trainer.devices, c.trainer.num_nodes = machine.devices_per_node, machine.nodes
+    c.trainer.accumulate_grad_batches = None
     ckpt_keys = ["model.encoder.activations_checkpoint_granularity",
                  "model.decoder.activations_checkpoint_granularity"] if encdec else \
         ["model.activations_checkpoint_granularity"]
     plans: List[Plan] = []
+    evaluated = 0
     for tp in _divisors(machine.devices_per_node):
         for pp in _divisors(world // tp):
             if pp > layers:
@@ -671,21 +721,24 @@ def search(cfg: DictConfig, machine: Machine, top: int = 10, vocab_size: Optiona
                     ([("cpu", "cpu")] if zero == 3 else [])
                 for mb in _divisors(gbs // dp) if gbs % dp == 0 else []:
                     for ck in (None, "full"):
+                        c.model.tensor_model_parallel_size, c.model.pipeline_model_parallel_size = tp, pp
+                        c.model.zero_stage, c.model.micro_batch_size = zero, mb
+                        c.model.offload_optimizer, c.model.offload_param = None, None
+                        for key in ckpt_keys:
+                            _set(c, key, ck)
+                        try:
+                            validate_config(c, world, on_cuda=not machine.cpu)
+                        except ConfigError:
+                            continue
                         for off_opt, off_par in offloads:
-                            c = base.copy()
-                            c.model.tensor_model_parallel_size, c.model.pipeline_model_parallel_size = tp, pp
-                            c.model.zero_stage, c.model.micro_batch_size = zero, mb
                             c.model.offload_optimizer, c.model.offload_param = off_opt, off_par
-                            for key in ckpt_keys:
-                                _set(c, key, ck)
-                            try:
-                                validate_config(c, world, on_cuda=not machine.cpu)
-                            except ConfigError:
-                                continue
                             pl = plan(c, machine, rank=0, vocab_size=vocab_size)
+                            evaluated += 1
                             if pl.fits:
                                 plans.append(pl)
     plans.sort(key=lambda pl: (pl.predicted_step_time_s, max(pl.peak_bytes_per_stage)))
+    if stats is not None:
+        stats.update(evaluated=evaluated, fits=len(plans))
     return plans[:top]
 
 

@@ -260,6 +260,8 @@ class Trainer:
         if self._plan_check is not None:
             self._plan_check.after_build()
         self.ds_config = ds_config
+        if self._plan_check is not None:  # the plan's prediction for each rank, before the first step
+            self._plan_check.announce(cfg, self.rank)
         t = cfg.trainer
         if t.nan_policy == "skip" or (self.pipeline and t.loss_spike_factor is not None):
             install_update_skip(self.engine)  # a bad step's update can be dropped / checked in the pipeline's schedule

@@ -19,13 +19,29 @@ def test_host_peak_sees_a_freed_allocation():
 
 
 def test_compare_rows_and_warnings():
-    out = compare({"peak_bytes": 110, "comm_bytes": {"dp_allreduce": 100, "tp_allreduce": 5}},
-                  {"peak_bytes": 100, "comm_bytes": {"dp_allreduce": 130}})
+    M = 1 << 20
+    out = compare({"peak_bytes": 110, "comm_bytes": {"dp_allreduce": 100 * M, "tp_allreduce": 5 * M,
+                                                     "dp_broadcast": 800}},
+                  {"peak_bytes": 100, "comm_bytes": {"dp_allreduce": 130 * M}})
     rows = {r["what"]: r for r in out["rows"]}
     assert rows["peak_bytes"]["ok"] and rows["peak_bytes"]["ratio"] == pytest.approx(1.1)
     assert not rows["comm_bytes_dp_allreduce"]["ok"]  # 100 / 130 is 23% off
-    assert rows["comm_bytes_tp_allreduce"]["ratio"] is None  # measured, not predicted
+    assert rows["comm_bytes_tp_allreduce"]["ratio"] is None and not rows["comm_bytes_tp_allreduce"]["ok"]
+    # an unpredicted kind of a few hundred bytes (DeepSpeed's scalars) agrees: under SMALL_COMM_BYTES
+    assert rows["comm_bytes_dp_broadcast"]["ratio"] is None and rows["comm_bytes_dp_broadcast"]["ok"]
     assert len(out["warnings"]) == 2 and "comm_bytes_dp_allreduce" in out["warnings"][0]
+
+
+def test_live_tensor_bytes_counts_resident_pages_once():
+    from megatron_ext.planning.measure import live_tensor_bytes
+
+    base = live_tensor_bytes()
+    big = torch.empty(256 << 20, dtype=torch.uint8)  # 256 MiB of address space, never written
+    view = big[: 8 << 20]
+    view.fill_(1)  # 8 MiB written: resident
+    extra = live_tensor_bytes() - base
+    assert (8 << 20) <= extra < (10 << 20)  # the view and its base are one storage, counted by its resident pages
+    del big, view
 
 
 def test_plan_check_steps_must_be_positive():

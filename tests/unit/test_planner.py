@@ -95,6 +95,46 @@ def test_predicted_for_check_names_the_measured_kinds():
     assert set(predicted_for_check(z, 1)["comm_bytes"]) == {"dp_reduce_scatter", "dp_allgather"}
 
 
+def test_search_respects_every_divisibility_rule():
+    # 8 heads, 4 query groups, SwiGLU fc of 198 (198 % 4 != 0), 3 layers, global batch 24 on 2 nodes x 4 devices:
+    # TP 4 is refused by the FFN width only, PP 4 / 8 by the layers; each listed layout is checked by explicit
+    # arithmetic and by validate_config (offload keys included)
+    from megatron_ext.models.gpt import padded_vocab_size
+
+    cfg = check_config(compose_entry_config([
+        "model.num_attention_heads=8", "model.num_query_groups=4", "model.activation=swiglu",
+        "model.ffn_hidden_size=198", "model.position_embedding_type=rope", "model.num_layers=3",
+        "model.global_batch_size=24"]), GPTConfig)
+    machine = Machine(devices_per_node=4, nodes=2, device_memory_gb=80)
+    stats = {}
+    plans = search(cfg, machine, top=10_000, vocab_size=259, stats=stats)
+    assert plans and stats["fits"] == len(plans) and stats["evaluated"] >= len(plans)
+    seen = set()
+    for p in plans:
+        lay = p.layout
+        tp, pp, dp, zero, mb = lay["tp"], lay["pp"], lay["dp"], lay["zero_stage"], lay["micro_batch_size"]
+        assert tp * pp * dp == 8 and 4 % tp == 0  # TP inside a node
+        assert 8 % tp == 0 and 4 % tp == 0 and 198 % tp == 0  # heads, query groups, FFN
+        assert 3 // pp >= 1  # every stage holds a layer
+        assert 24 % (mb * dp) == 0 and lay["micro_batches"] == 24 // (mb * dp)
+        assert not (pp > 1 and zero >= 2)
+        assert not lay["offload_optimizer"] or zero >= 1
+        assert not lay["offload_param"] or zero == 3
+        V = p.params["padded_vocab_size"]
+        assert V == padded_vocab_size(259, cfg.model.make_vocab_size_divisible_by, tp) >= 259
+        assert V % (cfg.model.make_vocab_size_divisible_by * tp) == 0
+        seen.add((tp, pp))
+        c = cfg.copy()
+        c.trainer.devices, c.trainer.num_nodes = 4, 2
+        c.model.tensor_model_parallel_size, c.model.pipeline_model_parallel_size = tp, pp
+        c.model.zero_stage, c.model.micro_batch_size = zero, mb
+        c.model.offload_optimizer = "cpu" if lay["offload_optimizer"] else None
+        c.model.offload_param = "cpu" if lay["offload_param"] else None
+        c.model.activations_checkpoint_granularity = "full" if lay["checkpointing"] else None
+        validate_config(c, 8, on_cuda=True)
+    assert (2, 2) in seen and (1, 1) in seen and not any(tp == 4 or pp > 2 for tp, pp in seen)
+
+
 def _saved_activation_bytes(model, forward) -> int:
     """Bytes of every distinct storage autograd saves for backward in ``forward()`` that is not a parameter."""
     import torch
