@@ -15,6 +15,7 @@ One JSON line per run and rank: ``{"bench": "plan", "name", "task", "rank", "ove
 
     python bench/bench_plan.py                 # the whole grid (a few minutes on 2 cores)
     python bench/bench_plan.py --only gpt_dp2_zero1 --out -   # one point to stdout
+    python bench/bench_plan.py --report           # the README's table from bench/results/bench_plan_cpu.jsonl
 """
 from __future__ import annotations
 
@@ -138,12 +139,43 @@ def predicted_for(task: str, overrides, rank: int):
     return check.predict(cfg, rank)
 
 
+def report(path: str) -> str:
+    """A markdown table of a results file: per run and rank, predicted / measured peak and their ratio, and the
+    ratio of measured to predicted bytes of every communication kind of 64 KiB or more per step."""
+    out = ["| run | rank | predicted peak MiB | measured peak MiB | ratio | comm bytes measured / predicted |",
+           "|---|---|---|---|---|---|"]
+    worst_peak, worst_comm = 1.0, 1.0
+    with open(path) as f:
+        for line in f:
+            d = json.loads(line)
+            pred, meas = d["predicted"]["peak_bytes"], d["measured_peak_bytes"]
+            pc, mc = d["predicted"]["comm_bytes"], d["comm_bytes"]
+            kinds = []
+            for k in sorted(set(pc) | set(mc)):
+                p_, m_ = pc.get(k, 0), mc.get(k, 0)
+                if k == "pp_sendrecv" or max(p_, m_) < (64 << 10):
+                    continue
+                r = m_ / p_ if p_ else float("inf")
+                worst_comm = max(worst_comm, abs(r - 1) + 1)
+                kinds.append(f"{k} {r:.3f}")
+            worst_peak = max(worst_peak, abs(meas / pred - 1) + 1)
+            out.append(f"| {d['name']} | {d['rank']} | {pred / 2**20:.1f} | {meas / 2**20:.1f} | {meas / pred:.3f} | "
+                       f"{', '.join(kinds) or '--'} |")
+    out.append(f"\nlargest peak difference {worst_peak - 1:.1%}, largest communication difference "
+               f"{worst_comm - 1:.1%}")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", help="grid points to run (default: all)")
     ap.add_argument("--out", default=OUT, help="JSON lines file (appends nothing: rewritten), '-' for stdout")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--report", nargs="?", const=OUT, help="print the markdown table of a results file and exit")
     a = ap.parse_args()
+    if a.report:
+        print(report(a.report))
+        return
     names = a.only or list(GRID)
     unknown = [n for n in names if n not in GRID]
     if unknown:

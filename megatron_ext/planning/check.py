@@ -187,13 +187,14 @@ class PlanCheck:
         else:
             lines = []
             where = "host memory of the process" if machine.cpu else "device memory"
-            for st, (parts, pred) in enumerate(zip(pl.bytes_per_rank["per_stage"], preds)):
+            phases = pl.bytes_per_rank["peak_phase_per_stage"]
+            for st, (parts, pred) in enumerate(zip(pl.bytes_per_rank["at_peak_per_stage"], preds)):
                 first, last = st * tp * dp, (st + 1) * tp * dp - 1
                 ranks = f"rank {first}" if first == last else f"ranks {first}-{last}"
                 breakdown = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in parts.items() if v)
                 comm = ", ".join(f"{k} {v}" for k, v in sorted(pred["comm_bytes"].items())) or "none"
                 lines.append(f"plan_check prediction, {ranks} (stage {st}): peak {pred['peak_bytes'] / 2**20:.1f} MiB "
-                             f"of {where} ({breakdown} MiB) | comm bytes per step: {comm}")
+                             f"of {where} at the {phases[st]} ({breakdown} MiB) | comm bytes per step: {comm}")
         for line in lines:
             log.info("%s", line)
         return lines

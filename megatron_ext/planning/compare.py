@@ -195,15 +195,18 @@ def megatron_column(pl: Plan, cfg: DictConfig) -> Dict[str, object]:
 
 
 def ours_column(pl: Plan) -> Dict[str, object]:
+    """The plan's busiest stage at its peak (``at_peak_per_stage``: the items sum to the peak, plus the offloaded
+    states, which are host memory): gradients are those alive at the peak, "other" the ZeRO buffers, gathered
+    ZeRO-3 weights and the CPU runtime term."""
     stage = max(range(len(pl.peak_bytes_per_stage)), key=lambda i: pl.peak_bytes_per_stage[i])
-    parts = dict(pl.bytes_per_rank["per_stage"][stage])
-    host = int(parts.pop("host_offloaded", 0))
-    rows = {"weights": parts.pop("weights", 0), "grads": parts.pop("grads", 0) + parts.pop("fp32_grads", 0),
-            "optimizer state + masters": parts.pop("masters", 0) + parts.pop("optimizer", 0),
-            "activations": parts.pop("activations", 0)}
+    at = dict(pl.bytes_per_rank["at_peak_per_stage"][stage])
+    host = int(pl.bytes_per_rank["per_stage"][stage].get("host_offloaded", 0))
     total = int(pl.peak_bytes_per_stage[stage])
-    # whatever else the plan holds (its own extra items), and the offloaded bytes are not on the device
-    rows["other"] = total - sum(rows.values()) + host
+    rows = {"weights": at.pop("weights", 0), "grads": at.pop("grads", 0),
+            "optimizer state + masters": at.pop("masters", 0) + at.pop("optimizer", 0),
+            "activations": at.pop("activations", 0)}
+    rows["other"] = sum(at.values())  # ZeRO buffers, gathered ZeRO-3 weights, the CPU runtime term
+    # with offload the states above include the offloaded ones (the host memory row); the device total does not
     rows["total per device"] = total
     rows["host memory"] = host
     return {"rows": rows, "stage": stage}

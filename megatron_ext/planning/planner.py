@@ -18,43 +18,62 @@ accumulated in the model dtype):
 precision / ZeRO               weights    gradients       fp32 masters    optimizer state (k)   fp32 grads at step
 ============================  =========  ==============  ==============  ====================  =================
 fp32, ZeRO 0                   4          4               --              k                     --
-fp32, ZeRO 1 / 2               4          4 / 4/dp (+b)   4/dp            k/dp                  4/dp
-fp32, ZeRO 3                   4/dp       4/dp            4/dp            k/dp                  4/dp
+fp32, ZeRO 1 / 2               4          4 / 4 x bucket  4/dp            k/dp                  4/dp
+fp32, ZeRO 3                   4/dp       4/dp            4/dp            k/dp                  --
 bf16, ZeRO 0 (no PP)           2          2               4               k                     4  (FP16_Optimizer)
 bf16, ZeRO 0 + PP              2          2               4/dp            k/dp                  --  (BF16_Optimizer)
-bf16, ZeRO 1 / 2               2          2 / 2/dp (+b)   4/dp            k/dp                  4/dp
+bf16, ZeRO 1 / 2               2          2 / 2 x bucket  4/dp            k/dp                  4/dp
 bf16, ZeRO 3                   2/dp       2/dp            4/dp            k/dp                  4/dp
 ============================  =========  ==============  ==============  ====================  =================
 
-``k`` = optimizer state bytes per parameter (Adam / AdamW: 8, SGD with momentum: 4, ...; :data:`OPTIMIZER_STATE`),
-``b`` = ZeRO-2's reduce bucket (``min(P, 5e8)`` elements). ``model.offload_optimizer=cpu`` moves masters,
-optimizer state and fp32 gradient partitions to host memory; ``model.offload_param=cpu`` (ZeRO 3) the weight
-partitions. On a CPU machine all of it is process memory.
+``k`` = optimizer state bytes per parameter (Adam / AdamW: 8, SGD with momentum: 4, ...; :data:`OPTIMIZER_STATE`).
+What the table calls gradients is where they live: ZeRO 0 / 1 the whole gradient from backward to the step; ZeRO 2
+a reduce bucket's worth (``min(P, 5e8)`` elements) until the bucket is reduced into the fp32 partition (``4/dp``,
+kept from backward to the step); ZeRO 3 the model-dtype partition (fp32 ZeRO 3: the partition's own buffer, no
+second fp32 copy). DeepSpeed's buffers on top (read from a tensor inventory of the engine): ZeRO 3's reduce bucket
+of ``reduce_bucket_size`` elements (500M, whatever the model; on a CPU machine only the touched ``min(P, 5e8)`` is
+resident), the weights it gathers for forward / backward while they fit ``stage3_max_live_parameters`` (1e9) and
+the prefetch bucket's coalesced all-gather output (5e7) through the forward; the CPU-offload path (ZeRO 1 / 2): a
+model-dtype copy of the partition, two fp32 staging buffers of the largest parameter, and the fp32 gradient
+partition kept between steps. ``model.offload_optimizer=cpu`` moves masters, optimizer state and fp32 gradient
+partitions to host memory; ``model.offload_param=cpu`` (ZeRO 3) the weight partitions. On a CPU machine all of it
+is process memory, plus :data:`CPU_RUNTIME_BYTES` (the CPU kernels' own memory, measured).
 
-Activations per micro-batch (``T = b*s`` tokens, ``p`` = model-dtype bytes, ``t`` = TP) saved for backward by one
-pre-norm layer (attention is ``scaled_dot_product_attention``: flash / memory-efficient kernels keep no ``s x s``
-matrix, only a log-sum-exp; attention dropout takes SDPA's math path, which saves the probabilities)::
+Activations per micro-batch (``T = b*s`` tokens, ``p`` = model-dtype bytes, ``t`` = TP), counted as autograd
+saves them (tests/unit/test_planner.py checks them against ``saved_tensors_hooks`` on built models): per layer the
+norms' saves (LayerNorm: input + mean / rstd in ``p``; our RMSNorm: fp32 input and normalized copies + fp32 rstd),
+the inputs of the column-parallel linears (full width under TP: ``T*p*h`` each, 2 per layer, 3 with cross
+attention), the MLP's ``m_a*f/t`` intermediates (GELU 2, SwiGLU 4), the attention core
+(:func:`_attention_core_bytes`: SDPA's q, k, v, output (= the projection's input) and fp32 log-sum-exp; GQA keeps
+k / v three times; under attention dropout the math path's q, k, v, three ``b x n_h/t x s x s_kv`` tensors --
+fp32 on CPU -- and a copy of the context), with hidden dropout one mask per residual branch; outside the layers
+the embedding's dropout mask, the final norm's saves and the LM head's input (and a BART encoder's output, once).
+With ``activations_checkpoint_granularity=full`` a layer keeps only its input and one layer's full set is live
+again while recomputing. The LM head adds the logits ``T*V/t`` in ``p`` plus fp32 for the loss and its gradient.
 
-    T*p*(4h + (h + 2*n_g*d)/t + h/t + m_a*f/t) + T*4*(n_h/t) + masks
+The peak of a stage is the larger of two phases. Forward / backward: the states, ZeRO 3's gathered weights, and the
+larger of (all activations alive at the first backward + the gradients made first -- the head's and the
+embedding's) and (the activations still alive when the gradients are complete + all of them), since backward frees
+activations as it makes gradients; the activations alive are one micro-batch's without PP, ``min(pp - stage, m)``
+on a 1F1B pipeline stage (DeepSpeed ``TrainSchedule``), and with accumulation a later micro-batch's stand beside
+the earlier ones' gradients. Optimizer step: the states + the gradients the step reads (bf16: the fp32 partition
+too). The bubble fraction is ``(pp - 1) / (m + pp - 1)``.
 
-with ``m_a`` = 2 (GELU: fc1 output and activation output) or 4 (SwiGLU: gate and up, their product, activation).
-With ``activations_checkpoint_granularity=full`` a layer keeps only its input ``T*p*h`` and one layer's full set
-is live again during its recomputation. The LM head adds the logits ``T*V/t`` in ``p`` and fp32 for the loss.
-The pipeline engine (DeepSpeed ``TrainSchedule``, 1F1B) keeps ``max(2, min(pp - stage, m))`` micro-batches in
-flight on a stage; the bubble fraction is ``(pp - 1) / (m + pp - 1)``.
-
-Communication bytes per rank per step (bytes passed to collectives by this rank): TP all-reduces of ``T*h*p``,
-2 per layer forward (attention and MLP outputs) + 2 backward (the inputs of the column-parallel layers) + 2 more
-forward per layer when recomputed, + 1 for the vocabulary-parallel embedding, + 3 fp32 ``T`` for the
-vocabulary-parallel cross entropy; DP by ZeRO stage (0, 1, 2: all-reduce of the gradients -- DeepSpeed 0.19's
-ZeRO-2 "reduce-scatter" all-reduces the bucket's slices; 1 / 2: + all-gather of the updated weights; 3:
-reduce-scatter of the gradients + all-gather of the weights in forward and backward); PP: the ``T*h*p``
-activations sent forward and gradients sent backward per micro-batch at each stage boundary, and (tied GPT
-embeddings) the all-reduce of the word embedding's gradient between the first and the last stage
-(``pp_allreduce``). ``predicted_for_check(cfg, rank)`` gives one rank's peak and bytes by the kinds
-``measure.CollectiveCounter`` counts (``pp_send`` / ``pp_recv`` too) for ``trainer.plan_check``. The
-predicted time of each kind uses a ring's ``2 (n - 1) / n`` (all-reduce) or ``(n - 1) / n`` factor over the
-group's bandwidth (intra-node when the group fits in a node, else inter-node) and is not overlapped with compute.
+Communication bytes per rank per step (bytes passed to collectives by this rank), as counted on real runs
+(bench/bench_plan.py): TP all-reduces of ``T*h*p``: per layer 2 forward (attention and MLP outputs) + 2 backward
+(the inputs of qkv and fc1) + 1 when recomputed (non-reentrant checkpointing stops recomputing after the last
+tensor backward needs, before the MLP's all-reduce); a decoder layer 3 + 3 + 1 on the memory (+ 2 recomputed); the
+embedding lookup (first stage), the LM head's input gradient and 3 fp32 ``T`` for the vocabulary-parallel cross
+entropy (last stage). DP by ZeRO stage (0, 1, 2: all-reduce of the gradients -- DeepSpeed 0.19's ZeRO-2
+"reduce-scatter" all-reduces the bucket's slices; 1 / 2: + all-gather of the updated weights; 3: reduce-scatter of
+the gradients + all-gather of the weights once a step while they fit ``stage3_max_live_parameters``, again in
+backward (and recompute) above it); PP: the ``T*h*p`` activations sent forward and gradients sent backward per
+micro-batch at each stage boundary, and (tied GPT embeddings) the all-reduce of the word embedding's gradient
+between the first and the last stage (``pp_allreduce``). ``predicted_for_check(cfg, rank)`` gives one rank's
+peak and bytes by the kinds ``measure.CollectiveCounter`` counts (``pp_send`` / ``pp_recv`` too) for
+``trainer.plan_check``. The predicted time of each kind uses a ring's ``2 (n - 1) / n`` (all-reduce) or
+``(n - 1) / n`` factor over the group's bandwidth (intra-node when the group fits in a node, else inter-node) and
+is not overlapped with compute.
 """
 from __future__ import annotations
 
@@ -446,7 +465,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
     # pipeline micro-batches in flight per stage (DeepSpeed TrainSchedule.num_pipe_buffers)
     in_flight = [min(pp - i, accum) if pp > 1 else 1 for i in range(stages)]
     bubble = (pp - 1) / (accum + pp - 1)
-    peaks, hosts, breakdowns, phases = [], [], [], []
+    peaks, hosts, breakdowns, phases, at_peak = [], [], [], [], []
     for i in range(stages):
         P_i = per_stage[i]
         dev, host, parts = _zero_states(P_i, dp, prec, zero, pp, k, offload_opt, offload_param)
@@ -479,9 +498,18 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         n_live = in_flight[i]
         later = n_live if accum > n_live else n_live - 1
         a = act_stage[i]
-        fwd_bwd = base + parts.get("gathered_weights", 0) + head_i + recompute_stage[i] + max(
-            n_live * a + g_first, later * a + g_bwd)
+        start_bwd, end_bwd = n_live * a + g_first, later * a + g_bwd
+        fwd_bwd = base + parts.get("gathered_weights", 0) + head_i + recompute_stage[i] + max(start_bwd, end_bwd)
         step_phase = base + g_step
+        # what the peak is made of (sums to it): the states, and at a forward/backward peak the activations and
+        # the gradients alive then, at a step peak the gradients the step reads
+        at = {"weights": parts["weights"], "masters": parts["masters"], "optimizer": parts["optimizer"],
+              "buffers": parts.get("buffers", 0) + parts.get("gathered_weights", 0), "runtime": parts.get("runtime", 0)}
+        if fwd_bwd >= step_phase:
+            at["grads"] = g_first if start_bwd >= end_bwd else g_bwd
+            at["activations"] = head_i + recompute_stage[i] + (n_live if start_bwd >= end_bwd else later) * a
+        else:
+            at["grads"], at["activations"] = g_step, 0
         act = fwd_bwd - base - parts.get("gathered_weights", 0) - g_bwd
         peak = max(fwd_bwd, step_phase)
         host_i = host
@@ -492,6 +520,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         peaks.append(peak)
         hosts.append(host_i)
         breakdowns.append({**parts, "activations": max(act, 0), "host_offloaded": host})
+        at_peak.append({k_: int(v) for k_, v in at.items()})
         phases.append("forward/backward" if fwd_bwd >= step_phase else "optimizer step")
     # ranks: megatron-core order, tp fastest, then dp, then pp
     per_rank_stage = [r // (tp * dp) for r in range(world)]
@@ -558,7 +587,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
                     offload_param=offload_param, world_size=world),
         params=dict(total=int(total), embedding=int(emb_params), per_rank_per_stage=[int(x) for x in per_stage],
                     padded_vocab_size=int(V)),
-        bytes_per_rank=dict(per_stage=breakdowns, peak_phase_per_stage=phases, tp_allreduce_per_stage=[int(x) for x in tp_allreduce_stage],
+        bytes_per_rank=dict(per_stage=breakdowns, peak_phase_per_stage=phases, at_peak_per_stage=at_peak, tp_allreduce_per_stage=[int(x) for x in tp_allreduce_stage],
                             activations_per_microbatch_no_ckpt=int(act_nockpt),
                             activations_per_microbatch_ckpt=int(act_ckpt), activations_per_microbatch_per_stage=[
                                 int(a) for a in act_stage], in_flight_microbatches=in_flight,
