@@ -77,6 +77,12 @@ def table(pl) -> str:
         ("pipeline", f"in flight {pl.bytes_per_rank['in_flight_microbatches']}, bubble "
                      f"{pl.bytes_per_rank['bubble_fraction']:.1%}"),
         ("peak per stage", ", ".join(_gb(x) for x in pl.peak_bytes_per_stage)),
+    ]
+    for i, (at, phase) in enumerate(zip(pl.bytes_per_rank["at_peak_per_stage"],
+                                        pl.bytes_per_rank["peak_phase_per_stage"])):
+        rows.append((f"stage {i} peak made of", f"at the {phase}: " + ", ".join(
+            f"{k} {_gb(v)}" for k, v in at.items() if v)))
+    rows += [
         ("limit / headroom", f"{_gb(pl.memory_limit_bytes)} / {_gb(pl.headroom_bytes)} "
                              f"({'fits' if pl.fits else 'DOES NOT FIT'})"),
         ("FLOPs / step", f"{pl.flops_per_step:.3e} over {pl.tokens_per_step:,} tokens"),

@@ -394,7 +394,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         recompute = max(full[0] if ckpt[0] else 0, full[1] if ckpt[1] else 0)
         head_tokens = mb * sd
         act_nockpt = Le * full[0] + Ld * full[1] + glob
-        act_ckpt = Le * tokens_mb * p * h + Ld * mb * sd * p * h + glob
+        act_ckpt = Le * tokens_mb * p * h + Ld * mb * sd * p * h + glob + max(full)  # + one layer recomputed
         act_stage = [sum(kept) + glob]
         recompute_stage = [recompute]
         layer_grads_stage = [Le * (es + er) + Ld * (ds_ + dr)]
@@ -444,7 +444,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
         # input (on the last stage); a later pipeline stage's received input is its first layer's norm input
         glob = _stack_global_bytes(m, tokens_mb, p) + tokens_mb * p * h
         act_nockpt = L * full + glob
-        act_ckpt = L * tokens_mb * p * h + glob
+        act_ckpt = L * tokens_mb * p * h + glob + full  # + one layer recomputed
         act_stage = [n * (tokens_mb * p * h if ckpt else full) + (glob if i == pp - 1 else 0)
                      for i, n in enumerate(stage_layers)]
         recompute_stage = [full if ckpt else 0 for _ in stage_layers]

@@ -43,3 +43,34 @@ def test_setting_resolution():
     assert resolve_reuse_host_memory(None, on_cuda=True) is False
     assert resolve_reuse_host_memory(False, on_cuda=False) is False
     assert resolve_reuse_host_memory(True, on_cuda=True) is True
+
+
+# plan_check's measurement mode, in a fresh process: under reuse_host_memory() a freed 64 MiB tensor stays
+# resident (the heap keeps it); under exact_host_memory() it is handed back at once, so the resident set follows
+# the bytes allocated; restore_host_memory() puts the reuse setting back (the freed block stays resident again).
+_EXACT = """
+import torch
+from megatron_ext.training import host_memory as hm
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+def freed_stays():
+    a = torch.empty(16 * 1024 * 1024); a.fill_(1.0); b = torch.empty(1024); b.fill_(1.0)  # b pins the heap's top
+    before = rss(); del a
+    return before - rss() < (32 << 20)
+assert hm.reuse_host_memory()
+r1 = freed_stays()
+assert hm.exact_host_memory() and hm._mode == "exact"
+r2 = freed_stays()
+hm.restore_host_memory()
+r3 = freed_stays()
+print(r1, r2, r3, hm._mode)
+"""
+
+
+@pytest.mark.skipif(_glibc() is None, reason="mallopt tuning applies to glibc only")
+def test_exact_host_memory_hands_freed_blocks_back_and_restores_reuse(run_env):
+    r = subprocess.run([sys.executable, "-c", _EXACT], env=run_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-4:] == ["True", "False", "True", "reuse"], r.stdout
