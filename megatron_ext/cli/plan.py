@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 from megatron_ext.config.loader import check_config, register_schemas
 from megatron_ext.config.model_validation import check_model_config
 from megatron_ext.config.schema import BARTConfig, GPTConfig
+from megatron_ext.planning.compare import compare, compare_table
+from megatron_ext.planning.peak import measure_peak_tflops
 from megatron_ext.planning.planner import Machine, plan, search
 
 from megatron_ext.errors import ConfigError, run_entry_point
@@ -115,8 +117,6 @@ def peak_tflops(args) -> float:
     _check_peak_args(args)
     if not args.measure_peak:
         return DEFAULT_PEAK_TFLOPS if args.peak_tflops is None else float(args.peak_tflops)
-    from megatron_ext.planning.peak import measure_peak_tflops
-
     got = measure_peak_tflops()
     print(f"--measure-peak: {got['tflops']:.3f} TFLOP/s ({got['dtype']} {got['n']}x{got['n']} matmul on "
           f"{got['device']}, {got['iters']} in {got['seconds']:.2f} s) used as the peak",
@@ -156,7 +156,6 @@ def run(args) -> None:
         return
     pl = plan(cfg, machine, vocab_size=args.vocab_size)
     if args.compare:
-        from megatron_ext.planning.compare import compare, compare_table
 
         c = compare(pl, cfg, machine)
         print(json.dumps(c, sort_keys=True) if args.json else compare_table(c))
