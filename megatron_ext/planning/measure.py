@@ -46,8 +46,12 @@ statistics reset there).
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import inspect
+import mmap
 import sys
+import warnings
 import threading
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -291,9 +295,6 @@ def _resident_bytes(ptr: int, nbytes: int) -> int:
     ``reduce_bucket_size`` elements, whatever the model's size) holds address space, not memory."""
     global _mincore, _PAGE
     if _mincore is None:
-        import ctypes
-        import mmap
-
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             fn = libc.mincore
@@ -304,8 +305,6 @@ def _resident_bytes(ptr: int, nbytes: int) -> int:
             _mincore = False
     if not _mincore:
         return nbytes
-    import ctypes
-
     start = ptr - ptr % _PAGE
     pages = (ptr + nbytes - start + _PAGE - 1) // _PAGE
     vec = (ctypes.c_ubyte * pages)()
@@ -318,10 +317,8 @@ def _resident_bytes(ptr: int, nbytes: int) -> int:
 def live_tensor_bytes() -> int:
     """Resident bytes of every CPU tensor storage alive in this process that Python can reach (each storage once:
     views and parameters sharing a flat buffer are counted once): the garbage collector's tensors and the
-    gradients of its parameters. A storage of 1 MiB or more counts its resident pages (``mincore``), a smaller
+    gradients of its leaf tensors. A storage of 1 MiB or more counts its resident pages (``mincore``), a smaller
     one its size."""
-    import gc
-
     gc.collect()
     seen: Dict[int, int] = {}
 
@@ -337,17 +334,14 @@ def live_tensor_bytes() -> int:
             n = st.nbytes()
             seen[ptr] = _resident_bytes(ptr, n) if n >= (1 << 20) else n
 
-    import warnings
-
     with warnings.catch_warnings():  # isinstance() on torch.distributed's deprecated reduce_op object warns
         warnings.simplefilter("ignore")
-        objs = [o for o in gc.get_objects() if torch.is_tensor(o)]
-    for o in objs:
-        if True:
-            add(o)
-            g = o.grad if isinstance(o, torch.nn.Parameter) else None
-            if g is not None:
-                add(g)
+        for o in gc.get_objects():
+            if torch.is_tensor(o):
+                add(o)
+                g = o.grad if o.is_leaf else None  # a gradient set from C++ (DeepSpeed's masters) has no Python object
+                if g is not None:
+                    add(g)
     return sum(seen.values())
 
 

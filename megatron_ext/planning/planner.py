@@ -510,7 +510,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
             at["activations"] = head_i + recompute_stage[i] + (n_live if start_bwd >= end_bwd else later) * a
         else:
             at["grads"], at["activations"] = g_step, 0
-        act = fwd_bwd - base - parts.get("gathered_weights", 0) - g_bwd
+        act = head_i + recompute_stage[i] + n_live * a  # the most alive at once: at the first backward
         peak = max(fwd_bwd, step_phase)
         host_i = host
         if machine.cpu:
@@ -519,7 +519,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
             peak -= host  # offloaded states live in host memory
         peaks.append(peak)
         hosts.append(host_i)
-        breakdowns.append({**parts, "activations": max(act, 0), "host_offloaded": host})
+        breakdowns.append({**parts, "activations": act, "host_offloaded": host})
         at_peak.append({k_: int(v) for k_, v in at.items()})
         phases.append("forward/backward" if fwd_bwd >= step_phase else "optimizer step")
     # ranks: megatron-core order, tp fastest, then dp, then pp
