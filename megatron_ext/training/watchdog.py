@@ -45,6 +45,8 @@ PEER_WAIT_S = 10.0
 STACKS = "stacks"
 _END = "# end of stacks\n"
 _HEADER = "# megatron_ext step timeout "
+RESUMED_GAP_S = 2.0  # a poll that comes this much later than due: the process was stopped in between
+RESUMED_WAIT_S = 1.0
 
 # frames of these files mean "inside a collective / point-to-point exchange"
 _COLLECTIVE_PATHS = (os.sep + os.path.join("torch", "distributed") + os.sep,
@@ -150,6 +152,7 @@ class StepWatchdog:
         self.peer_wait_s = peer_wait_s
         self._step: Optional[int] = None
         self._t0: Optional[float] = None
+        self._waited_step: Optional[int] = None  # the step whose dump waited once after the process was resumed
         self._thread_id: Optional[int] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -209,7 +212,19 @@ class StepWatchdog:
 
     # ---------------------------------------------------------------- the thread
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.poll_s):
+            now = time.monotonic()
+            resumed, last = now - last > self.poll_s + RESUMED_GAP_S, now
+            if resumed and self._waited_step != self._step:  # once per step: a late poll never holds off the dump
+                # the process was stopped (SIGSTOP) and has just been continued: the launcher continues a stopped
+                # worker right after asking it for its stacks (DUMP_SIGNAL), which faulthandler writes into this
+                # rank's file from C as the process runs again; our own dump would interleave with it, so it
+                # waits a moment and comes after
+                self._waited_step = self._step
+                time.sleep(RESUMED_WAIT_S)
+                last = time.monotonic()
+                continue
             t0 = self._t0
             if t0 is not None and time.monotonic() - t0 > self.timeout_s:
                 try:

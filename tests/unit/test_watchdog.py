@@ -195,3 +195,41 @@ def test_monitor_measures_compute_without_waits_and_injected_sleep(monkeypatch):
     assert m.last_compute == pytest.approx(0.016) and m.times == []
     assert out == {"step_time_min": pytest.approx(0.0175), "step_time_max": pytest.approx(0.0175),
                    "step_time_slowest_rank": 0.0}
+
+
+def test_a_resumed_process_lets_the_requested_dump_finish_first(tmp_path, monkeypatch):
+    # a stopped worker that the launcher continues (after asking for its stacks) sees one late poll: its own dump
+    # waits RESUMED_WAIT_S once for that step (so the two dumps do not interleave in its file), then fires
+    from megatron_ext.training import watchdog as W
+
+    clock = [1000.0]
+    events = []
+
+    class Stop:
+        def __init__(self, deltas):
+            self.deltas = list(deltas)
+
+        def wait(self, timeout):
+            clock[0] += self.deltas.pop(0) if self.deltas else timeout
+            return False
+
+    class Exit(Exception):
+        pass
+
+    def fake_exit(code):
+        events.append(("exit", code))
+        raise Exit
+
+    monkeypatch.setattr(W.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(W.time, "sleep", lambda s: events.append(("sleep", s)))
+    monkeypatch.setattr(W.os, "_exit", fake_exit)
+    for waited_before, expect in ((None, [("sleep", W.RESUMED_WAIT_S), "fire", ("exit", W.EXIT_STEP_TIMEOUT)]),
+                                  (7, ["fire", ("exit", W.EXIT_STEP_TIMEOUT)])):
+        events.clear()
+        wd = W.StepWatchdog(0.001, 0, 1, str(tmp_path), poll_s=0.01)
+        wd._fire = lambda elapsed: events.append("fire")
+        wd._stop = Stop([10.0])  # the first poll comes 10 s late: the process was stopped
+        wd._step, wd._t0, wd._waited_step = 7, clock[0] - 100.0, waited_before
+        with pytest.raises(Exit):
+            wd._run()
+        assert events == expect, events
