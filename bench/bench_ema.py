@@ -56,6 +56,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from megatron_ext.modules.mega_ema import MultiHeadEMA  # noqa: E402
+from megatron_ext.planning.measure import proc_status_kib, reset_host_peak  # noqa: E402
 
 BENCH = "ema"
 IMPLS = ("fused", "fft", "scan")
@@ -96,23 +97,6 @@ def clear_grads(m, x):
 
 
 # --------------------------------------------------------------------------------- memory worker
-def _status_kb(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def worker(args):
     """Peak extra memory of each pass of one (impl, L, direction); prints one JSON dict."""
     torch.set_num_threads(args.threads)
@@ -130,15 +114,15 @@ def worker(args):
             result[p] = (torch.cuda.max_memory_allocated() - before) / MB
             clear_grads(m, x)
         result["method"] = "cuda.max_memory_allocated"
-    elif _reset_hwm():
+    elif reset_host_peak():
         for p in args.passes.split(","):  # warm-up: kernels built / loaded, allocator and thread pool up
             run_pass(m, x, p)
             clear_grads(m, x)
         for p in args.passes.split(","):
-            _reset_hwm()
-            before = _status_kb("VmRSS")
+            reset_host_peak()
+            before = proc_status_kib("VmRSS")
             run_pass(m, x, p)
-            result[p] = (_status_kb("VmHWM") - before) / 1024.0
+            result[p] = (proc_status_kib("VmHWM") - before) / 1024.0
             clear_grads(m, x)
         result["method"] = "VmHWM (clear_refs) - VmRSS"
     else:  # first pass only: ru_maxrss is monotonic
@@ -147,7 +131,7 @@ def worker(args):
 
             kernels.unavailable_reason(device)  # load the library before the baseline RSS
         p = args.passes.split(",")[-1]
-        before = _status_kb("VmRSS")
+        before = proc_status_kib("VmRSS")
         run_pass(m, x, p)
         result[p] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024.0
         result["method"] = "ru_maxrss - VmRSS (first pass)"

@@ -2,7 +2,8 @@
 
 Each grid point is one real run of ``pretrain_gpt.py`` / ``pretrain_bart.py`` (self-launched for 2 processes,
 gloo, one intra-op thread per rank) with ``trainer.plan_check=true``: the trainer measures, on every rank, the peak
-memory (``VmHWM`` delta over the resident set before the model is built) and the bytes passed to collectives per
+memory (``measure.PeakMemory``: anonymous resident memory under exact malloc from after the engine build, plus the
+tensors the build left) and the bytes passed to collectives per
 step by kind over steps 2-4 (``megatron_ext/planning/check.py``) and writes them to
 ``<run_dir>/plan_check_step4.json``. The grid covers GPT and BART, TP1/TP2, PP1/PP2, ZeRO 0-3, optimizer offload,
 full activation checkpointing, seq 128-1024, fp32 and bf16; models are small (hidden 256-512) so a run takes seconds,

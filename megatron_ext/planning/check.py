@@ -2,9 +2,9 @@
 
 The trainer (``PlanCheck``) measures on every rank over the first ``trainer.plan_check_steps`` training steps of
 an invocation, from the second step on (the first builds state: optimizer moments, ZeRO buffers): the peak memory
-(``measure.PeakMemory``: CPU ``VmHWM`` delta over the resident set before the model is built; GPU
-``max_memory_allocated`` delta) over everything up to the end of the window, and the bytes each rank passed to
-collectives inside the window's train steps per step by kind (``measure.CollectiveCounter``; validation,
+(``measure.PeakMemory``: CPU the anonymous resident memory under exact malloc from after the engine build, plus
+the tensors the build left; GPU the ``max_memory_allocated`` delta from before the build) over everything up to
+the end of the window, and the bytes each rank passed to collectives inside the window's train steps per step by kind (``measure.CollectiveCounter``; validation,
 checkpointing and the loss logging's sync are outside). Then one ``all_gather_object`` brings every rank's
 figures to rank 0, which logs ``plan/measured_peak_bytes`` (the largest over the ranks) and
 ``plan/comm_bytes_<kind>`` (rank 0's), each rank's own as ``.../rank<r>``, and writes them all to

@@ -345,7 +345,8 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def _proc_status_kib(field: str) -> Optional[int]:
+def proc_status_kib(field: str) -> Optional[int]:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``, ``RssFile``...), None where it cannot be read."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -392,11 +393,11 @@ class PeakMemory:
             self.reset = True
         else:
             self.reset = reset_host_peak()
-            rss = _proc_status_kib("VmRSS")
+            rss = proc_status_kib("VmRSS")
             if rss is None:
                 raise RuntimeError("peak host memory needs /proc/self/status (Linux)")
             self.baseline = rss * 1024
-            self.file_baseline = (_proc_status_kib("RssFile") or 0) * 1024
+            self.file_baseline = (proc_status_kib("RssFile") or 0) * 1024
         return self
 
     def rss_peak_bytes(self) -> int:
@@ -405,13 +406,13 @@ class PeakMemory:
             raise RuntimeError("PeakMemory.rss_peak_bytes() before start()")
         if self.device.type == "cuda":
             return self.peak_bytes()
-        return (_proc_status_kib("VmHWM") or 0) * 1024 - self.baseline
+        return (proc_status_kib("VmHWM") or 0) * 1024 - self.baseline
 
     def file_growth_bytes(self) -> int:
         """CPU: the growth of the file-backed resident pages since the baseline (0 on GPU)."""
         if self.device.type == "cuda" or self.baseline is None:
             return 0
-        return max((_proc_status_kib("RssFile") or 0) * 1024 - self.file_baseline, 0)
+        return max((proc_status_kib("RssFile") or 0) * 1024 - self.file_baseline, 0)
 
     def peak_bytes(self) -> int:
         """The peak since :meth:`start`, over the baseline."""
@@ -424,4 +425,4 @@ class PeakMemory:
     def current_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.memory_allocated(self.device)) - (self.baseline or 0)
-        return (_proc_status_kib("VmRSS") or 0) * 1024 - (self.baseline or 0) - self.file_growth_bytes()
+        return (proc_status_kib("VmRSS") or 0) * 1024 - (self.baseline or 0) - self.file_growth_bytes()

@@ -325,8 +325,7 @@ def _zero_states(P: int, dp: int, prec: str, zero: int, pp: int, k: int, offload
         host += parts["masters"] + parts["optimizer"] + parts["fp32_grads"]
     if offload_param and zero == 3:
         host += parts["weights"]
-    device = sum(parts.values()) - host
-    return device, host, parts
+    return host, parts
 
 
 def _ring(kind: str, n: int) -> float:
@@ -468,7 +467,7 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
     peaks, hosts, breakdowns, phases, at_peak = [], [], [], [], []
     for i in range(stages):
         P_i = per_stage[i]
-        dev, host, parts = _zero_states(P_i, dp, prec, zero, pp, k, offload_opt, offload_param)
+        host, parts = _zero_states(P_i, dp, prec, zero, pp, k, offload_opt, offload_param)
         parts = dict(parts)
         # ZeRO 3: the reduce bucket DeepSpeed allocates at reduce_bucket_size elements (on a CPU machine only the
         # part the gradients touch is resident), and the weights gathered for forward / backward (all of them while
@@ -512,13 +511,10 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
             at["grads"], at["activations"] = g_step, 0
         act = head_i + recompute_stage[i] + n_live * a  # the most alive at once: at the first backward
         peak = max(fwd_bwd, step_phase)
-        host_i = host
-        if machine.cpu:
-            host_i = 0
-        else:
+        if not machine.cpu:
             peak -= host  # offloaded states live in host memory
         peaks.append(peak)
-        hosts.append(host_i)
+        hosts.append(0 if machine.cpu else host)
         breakdowns.append({**parts, "activations": act, "host_offloaded": host})
         at_peak.append({k_: int(v) for k_, v in at.items()})
         phases.append("forward/backward" if fwd_bwd >= step_phase else "optimizer step")
@@ -578,7 +574,8 @@ def plan(cfg: DictConfig, machine: Machine, rank: Optional[int] = None, vocab_si
     step = compute + sum(comm_time.values())
     mfu = flops / (step * world * machine.peak_tflops * 1e12)
     if machine.cpu:
-        notes.append("cpu: every byte (offloaded ones too) is process memory; peak is the VmHWM delta")
+        notes.append("cpu: every byte (offloaded ones too) is process memory; the peak is what plan_check measures: "
+                     "anonymous memory under exact malloc (README 'Planning a run')")
     keep = range(world) if rank is None else [rank]
     return Plan(
         task="bart" if encdec else "gpt",
