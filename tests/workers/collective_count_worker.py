@@ -76,7 +76,10 @@ def main() -> None:
     # ops made after the counter still work
     for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, buf_out, peer), dist.P2POp(dist.irecv, buf_in, peer)]):
         w.wait()
-    print("COUNTS " + json.dumps(out, sort_keys=True), flush=True)
+    # one write of the whole line: both ranks share the launcher's stdout, and print() writes the text and its
+    # newline separately, so two ranks' lines could run together
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), ("COUNTS " + json.dumps(out, sort_keys=True) + "\n").encode())
     pstate.destroy_parallel()
 
 
